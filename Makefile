@@ -1,0 +1,36 @@
+# pdserve: the two commands a new user needs are `make serve` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PORT   ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: venv model serve test bench clean
+
+venv: $(STAMP)
+
+# torch 2.13.0 (CPU build) first, so that resolving the project never pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+model: venv
+	$(BIN)/pdserve pull
+
+serve: venv model
+	@echo "try: curl http://127.0.0.1:$(PORT)/v1/chat/completions -H 'Content-Type: application/json' \
+	-d '{\"model\": \"smollm2-135m\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'"
+	$(BIN)/pdserve up --port $(PORT)
+
+test: venv model
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+
+bench: venv model
+	$(BIN)/python benchmarks/offline_throughput.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
