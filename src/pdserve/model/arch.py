@@ -1,0 +1,240 @@
+"""The shape of a Llama-family model, read from the checkpoint's own metadata (config.json or GGUF fields).
+
+One frozen dataclass covers Llama 2/3 (llama3 rope scaling), SmolLM2, Mistral, Qwen2 (q/k/v bias) and
+Qwen3 (per-head q/k RMSNorm): they differ only in the flags below.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from pdserve.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# freq_factors: GGUF llama3, one divisor per frequency (the rope_freqs.weight tensor)
+ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope_scaling: dict[str, Any] | None = field(default=None, hash=False)  # rope_type + its parameters
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ModelLoadError(f"unsupported architecture {self.architecture!r} "
+                                 f"(supported: {ARCHITECTURES})")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelLoadError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads "
+                                 f"{self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ModelLoadError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ModelLoadError(f"unsupported rope scaling {rope_type!r} (supported: {ROPE_TYPES})")
+
+    # ---- sizes -------------------------------------------------------------------------------------
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def num_params(self) -> int:
+        """Parameters as stored (tied embeddings counted once)."""
+        h = self.hidden_size
+        attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
+        if self.attention_bias:
+            attn += self.q_size + 2 * self.kv_size
+        if self.qk_norm:
+            attn += 2 * self.head_dim
+        mlp = 3 * h * self.intermediate_size
+        per_layer = attn + mlp + 2 * h
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return embed + self.num_layers * per_layer + h
+
+    def weight_bytes(self, dtype: torch.dtype) -> int:
+        return self.num_params() * _itemsize(dtype)
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """KV cache bytes one token takes over all layers (keys and values)."""
+        return 2 * self.num_layers * self.kv_size * _itemsize(dtype)
+
+    # ---- constructors ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> ModelArch:
+        """From a Hugging Face config.json dict (transformers 4.x ``rope_scaling``/``rope_theta`` or
+        5.x ``rope_parameters``)."""
+        model_type = config.get("model_type", "llama")
+        if model_type not in ARCHITECTURES:
+            raise ModelLoadError(f"unsupported model_type {model_type!r} in config.json "
+                                 f"(supported: {ARCHITECTURES})")
+        try:
+            hidden = int(config["hidden_size"])
+            num_heads = int(config["num_attention_heads"])
+            rope_params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+            rope_theta = float(rope_params.pop("rope_theta", None) or config.get("rope_theta") or 10000.0)
+            rope_scaling = _normalize_rope(rope_params)
+            head_dim = config.get("head_dim") or hidden // num_heads
+            eos = config.get("eos_token_id")
+            window = config.get("sliding_window")
+            if window and (model_type == "mistral" or config.get("use_sliding_window")):
+                logger.warning("sliding-window attention (window %d) is not implemented: attention is full; "
+                               "outputs differ from the reference past %d tokens", window, window)
+            return cls(
+                architecture=model_type,
+                vocab_size=int(config["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(config["intermediate_size"]),
+                num_layers=int(config["num_hidden_layers"]),
+                num_heads=num_heads,
+                num_kv_heads=int(config.get("num_key_value_heads") or num_heads),
+                head_dim=int(head_dim),
+                rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+                rope_theta=rope_theta,
+                rope_scaling=rope_scaling,
+                max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+                attention_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
+                qk_norm=model_type == "qwen3",
+                bos_token_id=config.get("bos_token_id"),
+                eos_token_ids=_as_id_tuple(eos),
+            )
+        except KeyError as e:
+            raise ModelLoadError(f"config.json lacks required field {e.args[0]!r}") from e
+
+    @classmethod
+    def from_gguf(cls, reader: Any) -> ModelArch:
+        """From a ``gguf.GGUFReader``: the ``{arch}.*`` fields, the tokenizer's special ids, and which
+        tensors exist (bias, q/k norm, untied output, llama3 ``rope_freqs``)."""
+        arch = _gguf_field(reader, "general.architecture")
+        if arch not in ARCHITECTURES:
+            raise ModelLoadError(f"unsupported GGUF architecture {arch!r} (supported: {ARCHITECTURES})")
+        names = {t.name for t in reader.tensors}
+
+        def get(key: str, default: Any = None) -> Any:
+            value = _gguf_field(reader, f"{arch}.{key}")
+            if value is None and default is None:
+                raise ModelLoadError(f"GGUF metadata lacks {arch}.{key}")
+            return default if value is None else value
+
+        hidden = int(get("embedding_length"))
+        num_heads = int(get("attention.head_count"))
+        head_dim = int(get("attention.key_length", 0)) or int(get("rope.dimension_count", 0)) \
+            or hidden // num_heads
+        vocab = _gguf_field(reader, f"{arch}.vocab_size")
+        if vocab is None:
+            vocab = next(reversed_shape(t)[0] for t in reader.tensors if t.name == "token_embd.weight")
+        rope_scaling = None
+        scaling_type = _gguf_field(reader, f"{arch}.rope.scaling.type")
+        if scaling_type == "linear":
+            rope_scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        elif scaling_type not in (None, "none"):
+            raise ModelLoadError(f"unsupported GGUF rope scaling {scaling_type!r}")
+        if "rope_freqs.weight" in names:  # llama3: per-frequency divisors stored as a tensor
+            rope_scaling = {"rope_type": "freq_factors"}
+        eos = [_gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+               _gguf_field(reader, "tokenizer.ggml.eot_token_id"),
+               _gguf_field(reader, "tokenizer.ggml.eom_token_id")]
+        return cls(
+            architecture=arch,
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length")),
+            num_layers=int(get("block_count")),
+            num_heads=num_heads,
+            num_kv_heads=int(get("attention.head_count_kv", num_heads)),
+            head_dim=head_dim,
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(get("context_length", 4096)),
+            tie_word_embeddings="output.weight" not in names,
+            attention_bias="blk.0.attn_q.bias" in names,
+            qk_norm="blk.0.attn_q_norm.weight" in names,
+            bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+            eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
+        )
+
+    def with_rope_freq_factors(self, factors: list[float]) -> ModelArch:
+        return replace(self, rope_scaling={"rope_type": "freq_factors", "factors": tuple(factors)})
+
+
+
+# ---- built-in shapes for dummy weights (from the models' published config.json) -----------------------
+
+_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+
+BUILTIN_ARCHS: dict[str, ModelArch] = {
+    "smollm2-135m": ModelArch("llama", 49152, 576, 1536, 30, 9, 3, 64, 1e-5, 100000.0, 8192, True,
+                              bos_token_id=1, eos_token_ids=(2,)),
+    "llama-3.1-8b": ModelArch("llama", 128256, 4096, 14336, 32, 32, 8, 128, 1e-5, 500000.0, 131072, False,
+                              rope_scaling=_LLAMA31_ROPE, bos_token_id=128000,
+                              eos_token_ids=(128001, 128008, 128009)),
+    "llama-3.1-70b": ModelArch("llama", 128256, 8192, 28672, 80, 64, 8, 128, 1e-5, 500000.0, 131072, False,
+                               rope_scaling=_LLAMA31_ROPE, bos_token_id=128000,
+                               eos_token_ids=(128001, 128008, 128009)),
+    "qwen3-8b": ModelArch("qwen3", 151936, 4096, 12288, 36, 32, 8, 128, 1e-6, 1000000.0, 40960, False,
+                          qk_norm=True, bos_token_id=None, eos_token_ids=(151645, 151643)),
+    "qwen2.5-7b": ModelArch("qwen2", 152064, 3584, 18944, 28, 28, 4, 128, 1e-6, 1000000.0, 32768, False,
+                            attention_bias=True, bos_token_id=None, eos_token_ids=(151645, 151643)),
+}
+
+
+def reversed_shape(tensor: Any) -> tuple[int, ...]:
+    """A GGUF tensor's shape in torch order (GGUF lists dims fastest-first)."""
+    return tuple(int(d) for d in reversed(tensor.shape))
+
+
+# ---- private helpers -------------------------------------------------------------------------------
+
+
+def _normalize_rope(params: dict[str, Any]) -> dict[str, Any] | None:
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    if rope_type == "default":
+        return None
+    return {"rope_type": rope_type, **params}
+
+
+def _as_id_tuple(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _gguf_field(reader: Any, key: str) -> Any:
+    f = reader.get_field(key)
+    if f is None:
+        return None
+    return f.contents()
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

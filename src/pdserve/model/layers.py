@@ -1,0 +1,79 @@
+"""Building blocks of the Llama family: RMSNorm and rotary position embeddings (HF "rotate_half" style)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as Hugging Face computes it: normalize in float32, cast back, then scale by the weight."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (self.dim,), self.weight, self.eps)
+        return F.rms_norm(x.float(), (self.dim,), None, self.eps).to(x.dtype) * self.weight
+
+
+class RotaryEmbedding:
+    """cos/sin tables for positions ``[0, max_len)``, computed once, indexed by each token's position.
+
+    Not an ``nn.Module``: the tables are derived data, rebuilt on the model's device, never loaded.
+    """
+
+    def __init__(self, head_dim: int, max_len: int, theta: float, scaling: dict[str, Any] | None,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        inv_freq = rope_inv_freq(head_dim, theta, scaling)  # (head_dim // 2,) float32
+        t = torch.arange(max_len, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # (max_len, head_dim // 2)
+        self.max_len = max_len
+        self.cos = freqs.cos().to(dtype=dtype, device=device)  # (max_len, head_dim // 2)
+        self.sin = freqs.sin().to(dtype=dtype, device=device)
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` (num_tokens, num_heads, head_dim) at ``positions`` (num_tokens,)."""
+        cos = self.cos[positions].unsqueeze(1)  # (num_tokens, 1, head_dim // 2)
+        sin = self.sin[positions].unsqueeze(1)
+        x1, x2 = x.chunk(2, dim=-1)  # each (num_tokens, num_heads, head_dim // 2)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Inverse frequencies (head_dim // 2,) float32, with linear, llama3 or GGUF freq-factor scaling."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta ** exponent)
+    rope_type = (scaling or {}).get("rope_type", "default")
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / float(scaling["factor"])
+    if rope_type == "freq_factors":
+        factors = torch.tensor(scaling["factors"], dtype=torch.float32)
+        assert factors.shape == inv_freq.shape, (factors.shape, inv_freq.shape)
+        return inv_freq / factors
+    if rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    raise ValueError(f"unsupported rope_type {rope_type!r}")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+    factor = float(s["factor"])
+    low, high = float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old_len = float(s["original_max_position_embeddings"])
+    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)

@@ -1,0 +1,202 @@
+"""The Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3) over the paged KV cache.
+
+Checkpoint layout is fixed at load time (``load_weights``): q/k/v are fused into one projection and
+gate/up into another, so a layer runs four GEMMs. ``forward`` takes a flat batch of tokens (prefill
+chunks first, then decodes, as ``attention.build_metadata`` lays them out) and returns final-normed
+hidden states; ``compute_logits`` turns the rows the caller picks into float32 logits.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdserve.errors import ModelLoadError
+from pdserve.model.arch import ModelArch
+from pdserve.model.attention import AttentionMetadata, paged_attention
+from pdserve.model.layers import RMSNorm, RotaryEmbedding
+
+
+class LlamaForCausalLM(nn.Module):
+    """Weights are allocated on ``device`` in ``dtype`` but left uninitialized: fill them with
+    ``load_weights`` (a loader) or ``init_dummy_weights``. The RoPE tables live on ``device`` too; build
+    the model where it will run rather than moving it with ``.to()``."""
+
+    def __init__(self, arch: ModelArch, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", max_model_len: int | None = None) -> None:
+        super().__init__()
+        self.arch = arch
+        self.dtype = dtype
+        self.max_model_len = max_model_len or arch.max_position_embeddings
+        with torch.device("meta"):  # no init work: every weight is written by a loader
+            self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, dtype=dtype)
+            self.layers = nn.ModuleList(_DecoderLayer(arch, dtype) for _ in range(arch.num_layers))
+            self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype=dtype)
+            self.lm_head = None if arch.tie_word_embeddings else \
+                nn.Linear(arch.hidden_size, arch.vocab_size, bias=False, dtype=dtype)
+        self.to_empty(device=device)
+        self.rope = RotaryEmbedding(arch.head_dim, self.max_model_len, arch.rope_theta, arch.rope_scaling,
+                                    dtype, device)
+        for layer in self.layers:
+            layer.self_attn.rope = self.rope
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: (num_tokens,) int64; kv_caches: one per layer, layout in attention.py.
+        Returns final-normed hidden states (num_tokens, hidden_size)."""
+        h = self.embed_tokens(input_ids)  # (num_tokens, hidden_size)
+        residual: torch.Tensor | None = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            h, residual = layer(h, residual, positions, kv_cache, meta)
+        return self.norm(h + residual)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (num_rows, hidden_size) -> (num_rows, vocab_size) float32."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    # ---- weights ---------------------------------------------------------------------------------
+
+    def checkpoint_tensor_names(self) -> list[str]:
+        """The Hugging Face tensor names this model expects (``model.layers.0.self_attn.q_proj.weight``)."""
+        return list(self._checkpoint_map())
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy ``(hf_name, tensor)`` pairs into the fused parameters, converting dtype and device.
+
+        Raises ModelLoadError naming the tensor on an unexpected name, a shape mismatch, or (at the end)
+        any expected tensor that never came. Tied checkpoints may still carry ``lm_head.weight``: ignored.
+        """
+        targets = self._checkpoint_map()
+        loaded: set[str] = set()
+        with torch.no_grad():
+            for name, tensor in weights:
+                tied_head = name == "lm_head.weight" and self.lm_head is None
+                if name.endswith("rotary_emb.inv_freq") or tied_head:
+                    continue
+                target = targets.get(name)
+                if target is None:
+                    raise ModelLoadError(f"unexpected tensor {name!r} in checkpoint for "
+                                         f"{self.arch.architecture}")
+                param, start, length = target
+                dest = param[start:start + length]
+                if tuple(tensor.shape) != tuple(dest.shape):
+                    raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected "
+                                         f"{tuple(dest.shape)}")
+                dest.copy_(tensor)
+                loaded.add(name)
+        missing = [n for n in targets if n not in loaded]
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise ModelLoadError(f"checkpoint lacks tensor(s) {', '.join(map(repr, missing[:5]))}{more}")
+
+    def init_dummy_weights(self, seed: int = 0, std: float = 0.02) -> None:
+        """Random weights, seeded, drawn in place in the parameters' own dtype and device."""
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                elif name.endswith(".bias"):
+                    param.zero_()
+                else:
+                    param.normal_(0.0, std, generator=gen)
+
+    def _checkpoint_map(self) -> dict[str, tuple[torch.Tensor, int, int]]:
+        """HF name -> (parameter, first row, number of rows) of the slice it fills."""
+        a = self.arch
+        m: dict[str, tuple[torch.Tensor, int, int]] = {}
+
+        def whole(name: str, p: torch.Tensor) -> None:
+            m[name] = (p, 0, p.shape[0])
+
+        whole("model.embed_tokens.weight", self.embed_tokens.weight)
+        whole("model.norm.weight", self.norm.weight)
+        if self.lm_head is not None:
+            whole("lm_head.weight", self.lm_head.weight)
+        shards = (("q_proj", 0, a.q_size), ("k_proj", a.q_size, a.kv_size),
+                  ("v_proj", a.q_size + a.kv_size, a.kv_size))
+        for i, layer in enumerate(self.layers):
+            pre = f"model.layers.{i}."
+            attn, mlp = layer.self_attn, layer.mlp
+            for shard, start, length in shards:
+                m[f"{pre}self_attn.{shard}.weight"] = (attn.qkv_proj.weight, start, length)
+                if a.attention_bias:
+                    m[f"{pre}self_attn.{shard}.bias"] = (attn.qkv_proj.bias, start, length)
+            whole(f"{pre}self_attn.o_proj.weight", attn.o_proj.weight)
+            if a.qk_norm:
+                whole(f"{pre}self_attn.q_norm.weight", attn.q_norm.weight)
+                whole(f"{pre}self_attn.k_norm.weight", attn.k_norm.weight)
+            inter = a.intermediate_size
+            m[f"{pre}mlp.gate_proj.weight"] = (mlp.gate_up_proj.weight, 0, inter)
+            m[f"{pre}mlp.up_proj.weight"] = (mlp.gate_up_proj.weight, inter, inter)
+            whole(f"{pre}mlp.down_proj.weight", mlp.down_proj.weight)
+            whole(f"{pre}input_layernorm.weight", layer.input_layernorm.weight)
+            whole(f"{pre}post_attention_layernorm.weight", layer.post_attention_layernorm.weight)
+        return m
+
+
+class _Attention(nn.Module):
+    def __init__(self, arch: ModelArch, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        self.q_size, self.kv_size = arch.q_size, arch.kv_size
+        self.scale = arch.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(arch.hidden_size, arch.q_size + 2 * arch.kv_size, bias=arch.attention_bias,
+                                  dtype=dtype)
+        self.o_proj = nn.Linear(arch.q_size, arch.hidden_size, bias=False, dtype=dtype)
+        self.qk_norm = arch.qk_norm
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype=dtype)
+        self.rope: RotaryEmbedding  # set by the model once the tables exist on its device
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        num_tokens = h.shape[0]
+        qkv = self.qkv_proj(h)  # (num_tokens, q_size + 2 * kv_size)
+        qk = qkv[:, :self.q_size + self.kv_size].view(
+            num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)  # (T, H + Hkv, head_dim)
+        v = qkv[:, self.q_size + self.kv_size:].view(
+            num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, head_dim)
+        if self.qk_norm:
+            qk = torch.cat((self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])), dim=1)
+        qk = self.rope(qk, positions)  # (T, H + Hkv, head_dim)
+        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]  # (T, H, head_dim), (T, Hkv, head_dim)
+        out = paged_attention(q, k, v, kv_cache, meta, self.scale)  # (T, H, head_dim)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))  # (T, hidden_size)
+
+
+class _MLP(nn.Module):
+    def __init__(self, arch: ModelArch, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.intermediate_size = arch.intermediate_size
+        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False, dtype=dtype)
+        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False, dtype=dtype)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(h).split(self.intermediate_size, dim=-1)  # each (T, intermediate)
+        return self.down_proj(F.silu(gate) * up)  # (T, hidden_size)
+
+
+class _DecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype=dtype)
+        self.self_attn = _Attention(arch, dtype)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype=dtype)
+        self.mlp = _MLP(arch, dtype)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = h if residual is None else h + residual
+        h = self.self_attn(self.input_layernorm(residual), positions, kv_cache, meta)
+        residual = h + residual
+        h = self.mlp(self.post_attention_layernorm(residual))
+        return h, residual

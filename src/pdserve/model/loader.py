@@ -1,0 +1,97 @@
+"""One entry point for weights: ``load_model(ModelConfig)`` picks the format (HF directory, GGUF file,
+dummy), reads the architecture from the checkpoint's metadata and returns the model ready to run."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from pdserve.config import ModelConfig
+from pdserve.errors import ModelLoadError
+from pdserve.model.arch import BUILTIN_ARCHS, ModelArch
+from pdserve.model.dummy import dummy_arch, load_dummy
+from pdserve.model.gguf_loader import gguf_arch, iter_gguf_weights, open_gguf
+from pdserve.model.hf_loader import hf_arch, iter_safetensors_weights
+from pdserve.model.llama import LlamaForCausalLM
+from pdserve.model.registry import KNOWN_MODELS, checkpoint_path, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["load_model", "resolve_device", "resolve_dtype", "resolve_model_path", "detect_format",
+           "checkpoint_path"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """``auto``: float32 on CPU (no fast bfloat16 GEMMs on common CPUs), bfloat16 on accelerators."""
+    if name == "auto":
+        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be auto or one of {tuple(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def detect_format(model_config: ModelConfig) -> str:
+    """``hf``, ``gguf`` or ``dummy``: the config's own choice, else what the path holds."""
+    if model_config.load_format != "auto":
+        return model_config.load_format
+    path = checkpoint_path(model_config.model)
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    if path.is_dir() and (path / "config.json").is_file():
+        return "hf"
+    if path.is_file():
+        raise ModelLoadError(f"{path}: not a .gguf file (expected a GGUF file or a folder with config.json)")
+    if model_config.model in KNOWN_MODELS:
+        raise ModelLoadError(f"model {model_config.model!r} is not downloaded yet ({path} missing): "
+                             "run `pdserve pull`")
+    hint = f"; dummy weights exist for {', '.join(BUILTIN_ARCHS)} (load_format=dummy)" \
+        if not path.exists() else ""
+    raise ModelLoadError(f"model not found: {model_config.model!r} is neither a known name "
+                         f"({', '.join(KNOWN_MODELS)}), a .gguf file nor a folder with config.json{hint}")
+
+
+def load_model(model_config: ModelConfig, max_model_len: int | None = None
+               ) -> tuple[LlamaForCausalLM, ModelArch]:
+    """Build and fill the model on the configured device and dtype. ``max_model_len`` (else the config's,
+    else the checkpoint's context length) sizes the RoPE tables. Raises ModelLoadError on any problem
+    with the checkpoint."""
+    device = resolve_device(model_config.device)
+    dtype = resolve_dtype(model_config.dtype, device)
+    max_len = max_model_len or model_config.max_model_len
+    fmt = detect_format(model_config)
+    start = time.perf_counter()
+    if fmt == "dummy":
+        arch = dummy_arch(model_config.model)
+        model = load_dummy(arch, dtype, device, model_config.seed, max_len)
+    elif fmt == "gguf":
+        path = checkpoint_path(model_config.model)
+        reader = open_gguf(path)
+        arch = gguf_arch(reader)
+        model = LlamaForCausalLM(arch, dtype, device, max_len)
+        model.load_weights(iter_gguf_weights(reader, arch))
+    elif fmt == "hf":
+        path = checkpoint_path(model_config.model)
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path}: no config.json (load_format=hf needs a Hugging Face folder)")
+        arch = hf_arch(path)
+        model = LlamaForCausalLM(arch, dtype, device, max_len)
+        model.load_weights(iter_safetensors_weights(path, device))
+    else:
+        raise ModelLoadError(f"unknown load_format {fmt!r}")
+    if max_len and max_len > arch.max_position_embeddings:
+        logger.warning("max_model_len %d exceeds the model's context length %d", max_len,
+                       arch.max_position_embeddings)
+    logger.info("loaded %s (%s, %s, %.1fM params, %s on %s) in %.2f s", model_config.model, fmt,
+                arch.architecture, arch.num_params() / 1e6, dtype, device, time.perf_counter() - start)
+    return model.eval(), arch

@@ -1,0 +1,176 @@
+"""Helpers for the model tests: tiny random Llama-family checkpoints written to real files (safetensors
+via transformers, GGUF via gguf.GGUFWriter with llama.cpp's Q/K permutation), and helpers that run
+pdserve's model and transformers' on a prompt."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pdserve.model.attention import build_metadata
+
+BLOCK_SIZE = 4
+
+TINY = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+            bos_token_id=1, eos_token_id=2)
+
+# name -> (transformers config class name, extra config fields)
+TINY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=True, rope_theta=10000.0)),
+    "llama3-rope-untied": ("LlamaConfig", dict(
+        tie_word_embeddings=False, max_position_embeddings=512,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "llama-linear-rope": ("LlamaConfig", dict(
+        tie_word_embeddings=False, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
+                                                    "factor": 2.0})),
+    "mistral": ("MistralConfig", dict(tie_word_embeddings=False, sliding_window=None, rope_theta=10000.0)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False, rope_theta=10000.0, use_sliding_window=False)),
+    "qwen3": ("Qwen3Config", dict(tie_word_embeddings=True, head_dim=32, rope_theta=10000.0,
+                                  use_sliding_window=False)),
+}
+
+
+@dataclass
+class Tiny:
+    name: str
+    hf_dir: Path
+    hf_model: Any  # the transformers model (float32, eval)
+
+
+def make_tiny_hf(name: str, out_dir: Path, seed: int = 0) -> Tiny:
+    """A random transformers model of variant ``name``, saved with ``save_pretrained`` to ``out_dir``.
+    Every parameter (norms and biases too) is drawn at random so no part of the mapping goes untested."""
+    import transformers
+
+    cls_name, extra = TINY_VARIANTS[name]
+    config = getattr(transformers, cls_name)(**{**TINY, **extra})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.08 * torch.randn_like(p))
+    model.save_pretrained(out_dir)
+    return Tiny(name, out_dir, model)
+
+
+# ---- GGUF --------------------------------------------------------------------------------------
+
+_HF_TO_GGUF = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def hf_to_gguf_name(name: str) -> str:
+    if name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if name == "model.norm.weight":
+        return "output_norm.weight"
+    if name == "lm_head.weight":
+        return "output.weight"
+    parts = name.split(".")  # model.layers.N.<module...>.weight
+    module, kind = ".".join(parts[3:-1]), parts[-1]
+    return f"blk.{parts[2]}.{_HF_TO_GGUF[module]}.{kind}"
+
+
+def llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf's Q/K row permutation (written independently of pdserve's inverse)."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def write_tiny_gguf(tiny: Tiny, path: Path, qtype: str = "F32", extra_tensors: dict | None = None,
+                    drop: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Write ``tiny`` as GGUF with 2-D weights in ``qtype``; return the weights as a loader should see
+    them (quantized then dequantized, in Hugging Face layout) to build the reference model from."""
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    cfg = tiny.hf_model.config
+    model_type = cfg.model_type
+    arch = model_type
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    rope = dict(cfg.rope_parameters)
+    w.add_rope_freq_base(float(rope["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    if rope.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+    if rope.get("rope_type") == "llama3":  # llama.cpp stores the divisors as a tensor
+        from pdserve.model.layers import rope_inv_freq
+
+        base = rope_inv_freq(head_dim, rope["rope_theta"], None)
+        scaled = rope_inv_freq(head_dim, rope["rope_theta"], rope)
+        w.add_tensor("rope_freqs.weight", (base / scaled).numpy().astype(np.float32))
+    permute = model_type in ("llama", "mistral")
+    seen: dict[str, np.ndarray] = {}
+    for name, t in tiny.hf_model.state_dict().items():
+        if name in drop or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+            continue
+        a = t.detach().float().numpy()
+        stored = a
+        if permute and ("q_proj" in name or "k_proj" in name):
+            n_head = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
+            stored = llamacpp_permute(a, n_head)
+        if a.ndim == 2 and qtype != "F32":
+            q = getattr(gguf.GGMLQuantizationType, qtype)
+            data = quantize(stored, q)
+            w.add_tensor(hf_to_gguf_name(name), data, raw_dtype=q)
+            seen[name] = dequantize(quantize(a, q), q)  # row-wise blocks: the row permutation commutes
+        else:
+            w.add_tensor(hf_to_gguf_name(name), stored.astype(np.float32))
+            seen[name] = a
+    for name, a in (extra_tensors or {}).items():
+        w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return seen
+
+
+# ---- running pdserve's model ------------------------------------------------------------------------
+
+
+def new_kv_caches(model, num_blocks: int = 32, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    a = model.arch
+    return [torch.zeros(2, num_blocks, BLOCK_SIZE, a.num_kv_heads, a.head_dim, dtype=dtype or model.dtype)
+            for _ in range(a.num_layers)]
+
+
+@torch.inference_mode()
+def prefill_logits(model, ids: list[int]) -> torch.Tensor:
+    """Logits (len(ids), vocab) float32 for one prompt, as one prefill chunk on a fresh cache."""
+    T = len(ids)
+    block_ids = list(range(-(-T // BLOCK_SIZE)))
+    meta = build_metadata([(0, T, block_ids)], BLOCK_SIZE)
+    hidden = model(torch.tensor(ids), torch.arange(T), new_kv_caches(model), meta)
+    return model.compute_logits(hidden)
+
+
+@torch.inference_mode()
+def hf_logits(hf_model, ids: list[int]) -> torch.Tensor:
+    return hf_model(torch.tensor([ids])).logits[0].float()

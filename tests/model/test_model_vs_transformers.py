@@ -1,0 +1,99 @@
+"""pdserve's model and loaders against transformers on tiny random checkpoints written to real files."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pdserve.config import ModelConfig
+from pdserve.model.attention import build_metadata
+from pdserve.model.loader import load_model
+from model_helpers import (BLOCK_SIZE, TINY_VARIANTS, hf_logits, new_kv_caches, prefill_logits,
+                                 write_tiny_gguf)
+
+PROMPT = [1, 17, 45, 99, 3, 150, 8, 23, 77, 5, 64, 120, 9, 31, 2, 88, 42, 13, 100, 7]
+
+
+@pytest.mark.parametrize("name", list(TINY_VARIANTS))
+def test_safetensors_matches_transformers(tiny_models, name):
+    tiny = tiny_models[name]
+    model, arch = load_model(ModelConfig(model=str(tiny.hf_dir), dtype="float32", device="cpu"))
+    assert arch.architecture == tiny.hf_model.config.model_type
+    assert arch.num_params() == sum(p.numel() for p in tiny.hf_model.parameters())
+    ours = prefill_logits(model, PROMPT)
+    ref = hf_logits(tiny.hf_model, PROMPT)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "llama3-rope-untied", "llama-linear-rope", "qwen2", "qwen3"])
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_gguf_matches_transformers(tiny_models, tmp_path, name, qtype):
+    tiny = tiny_models[name]
+    path = tmp_path / f"{name}-{qtype}.gguf"
+    weights = write_tiny_gguf(tiny, path, qtype)
+    ref_model = copy.deepcopy(tiny.hf_model)
+    with torch.no_grad():  # the reference sees exactly what survives quantization
+        for pname, p in ref_model.named_parameters():
+            p.copy_(torch.from_numpy(weights[pname]) if pname in weights else p)
+    model, arch = load_model(ModelConfig(model=str(path), dtype="float32", device="cpu"))
+    assert arch.architecture == tiny.hf_model.config.model_type
+    assert arch.tie_word_embeddings == tiny.hf_model.config.tie_word_embeddings
+    torch.testing.assert_close(prefill_logits(model, PROMPT), hf_logits(ref_model, PROMPT),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_paged_steps_match_full_forward(tiny_models):
+    """Chunked prefill, then decodes batched with another request's prefill, over the paged cache:
+    every step's logits equal transformers' logits on the full sequence at those positions."""
+    tiny = tiny_models["qwen2"]
+    model, _ = load_model(ModelConfig(model=str(tiny.hf_dir), dtype="float32", device="cpu"))
+    ref = hf_logits(tiny.hf_model, PROMPT)
+    other = PROMPT[::-1][:9]
+    ref_other = hf_logits(tiny.hf_model, other)
+    kv = new_kv_caches(model, num_blocks=16)
+    blocks_a, blocks_b = [3, 7, 1, 9, 12], [2, 5, 11]  # scattered on purpose
+    with torch.inference_mode():
+        # step 1: first chunk of A (positions 0..6)
+        meta = build_metadata([(0, 7, blocks_a)], BLOCK_SIZE)
+        h = model(torch.tensor(PROMPT[:7]), torch.arange(7), kv, meta)
+        torch.testing.assert_close(model.compute_logits(h), ref[:7], atol=1e-4, rtol=1e-4)
+        # step 2: B's whole prompt (prefill) + A's second chunk (7..15) as two chunks
+        meta = build_metadata([(0, 9, blocks_b), (7, 9, blocks_a)], BLOCK_SIZE)
+        ids = torch.tensor(other + PROMPT[7:16])
+        pos = torch.cat([torch.arange(9), torch.arange(7, 16)])
+        logits = model.compute_logits(model(ids, pos, kv, meta))
+        torch.testing.assert_close(logits[:9], ref_other, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits[9:], ref[7:16], atol=1e-4, rtol=1e-4)
+        # steps 3..6: A decodes one token at a time, B decodes alongside (its own next tokens)
+        for t in range(16, 20):
+            meta = build_metadata([(t, 1, blocks_a)], BLOCK_SIZE)
+            logits = model.compute_logits(model(torch.tensor([PROMPT[t]]), torch.tensor([t]), kv, meta))
+            torch.testing.assert_close(logits[0], ref[t], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_close_to_float32(tiny_models, dtype):
+    tiny = tiny_models["llama"]
+    model, _ = load_model(ModelConfig(model=str(tiny.hf_dir), dtype=dtype, device="cpu"))
+    assert model.embed_tokens.weight.dtype == getattr(torch, dtype)
+    ours = prefill_logits(model, PROMPT)
+    assert ours.dtype == torch.float32
+    ref = hf_logits(tiny.hf_model, PROMPT)
+    assert (ours - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bfloat16_close_to_cpu_float32(tiny_models):
+    tiny = tiny_models["qwen3"]
+    model, _ = load_model(ModelConfig(model=str(tiny.hf_dir), dtype="auto", device="cuda"))
+    assert model.embed_tokens.weight.dtype == torch.bfloat16 and model.device.type == "cuda"
+    T = len(PROMPT)
+    meta = build_metadata([(0, T, list(range(-(-T // BLOCK_SIZE))))], BLOCK_SIZE, device="cuda")
+    kv = [c.cuda() for c in new_kv_caches(model)]
+    with torch.inference_mode():
+        ours = model.compute_logits(model(torch.tensor(PROMPT, device="cuda"), torch.arange(T, device="cuda"),
+                                          kv, meta)).cpu()
+    ref = hf_logits(tiny.hf_model, PROMPT)
+    assert (ours - ref).abs().max() < 0.05 * ref.abs().max()
