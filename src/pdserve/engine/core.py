@@ -1,0 +1,174 @@
+"""EngineCore: one model, one paged KV cache, one scheduler. ``step()`` is schedule, execute, update."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.config import EngineConfig
+from pdserve.engine.kv_manager import KVCacheManager
+from pdserve.engine.outputs import EngineOutput, KVReservation
+from pdserve.engine.request import Request
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.scheduler import Scheduler
+from pdserve.errors import InvalidRequestError, OverloadedError
+from pdserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+KVCacheAllocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+MAX_KV_EVENTS = 65536
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_awaiting_kv: int
+    kv_usage: float
+    num_blocks: int
+    num_free_blocks: int
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
+    num_preemptions: int
+    num_prompt_tokens: int  # computed (prefill) tokens since start, cache hits excluded
+    num_generation_tokens: int
+    num_steps: int
+
+
+class EngineCore:
+    """A single engine. Not thread-safe: one thread calls every method (a worker's busy loop)."""
+
+    def __init__(self, config: EngineConfig, kv_cache_allocator: KVCacheAllocator | None = None,
+                 record_kv_events: bool = False) -> None:
+        from pdserve.model.loader import load_model, resolve_device, resolve_dtype
+
+        self.config = config
+        start = time.perf_counter()
+        self.device = resolve_device(config.model.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        self.model, self.arch = load_model(config.model)
+        self.max_model_len = min(config.model.max_model_len or self.arch.max_position_embeddings,
+                                 self.arch.max_position_embeddings)
+        self.block_size = config.cache.block_size
+        self.kv_bytes_per_block = (self.block_size * self.arch.num_layers * 2 * self.arch.num_kv_heads
+                                   * self.arch.head_dim * self.dtype.itemsize)
+        self.num_blocks = config.cache.num_blocks or config.cache.kv_cache_memory_bytes // self.kv_bytes_per_block
+        if self.num_blocks < 1:
+            raise ValueError(f"the KV cache budget ({config.cache.kv_cache_memory_bytes} bytes) holds no "
+                             f"block of {self.kv_bytes_per_block} bytes")
+        shape = (self.arch.num_layers, 2, self.num_blocks, self.block_size, self.arch.num_kv_heads,
+                 self.arch.head_dim)  # (layers, k|v, blocks, block_size, kv_heads, head_dim)
+        if kv_cache_allocator is None:
+            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        else:
+            self.kv_cache = kv_cache_allocator(shape, self.dtype)
+        kv_caches = list(self.kv_cache.unbind(0))
+        self.kv = KVCacheManager(self.num_blocks, self.block_size, config.cache.enable_prefix_caching,
+                                 max_events=MAX_KV_EVENTS if record_kv_events else 0)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.runner = ModelRunner(self.model, kv_caches, self.block_size, self.device)
+        self._reservations: list[KVReservation] = []
+        self._num_prompt_tokens = 0
+        self._num_generation_tokens = 0
+        self._num_steps = 0
+        logger.info("engine ready in %.1fs: %s on %s (%s), KV cache %d blocks x %d tokens = %d tokens "
+                    "(%.2f GiB), max_model_len %d", time.perf_counter() - start, self.arch.architecture,
+                    self.device, str(self.dtype).removeprefix("torch."), self.num_blocks, self.block_size,
+                    self.max_num_kv_tokens, self.kv_cache.numel() * self.dtype.itemsize / 2**30,
+                    self.max_model_len)
+
+    @property
+    def max_num_kv_tokens(self) -> int:
+        """How many tokens of KV the cache holds in all."""
+        return self.num_blocks * self.block_size
+
+    # -- requests ------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                    remote_kv: bool = False, hold_kv: bool = False, arrival_time: float | None = None) -> None:
+        """Validate and queue a request. Raises InvalidRequestError (nothing queued) for bad input and
+        OverloadedError when the waiting queue is full."""
+        params.validate()
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if any(not isinstance(t, int) or not 0 <= t < self.arch.vocab_size for t in prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {self.arch.vocab_size})",
+                                      param="prompt")
+        if num_prompt >= self.max_model_len:
+            raise InvalidRequestError(f"the prompt has {num_prompt} tokens; this model's context is "
+                                      f"{self.max_model_len} tokens, including at least one output token",
+                                      param="prompt")
+        if self.kv.num_blocks_for(num_prompt + 1) > self.num_blocks:
+            raise InvalidRequestError(f"the prompt has {num_prompt} tokens; the KV cache holds only "
+                                      f"{self.max_num_kv_tokens}", param="prompt")
+        if self.scheduler.num_waiting >= self.config.scheduler.max_waiting:
+            raise OverloadedError(f"{self.scheduler.num_waiting} requests are already waiting")
+        room = self.max_model_len - num_prompt
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        request = Request(request_id, prompt_token_ids, params, eos_token_ids=self.arch.eos_token_ids,
+                          arrival_time=arrival_time, max_tokens=max_tokens)
+        request.hold_kv = hold_kv
+        self.scheduler.add_request(request, remote_kv=remote_kv)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[EngineOutput]:
+        request_ids = list(request_ids)
+        for rid in request_ids:
+            self.runner.sampler.forget(rid)
+        return self.scheduler.abort_requests(request_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # -- the step ------------------------------------------------------------------------------------
+    def step(self) -> list[EngineOutput]:
+        """Schedule, execute, update. Returns the per-request deltas of this step ([] when idle)."""
+        sched = self.scheduler.schedule()
+        self._reservations.extend(sched.reservations)
+        if sched.is_empty:
+            return []
+        block_ids = {c.request.request_id: self.kv.block_ids(c.request.request_id) for c in sched.chunks}
+        tokens, logprobs = self.runner.execute(sched, block_ids)
+        outputs = self.scheduler.update_from_output(sched, tokens, logprobs)
+        self._num_steps += 1
+        self._num_generation_tokens += len(tokens)
+        self._num_prompt_tokens += sum(max(0, min(c.start + c.num_tokens, c.request.num_prompt_tokens) - c.start)
+                                       for c in sched.chunks)
+        for out in outputs:
+            if out.finished:
+                self.runner.sampler.forget(out.request_id)
+        return outputs
+
+    # -- disaggregation hooks ------------------------------------------------------------------------
+    def take_reservations(self) -> list[KVReservation]:
+        """Decode role: blocks reserved for remote prefills since the last call."""
+        out, self._reservations = self._reservations, []
+        return out
+
+    def complete_remote_kv(self, request_id: str, first_token_id: int) -> EngineOutput | None:
+        out = self.scheduler.complete_remote_kv(request_id, first_token_id)
+        if out is not None and out.finished:
+            self.runner.sampler.forget(request_id)
+        return out
+
+    def fail_remote_kv(self, request_id: str) -> None:
+        self.scheduler.fail_remote_kv(request_id)
+
+    def release_kv(self, request_id: str) -> None:
+        self.scheduler.release_kv(request_id)
+
+    def take_kv_events(self) -> tuple[list[int], list[int]]:
+        """Block hashes stored and evicted since the last call (when built with record_kv_events)."""
+        return self.kv.pool.take_events()
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=s.num_running, num_waiting=s.num_waiting, num_awaiting_kv=len(s.awaiting_kv),
+            kv_usage=self.kv.usage, num_blocks=self.num_blocks, num_free_blocks=self.kv.pool.num_free_blocks,
+            prefix_query_tokens=self.kv.stats.num_query_tokens, prefix_hit_tokens=self.kv.stats.num_hit_tokens,
+            num_preemptions=s.num_preemptions, num_prompt_tokens=self._num_prompt_tokens,
+            num_generation_tokens=self._num_generation_tokens, num_steps=self._num_steps)
