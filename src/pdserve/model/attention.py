@@ -21,7 +21,7 @@ class PrefillChunk:
     token_start: int  # first row of this chunk in the batch's token dimension
     num_tokens: int
     context_start: int  # tokens of this request already in the cache before the chunk
-    context_slots: torch.Tensor | None  # (context_start + num_tokens,) slots; None when context_start == 0
+    context_blocks: torch.Tensor | None  # (num_blocks,) block ids covering the context; None if it is empty
 
 
 @dataclass
@@ -31,12 +31,12 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (num_tokens,) int64
     prefills: list[PrefillChunk]
     num_prefill_tokens: int
-    decode_slots: torch.Tensor | None  # (num_decodes, max_context) int64, padded with slot 0
-    decode_mask: torch.Tensor | None  # (num_decodes, 1, 1, max_context) bool, True = attend
+    decode_block_tables: torch.Tensor | None  # (num_decodes, max_blocks) int64, padded with block 0
+    decode_mask: torch.Tensor | None  # (num_decodes, 1, 1, max_blocks * block_size) bool, True = attend
 
     @property
     def num_decodes(self) -> int:
-        return 0 if self.decode_slots is None else self.decode_slots.shape[0]
+        return 0 if self.decode_block_tables is None else self.decode_block_tables.shape[0]
 
 
 def build_metadata(chunks: list[tuple[int, int, list[int]]], block_size: int,
@@ -48,30 +48,32 @@ def build_metadata(chunks: list[tuple[int, int, list[int]]], block_size: int,
     """
     slot_mapping: list[int] = []
     prefills: list[PrefillChunk] = []
-    decode_rows: list[list[int]] = []
+    decode_tables: list[list[int]] = []
+    decode_lens: list[int] = []
     token_pos = 0
     for start, num_tokens, block_ids in chunks:
         end = start + num_tokens
-        slots = _slots(block_ids, block_size, end)
-        slot_mapping.extend(slots[start:end])
+        for pos in range(start, end):
+            slot_mapping.append(block_ids[pos // block_size] * block_size + pos % block_size)
+        used = block_ids[: -(-end // block_size)]
         if num_tokens > 1:
-            assert not decode_rows, "prefill chunks must precede decodes"
-            ctx = torch.tensor(slots, dtype=torch.long, device=device) if start > 0 else None
+            assert not decode_tables, "prefill chunks must precede decodes"
+            ctx = torch.tensor(used, dtype=torch.long, device=device) if start > 0 else None
             prefills.append(PrefillChunk(token_pos, num_tokens, start, ctx))
         else:
-            decode_rows.append(slots)
+            decode_tables.append(used)
+            decode_lens.append(end)
         token_pos += num_tokens
     num_prefill_tokens = sum(p.num_tokens for p in prefills)
-    decode_slots = decode_mask = None
-    if decode_rows:
-        max_len = max(len(r) for r in decode_rows)
-        padded = [r + [0] * (max_len - len(r)) for r in decode_rows]
-        lens = torch.tensor([len(r) for r in decode_rows])
-        decode_slots = torch.tensor(padded, dtype=torch.long).to(device)
-        mask = torch.arange(max_len)[None, :] < lens[:, None]  # (num_decodes, max_context)
-        decode_mask = mask[:, None, None, :].to(device)
+    tables = mask = None
+    if decode_tables:
+        max_blocks = max(len(t) for t in decode_tables)
+        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.long)
+        lens = torch.tensor(decode_lens)
+        mask = torch.arange(max_blocks * block_size)[None, :] < lens[:, None]  # (num_decodes, max_ctx)
+        tables, mask = tables.to(device), mask[:, None, None, :].to(device)
     return AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long).to(device), prefills,
-                             num_prefill_tokens, decode_slots, decode_mask)
+                             num_prefill_tokens, tables, mask)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -81,41 +83,42 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     q: (num_tokens, num_heads, head_dim); k, v: (num_tokens, num_kv_heads, head_dim);
     kv_cache: (2, num_blocks, block_size, num_kv_heads, head_dim). Returns (num_tokens, num_heads, head_dim).
     """
-    num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_flat = kv_cache[0].view(-1, num_kv_heads, head_dim)  # (num_slots, num_kv_heads, head_dim)
-    v_flat = kv_cache[1].view(-1, num_kv_heads, head_dim)
-    k_flat.index_copy_(0, meta.slot_mapping, k.to(kv_cache.dtype))
-    v_flat.index_copy_(0, meta.slot_mapping, v.to(kv_cache.dtype))
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    k_cache, v_cache = kv_cache[0], kv_cache[1]  # each (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k.to(kv_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v.to(kv_cache.dtype))
 
     out = torch.empty_like(q)
     for p in meta.prefills:
         rows = slice(p.token_start, p.token_start + p.num_tokens)
         qi = q[rows].transpose(0, 1).unsqueeze(0)  # (1, num_heads, num_tokens, head_dim)
-        if p.context_slots is None:
+        if p.context_blocks is None:
             ki = k[rows].transpose(0, 1).unsqueeze(0)  # (1, num_kv_heads, num_tokens, head_dim)
             vi = v[rows].transpose(0, 1).unsqueeze(0)
             oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            ki = k_flat[p.context_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)  # (1, kv, ctx, hd)
-            vi = v_flat[p.context_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
             ctx_len = p.context_start + p.num_tokens
+            ki = _gather(k_cache, p.context_blocks, q.dtype)[:ctx_len]  # (ctx, num_kv_heads, head_dim)
+            vi = _gather(v_cache, p.context_blocks, q.dtype)[:ctx_len]
             mask = torch.ones(p.num_tokens, ctx_len, dtype=torch.bool, device=q.device).tril(p.context_start)
-            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
+            oi = F.scaled_dot_product_attention(qi, ki.transpose(0, 1).unsqueeze(0), vi.transpose(0, 1).unsqueeze(0),
+                                                attn_mask=mask, scale=scale, enable_gqa=True)
         out[rows] = oi.squeeze(0).transpose(0, 1)
-    if meta.decode_slots is not None:
-        rows = slice(meta.num_prefill_tokens, meta.num_prefill_tokens + meta.num_decodes)
+    if meta.decode_block_tables is not None:
+        num_decodes, max_blocks = meta.decode_block_tables.shape
+        rows = slice(meta.num_prefill_tokens, meta.num_prefill_tokens + num_decodes)
         qd = q[rows].unsqueeze(2)  # (num_decodes, num_heads, 1, head_dim)
-        kd = k_flat[meta.decode_slots].to(q.dtype).transpose(1, 2)  # (num_decodes, kv, max_ctx, hd)
-        vd = v_flat[meta.decode_slots].to(q.dtype).transpose(1, 2)
+        kd = _gather(k_cache, meta.decode_block_tables.view(-1), q.dtype).view(
+            num_decodes, max_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)  # (B, kv, ctx, hd)
+        vd = _gather(v_cache, meta.decode_block_tables.view(-1), q.dtype).view(
+            num_decodes, max_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale,
                                             enable_gqa=True)
         out[rows] = od.squeeze(2)
     return out
 
 
-def _slots(block_ids: list[int], block_size: int, num_tokens: int) -> list[int]:
-    slots = []
-    for block_id in block_ids[: -(-num_tokens // block_size)]:
-        base = block_id * block_size
-        slots.extend(range(base, base + block_size))
-    return slots[:num_tokens]
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Whole blocks, copied block by block: (len(block_ids) * block_size, num_kv_heads, head_dim)."""
+    blocks = cache.index_select(0, block_ids)  # (n, block_size, num_kv_heads, head_dim)
+    return blocks.view(-1, *cache.shape[2:]).to(dtype)
