@@ -10,6 +10,7 @@ fraction of the memory-bandwidth limit, and resident memory against weights + KV
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
@@ -32,7 +33,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="timed runs of each system (median reported)")
     ap.add_argument("--skip-hf", action="store_true", help="do not run the transformers baseline")
     ap.add_argument("--hf-batch", type=int, default=64, help="transformers generate batch size")
+    ap.add_argument("--out", help="write the figures to this JSON file")
     args = ap.parse_args()
+    results: dict = {"num_requests": args.num_requests, "input_len": args.input_len,
+                     "output_len": args.output_len}
 
     rng = random.Random(0)
     prompts = [[rng.randint(1000, 48000) for _ in range(args.input_len)] for _ in range(args.num_requests)]
@@ -70,6 +74,10 @@ def main() -> None:
     pd_s = statistics.median(times)
     pd_tps = num_out / pd_s
     flops = _workload_flops(arch, args.num_requests, args.input_len, args.output_len)
+    results.update(pdserve_s=pd_s, pdserve_runs_s=times, pdserve_output_tps=pd_tps,
+                   pdserve_requests_per_s=args.num_requests / pd_s, matmul_peak_gflops=peak_gflops,
+                   pdserve_gflops=flops / pd_s / 1e9, copy_bandwidth_gbs=copy_gbs,
+                   rss_at_rest_bytes=rss_rest, weight_bytes=weight_bytes, kv_bytes=kv_bytes)
     print(f"pdserve: {pd_s:.1f} s, {args.num_requests / pd_s:.2f} requests/s, {pd_tps:.0f} output tokens/s, "
           f"{(args.num_requests * (args.input_len + args.output_len)) / pd_s:.0f} total tokens/s; "
           f"{flops / pd_s / 1e9:.1f} GFLOP/s = {flops / pd_s / 1e9 / peak_gflops:.0%} of matmul peak")
@@ -87,14 +95,19 @@ def main() -> None:
     print(f"single-request decode: {1 / decode_s:.1f} tokens/s; bandwidth limit {limit_tps:.1f} tokens/s "
           f"({weight_bytes / 2**20:.0f} MiB of weights per token at {copy_gbs:.1f} GB/s) = "
           f"{(1 / decode_s) / limit_tps:.0%} of the limit")
+    results.update(single_decode_tps=1 / decode_s, bandwidth_limit_tps=limit_tps)
     del llm, engine
 
-    if args.skip_hf:
-        return
-    hf_s = run_transformers(args, prompts)
-    hf_tps = num_out / hf_s
-    print(f"transformers generate (batch {args.hf_batch}, float32): {hf_s:.1f} s, {hf_tps:.0f} output tokens/s")
-    print(f"ratio pdserve / transformers: {pd_tps / hf_tps:.2f}x")
+    if not args.skip_hf:
+        hf_s = run_transformers(args, prompts)
+        hf_tps = num_out / hf_s
+        print(f"transformers generate (batch {args.hf_batch}, float32): {hf_s:.1f} s, {hf_tps:.0f} output "
+              f"tokens/s")
+        print(f"ratio pdserve / transformers: {pd_tps / hf_tps:.2f}x")
+        results.update(transformers_s=hf_s, transformers_output_tps=hf_tps, ratio_vs_transformers=pd_tps / hf_tps)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
 
 
 def run_transformers(args: argparse.Namespace, prompts: list[list[int]]) -> float:
