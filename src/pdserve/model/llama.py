@@ -16,7 +16,7 @@ from torch import nn
 from pdserve.errors import ModelLoadError
 from pdserve.model.arch import ModelArch
 from pdserve.model.attention import AttentionMetadata, paged_attention
-from pdserve.model.layers import RMSNorm, RotaryEmbedding
+from pdserve.model.layers import Linear, RMSNorm, RotaryEmbedding, linear
 
 
 class LlamaForCausalLM(nn.Module):
@@ -35,7 +35,7 @@ class LlamaForCausalLM(nn.Module):
             self.layers = nn.ModuleList(_DecoderLayer(arch, dtype) for _ in range(arch.num_layers))
             self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype=dtype)
             self.lm_head = None if arch.tie_word_embeddings else \
-                nn.Linear(arch.hidden_size, arch.vocab_size, bias=False, dtype=dtype)
+                Linear(arch.hidden_size, arch.vocab_size, bias=False, dtype=dtype)
         self.to_empty(device=device)
         self.rope = RotaryEmbedding(arch.head_dim, self.max_model_len, arch.rope_theta, arch.rope_scaling,
                                     dtype, device)
@@ -59,7 +59,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (num_rows, hidden_size) -> (num_rows, vocab_size) float32."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return linear(hidden, weight).float()
 
     # ---- weights ---------------------------------------------------------------------------------
 
@@ -148,9 +148,9 @@ class _Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
         self.q_size, self.kv_size = arch.q_size, arch.kv_size
         self.scale = arch.head_dim ** -0.5
-        self.qkv_proj = nn.Linear(arch.hidden_size, arch.q_size + 2 * arch.kv_size, bias=arch.attention_bias,
+        self.qkv_proj = Linear(arch.hidden_size, arch.q_size + 2 * arch.kv_size, bias=arch.attention_bias,
                                   dtype=dtype)
-        self.o_proj = nn.Linear(arch.q_size, arch.hidden_size, bias=False, dtype=dtype)
+        self.o_proj = Linear(arch.q_size, arch.hidden_size, bias=False, dtype=dtype)
         self.qk_norm = arch.qk_norm
         if arch.qk_norm:
             self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype=dtype)
@@ -177,8 +177,8 @@ class _MLP(nn.Module):
     def __init__(self, arch: ModelArch, dtype: torch.dtype) -> None:
         super().__init__()
         self.intermediate_size = arch.intermediate_size
-        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False, dtype=dtype)
-        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False, dtype=dtype)
+        self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False, dtype=dtype)
+        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, bias=False, dtype=dtype)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(h).split(self.intermediate_size, dim=-1)  # each (T, intermediate)
