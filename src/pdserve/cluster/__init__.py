@@ -1,0 +1,1 @@
+"""Launchers: a local cluster of subprocesses (``pdserve up``); cluster files; shared engine flags."""

@@ -1,0 +1,85 @@
+"""Subcommands ``up``, ``worker`` and ``frontend`` for the ``pdserve`` command (``register``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pdserve.cluster.args import add_engine_args
+from pdserve.router.policies import POLICIES
+
+
+def register(subparsers) -> None:
+    from pdserve.server.main import add_frontend_args, run_frontend
+    from pdserve.worker.main import add_worker_args, run_worker
+
+    p = subparsers.add_parser("up", help="start a local cluster: workers and the HTTP frontend")
+    add_up_args(p)
+    p.set_defaults(func=run_up_with_config)
+
+    p = subparsers.add_parser("worker", help="start one worker (engine behind ZMQ)")
+    add_worker_args(p)
+    p.set_defaults(func=run_worker)
+
+    p = subparsers.add_parser("frontend", help="start the HTTP frontend over running workers")
+    add_frontend_args(p)
+    p.set_defaults(func=run_frontend)
+
+
+def add_up_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="cluster YAML file (flags given here override it)")
+    p.add_argument("--prefill", type=int, default=None, help="prefill workers (default 1)")
+    p.add_argument("--decode", type=int, default=None, help="decode workers (default 1)")
+    p.add_argument("--colocated", type=int, default=0, help="colocated workers (role both) instead")
+    p.add_argument("--kv-transfer", choices=("shm", "tcp"), default="shm")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--routing", choices=POLICIES, default="prefix_aware")
+    p.add_argument("--min-remote-prefill-tokens", type=int, default=0)
+    p.add_argument("--worker-timeout", type=float, default=30.0)
+    p.add_argument("--no-pin", action="store_true", help="do not pin each worker to its own core")
+    p.add_argument("--enable-debug-endpoints", action="store_true")
+    add_engine_args(p)
+
+
+def run_up_with_config(args: argparse.Namespace) -> int:
+    from pdserve.cluster.config import load_cluster_file
+    from pdserve.cluster.local import run_up
+
+    if args.config:
+        settings = load_cluster_file(args.config)
+        defaults = _parser_defaults()
+        for key, value in settings.items():
+            if getattr(args, key, None) == defaults.get(key):  # not given on the command line
+                setattr(args, key, value)
+    args.prefill_given = args.prefill is not None
+    args.decode_given = args.decode is not None
+    args.prefill = 1 if args.prefill is None else args.prefill
+    args.decode = 1 if args.decode is None else args.decode
+    if args.colocated:
+        args.prefill_given = args.prefill_given and args.prefill > 0
+        args.decode_given = args.decode_given and args.decode > 0
+    return run_up(args)
+
+
+def _parser_defaults() -> dict:
+    p = argparse.ArgumentParser()
+    add_up_args(p)
+    return vars(p.parse_args([]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pdserve.cluster.cli up|worker|frontend ...`` (same as ``pdserve ...``)."""
+    import logging
+
+    parser = argparse.ArgumentParser("pdserve")
+    parser.add_argument("--log-level", default="info")
+    register(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

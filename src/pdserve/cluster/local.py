@@ -1,0 +1,190 @@
+"""``pdserve up``: workers and a frontend as subprocesses of one launcher on this machine.
+
+Workers start first (each pinned to its own core unless ``--no-pin``), report their addresses in a ready
+file, then the frontend starts with those addresses. Ctrl-C or SIGTERM stops every child (SIGTERM, then
+SIGKILL after a grace period); children also get SIGTERM if the launcher itself dies (PR_SET_PDEATHSIG).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pdserve.cluster.args import engine_args_to_argv
+
+logger = logging.getLogger(__name__)
+
+STOP_GRACE_S = 10.0
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    ready_file: Path | None = None
+    record: dict | None = None
+
+
+class LocalCluster:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.children: list[Child] = []
+        self.tmpdir = Path(tempfile.mkdtemp(prefix="pdserve-up-"))
+        self._stopping = False
+
+    # -- public --------------------------------------------------------------------------------------
+    def start(self, ready_timeout_s: float = 600.0) -> str:
+        """Start everything; return the base URL once /health answers 200. Raises RuntimeError (after
+        stopping what started) when a child exits or the cluster is not ready in time."""
+        roles = self._roles()
+        cores = sorted(os.sched_getaffinity(0))
+        for i, role in enumerate(roles):
+            pin = None if self.args.no_pin else str(cores[i % len(cores)])
+            self._start_worker(i, role, pin)
+        deadline = time.monotonic() + ready_timeout_s
+        for child in self.children:
+            self._wait_ready(child, deadline)
+        addresses = ",".join(c.record["address"] for c in self.children)
+        self._start_frontend(addresses)
+        url = f"http://{self.args.host}:{self.args.port}"
+        self._wait_health(url, deadline)
+        return url
+
+    def wait(self) -> int:
+        """Block until a signal or until the frontend exits; return its exit code (0 on a signal)."""
+        frontend = self.children[-1]
+        while not self._stopping:
+            code = frontend.proc.poll()
+            if code is not None:
+                logger.error("the frontend exited with code %s", code)
+                return code or 1
+            for child in self.children[:-1]:
+                if child.proc.poll() is not None and child.record is not None:
+                    logger.error("%s exited with code %s", child.name, child.proc.returncode)
+                    child.record = None  # report once; the frontend routes around it
+            time.sleep(0.2)
+        return 0
+
+    def stop(self) -> None:
+        """SIGTERM every child, wait up to STOP_GRACE_S, SIGKILL the rest; idempotent."""
+        self._stopping = True
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for child in reversed(self.children):
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in %.0fs; killing it", child.name, STOP_GRACE_S)
+                child.proc.kill()
+                child.proc.wait()
+        for f in self.tmpdir.glob("*"):
+            f.unlink(missing_ok=True)
+        self.tmpdir.rmdir()
+
+    # -- private -------------------------------------------------------------------------------------
+    def _roles(self) -> list[str]:
+        a = self.args
+        if a.colocated:
+            if a.prefill_given or a.decode_given:
+                raise ValueError("give --colocated, or --prefill/--decode, not both")
+            return ["both"] * a.colocated
+        if a.prefill < 0 or a.decode < 1:
+            raise ValueError("a disaggregated cluster needs --decode >= 1 (and --prefill >= 0)")
+        return ["prefill"] * a.prefill + ["decode"] * a.decode
+
+    def _start_worker(self, i: int, role: str, cpus: str | None) -> None:
+        ready = self.tmpdir / f"worker-{i}.json"
+        argv = [sys.executable, "-m", "pdserve.worker.main", "--role", role, "--host", self.args.host,
+                "--kv-transfer", self.args.kv_transfer, "--ready-file", str(ready),
+                "--worker-id", f"{role}-{i}", *engine_args_to_argv(self.args)]
+        if cpus is not None:
+            argv += ["--cpus", cpus]
+        self.children.append(Child(f"worker {role}-{i}", _spawn(argv), ready))
+        logger.info("started worker %s-%d%s", role, i, f" on core {cpus}" if cpus is not None else "")
+
+    def _start_frontend(self, addresses: str) -> None:
+        a = self.args
+        argv = [sys.executable, "-m", "pdserve.server.main", "--workers", addresses, "--model", a.model,
+                "--host", a.host, "--port", str(a.port), "--routing", a.routing,
+                "--min-remote-prefill-tokens", str(a.min_remote_prefill_tokens),
+                "--worker-timeout", str(a.worker_timeout)]
+        if a.served_model_name:
+            argv += ["--served-model-name", a.served_model_name]
+        if a.api_key:
+            argv += ["--api-key", a.api_key]
+        if a.enable_debug_endpoints:
+            argv.append("--enable-debug-endpoints")
+        self.children.append(Child("frontend", _spawn(argv)))
+
+    def _wait_ready(self, child: Child, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if child.proc.poll() is not None:
+                raise RuntimeError(f"{child.name} exited with code {child.proc.returncode} while starting")
+            if child.ready_file.exists():
+                child.record = json.loads(child.ready_file.read_text())
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{child.name} not ready in time")
+
+    def _wait_health(self, url: str, deadline: float) -> None:
+        import httpx
+
+        while time.monotonic() < deadline:
+            if self.children[-1].proc.poll() is not None:
+                raise RuntimeError(f"the frontend exited with code {self.children[-1].proc.returncode}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass  # not listening yet
+            time.sleep(0.2)
+        raise RuntimeError("the frontend did not become healthy in time")
+
+
+def run_up(args: argparse.Namespace) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per health probe
+    cluster = LocalCluster(args)
+
+    def _on_signal(signum, frame):
+        cluster._stopping = True
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        url = cluster.start()
+        served = args.served_model_name or args.model
+        auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
+        print(f"pdserve is ready at {url} (Ctrl-C stops it). Try:\n"
+              f"curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
+              f"-d '{{\"model\": \"{served}\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}}'",
+              flush=True)
+        return cluster.wait()
+    except (RuntimeError, ValueError) as e:
+        logger.error("%s", e)
+        return 1
+    finally:
+        cluster.stop()
+
+
+def _spawn(argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(argv, preexec_fn=_die_with_parent, stdout=subprocess.DEVNULL)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the launcher dies (Linux), so no worker is orphaned."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        return

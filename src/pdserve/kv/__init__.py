@@ -1,0 +1,1 @@
+"""KV data movement: prefill -> decode transfer backends (shm, tcp) behind one interface."""

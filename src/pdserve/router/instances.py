@@ -1,0 +1,77 @@
+"""Instances as the router sees them: counters from workers' stats, cached blocks from their KV events,
+and the requests the frontend itself has in flight there. Pure Python."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class InstanceView:
+    """One worker as the router sees it. ``num_inflight`` is counted by the frontend (sent, not yet
+    finished), so it is fresher than the worker's own counters, which lag by a stats interval."""
+
+    instance_id: str
+    role: str  # "prefill" | "decode" | "both"
+    num_blocks: int = 0
+    num_free_blocks: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    num_awaiting_kv: int = 0
+    num_inflight: int = 0
+    block_size: int = 16
+    is_alive: bool = True
+    cached_block_hashes: set[int] = field(default_factory=set)
+
+    @property
+    def queue_len(self) -> int:
+        """Work ahead of a new request: the larger of the worker's own count and the frontend's."""
+        return max(self.num_running + self.num_waiting + self.num_awaiting_kv, self.num_inflight)
+
+    def num_cached_prefix_blocks(self, block_hashes: list[int]) -> int:
+        """Leading blocks of a request this instance holds in its prefix cache (chained hashes: the first
+        miss ends the prefix)."""
+        n = 0
+        for h in block_hashes:
+            if h not in self.cached_block_hashes:
+                break
+            n += 1
+        return n
+
+
+class InstanceTracker:
+    """Keeps ``InstanceView``s up to date from stats and KV events. Not thread-safe."""
+
+    def __init__(self) -> None:
+        self.instances: dict[str, InstanceView] = {}
+
+    def add(self, view: InstanceView) -> None:
+        self.instances[view.instance_id] = view
+
+    def remove(self, instance_id: str) -> None:
+        self.instances.pop(instance_id, None)
+
+    def update_stats(self, instance_id: str, *, num_blocks: int, num_free_blocks: int, num_running: int,
+                     num_waiting: int, num_awaiting_kv: int = 0) -> None:
+        view = self.instances.get(instance_id)
+        if view is None:
+            return
+        view.num_blocks, view.num_free_blocks = num_blocks, num_free_blocks
+        view.num_running, view.num_waiting, view.num_awaiting_kv = num_running, num_waiting, num_awaiting_kv
+
+    def apply_kv_events(self, instance_id: str, stored: list[int], evicted: list[int]) -> None:
+        view = self.instances.get(instance_id)
+        if view is None:
+            return
+        view.cached_block_hashes.difference_update(evicted)
+        view.cached_block_hashes.update(stored)
+
+    def set_alive(self, instance_id: str, is_alive: bool) -> None:
+        view = self.instances.get(instance_id)
+        if view is not None:
+            view.is_alive = is_alive
+            if not is_alive:
+                view.cached_block_hashes.clear()
+
+    def views(self, roles: tuple[str, ...]) -> list[InstanceView]:
+        """Live instances of these roles, in the order they were added."""
+        return [v for v in self.instances.values() if v.role in roles and v.is_alive]

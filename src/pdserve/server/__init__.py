@@ -1,0 +1,1 @@
+"""The frontend: OpenAI-compatible HTTP API over the workers (FastAPI + uvicorn)."""

@@ -1,0 +1,90 @@
+"""Prometheus metrics, with vLLM's names where one exists.
+
+Request latencies are observed at the frontend (histograms). Worker state (running, waiting, KV use) and
+worker totals (tokens, prefix-cache queries and hits) are read from each worker's latest Stats message at
+scrape time, labelled by worker and role. KV transfers are observed from PrefillDone reports.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                    20.0, 40.0, 80.0, 160.0, 640.0)
+_TRANSFER_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    def __init__(self, model_name: str, worker_stats: Callable[[], list] | None = None) -> None:
+        self.model_name = model_name
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token", labels,
+                              buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.tpot = Histogram("vllm:time_per_output_token_seconds", "Time per output token after the first",
+                              labels, buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency", labels,
+                             buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter("vllm:request_success", "Finished requests by finish reason",
+                                ["model_name", "finished_reason"], registry=self.registry)
+        self.kv_transfer_seconds = Histogram("pdserve:kv_transfer_seconds", "KV transfer time per request",
+                                             ["role"], buckets=_TRANSFER_BUCKETS, registry=self.registry)
+        self.kv_transfer_bytes = Counter("pdserve:kv_transfer_bytes", "KV bytes transferred", ["role"],
+                                         registry=self.registry)
+        self.errors = Counter("pdserve:request_errors", "Requests that ended with an error", ["type"],
+                              registry=self.registry)
+        if worker_stats is not None:
+            self.registry.register(_WorkerCollector(model_name, worker_stats))
+
+    def observe_request(self, ttft_s: float | None, e2e_s: float, num_output_tokens: int,
+                        finish_reason: str | None) -> None:
+        if ttft_s is not None:
+            self.ttft.labels(self.model_name).observe(ttft_s)
+            if num_output_tokens > 1:
+                self.tpot.labels(self.model_name).observe((e2e_s - ttft_s) / (num_output_tokens - 1))
+        self.e2e.labels(self.model_name).observe(e2e_s)
+        self.requests.labels(self.model_name, finish_reason or "abort").inc()
+
+    def observe_transfer(self, role: str, kv_bytes: int, seconds: float) -> None:
+        self.kv_transfer_seconds.labels(role).observe(seconds)
+        self.kv_transfer_bytes.labels(role).inc(kv_bytes)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _WorkerCollector:
+    """Gauges and totals from the workers' latest Stats, at scrape time."""
+
+    def __init__(self, model_name: str, worker_stats: Callable[[], list]) -> None:
+        self.model_name = model_name
+        self.worker_stats = worker_stats
+
+    def collect(self) -> Iterator:
+        labels = ["model_name", "worker", "role"]
+        gauges = {
+            "vllm:num_requests_running": ("Requests in the running batch", lambda s: s.num_running),
+            "vllm:num_requests_waiting": ("Requests waiting", lambda s: s.num_waiting + s.num_awaiting_kv),
+            "vllm:kv_cache_usage_perc": ("KV-cache usage (1 = full)", lambda s: s.kv_usage),
+        }
+        counters = {
+            "vllm:prefix_cache_queries": ("Prompt tokens looked up in the prefix cache",
+                                          lambda s: s.prefix_query_tokens),
+            "vllm:prefix_cache_hits": ("Prompt tokens found in the prefix cache", lambda s: s.prefix_hit_tokens),
+            "vllm:prompt_tokens": ("Prompt tokens computed", lambda s: s.num_prompt_tokens),
+            "vllm:generation_tokens": ("Tokens generated", lambda s: s.num_generation_tokens),
+            "vllm:num_preemptions": ("Preemptions", lambda s: s.num_preemptions),
+        }
+        stats = [s for s in self.worker_stats() if s is not None]
+        for name, (doc, get) in gauges.items():
+            family = GaugeMetricFamily(name, doc, labels=labels)
+            for s in stats:
+                family.add_metric([self.model_name, s.worker_id, s.role], get(s))
+            yield family
+        for name, (doc, get) in counters.items():
+            family = CounterMetricFamily(name, doc, labels=labels)
+            for s in stats:
+                family.add_metric([self.model_name, s.worker_id, s.role], get(s))
+            yield family

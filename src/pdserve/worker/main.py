@@ -1,0 +1,74 @@
+"""``pdserve worker``: start one worker process and report where it listens."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+
+from pdserve.cluster.args import add_cpu_args, add_engine_args, apply_cpu_args, engine_config_from_args
+from pdserve.worker.process import ROLES, Worker, WorkerOptions
+
+logger = logging.getLogger(__name__)
+
+
+def add_worker_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--role", choices=ROLES, default="both")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default %(default)s)")
+    parser.add_argument("--port", type=int, default=0, help="control port (default: chosen by the OS)")
+    parser.add_argument("--kv-transfer", choices=("shm", "tcp"), default="shm",
+                        help="how prefill workers write into this worker's KV cache (decode/both roles)")
+    parser.add_argument("--kv-port", type=int, default=0, help="KV data-plane port (default: chosen by the OS)")
+    parser.add_argument("--worker-id", default="", help="name in logs and metrics (default role@host:port)")
+    parser.add_argument("--transfer-timeout", type=float, default=30.0,
+                        help="seconds a decode worker waits for KV before computing the prompt itself")
+    parser.add_argument("--ready-file", default=None, help="also write the ready record (JSON) here")
+    parser.add_argument("--log-stats-interval", type=float, default=10.0, help="seconds between stats lines")
+    add_engine_args(parser)
+    add_cpu_args(parser)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from pdserve.engine.core import EngineCore
+
+    cores = apply_cpu_args(args)
+    config = engine_config_from_args(args)
+    options = WorkerOptions(role=args.role, host=args.host, port=args.port, kv_backend=args.kv_transfer,
+                            kv_port=args.kv_port, worker_id=args.worker_id,
+                            transfer_timeout_s=args.transfer_timeout, log_stats_interval_s=args.log_stats_interval)
+    worker = Worker(None, options, engine_factory=lambda alloc: EngineCore(config, alloc, record_kv_events=True))
+    if cores:
+        logger.info("worker %s pinned to cores %s", worker.worker_id, cores)
+    record = json.dumps(worker.ready_record())
+    if args.ready_file:
+        with open(args.ready_file + ".tmp", "w") as f:
+            f.write(record)
+        import os
+        os.replace(args.ready_file + ".tmp", args.ready_file)
+    print(record, flush=True)
+
+    def _stop(signum, frame):
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        worker.run()
+    finally:
+        worker.close()
+        logger.info("worker %s stopped", worker.worker_id)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser("pdserve worker")
+    add_worker_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    return run_worker(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

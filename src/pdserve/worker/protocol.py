@@ -1,0 +1,266 @@
+"""Every message that crosses a process boundary in pdserve, as msgspec structs.
+
+Rules: plain fields only (ints, floats, strings, lists, nested structs of the same kind); each message
+carries a one-byte integer type tag (msgpack positive fixint) in field ``t``; changes are additive (a new
+field gets a default, so old peers keep decoding what they know; unknown fields are ignored).
+
+Channels:
+
+- control, frontend <-> worker (ZMQ DEALER -> worker's ROUTER): ``Hello``, ``AddRequest``, ``Abort``,
+  ``FailRemoteKV``, ``ForwardReservation``, ``KVDigestRequest`` one way; ``WorkerInfo``, ``Outputs``,
+  ``ErrorMsg``, ``Stats``, ``KVEvents``, ``KVReservationMsg``, ``PrefillDone``, ``KVDigestReply`` back.
+- KV data plane, prefill worker -> decode worker (PUSH -> PULL): ``KVTransferDone`` (for the tcp backend
+  followed by the block data as raw frames). No tensors ever travel on the control channel.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+# ---- shared pieces --------------------------------------------------------------------------------------
+
+
+class WireSamplingParams(msgspec.Struct, omit_defaults=True):
+    """The engine-side fields of ``pdserve.SamplingParams``; stop strings stay at the frontend."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: Union[int, None] = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    max_tokens: Union[int, None] = 16
+    min_tokens: int = 0
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: Union[int, None] = None
+
+
+class LogprobEntry(msgspec.Struct, array_like=True):
+    """One sampled token's log-probability, its rank, and the top alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int] = []
+    top_logprobs: list[float] = []
+
+
+class TokenOutput(msgspec.Struct, omit_defaults=True):
+    """One request's delta after one engine step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: Union[str, None] = None  # "stop" | "length" | "abort" | None
+    stop_reason: Union[int, str, None] = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    logprobs: Union[list[LogprobEntry], None] = None
+
+
+class KVTarget(msgspec.Struct, omit_defaults=True):
+    """Where a decode worker's KV cache can be reached by a prefill worker.
+
+    ``address``: the decode worker's KV data-plane endpoint (notices, and block frames for tcp).
+    ``shm_path``: the file holding its whole KV cache (shm backend only), of ``shape`` and ``dtype``."""
+
+    worker_id: str
+    backend: str  # "shm" | "tcp"
+    address: str
+    shm_path: str = ""
+    shape: list[int] = []
+    dtype: str = ""
+
+
+# ---- frontend -> worker ---------------------------------------------------------------------------------
+
+
+class Hello(msgspec.Struct, tag=1, tag_field="t", omit_defaults=True):
+    frontend_id: str
+
+
+class AddRequest(msgspec.Struct, tag=2, tag_field="t", omit_defaults=True):
+    """``remote_kv``: decode role, reserve blocks and wait for the prompt's KV from a prefill worker.
+    ``hold_kv``: prefill role, keep the prompt's blocks until sent to the reservation forwarded later."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: WireSamplingParams
+    remote_kv: bool = False
+    hold_kv: bool = False
+
+
+class Abort(msgspec.Struct, tag=3, tag_field="t"):
+    request_ids: list[str]
+
+
+class FailRemoteKV(msgspec.Struct, tag=4, tag_field="t"):
+    """Frontend -> decode worker: the prefill side gave up; compute the prompt locally."""
+
+    request_id: str
+    reason: str = ""
+
+
+class ForwardReservation(msgspec.Struct, tag=5, tag_field="t"):
+    """Frontend -> prefill worker: where to send the request's KV (the decode worker's reservation)."""
+
+    reservation: KVReservationMsg
+
+
+class KVDigestRequest(msgspec.Struct, tag=6, tag_field="t"):
+    """Debug: digests of the cached blocks with these hashes (KV integrity checks)."""
+
+    query_id: str
+    block_hashes: list[int]
+
+
+class Shutdown(msgspec.Struct, tag=7, tag_field="t"):
+    pass
+
+
+# ---- worker -> frontend ---------------------------------------------------------------------------------
+
+
+class WorkerInfo(msgspec.Struct, tag=20, tag_field="t", omit_defaults=True):
+    worker_id: str
+    role: str  # "prefill" | "decode" | "both"
+    model: str
+    pid: int
+    host: str
+    block_size: int
+    num_blocks: int
+    max_model_len: int
+    kv_backend: str = ""
+    eos_token_ids: list[int] = []
+
+
+class Outputs(msgspec.Struct, tag=21, tag_field="t"):
+    outputs: list[TokenOutput]
+
+
+class ErrorMsg(msgspec.Struct, tag=22, tag_field="t", omit_defaults=True):
+    """A request (or, with no request id, a message) the worker refused; the worker goes on."""
+
+    request_id: Union[str, None]
+    error_type: str  # "invalid_request_error" | "overloaded" | "internal_error"
+    message: str
+    param: Union[str, None] = None
+    http_status: int = 400
+
+
+class Stats(msgspec.Struct, tag=23, tag_field="t", omit_defaults=True):
+    """Periodic snapshot (also the heartbeat); counters are totals since start."""
+
+    worker_id: str
+    role: str
+    time_s: float
+    num_running: int = 0
+    num_waiting: int = 0
+    num_awaiting_kv: int = 0
+    kv_usage: float = 0.0
+    num_blocks: int = 0
+    num_free_blocks: int = 0
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    num_preemptions: int = 0
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_held_kv: int = 0  # prefill role: requests holding blocks until their transfer
+    num_transfers: int = 0  # prefill role: KV transfers sent (ok)
+    num_failed_transfers: int = 0
+    kv_transfer_bytes: int = 0
+    kv_transfer_s: float = 0.0
+
+
+class KVEvents(msgspec.Struct, tag=24, tag_field="t"):
+    """Block hashes this worker's prefix cache stored / evicted since its last KVEvents."""
+
+    worker_id: str
+    stored: list[int]
+    evicted: list[int]
+
+
+class KVReservationMsg(msgspec.Struct, tag=25, tag_field="t", omit_defaults=True):
+    """Decode worker -> frontend (-> prefill worker): blocks reserved for a request's prompt.
+
+    The sender fills ``block_ids[num_cached_tokens // block_size:]``; ``deadline_unix_s``: after it
+    the decode worker computes the prompt itself, and the sender must not write any more."""
+
+    request_id: str
+    block_ids: list[int]
+    num_cached_tokens: int
+    target: KVTarget
+    deadline_unix_s: float = 0.0
+
+
+class PrefillDone(msgspec.Struct, tag=26, tag_field="t", omit_defaults=True):
+    """Prefill worker -> frontend: a request's KV was sent (ok) or could not be (error)."""
+
+    request_id: str
+    ok: bool
+    first_token_id: int = -1
+    num_cached_tokens: int = 0
+    kv_bytes: int = 0
+    transfer_s: float = 0.0
+    error: str = ""
+
+
+class KVDigestReply(msgspec.Struct, tag=27, tag_field="t"):
+    worker_id: str
+    query_id: str
+    digests: list[str]  # hex digest per hash, "" where the block is not cached
+
+
+# ---- prefill worker -> decode worker (KV data plane) ------------------------------------------------------
+
+
+class KVTransferDone(msgspec.Struct, tag=40, tag_field="t", omit_defaults=True):
+    """The KV of ``dst_block_ids`` is written (shm) or follows as frames (tcp), then the first token.
+
+    tcp: ``num_frames`` frames follow, together the blocks in ``dst_block_ids`` order, each frame shaped
+    ``(num_layers, 2, n, block_size, num_kv_heads, head_dim)`` for its share ``n`` of the blocks.
+    ``ok`` false: the sender failed; the receiver falls back to local prefill."""
+
+    request_id: str
+    ok: bool
+    dst_block_ids: list[int] = []
+    first_token_id: int = -1
+    first_logprobs: Union[list[LogprobEntry], None] = None
+    kv_bytes: int = 0
+    num_frames: int = 0
+    error: str = ""
+
+
+ToWorker = Union[Hello, AddRequest, Abort, FailRemoteKV, ForwardReservation, KVDigestRequest, Shutdown]
+FromWorker = Union[WorkerInfo, Outputs, ErrorMsg, Stats, KVEvents, KVReservationMsg, PrefillDone,
+                   KVDigestReply]
+KVPlane = KVTransferDone
+
+MESSAGE_TYPES: tuple[type, ...] = (Hello, AddRequest, Abort, FailRemoteKV, ForwardReservation,
+                                   KVDigestRequest, Shutdown, WorkerInfo, Outputs, ErrorMsg, Stats,
+                                   KVEvents, KVReservationMsg, PrefillDone, KVDigestReply, KVTransferDone)
+
+_encoder = msgspec.msgpack.Encoder()
+_to_worker = msgspec.msgpack.Decoder(ToWorker)
+_from_worker = msgspec.msgpack.Decoder(FromWorker)
+_kv_plane = msgspec.msgpack.Decoder(KVPlane)
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_to_worker(data: bytes | memoryview) -> ToWorker:
+    """Raises ``msgspec.DecodeError`` (a ValueError) on malformed input."""
+    return _to_worker.decode(data)
+
+
+def decode_from_worker(data: bytes | memoryview) -> FromWorker:
+    return _from_worker.decode(data)
+
+
+def decode_kv_plane(data: bytes | memoryview) -> KVPlane:
+    return _kv_plane.decode(data)

@@ -1,0 +1,151 @@
+"""Helpers for the end-to-end tests: a local cluster (``pdserve up``) as a context, the offline reference.
+
+Each test module starts one cluster (module-scoped fixture) and stops it with SIGTERM, as a user would.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+MODEL = "smollm2-135m"
+KV_CACHE = "96MiB"
+MAX_TOKENS = 12
+PROMPTS = [
+    "The capital of France is",
+    "Here is a short story about a robot who learns to paint. Once upon a time, in a small workshop at the edge "
+    "of a quiet town, there lived a robot named Pixel. Pixel had been built to sort screws and bolts, but it "
+    "dreamed of colors: the orange of sunsets, the green of spring leaves. Every morning Pixel",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+]
+CHAT = [{"role": "user", "content": "Name three colors."}]
+
+
+def free_port() -> int:
+    """A free port below the OS's ephemeral range and ZMQ's random-port range (49152+), so that workers
+    binding OS-chosen ports cannot take it before the frontend binds it."""
+    import random
+
+    for _ in range(100):
+        port = random.randint(20000, 30000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-30000")
+
+
+def require_model() -> None:
+    import pytest
+
+    from pdserve.model.registry import resolve_model_path
+
+    if not resolve_model_path(MODEL).is_file():
+        pytest.skip(f"default model not downloaded: run `pdserve pull`")
+
+
+@contextmanager
+def local_cluster(*flags: str, timeout_s: float = 300.0):
+    """Run ``pdserve up`` with ``flags``; yield (base_url, process); SIGTERM it afterwards and check that
+    no child is left behind."""
+    port = free_port()
+    log = Path(os.environ.get("PDSERVE_E2E_LOG_DIR", "/tmp")) / f"pdserve-e2e-{port}.log"
+    argv = [sys.executable, "-m", "pdserve.cli", "up", "--port", str(port), "--kv-cache-memory", KV_CACHE,
+            "--enable-debug-endpoints", "--worker-timeout", "10", *flags]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"pdserve up exited with {proc.returncode}; see {log}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cluster not healthy in {timeout_s}s; see {log}")
+            time.sleep(0.5)
+        yield url, proc
+    finally:
+        children = _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise AssertionError(f"pdserve up did not stop on SIGTERM; see {log}")
+        time.sleep(0.5)
+        left = [pid for pid in children if _alive(pid)]
+        if left:
+            os.killpg(proc.pid, signal.SIGKILL)
+        assert not left, f"orphaned children {left}; see {log}"
+
+
+def health(url: str) -> dict:
+    return httpx.get(f"{url}/health", timeout=10).json()
+
+
+def wait_idle(url: str, timeout_s: float = 60.0) -> dict:
+    """Until every live worker reports no running/waiting/held requests and no KV blocks in use."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        h = health(url)
+        live = [w for w in h["workers"] if w.get("alive")]
+        if live and all(w["num_running"] == 0 and w["num_waiting"] == 0 and w["num_awaiting_kv"] == 0
+                        and w["num_held_kv"] == 0 and w["kv_usage"] == 0.0 for w in live):
+            return h
+        if time.monotonic() > deadline:
+            raise AssertionError(f"workers not idle with all blocks free: {h}")
+        time.sleep(0.5)
+
+
+@functools.lru_cache(maxsize=1)
+def offline_reference() -> tuple[list[list[int]], list[list[int]], str]:
+    """Greedy token ids of every prompt (as text, and as token ids) and the chat reply text, from the
+    offline engine, one prompt at a time."""
+    from pdserve import LLM, SamplingParams
+
+    llm = LLM(MODEL, kv_cache_memory=KV_CACHE)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    tokenizer = llm.get_tokenizer()
+    prompt_ids = [tokenizer.encode(p) for p in PROMPTS]
+    outs = [llm.generate([{"prompt_token_ids": ids}], params)[0].outputs[0].token_ids for ids in prompt_ids]
+    chat = llm.chat(CHAT, params)[0].outputs[0].text
+    del llm
+    return prompt_ids, [list(o) for o in outs], chat
+
+
+def token_ids_from_logprobs(tokens: list[str]) -> list[int]:
+    return [int(t.removeprefix("token_id:")) for t in tokens]
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
