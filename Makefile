@@ -21,9 +21,8 @@ $(STAMP): pyproject.toml
 model: venv
 	$(BIN)/pdserve pull
 
+# pdserve up prints a ready-to-paste curl line once the cluster answers.
 serve: venv model
-	@echo "try: curl http://127.0.0.1:$(PORT)/v1/chat/completions -H 'Content-Type: application/json' \
-	-d '{\"model\": \"smollm2-135m\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'"
 	$(BIN)/pdserve up --port $(PORT)
 
 test: venv model

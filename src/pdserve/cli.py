@@ -41,18 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text offline with one engine")
     p.add_argument("prompt", nargs="+", help="one or more prompts")
-    p.add_argument("--model", default="smollm2-135m", help="a GGUF file, a Hugging Face directory, or a "
-                   "known name (smollm2-135m; with --load-format dummy: llama-3.1-8b, ...)")
-    p.add_argument("--load-format", default="auto", choices=["auto", "hf", "gguf", "dummy"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--kv-cache-memory", default="1GiB", help="KV cache budget, e.g. 2GiB")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--sampling-seed", type=int, default=None, help="seed of the sampler")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to each prompt")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    from pdserve.cluster.args import add_engine_args
+
+    add_engine_args(p)
     p.set_defaults(func=_cmd_generate)
 
     for name in _PLUGINS:
@@ -75,12 +73,13 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from pdserve.cluster.args import engine_config_from_args
     from pdserve.engine.llm import LLM
     from pdserve.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                            max_tokens=args.max_tokens)
-    llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            seed=args.sampling_seed, max_tokens=args.max_tokens)
+    llm = LLM.from_engine_config(engine_config_from_args(args))
     if args.chat:
         results = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
     else:

@@ -101,3 +101,15 @@ def test_logprobs_report_the_sampled_token_rank_and_top_alternatives():
     assert lp.token_id == 1 and lp.rank == 1 and math.isclose(lp.logprob, expected[1].item(), rel_tol=1e-6)
     assert [t for t, _ in lp.top] == [1, 2]
     assert out.logprobs[1] is None
+
+
+def test_skip_draw_continues_a_seeded_stream_started_elsewhere():
+    logits = torch.zeros(1, 300)
+    whole = Sampler(torch.device("cpu"))
+    r = _req("w", temperature=1.0, seed=11)
+    expected = [whole(logits.clone(), [r]).token_ids[0] for _ in range(4)]
+    # The first draw happened on another engine (a prefill worker); this one continues the stream.
+    resumed = Sampler(torch.device("cpu"))
+    r2 = _req("w2", temperature=1.0, seed=11)
+    resumed.skip_draw(r2, vocab_size=300)
+    assert [resumed(logits.clone(), [r2]).token_ids[0] for _ in range(3)] == expected[1:]

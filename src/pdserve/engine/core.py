@@ -10,7 +10,7 @@ import torch
 
 from pdserve.config import EngineConfig
 from pdserve.engine.kv_manager import KVCacheManager
-from pdserve.engine.outputs import EngineOutput, KVReservation
+from pdserve.engine.outputs import EngineOutput, KVReservation, TokenLogprobs
 from pdserve.engine.request import Request
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.scheduler import Scheduler
@@ -148,10 +148,20 @@ class EngineCore:
         out, self._reservations = self._reservations, []
         return out
 
-    def complete_remote_kv(self, request_id: str, first_token_id: int) -> EngineOutput | None:
+    def complete_remote_kv(self, request_id: str, first_token_id: int,
+                           first_logprobs: TokenLogprobs | None = None) -> EngineOutput | None:
+        """Decode role: the prompt's KV has landed; the request joins the running batch with the first
+        token its prefill worker sampled (and that token's logprobs, when asked for)."""
+        request = self.scheduler.awaiting_kv.get(request_id)
         out = self.scheduler.complete_remote_kv(request_id, first_token_id)
-        if out is not None and out.finished:
+        if out is None:
+            return None
+        if first_logprobs is not None:
+            out.new_logprobs = [first_logprobs]
+        if out.finished:
             self.runner.sampler.forget(request_id)
+        else:
+            self.runner.sampler.skip_draw(request, self.arch.vocab_size)
         return out
 
     def fail_remote_kv(self, request_id: str) -> None:

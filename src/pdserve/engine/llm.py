@@ -55,6 +55,16 @@ class LLM:
                               num_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                       enable_chunked_prefill=enable_chunked_prefill))
+        self._init(config, tokenizer)
+
+    @classmethod
+    def from_engine_config(cls, config: EngineConfig, tokenizer: str | None = None) -> LLM:
+        """An LLM over an engine built from a whole EngineConfig (e.g. from the CLI's engine flags)."""
+        llm = cls.__new__(cls)
+        llm._init(config, tokenizer)
+        return llm
+
+    def _init(self, config: EngineConfig, tokenizer: str | None) -> None:
         self.engine = EngineCore(config)
         self._tokenizer = None
         self._tokenizer_source = tokenizer

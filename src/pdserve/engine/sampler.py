@@ -26,6 +26,15 @@ class Sampler:
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
 
+    def skip_draw(self, request: Request, vocab_size: int) -> None:
+        """Advance a seeded request's generator past one sampling step taken elsewhere (the first token
+        of a disaggregated request, sampled by the prefill worker), so the samples that follow are the
+        ones a single engine would draw."""
+        p = request.sampling_params
+        if p.seed is None or p.is_greedy:
+            return
+        torch.empty(vocab_size, device=self.device).exponential_(generator=self._generator(request))
+
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """logits: (num_requests, vocab) float32, row i belongs to ``requests[i]``."""
         logits = logits.float()
@@ -68,14 +77,16 @@ class Sampler:
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p without a cumulative sum.
         noise = torch.empty_like(probs).exponential_()
         for i, request in enumerate(requests):
-            seed = request.sampling_params.seed
-            if seed is not None:
-                gen = self._generators.get(request.request_id)
-                if gen is None:
-                    gen = torch.Generator(device=logits.device).manual_seed(seed)
-                    self._generators[request.request_id] = gen
-                noise[i].exponential_(generator=gen)
+            if request.sampling_params.seed is not None:
+                noise[i].exponential_(generator=self._generator(request))
         return (probs / noise).argmax(dim=-1)
+
+    def _generator(self, request: Request) -> torch.Generator:
+        gen = self._generators.get(request.request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device).manual_seed(request.sampling_params.seed)
+            self._generators[request.request_id] = gen
+        return gen
 
     def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> None:
         for i, request in enumerate(requests):

@@ -333,10 +333,9 @@ class Worker:
             logger.info("request %s: remote prefill failed (%s); computing the prompt here", rid, notice.error)
             self.core.fail_remote_kv(rid)
             return
-        out = self.core.complete_remote_kv(rid, notice.first_token_id)
+        first_logprobs = _logprobs_from_wire(notice.first_logprobs[0]) if notice.first_logprobs else None
+        out = self.core.complete_remote_kv(rid, notice.first_token_id, first_logprobs)
         if out is not None:
-            if notice.first_logprobs:
-                out.new_logprobs = [_logprobs_from_wire(e) for e in notice.first_logprobs]
             self._route_outputs([out])
 
     def _fail_remote(self, rid: str) -> None:
