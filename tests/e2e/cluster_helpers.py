@@ -129,6 +129,22 @@ def offline_reference() -> tuple[list[list[int]], list[list[int]], str]:
     return prompt_ids, [list(o) for o in outs], chat
 
 
+SEED, SEEDED_TEMPERATURE = 1234, 0.9
+
+
+@functools.cache
+def offline_seeded_reference() -> tuple[list[int], list[int]]:
+    """Token ids the offline engine samples for the first prompt with a fixed seed and temperature."""
+    from pdserve import LLM, SamplingParams
+
+    llm = LLM(MODEL, kv_cache_memory=KV_CACHE)
+    ids = llm.get_tokenizer().encode(PROMPTS[0])
+    params = SamplingParams(temperature=SEEDED_TEMPERATURE, seed=SEED, max_tokens=MAX_TOKENS, ignore_eos=True)
+    out = llm.generate([{"prompt_token_ids": ids}], params)[0].outputs[0].token_ids
+    del llm
+    return ids, list(out)
+
+
 def token_ids_from_logprobs(tokens: list[str]) -> list[int]:
     return [int(t.removeprefix("token_id:")) for t in tokens]
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import httpx
 import openai
 
-from cluster_helpers import CHAT, MAX_TOKENS, MODEL, health, offline_reference, token_ids_from_logprobs, wait_idle
+from cluster_helpers import (CHAT, MAX_TOKENS, MODEL, SEED, SEEDED_TEMPERATURE, health, offline_reference,
+                             offline_seeded_reference, token_ids_from_logprobs, wait_idle)
 
 
 def client(url: str) -> openai.OpenAI:
@@ -30,6 +31,16 @@ def check_greedy_matches_offline(url: str) -> None:
                         got += token_ids_from_logprobs(chunk.choices[0].logprobs.tokens)
             assert got == want
             assert text == r.choices[0].text
+
+
+def check_seeded_matches_offline(url: str) -> None:
+    """A seeded sampled request gives the offline engine's tokens, also when its first token is sampled
+    on a prefill worker and the rest on a decode worker."""
+    ids, want = offline_seeded_reference()
+    r = client(url).completions.create(model=MODEL, prompt=ids, max_tokens=MAX_TOKENS, temperature=SEEDED_TEMPERATURE,
+                                       seed=SEED, logprobs=0, extra_body={"return_tokens_as_token_ids": True,
+                                                                          "ignore_eos": True})
+    assert token_ids_from_logprobs(r.choices[0].logprobs.tokens) == want
 
 
 def check_chat_matches_offline(url: str) -> None:

@@ -20,6 +20,10 @@ def test_greedy_matches_offline(url):
     checks.check_greedy_matches_offline(url)
 
 
+def test_seeded_sampling_matches_offline(url):
+    checks.check_seeded_matches_offline(url)
+
+
 def test_chat_matches_offline(url):
     checks.check_chat_matches_offline(url)
 
