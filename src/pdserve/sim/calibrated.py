@@ -1,0 +1,81 @@
+"""A step-time model fitted to measurements of the real engine (``pdserve profile``).
+
+step_time = c0 + c1 * prefill_tokens + c2 * prefill_attention + c3 * decodes + c4 * decode_context
+(``BatchShape.features``), coefficients >= 0 found by non-negative least squares on measured steps.
+The file is JSON: {"kind": "calibrated", "features": [...], "coef": [...], "model", "hardware", "tp",
+"fit": {"r2", "mape", "num_samples"}, "created_by"}.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pdserve.sim.perf_model import BatchShape, PerfModel
+
+FEATURES = ("constant", "prefill_tokens", "prefill_attention", "decodes", "decode_context")
+
+
+class CalibratedPerfModel(PerfModel):
+    def __init__(self, coef: list[float], meta: dict | None = None) -> None:
+        if len(coef) != len(FEATURES) or any(c < 0 for c in coef):
+            raise ValueError(f"a calibrated model needs {len(FEATURES)} non-negative coefficients, got {coef}")
+        self.coef = [float(c) for c in coef]
+        self.meta = dict(meta or {})
+
+    def step_time_s(self, shape: BatchShape) -> float:
+        if shape.num_tokens == 0:
+            return 0.0
+        c = self.coef
+        return (c[0] + c[1] * shape.num_prefill_tokens + c[2] * shape.prefill_attn + c[3] * shape.num_decode
+                + c[4] * shape.decode_ctx)
+
+    def describe(self) -> dict[str, object]:
+        return {"kind": "calibrated", **{k: v for k, v in self.meta.items() if k != "samples"}}
+
+    # -- files -----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"kind": "calibrated", "features": list(FEATURES), "coef": self.coef, **self.meta}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibratedPerfModel:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--perf-model: cannot read {path} (want 'analytic' or a `pdserve profile` file): {e}") \
+                from e
+        if not isinstance(data, dict) or data.get("kind") != "calibrated" or list(data.get("features", [])) != list(FEATURES):
+            raise ValueError(f"{path} is not a calibrated perf model written by `pdserve profile`")
+        meta = {k: v for k, v in data.items() if k not in ("kind", "features", "coef")}
+        return cls(data["coef"], meta)
+
+
+def fit(shapes: list[BatchShape], times_s: list[float]) -> tuple[CalibratedPerfModel, dict]:
+    """Non-negative least squares (active set: drop the most negative coefficient, refit), relative
+    weighting so that short and long steps count alike. Returns the model and fit statistics."""
+    x = np.array([s.features() for s in shapes], dtype=float)
+    y = np.array(times_s, dtype=float)
+    if len(y) < len(FEATURES):
+        raise ValueError(f"need at least {len(FEATURES)} measured steps, got {len(y)}")
+    w = 1.0 / np.maximum(y, 1e-9)
+    active = list(range(len(FEATURES)))
+    coef = np.zeros(len(FEATURES))
+    while active:
+        sol, *_ = np.linalg.lstsq(x[:, active] * w[:, None], y * w, rcond=None)
+        if (sol >= 0).all():
+            coef[:] = 0
+            coef[active] = sol
+            break
+        active.pop(int(np.argmin(sol)))
+    pred = x @ coef
+    ss_res = float(((y - pred) ** 2).sum())
+    ss_tot = float(((y - y.mean()) ** 2).sum()) or 1.0
+    stats = {"r2": 1 - ss_res / ss_tot, "mape": float(np.mean(np.abs(pred - y) / y)), "num_samples": len(y)}
+    return CalibratedPerfModel(coef.tolist(), {"fit": stats}), stats

@@ -1,0 +1,425 @@
+"""``pdserve plan``: the cheapest, highest-goodput cluster for a workload and latency objectives.
+
+Method (fast search: simulate a unit, then scale):
+
+1. Candidate units: a colocated instance (hardware, TP, token budget = chunk size, max_num_seqs), or a
+   disaggregated group of x prefill and y decode instances (each pool its own hardware and TP, so mixed
+   fleets are searched too).
+2. For each unit, the simulator (real scheduler, analytic or calibrated step times) replays the
+   workload's requests re-timed as a Poisson stream (from the analytic capacity by factors of 1.5, then
+   bisection); the unit's goodput is the highest rate whose SLO attainment (TTFT and TPOT both met)
+   reaches the target, over the whole probe and over its last quarter of arrivals (an overloaded
+   unit's queue grows through the probe, so its latest arrivals show it first).
+3. P:D ratios come from per-pool capacities: a prefill instance's rate (simulated alone on the TTFT
+   objective) and a decode instance's rate (steady-state batch that meets TPOT and fits the KV cache);
+   the ratios nearest to their quotient are then simulated as groups.
+4. A unit's goodput scales linearly with the number of units that fit the card count or the hourly
+   budget (independent units behind a load balancer); cost per million tokens comes from the unit's
+   simulation at its goodput rate.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from pdserve.sim.cluster import ClusterSpec, PoolSpec
+from pdserve.sim.hardware import load_catalogue
+from pdserve.sim.models import get_model
+from pdserve.sim.perf_model import AnalyticPerfModel, instance_kv_blocks, min_tp
+from pdserve.sim.simulator import SimOptions, Simulator, WorkItem
+
+logger = logging.getLogger(__name__)
+
+MAX_PROBE_REQUESTS = 1500  # per instance of the unit
+
+
+def add_plan_args(p) -> None:
+    g = p.add_argument_group("plan")
+    g.add_argument("--model", required=True)
+    g.add_argument("--hardware", default="h100-sxm", help="comma-separated catalogue names")
+    g.add_argument("--hardware-file", default=None)
+    g.add_argument("--precision", default="bf16", choices=("bf16", "fp8", "int8", "fp4"))
+    g.add_argument("--attainment", type=float, default=0.9)
+    g.add_argument("--cards", type=int, default=None, help="cards available")
+    g.add_argument("--budget-per-hour", type=float, default=None, help="USD per hour available")
+    g.add_argument("--modes", default="colocated,disaggregated")
+    g.add_argument("--tp-options", default=None, help="comma-separated TP degrees (default: the smallest that fits)")
+    g.add_argument("--probe-requests", type=int, default=300, help="requests per simulated rate probe")
+    g.add_argument("--max-probe-requests", type=int, default=MAX_PROBE_REQUESTS,
+                   help="cap on requests per probe (probes span several request lifetimes up to this)")
+    g.add_argument("--perf-model", default="analytic")
+    g.add_argument("--routing", default="least_loaded", choices=("round_robin", "least_loaded", "prefix_aware"))
+    g.add_argument("--out-dir", default="plan-out")
+    g.add_argument("--top", type=int, default=10)
+
+
+@dataclass
+class Candidate:
+    spec: ClusterSpec  # one unit
+    goodput: float = 0.0  # unit req/s at the attainment target
+    probe: dict | None = None  # the unit's simulation at that rate
+
+    @property
+    def unit_cards(self) -> int:
+        return self.spec.num_cards
+
+
+class Planner:
+    def __init__(self, model: str, hardware: list[str], items: list[WorkItem], slo: tuple[float | None, float | None],
+                 attainment: float = 0.9, precision: str = "bf16", modes: tuple[str, ...] = ("colocated", "disaggregated"),
+                 tp_options: list[int] | None = None, probe_requests: int = 300, perf_model: str = "analytic",
+                 hardware_file: str | None = None, routing: str = "least_loaded", progress: bool = False,
+                 seed: int = 0, max_probe_requests: int = MAX_PROBE_REQUESTS) -> None:
+        self.model = get_model(model)
+        self.model_name = model
+        self.catalogue = load_catalogue(hardware_file)
+        unknown = [h for h in hardware if h not in self.catalogue]
+        if unknown:
+            raise ValueError(f"unknown hardware {unknown}; known: {', '.join(sorted(self.catalogue))}")
+        if not items:
+            raise ValueError("the workload has no requests")
+        self.hardware, self.slo, self.attainment = hardware, slo, attainment
+        self.precision, self.modes, self.tp_options = precision, modes, tp_options
+        self.perf_model, self.hardware_file, self.routing, self.progress = perf_model, hardware_file, routing, progress
+        rng = np.random.default_rng([seed, 0x9E77])
+        pool = max(max_probe_requests * 12, probe_requests)
+        picks = rng.integers(0, len(items), size=pool) if len(items) < pool else np.arange(pool)
+        self.base = [items[int(i)] for i in picks]
+        self.unit_times = np.concatenate([[0.0], np.cumsum(rng.exponential(1.0, size=len(self.base) - 1))])
+        self.probe_requests = probe_requests
+        self.max_probe_requests = max_probe_requests
+        self.num_capped = 0
+        self.avg_in = float(np.mean([it.input_len for it in self.base]))
+        self.avg_out = float(np.mean([it.output_len for it in self.base]))
+        # A probe's arrivals span at least this long (several request lifetimes), so an overloaded unit
+        # shows growing queues instead of draining a short burst.
+        self.min_probe_s = 2.0 * ((slo[0] or 1.0) + self.avg_out * (slo[1] or 0.05))
+        self.num_sims = 0
+
+    # -- search ----------------------------------------------------------------------------------------
+    def search(self) -> list[Candidate]:
+        units = []
+        if "colocated" in self.modes:
+            units += self._colocated_units()
+        if "disaggregated" in self.modes:
+            units += self._disaggregated_units()
+        if not units:
+            raise ValueError(f"{self.model.name} ({self.precision}) fits none of {self.hardware}")
+        bar = _bar(len(units), self.progress, "planning")
+        for cand in units:
+            cand.goodput, cand.probe = self.max_rate(cand.spec, self._rate_guess(cand.spec))
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return units
+
+    def max_rate(self, spec: ClusterSpec, guess: float, slo=None, output_len: int | None = None,
+                 iters: int = 3) -> tuple[float, dict | None]:
+        """Highest Poisson rate (req/s) with attainment >= target (bracketed from ``guess`` by factors
+        of 1.5, then ``iters`` bisections), and the simulation at that rate."""
+        cap = self.max_probe_requests * sum(p.instances for p in spec.pools.values())
+
+        def ok(rate: float) -> tuple[bool, dict | None]:
+            if math.ceil(rate * self.min_probe_s) > cap:
+                # Too few requests to show sustained load at this rate: count it as a miss (the
+                # result then is a lower bound; --max-probe-requests raises it).
+                self.num_capped += 1
+                return False, None
+            r = self.simulate(spec, rate, slo, output_len)
+            return r["slo_attainment"] >= self.attainment and self._tail_meets(r, slo or self.slo), r
+        rate = max(guess, 1e-3)
+        good, r = ok(rate)
+        lo, hi, best = (rate, None, r) if good else (0.0, rate, None)
+        for _ in range(16):
+            if good:
+                if hi is not None:
+                    break
+                rate *= 1.5
+            else:
+                if lo > 0:
+                    break
+                rate /= 1.5
+            good, r = ok(rate)
+            if good:
+                lo, best = rate, r
+            else:
+                hi = rate
+            if lo > 0 and hi is not None:
+                break
+        if lo == 0.0 or hi is None:
+            return lo, best
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            good, r = ok(mid)
+            if good:
+                lo, best = mid, r
+            else:
+                hi = mid
+        return lo, best
+
+    def simulate(self, spec: ClusterSpec, rate: float, slo=None, output_len: int | None = None) -> dict:
+        n = min(len(self.base), max(self.probe_requests, math.ceil(rate * self.min_probe_s)))
+        # Fresh indices: a request drawn twice is two requests (its unique tokens differ; shared
+        # prefixes come only from the trace's hash ids).
+        items = [WorkItem(i, float(t / rate), it.input_len, output_len or it.output_len, it.hash_ids, it.block_size)
+                 for i, (it, t) in enumerate(zip(self.base[:n], self.unit_times[:n], strict=True))]
+        options = SimOptions(perf_model=self.perf_model, hardware_file=self.hardware_file)
+        self.num_sims += 1
+        return Simulator(spec, items, options, slo=slo or self.slo).run()
+
+    def _tail_meets(self, result: dict, slo) -> bool:
+        """Whether the last quarter of the probe's requests (by arrival) also reaches the target: an
+        overloaded unit's queue grows through the probe, so its latest arrivals miss even when the
+        average over a short probe still passes."""
+        reqs = result.get("requests")
+        if not reqs:
+            return True
+        tail = reqs[len(reqs) * 3 // 4:]
+        ttft, tpot = slo
+        met = sum(1 for q in tail if q["error"] is None and q["ttft_s"] is not None
+                  and (ttft is None or q["ttft_s"] <= ttft) and (tpot is None or q["tpot_s"] is None or q["tpot_s"] <= tpot))
+        return met >= self.attainment * len(tail)
+
+    # -- candidates ------------------------------------------------------------------------------------
+    def _tps(self, hw: str) -> list[int]:
+        t0 = min_tp(self.model, self.catalogue[hw], self.precision)
+        if t0 is None:
+            return []
+        if self.tp_options:
+            return [t for t in self.tp_options if t >= t0]
+        return [t0]
+
+    def _colocated_units(self) -> list[Candidate]:
+        out = []
+        for hw in self.hardware:
+            for tp in self._tps(hw):
+                for budget, seqs in ((2048, 256), (8192, 256), (2048, 64)):
+                    pool = PoolSpec(hw, 1, tp, budget, seqs)
+                    out.append(Candidate(self._spec("colocated", colocated=pool)))
+        return out
+
+    def _disaggregated_units(self) -> list[Candidate]:
+        ttft_slo = (self.slo[0], None)
+        prefill_rates: dict[tuple[str, int], float] = {}
+        for hw in self.hardware:
+            for tp in self._tps(hw):
+                spec = self._spec("colocated", colocated=PoolSpec(hw, 1, tp, 8192, 64))
+                prefill_rates[(hw, tp)], _ = self.max_rate(spec, self._rate_guess(spec), slo=ttft_slo, output_len=1)
+        out = []
+        for (hp, tpp), rp in prefill_rates.items():
+            if rp <= 0:
+                continue
+            for hd in self.hardware:
+                for tpd in self._tps(hd):
+                    for seqs in (512,):
+                        rd = self._decode_rate(hd, tpd, seqs)
+                        if rd <= 0:
+                            continue
+                        for x, y in _ratios(rd / rp):
+                            out.append(Candidate(self._spec("disaggregated", prefill=PoolSpec(hp, x, tpp, 8192, 64),
+                                                            decode=PoolSpec(hd, y, tpd, 2048, seqs))))
+        return out
+
+    def _decode_rate(self, hw: str, tp: int, max_seqs: int) -> float:
+        """Steady-state decode rate of one instance: the largest batch whose step meets TPOT (with 10%
+        margin) and whose KV fits, served for avg_out steps."""
+        pm = AnalyticPerfModel(self.model, self.catalogue[hw], tp, self.precision)
+        kv_tokens = instance_kv_blocks(self.model, self.catalogue[hw], tp, self.precision, 16) * 16
+        ctx = self.avg_in + self.avg_out / 2
+        tpot = self.slo[1] * 0.9 if self.slo[1] else math.inf
+        best = 0.0
+        b = 1
+        while b <= max_seqs and b * (self.avg_in + self.avg_out) <= kv_tokens:
+            t = pm.decode_step_time_s(b, int(b * ctx))
+            if t > tpot:
+                break
+            best = max(best, b / (self.avg_out * t))
+            b = b + 1 if b < 8 else int(b * 1.25)
+        return best
+
+    def _rate_guess(self, spec: ClusterSpec) -> float:
+        """Analytic capacity of a unit: prefill rate (prompts/s at full-prompt steps) combined with the
+        steady-state decode rate; the rate search starts here."""
+        def prefill_rate(pool: PoolSpec) -> float:
+            pm = AnalyticPerfModel(self.model, self.catalogue[pool.hardware], pool.tp, self.precision)
+            n = max(1, int(self.avg_in))
+            return pool.instances / max(pm.step_time_s(_prefill_shape(n)), 1e-9)
+        if spec.mode == "colocated":
+            p = spec.colocated
+            rd = self._decode_rate(p.hardware, p.tp, p.max_num_seqs)
+            rp = prefill_rate(p)
+            return max(0.05, 1.0 / (1.0 / rp + 1.0 / rd) if rd > 0 else rp)
+        rd = spec.decode.instances * self._decode_rate(spec.decode.hardware, spec.decode.tp, spec.decode.max_num_seqs)
+        return max(0.05, min(prefill_rate(spec.prefill), rd) if rd > 0 else prefill_rate(spec.prefill))
+
+    def _spec(self, mode: str, **pools) -> ClusterSpec:
+        return ClusterSpec(self.model_name, mode, precision=self.precision, routing=self.routing, **pools)
+
+
+def rank(cands: list[Candidate], catalogue, cards: int | None, budget: float | None) -> list[dict]:
+    """Scale every unit to the card count or budget; sort by cluster goodput, then cost per token."""
+    rows = []
+    for c in cands:
+        if c.goodput <= 0 or c.probe is None:
+            continue
+        price = sum(p.num_cards * catalogue[p.hardware].price_per_hour for p in c.spec.pools.values())
+        power = sum(p.num_cards * catalogue[p.hardware].power_w for p in c.spec.pools.values())
+        n_units = cards // c.unit_cards if cards else int(budget // price) if price else 0
+        if n_units < 1:
+            continue
+        cost = c.probe["sim"]["cost"]
+        rows.append({
+            "mode": c.spec.mode, "unit": c.spec.to_dict(), "units": n_units, "cards": n_units * c.unit_cards,
+            "unit_goodput_rps": c.goodput, "goodput_rps": n_units * c.goodput,
+            "goodput_per_card": c.goodput / c.unit_cards, "price_per_hour": n_units * price,
+            "power_kw_tdp": n_units * power / 1e3,
+            "cost_per_mtok": {k: cost[k] for k in ("cached_input_per_mtok", "uncached_input_per_mtok",
+                                                   "output_per_mtok", "blended_per_mtok")},
+            "ttft_p90_s": c.probe["ttft_s"]["p90"], "tpot_p90_s": c.probe["tpot_s"]["p90"],
+            "attainment": c.probe["slo_attainment"], "output_tokens_per_s": n_units * c.probe["output_throughput"],
+        })
+    rows.sort(key=lambda r: (-r["goodput_rps"], r["cost_per_mtok"]["blended_per_mtok"]))
+    for i, r in enumerate(rows, 1):
+        r["rank"] = i
+    return rows
+
+
+def best_cluster(row: dict) -> ClusterSpec:
+    unit = ClusterSpec.from_dict(row["unit"])
+    pools = {name: replace(p, instances=p.instances * row["units"]) for name, p in unit.pools.items()}
+    extra = {"predicted_goodput_rps": row["goodput_rps"], "price_per_hour": row["price_per_hour"],
+             "cost_per_mtok": row["cost_per_mtok"], "planned_by": "pdserve plan"}
+    return replace(unit, extra=extra, **pools)
+
+
+def format_table(rows: list[dict], top: int) -> str:
+    lines = [f"{'#':>3} {'mode':<6} {'layout':<38}{'cards':>6}{'goodput':>9}{'/card':>7}{'$/h':>9}"
+             f"{'$/Mtok in':>10}{'$/Mtok out':>11}{'TTFT90':>8}{'TPOT90':>8}"]
+    for r in rows[:top]:
+        lines.append(f"{r['rank']:>3} {r['mode'][:6]:<6} {_layout(r):<38}{r['cards']:>6}{r['goodput_rps']:>9.1f}"
+                     f"{r['goodput_per_card']:>7.2f}{r['price_per_hour']:>9.0f}"
+                     f"{r['cost_per_mtok']['uncached_input_per_mtok']:>10.4f}{r['cost_per_mtok']['output_per_mtok']:>11.4f}"
+                     f"{r['ttft_p90_s'] * 1e3:>8.0f}{r['tpot_p90_s'] * 1e3:>8.1f}")
+    lines.append("(goodput in req/s at the attainment target; TTFT/TPOT p90 in ms of one unit at its goodput)")
+    return "\n".join(lines)
+
+
+def pareto_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode, marker in (("colocated", "o"), ("disaggregated", "s")):
+        pts = [(r["price_per_hour"], r["goodput_rps"]) for r in rows if r["mode"] == mode]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), marker=marker, label=mode, alpha=0.7)
+    front, best = [], -1.0
+    for r in sorted(rows, key=lambda r: (r["price_per_hour"], -r["goodput_rps"])):
+        if r["goodput_rps"] > best:
+            front.append((r["price_per_hour"], r["goodput_rps"]))
+            best = r["goodput_rps"]
+    if front:
+        ax.plot(*zip(*front, strict=True), "k--", lw=1, label="Pareto front")
+    ax.set_xlabel("cluster cost (USD/hour)")
+    ax.set_ylabel("goodput (requests/s meeting TTFT and TPOT)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_plan_command(args) -> int:
+    from pdserve.sim.cli import workload_from_args
+    from pdserve.sim.workload import work_items
+    try:
+        if (args.cards is None) == (args.budget_per_hour is None):
+            raise ValueError("give exactly one of --cards N or --budget-per-hour X")
+        if (args.cards is not None and args.cards < 1) or (args.budget_per_hour is not None and args.budget_per_hour <= 0):
+            raise ValueError("--cards / --budget-per-hour must be positive")
+        if args.slo_ttft is None and args.slo_tpot is None:
+            raise ValueError("give at least one objective: --slo-ttft and/or --slo-tpot")
+        if not 0 < args.attainment <= 1:
+            raise ValueError("--attainment must be in (0, 1]")
+        modes = tuple(m for m in args.modes.split(",") if m)
+        if not modes or set(modes) - {"colocated", "disaggregated"}:
+            raise ValueError("--modes takes colocated and/or disaggregated")
+        tps = [int(t) for t in args.tp_options.split(",")] if args.tp_options else None
+        planner = Planner(args.model, [h for h in args.hardware.split(",") if h], work_items(workload_from_args(args)[0]),
+                          (args.slo_ttft, args.slo_tpot), args.attainment, args.precision, modes, tps,
+                          args.probe_requests, args.perf_model, args.hardware_file, args.routing,
+                          args.progress, args.seed, args.max_probe_requests)
+    except (ValueError, OSError) as e:
+        print(f"pdserve plan: error: {e}", file=sys.stderr)
+        return 2
+    cands = planner.search()
+    rows = rank(cands, planner.catalogue, args.cards, args.budget_per_hour)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": args.model, "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
+            "attainment": args.attainment, "cards": args.cards, "budget_per_hour": args.budget_per_hour,
+            "hardware": args.hardware, "precision": args.precision, "probe_requests": args.probe_requests,
+            "simulations": planner.num_sims, "probes_over_cap": planner.num_capped, "method": "unit goodput by rate search, scaled linearly"}
+    (out / "ranked.json").write_text(json.dumps({**meta, "ranked": rows}, indent=1) + "\n", encoding="utf-8")
+    if not rows:
+        print("no configuration meets the objectives within the cards/budget", file=sys.stderr)
+        return 1
+    pareto_plot(rows, out / "pareto.png")
+    best_cluster(rows[0]).dump(out / "best-cluster.yaml")
+    print(format_table(rows, args.top))
+    if planner.num_capped:
+        print(f"note: {planner.num_capped} probes needed more than --max-probe-requests x instances requests to "
+              "show sustained load and counted as misses; goodputs near that limit are lower bounds")
+    print(f"{planner.num_sims} simulations; wrote {out / 'ranked.json'}, {out / 'pareto.png'}, "
+          f"{out / 'best-cluster.yaml'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _ratios(target: float, max_group: int = 8) -> list[tuple[int, int]]:
+    """The two (prefill, decode) instance counts with x + y <= max_group nearest to y/x = target."""
+    scored = []
+    for x in range(1, max_group):
+        y = max(1, round(x * target))
+        if x + y <= max_group:
+            scored.append((abs(math.log(y / x / target)), x + y, x, y))
+    scored.sort()
+    seen, out = set(), []
+    for _, _, x, y in scored:
+        g = math.gcd(x, y)
+        if (x // g, y // g) not in seen:
+            seen.add((x // g, y // g))
+            out.append((x // g, y // g))
+        if len(out) == 2:
+            break
+    return out or [(1, max(1, min(max_group - 1, round(target))))]
+
+
+def _prefill_shape(n: int):
+    from pdserve.sim.perf_model import BatchShape
+    return BatchShape(n, n * (n + 1) / 2, n, 0, 0, 1)
+
+
+def _layout(r: dict) -> str:
+    spec = ClusterSpec.from_dict(r["unit"])
+    if spec.mode == "colocated":
+        c = spec.colocated
+        return f"{r['units']}x {c.hardware} tp{c.tp} b{c.max_num_batched_tokens} s{c.max_num_seqs}"
+    p, d = spec.prefill, spec.decode
+    return f"{r['units']}x({p.instances}P {p.hardware} tp{p.tp} : {d.instances}D {d.hardware} tp{d.tp} s{d.max_num_seqs})"
+
+
+def _bar(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="unit")

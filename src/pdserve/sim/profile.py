@@ -1,0 +1,131 @@
+"""``pdserve profile``: time the real engine on a grid of batch shapes and fit a calibrated perf model.
+
+Each measurement is one ``EngineCore.step()``; the batch it ran is captured from the scheduler's own
+``SchedulerOutput`` (``BatchShape.from_chunks``), so the fit uses exactly the features the simulator
+computes. The grid: single and batched prefills of several lengths, decode batches of several sizes
+and context lengths, and mixed steps (decodes plus a prefill chunk).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import sys
+import time
+
+from pdserve.sim.perf_model import BatchShape
+
+logger = logging.getLogger(__name__)
+
+PREFILL_LENS = (16, 64, 256, 512, 1024)
+PREFILL_BATCH = (2, 4)
+DECODE_BATCH = (1, 4, 16, 32)
+DECODE_CTX = (64, 512)
+DECODE_STEPS = 4
+
+
+def add_profile_args(p) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="engine model (name or path)")
+    p.add_argument("--load-format", default="dummy", help="dummy (random weights) or auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--hardware-name", default="cpu-this-machine", help="label stored in the file")
+    p.add_argument("--quick", action="store_true", help="a smaller grid (tests)")
+    p.add_argument("--out", default="perf-model.json")
+    from pdserve.cluster.args import add_cpu_args
+    add_cpu_args(p)  # profile as a worker runs: `pdserve up` pins each worker to one core
+
+
+def measure(engine, quick: bool = False) -> tuple[list[BatchShape], list[float]]:
+    """Run the grid on ``engine`` (an EngineCore); return the measured shapes and step seconds."""
+    from pdserve.sampling_params import SamplingParams
+    captured: list[BatchShape] = []
+    schedule = engine.scheduler.schedule
+
+    def capture():
+        out = schedule()
+        captured.append(BatchShape.from_chunks(out.chunks))
+        return out
+    engine.scheduler.schedule = capture
+    shapes: list[BatchShape] = []
+    times: list[float] = []
+    counter = [0]
+
+    def add(prompt_len: int, max_tokens: int) -> None:
+        counter[0] += 1
+        # Distinct first token per request: no prefix-cache hits between measurements.
+        prompt = [100 + (counter[0] * 7919 + i * 31) % 20000 for i in range(prompt_len)]
+        engine.add_request(f"p{counter[0]}", prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True,
+                                                                      temperature=0.0))
+
+    def step() -> None:
+        captured.clear()
+        t0 = time.perf_counter()
+        engine.step()
+        dt = time.perf_counter() - t0
+        if captured and captured[0].num_tokens:
+            shapes.append(captured[0])
+            times.append(dt)
+
+    def drain() -> None:
+        while engine.has_unfinished_requests():
+            engine.step()
+
+    lens = PREFILL_LENS[:3] if quick else PREFILL_LENS
+    budget = engine.config.scheduler.max_num_batched_tokens
+    add(32, 1)  # warm-up
+    drain()
+    for n in lens:
+        for batch in (1, *(() if quick else PREFILL_BATCH)):
+            if n * batch > budget:
+                continue
+            for _ in range(batch):
+                add(n, 1)
+            step()
+            drain()
+    for ctx in DECODE_CTX[:1] if quick else DECODE_CTX:
+        for b in DECODE_BATCH[:3] if quick else DECODE_BATCH:
+            for _ in range(b):
+                add(ctx, DECODE_STEPS + 2)
+            while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or \
+                    engine.scheduler.waiting:
+                engine.step()  # prefills
+            for _ in range(DECODE_STEPS):
+                step()
+            # Mixed: a prefill chunk joins the decodes.
+            add(min(256, budget // 2), 1)
+            step()
+            drain()
+    engine.scheduler.schedule = schedule
+    return shapes, times
+
+
+def run_profile_command(args) -> int:
+    from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from pdserve.sim.calibrated import fit
+    try:
+        from pdserve.cluster.args import apply_cpu_args
+        from pdserve.engine.core import EngineCore
+        apply_cpu_args(args)
+        config = EngineConfig(model=ModelConfig(model=args.model, load_format=args.load_format, dtype=args.dtype,
+                                                device=args.device),
+                              cache=CacheConfig(kv_cache_memory_bytes=512 * 2**20),
+                              scheduler=SchedulerConfig(max_num_batched_tokens=2048, max_num_seqs=64))
+        engine = EngineCore(config)
+    except (ImportError, ValueError, OSError) as e:
+        print(f"pdserve profile: error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    shapes, times = measure(engine, args.quick)
+    model, stats = fit(shapes, times)
+    model.meta.update({"model": args.model, "hardware": args.hardware_name, "tp": 1, "device": str(engine.device),
+                       "created_by": "pdserve profile",
+                       "samples": [{"shape": s.__dict__, "time_s": t} for s, t in zip(shapes, times, strict=True)]})
+    model.save(args.out)
+    print(f"measured {len(times)} steps in {time.perf_counter() - t0:.1f} s; median step "
+          f"{statistics.median(times) * 1e3:.1f} ms")
+    print("coefficients: " + json.dumps(dict(zip(("constant_s", "per_prefill_token_s", "per_prefill_attn_s",
+                                                   "per_decode_s", "per_decode_ctx_s"), model.coef, strict=True))))
+    print(f"fit: R^2 {stats['r2']:.3f}, mean abs. relative error {stats['mape']:.1%} over {stats['num_samples']} "
+          f"steps; wrote {args.out}")
+    return 0

@@ -1,0 +1,41 @@
+"""The simulator's side of the workload: ``pdserve bench``'s generator, reduced to ``WorkItem``s.
+
+``bench.workloads.build_shapes`` (lengths, arrival times, Mooncake hash ids; no token lists) is the one
+source of request streams for both the load generator and the simulator, so a simulated run and a
+real one see the same requests for the same flags and seed.
+"""
+from __future__ import annotations
+
+from pdserve.bench.arrivals import ArrivalConfig
+from pdserve.bench.workloads import WorkloadConfig, build_shapes
+from pdserve.sim.simulator import WorkItem
+
+
+def work_items(config: WorkloadConfig) -> list[WorkItem]:
+    return [WorkItem(s.index, s.arrival_s, s.input_len, s.output_len, tuple(s.hash_ids), s.block_size)
+            for s in build_shapes(config)]
+
+
+def workload_config(dataset: str = "random", num_requests: int | None = None, input_len: int = 1024,
+                    output_len: int = 128, rate: float | None = None, concurrency: int | None = None,
+                    burstiness: float = 1.0, time_scale: float | None = None, length_scale: float = 1.0,
+                    seed: int = 0, input_len_range: tuple[int, int] | None = None,
+                    output_len_range: tuple[int, int] | None = None) -> WorkloadConfig:
+    """A WorkloadConfig from bench-style flags. ``dataset``: random | mooncake:FILE | azure:FILE.
+    Arrivals: closed loop with ``concurrency``; else gamma (burstiness != 1) or Poisson at ``rate``;
+    traces without a rate replay their own timestamps (times ``time_scale``)."""
+    kind, _, path = dataset.partition(":")
+    if kind in ("mooncake", "azure") and not path:
+        raise ValueError(f"dataset {kind!r} needs a file: {kind}:FILE")
+    if kind not in ("random", "mooncake", "azure"):
+        raise ValueError(f"dataset must be random, mooncake:FILE or azure:FILE, got {dataset!r}")
+    if concurrency is not None:
+        arrival = ArrivalConfig(kind="closed", concurrency=concurrency)
+    elif rate is None and kind != "random":
+        arrival = ArrivalConfig(kind="trace", time_scale=1.0 if time_scale is None else time_scale)
+    else:
+        r = float("inf") if rate is None else rate
+        arrival = ArrivalConfig(kind="gamma" if burstiness != 1.0 else "poisson", rate=r, burstiness=burstiness)
+    return WorkloadConfig(dataset=kind, trace_path=path or None, num_requests=num_requests, input_len=input_len,
+                          output_len=output_len, input_len_range=input_len_range, output_len_range=output_len_range,
+                          length_scale=length_scale, seed=seed, arrival=arrival)

@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from pdserve.sim.calibrated import CalibratedPerfModel, fit
+from pdserve.sim.cluster import ClusterSpec, PoolSpec
+from pdserve.sim.perf_model import BatchShape
+from pdserve.sim.simulator import SimOptions, Simulator
+from pdserve.sim.workload import work_items, workload_config
+
+
+def _shapes():
+    out = []
+    for n in (16, 64, 256, 1024):
+        out.append(BatchShape(n, n * (n + 1) / 2, n, 0, 0, 1))
+    for b in (1, 4, 16, 64):
+        for ctx in (64, 512):
+            out.append(BatchShape(num_decode=b, decode_ctx=b * ctx, num_samples=b))
+    return out
+
+
+def test_fit_recovers_coefficients():
+    true = [2e-3, 1e-5, 1e-9, 2e-4, 1e-7]
+    shapes = _shapes()
+    rng = np.random.default_rng(0)
+    times = [float(np.dot(true, s.features())) * (1 + 0.01 * rng.standard_normal()) for s in shapes]
+    model, stats = fit(shapes, times)
+    assert stats["mape"] < 0.03 and stats["r2"] > 0.99
+    assert all(c >= 0 for c in model.coef)
+    assert model.step_time_s(shapes[0]) == pytest.approx(times[0], rel=0.05)
+
+
+def test_file_round_trip_and_use_in_sim(tmp_path):
+    model = CalibratedPerfModel([5e-3, 1e-5, 0.0, 1e-4, 1e-8], {"model": "smollm2-135m", "hardware": "cpu"})
+    path = model.save(tmp_path / "pm.json")
+    loaded = CalibratedPerfModel.load(path)
+    assert loaded.coef == model.coef
+    spec = ClusterSpec("smollm2-135m", "colocated", colocated=PoolSpec("cpu-this-machine", 1))
+    items = work_items(workload_config(num_requests=20, input_len=128, output_len=16, rate=2.0))
+    r = Simulator(spec, items, SimOptions(perf_model=str(path))).run()
+    assert r["completed"] == 20
+    assert r["tpot_s"]["min"] >= 5e-3
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="calibrated"):
+        CalibratedPerfModel.load(tmp_path / "bad.json")
+    with pytest.raises(ValueError):
+        CalibratedPerfModel([1.0, -1.0, 0, 0, 0])
