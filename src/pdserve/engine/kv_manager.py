@@ -82,6 +82,10 @@ class KVCacheManager:
         they are referenced before new blocks are taken, so allocation cannot evict them. Returns the ids
         of newly allocated blocks, or None (and changes nothing) when the pool has too few.
         """
+        if not computed_blocks:
+            held = self._blocks.get(request.request_id)
+            if held is not None and len(held) * self.block_size >= request.num_computed_tokens + num_new_tokens:
+                return []  # the common decode step: the last block still has room
         computed_blocks = computed_blocks or []
         need = self._num_blocks_needed(request, num_new_tokens, computed_blocks)
         if need is None:

@@ -28,11 +28,11 @@ class ScheduledChunk:
     request: Request
     start: int
     num_tokens: int
+    # Whether this chunk reaches the end of the request's tokens, so the step samples after it.
+    samples: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the end of the request's tokens, so the step samples after it."""
-        return self.start + self.num_tokens == self.request.num_tokens
+    def __post_init__(self) -> None:
+        self.samples = self.start + self.num_tokens == self.request.num_tokens
 
 
 @dataclass
