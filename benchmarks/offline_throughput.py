@@ -58,9 +58,9 @@ def main() -> None:
     print(f"model: {arch.architecture}, {arch.num_layers} layers, hidden {arch.hidden_size}, "
           f"weights {weight_bytes / 2**20:.0f} MiB, KV cache {kv_bytes / 2**20:.0f} MiB "
           f"({engine.max_num_kv_tokens} tokens)")
-    print(f"memory at rest: {rss_rest / 2**20:.0f} MiB resident for weights + KV budget "
-          f"{(weight_bytes + kv_bytes) / 2**20:.0f} MiB (overhead {(rss_rest - weight_bytes) / 2**20:.0f} MiB "
-          f"beyond weights; the KV budget is committed as pages are first written)")
+    print(f"memory at rest: {rss_rest / 2**20:.0f} MiB resident after loading = weights + KV budget "
+          f"{(weight_bytes + kv_bytes) / 2**20:.0f} MiB + {(rss_rest - weight_bytes - kv_bytes) / 2**20:.0f} MiB "
+          f"overhead (RoPE tables, allocator, the dequantization's leftovers)")
 
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": prompts[0][:32]}], SamplingParams(temperature=0, max_tokens=4))  # warm-up
