@@ -73,3 +73,12 @@ def test_planner_best_cluster_file_is_accepted(tmp_path):
         s = load_cluster_file(f)
         assert (s["prefill"], s["decode"], s["colocated"], s["routing"]) == (2, 3, 0, "least_loaded")
         assert s["max_num_seqs"] == 256 and s["block_size"] == 16 and s["model"] == "smollm2-135m"
+
+
+def test_cores_are_split_evenly_between_workers():
+    from pdserve.cluster.local import split_cores
+
+    assert split_cores([0, 1], 1) == ["0,1"]  # the colocated baseline gets every core
+    assert split_cores([0, 1], 2) == ["0", "1"]  # a prefill + decode pair, one core each
+    assert split_cores([0, 1], 3) == ["0", "1", "0"]
+    assert split_cores([0, 1, 2, 3, 4], 2) == ["0,1", "2,3,4"]

@@ -1,6 +1,6 @@
 """``pdserve up``: workers and a frontend as subprocesses of one launcher on this machine.
 
-Workers start first (each pinned to its own core unless ``--no-pin``), report their addresses in a ready
+Workers start first (each pinned to its share of the cores unless ``--no-pin``), report their addresses in a ready
 file, then the frontend starts with those addresses. Ctrl-C or SIGTERM stops every child (SIGTERM, then
 SIGKILL after a grace period); children also get SIGTERM if the launcher itself dies (PR_SET_PDEATHSIG).
 """
@@ -46,10 +46,9 @@ class LocalCluster:
         """Start everything; return the base URL once /health answers 200. Raises RuntimeError (after
         stopping what started) when a child exits or the cluster is not ready in time."""
         roles = self._roles()
-        cores = sorted(os.sched_getaffinity(0))
+        placements = split_cores(sorted(os.sched_getaffinity(0)), len(roles))
         for i, role in enumerate(roles):
-            pin = None if self.args.no_pin else str(cores[i % len(cores)])
-            self._start_worker(i, role, pin)
+            self._start_worker(i, role, None if self.args.no_pin else placements[i])
         deadline = time.monotonic() + ready_timeout_s
         for child in self.children:
             self._wait_ready(child, deadline)
@@ -188,3 +187,14 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         return
+
+
+def split_cores(cores: list[int], num_workers: int) -> list[str]:
+    """Each worker's cores as a ``--cpus`` list: the cores split evenly (one colocated worker gets them
+    all, so it is measured on the same hardware as a prefill + decode pair), or round robin when there
+    are more workers than cores."""
+    n = len(cores)
+    if num_workers > n:
+        return [str(cores[i % n]) for i in range(num_workers)]
+    return [",".join(str(c) for c in cores[i * n // num_workers:(i + 1) * n // num_workers])
+            for i in range(num_workers)]
