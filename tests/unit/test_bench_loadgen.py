@@ -397,3 +397,14 @@ def test_malformed_events_are_counted(server: FakeOpenAIServer, tmp_path: Path):
     argv = ["--base-url", server.url, "--model", "garbage", "--num-requests", "2", "--input-len", "4"]
     assert cli.main([*argv, "--output-len", "2", "--no-progress", "--out", str(out)]) == 1
     assert json.loads(out.read_text())["errors"] == {"bad response": 2}
+
+
+def test_warmup_requests_are_sent_but_not_recorded(server: FakeOpenAIServer, tmp_path: Path):
+    out = tmp_path / "warm.json"
+    before = next(server._counter)
+    rc = cli.main(["--base-url", server.url, "--model", "ok", "--num-requests", "3", "--input-len", "4",
+                   "--output-len", "2", "--concurrency", "1", "--warmup", "2", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["num_sent"] == 3 and result["completed"] == 3
+    assert next(server._counter) - before == 1 + 2 + 3  # this call's own draw, the warm-up, the run

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib.util
 import logging
@@ -61,6 +62,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--label", default=None, help="system name in tables and plots (default: model@host)")
     target.add_argument(
         "--no-ignore-eos", dest="ignore_eos", action="store_false", help="do not send ignore_eos=true"
+    )
+    target.add_argument(
+        "--warmup", type=int, default=2, metavar="N",
+        help="requests sent one at a time before measuring, with other prompts of the workload's first "
+        "lengths; not recorded (default %(default)s; 0 for none)",
     )
     add_workload_arguments(parser)
     _add_objective_and_output_arguments(parser)
@@ -224,6 +230,8 @@ def _bench(parser: argparse.ArgumentParser, args: Any) -> int:
         parser.error(str(e))
     label = args.label or f"{model}@{urlparse(args.base_url).netloc}"
     slo = Slo(args.slo_ttft, args.slo_tpot)
+    if args.warmup > 0:
+        _warm_up(workload, endpoint, args.warmup, args.max_duration)
     if rates is None:
         result = _run_once(workload, endpoint, slo, args, label, desc=label)
         completed = result["completed"]
@@ -260,6 +268,17 @@ def _bench(parser: argparse.ArgumentParser, args: Any) -> int:
         logger.error("no request completed; is the server at %s up?", args.base_url)
         return 1
     return 0
+
+
+def _warm_up(workload: WorkloadConfig, endpoint: EndpointConfig, num_requests: int,
+             max_duration_s: float | None) -> None:
+    """Send the workload's first request shapes one at a time with prompts of another seed (so they
+    leave nothing in the server's prefix cache that the measured requests could reuse), bounded in time
+    like a run."""
+    other = dataclasses.replace(workload, seed=workload.seed + 7919)
+    shapes = build_shapes(other)[:num_requests]
+    run_load(shapes, PromptBuilder(other).prompt_token_ids, endpoint, concurrency=1,
+             max_duration_s=max_duration_s, show_progress=False, progress_desc="warm-up")
 
 
 def _run_once(
