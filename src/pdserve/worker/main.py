@@ -8,7 +8,7 @@ import signal
 import sys
 
 from pdserve.cluster.args import add_cpu_args, add_engine_args, apply_cpu_args, engine_config_from_args
-from pdserve.worker.process import ROLES, Worker, WorkerOptions
+from pdserve.worker.protocol import ROLES
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
 
 def run_worker(args: argparse.Namespace) -> int:
     from pdserve.engine.core import EngineCore
+    from pdserve.worker.process import Worker, WorkerOptions
 
     cores = apply_cpu_args(args)
     config = engine_config_from_args(args)

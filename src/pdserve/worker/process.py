@@ -29,7 +29,6 @@ from pdserve.worker import protocol as p
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("prefill", "decode", "both")
 
 
 @dataclass(frozen=True)
@@ -47,8 +46,8 @@ class WorkerOptions:
     idle_poll_ms: int = 100
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.role not in p.ROLES:
+            raise ValueError(f"role must be one of {p.ROLES}, got {self.role!r}")
         if self.kv_backend not in ("shm", "tcp"):
             raise ValueError(f"kv_backend must be shm or tcp, got {self.kv_backend!r}")
         if self.transfer_timeout_s <= 0 or self.hold_timeout_s <= 0:

@@ -18,6 +18,8 @@ from typing import Union
 
 import msgspec
 
+ROLES = ("prefill", "decode", "both")  # a worker's role: its engine does prefill, decode, or both
+
 # ---- shared pieces --------------------------------------------------------------------------------------
 
 
