@@ -25,12 +25,12 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
+
+from pdserve.cluster.local import free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TRACE = REPO.parent / "shared" / "data" / "traces" / "mooncake_synthetic.jsonl"
@@ -173,7 +173,7 @@ class _Cluster:
             *_pdserve(),
             "up",
             "--port",
-            str(args.port or _free_port()),
+            str(args.port or free_port()),
             *up_args,
             *shlex.split(args.up_args),
         ]
@@ -204,25 +204,12 @@ class _Cluster:
             self.proc.wait(10)
 
     def _wait_healthy(self) -> None:
-        import httpx  # only needed when actually running
-
-        deadline = time.monotonic() + self.args.startup_timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{shlex.join(self.cmd)} exited with {self.proc.returncode}; see {self.log}"
-                )
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass  # not listening yet
-            time.sleep(1)
-        self.__exit__()
-        raise RuntimeError(
-            f"{shlex.join(self.cmd)} not healthy after {self.args.startup_timeout} s; see {self.log}"
-        )
+        assert self.proc is not None
+        try:
+            wait_healthy(self.url, self.proc, self.args.startup_timeout, poll_s=1.0)
+        except RuntimeError as e:
+            self.__exit__()
+            raise RuntimeError(f"{shlex.join(self.cmd)}: {e}; see {self.log}") from None
 
 
 def _objectives(unloaded: dict[str, float]) -> tuple[float, float]:
@@ -285,12 +272,6 @@ def _pdserve() -> list[str]:
     if exe.exists():
         return [str(exe)]
     return [sys.executable, "-c", "import sys; from pdserve.cli import main; sys.exit(main())"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _parse_args() -> argparse.Namespace:

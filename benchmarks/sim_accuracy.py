@@ -20,11 +20,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 
+from pdserve.cluster.local import wait_healthy
 from pdserve.sim.cluster import ClusterSpec, PoolSpec
 from pdserve.sim.models import get_model
 from pdserve.sim.simulator import SimOptions, Simulator
@@ -36,20 +35,6 @@ KV_CACHE_BYTES = 2**30  # pdserve up's default --kv-cache-memory (1GiB)
 def pdserve_cmd() -> list[str]:
     exe = shutil.which("pdserve") or str(Path(sys.executable).with_name("pdserve"))
     return [exe]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"pdserve up exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    raise RuntimeError(f"pdserve up did not become healthy within {timeout_s:.0f} s")
 
 
 def main() -> int:

@@ -15,13 +15,14 @@ import argparse
 import json
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
 import httpx
+
+from pdserve.cluster.local import free_port, wait_healthy
 
 
 def main() -> None:
@@ -64,38 +65,17 @@ def _ttft(url: str, model: str, prompt: list[int]) -> float:
     raise RuntimeError("no token came back")
 
 
-def _free_port() -> int:
-    """Below the ephemeral and ZMQ random-port ranges, where the workers' OS-chosen ports cannot land."""
-    for port in random.sample(range(20000, 30000), 100):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
-
-
 class _cluster:
     def __init__(self, args, flags):
-        self.port = _free_port()
+        self.port = free_port()
         self.argv = [sys.executable, "-m", "pdserve.cli", "up", "--model", args.model, "--port", str(self.port),
                      "--kv-cache-memory", args.kv_cache_memory, *flags]
 
     def __enter__(self) -> str:
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"pdserve up exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    return url
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("cluster not ready")
+        wait_healthy(url, self.proc, 600)
+        return url
 
     def __exit__(self, *exc) -> None:
         self.proc.send_signal(signal.SIGTERM)

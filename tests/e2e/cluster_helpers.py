@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+from pdserve.cluster.local import free_port, wait_healthy
 
 MODEL = "smollm2-135m"
 KV_CACHE = "96MiB"
@@ -27,22 +28,6 @@ PROMPTS = [
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
 ]
 CHAT = [{"role": "user", "content": "Name three colors."}]
-
-
-def free_port() -> int:
-    """A free port below the OS's ephemeral range and ZMQ's random-port range (49152+), so that workers
-    binding OS-chosen ports cannot take it before the frontend binds it."""
-    import random
-
-    for _ in range(100):
-        port = random.randint(20000, 30000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-30000")
 
 
 def require_model() -> None:
@@ -66,18 +51,10 @@ def local_cluster(*flags: str, timeout_s: float = 300.0):
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"pdserve up exited with {proc.returncode}; see {log}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"cluster not healthy in {timeout_s}s; see {log}")
-            time.sleep(0.5)
+        try:
+            wait_healthy(url, proc, timeout_s)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}; see {log}:\n{log.read_text()[-3000:]}") from None
         yield url, proc
     finally:
         children = _children(proc.pid)

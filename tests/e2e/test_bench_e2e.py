@@ -1,21 +1,18 @@
 """`pdserve bench` against pdserve's own cluster: `pdserve up` (1 prefill + 1 decode worker) as a real
-process, then 8 requests of 64 tokens in / 16 out. Skipped until the local cluster launcher exists."""
+process, then 8 requests of 64 tokens in / 16 out."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-pytest.importorskip("pdserve.cluster.local")
+from pdserve.cluster.local import free_port, wait_healthy
 
 STARTUP_TIMEOUT_S = 900
 BENCH_TIMEOUT_S = 600
@@ -28,24 +25,11 @@ def _pdserve() -> list[str]:
     return [sys.executable, "-c", "import sys; from pdserve.cli import main; sys.exit(main())"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait_healthy(proc: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"pdserve up exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass  # not listening yet
-        time.sleep(1)
-    pytest.fail(f"pdserve up not healthy after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+    try:
+        wait_healthy(url, proc, STARTUP_TIMEOUT_S)
+    except RuntimeError as e:
+        pytest.fail(f"pdserve up: {e}:\n{log.read_text()[-4000:]}")
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -60,7 +44,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def cluster_url(tmp_path_factory: pytest.TempPathFactory):
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("cluster") / "pdserve_up.log"
     with open(log, "wb") as log_file:
         proc = subprocess.Popen(

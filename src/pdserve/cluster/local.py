@@ -11,7 +11,9 @@ import ctypes
 import json
 import logging
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -137,18 +139,7 @@ class LocalCluster:
         raise RuntimeError(f"{child.name} not ready in time")
 
     def _wait_health(self, url: str, deadline: float) -> None:
-        import httpx
-
-        while time.monotonic() < deadline:
-            if self.children[-1].proc.poll() is not None:
-                raise RuntimeError(f"the frontend exited with code {self.children[-1].proc.returncode}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass  # not listening yet
-            time.sleep(0.2)
-        raise RuntimeError("the frontend did not become healthy in time")
+        wait_healthy(url, self.children[-1].proc, deadline - time.monotonic(), poll_s=0.2)
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -198,3 +189,35 @@ def split_cores(cores: list[int], num_workers: int) -> list[str]:
         return [str(cores[i % n]) for i in range(num_workers)]
     return [",".join(str(c) for c in cores[i * n // num_workers:(i + 1) * n // num_workers])
             for i in range(num_workers)]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, poll_s: float = 0.5) -> None:
+    """Poll ``url``/health until it answers 200. RuntimeError if ``proc`` (the frontend, or a ``pdserve
+    up`` that owns it) exits first or ``timeout_s`` runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process {proc.pid} exited with code {proc.returncode} before {url}/health "
+                               "answered")
+        try:
+            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass  # not listening yet
+        time.sleep(poll_s)
+    raise RuntimeError(f"{url}/health did not answer 200 within {timeout_s:.0f} s")
+
+
+def free_port() -> int:
+    """A free port on 127.0.0.1 in 20000-30000: below the OS's ephemeral range and ZMQ's random ports
+    (49152+), so workers binding OS-chosen ports cannot take it before the frontend binds it."""
+    for port in random.sample(range(20000, 30000), 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-30000")
