@@ -72,10 +72,7 @@ class Scheduler:
         return len(self.running)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running)
-
-    def has_work(self) -> bool:
-        """Whether ``schedule`` could do anything now (awaiting KV alone is not work)."""
+        """Whether ``schedule`` has anything to do (requests awaiting remote KV alone are not work)."""
         return bool(self.waiting or self.running)
 
     # -- intake --------------------------------------------------------------------------------------

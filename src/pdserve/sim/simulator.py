@@ -206,7 +206,7 @@ class Simulator:
         if out is not None and out.finished:
             self._complete(int(rid), now)
         self._wake(flight.decode, now)
-        if flight.prefill.scheduler.has_work():
+        if flight.prefill.scheduler.has_unfinished_requests():
             self._wake(flight.prefill, now)
 
     # -- instance stepping -----------------------------------------------------------------------------
