@@ -6,7 +6,8 @@ and offload move. A *slot* is one token position: ``block_id * block_size + offs
 
 A batch is laid out prefill chunks first (each a run of tokens of one request), then decodes (one token
 each). Prefill chunks are attended one by one with a causal mask offset by the chunk's start; decodes are
-attended all at once over their gathered, padded contexts.
+attended all at once: on CPU by a C++ kernel that reads their blocks in place (``pdserve.kernels``),
+elsewhere (or with the kernels off) by SDPA over their gathered, padded contexts.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class AttentionMetadata:
     num_prefill_tokens: int
     decode_block_tables: torch.Tensor | None  # (num_decodes, max_blocks) int64, padded with block 0
     decode_mask: torch.Tensor | None  # (num_decodes, 1, 1, max_blocks * block_size) bool, True = attend
+    decode_context_lens: torch.Tensor | None  # (num_decodes,) int64, tokens each decode attends to
 
     @property
     def num_decodes(self) -> int:
@@ -65,15 +67,15 @@ def build_metadata(chunks: list[tuple[int, int, list[int]]], block_size: int,
             decode_lens.append(end)
         token_pos += num_tokens
     num_prefill_tokens = sum(p.num_tokens for p in prefills)
-    tables = mask = None
+    tables = mask = lens = None
     if decode_tables:
         max_blocks = max(len(t) for t in decode_tables)
         tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.long)
-        lens = torch.tensor(decode_lens)
+        lens = torch.tensor(decode_lens, dtype=torch.long)
         mask = torch.arange(max_blocks * block_size)[None, :] < lens[:, None]  # (num_decodes, max_ctx)
-        tables, mask = tables.to(device), mask[:, None, None, :].to(device)
+        tables, mask, lens = tables.to(device), mask[:, None, None, :].to(device), lens.to(device)
     return AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long).to(device), prefills,
-                             num_prefill_tokens, tables, mask)
+                             num_prefill_tokens, tables, mask, lens)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -107,6 +109,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     if meta.decode_block_tables is not None:
         num_decodes, max_blocks = meta.decode_block_tables.shape
         rows = slice(meta.num_prefill_tokens, meta.num_prefill_tokens + num_decodes)
+        ops = _cpu_ops() if q.device.type == "cpu" else None
+        if ops is not None:
+            ops.paged_decode_attention(out[rows], q[rows].contiguous(), kv_cache, meta.decode_block_tables,
+                                       meta.decode_context_lens, scale)
+            return out
         qd = q[rows].unsqueeze(2)  # (num_decodes, num_heads, 1, head_dim)
         kd = _gather(k_cache, meta.decode_block_tables.view(-1), q.dtype).view(
             num_decodes, max_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)  # (B, kv, ctx, hd)
@@ -116,6 +123,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                                             enable_gqa=True)
         out[rows] = od.squeeze(2)
     return out
+
+
+def _cpu_ops():
+    from pdserve.kernels import cpu_ops
+    return cpu_ops()
 
 
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

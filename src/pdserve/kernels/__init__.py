@@ -1,0 +1,76 @@
+"""C++ kernels for the CPU, built on first use by PyTorch's extension builder and cached on disk.
+
+The engine runs without them (plain PyTorch, on every device); with them, decode attention reads K/V
+blocks where they lie in the paged cache (``cpu_attention.cpp``). The build takes a few seconds once per
+machine, source and torch version (its folder's name is a digest of all three, so ``-march=native`` never
+runs on a CPU it was not built for), under ``$PDSERVE_CACHE/kernels``. ``PDSERVE_CPU_KERNELS=0`` turns
+them off; a failed build (no C++ compiler, say) logs one warning and the fallback is used.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCES = (Path(__file__).with_name("cpu_attention.cpp"),)
+_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # OpenMP: at::parallel_for uses torch's pool
+_LDFLAGS = ["-fopenmp"]
+
+
+def enabled() -> bool:
+    value = os.environ.get("PDSERVE_CPU_KERNELS", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"PDSERVE_CPU_KERNELS must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+@functools.cache
+def cpu_ops() -> Any | None:
+    """``torch.ops.pdserve`` with the CPU kernels loaded, or None when they are off or cannot be built."""
+    if not enabled():
+        return None
+    try:
+        _build()
+    except Exception as e:  # noqa: BLE001 - any build failure means: run the PyTorch fallback
+        logger.warning("CPU kernels unavailable, using the PyTorch fallback: %s", str(e).strip()[-500:])
+        return None
+    return torch.ops.pdserve
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    from pdserve.model.registry import cache_dir
+
+    build_dir = cache_dir() / "kernels" / f"cpu-{_digest()}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    cpp_extension.load("pdserve_cpu_kernels", [str(s) for s in _SOURCES], extra_cflags=_CFLAGS,
+                       extra_ldflags=_LDFLAGS, build_directory=str(build_dir), is_python_module=False,
+                       verbose=False)
+    logger.info("CPU kernels ready (%s, %.1f s)", build_dir, time.perf_counter() - start)
+
+
+def _digest() -> str:
+    """Sources, flags, torch version and this CPU (model and instruction-set flags)."""
+    h = hashlib.sha256()
+    for src in _SOURCES:
+        h.update(src.read_bytes())
+    h.update(" ".join(_CFLAGS + _LDFLAGS).encode())
+    h.update(torch.__version__.encode())
+    h.update(platform.machine().encode())
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        h.update("".join(line for line in cpuinfo if line.startswith(("model name", "flags"))).encode())
+    except OSError:
+        h.update(platform.processor().encode())
+    return h.hexdigest()[:16]

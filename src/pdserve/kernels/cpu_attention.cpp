@@ -1,0 +1,172 @@
+// Paged attention for decode on CPU: each sequence's single query token attends over its K/V blocks
+// where they lie in the cache (no gather into a padded copy). A work item is a sequence (or, with few
+// sequences, one of its KV heads): all the query heads that share a KV head are scored together, so each K
+// and V row is read from memory once and converted to float32 once. Softmax is exact (scores for the whole
+// context are kept, then normalized), accumulation is in float32.
+//
+// Registered as torch.ops.pdserve.paged_decode_attention; built on first use by pdserve.kernels.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+
+template <typename T>
+inline void to_float_row(const T* __restrict src, float* __restrict dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+// HEAD_DIM > 0 fixes head_dim at compile time (unrolled, vectorized inner loops); 0 reads it at run time.
+template <typename Q, typename C, int64_t HEAD_DIM>
+void decode_attention(Q* __restrict out, const Q* __restrict q, const C* __restrict k_cache,
+                      const C* __restrict v_cache, const int64_t* __restrict tables,
+                      const int64_t* __restrict lens, int64_t num_seqs, int64_t num_heads,
+                      int64_t num_kv_heads, int64_t runtime_head_dim, int64_t block_size, int64_t max_blocks,
+                      float scale) {
+  const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : runtime_head_dim;
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t token_stride = num_kv_heads * head_dim;     // elements between two tokens of a block
+  const int64_t block_stride = block_size * token_stride;   // elements between two blocks
+  // A work item is a run of KV heads of one sequence: all of them (each token's K and V rows are read
+  // as one contiguous run) when there are enough sequences to keep every thread busy, else one.
+  const int64_t heads_per_item = num_seqs >= 4 * at::get_num_threads() ? num_kv_heads : 1;
+  const int64_t items_per_seq = num_kv_heads / heads_per_item;
+  at::parallel_for(0, num_seqs * items_per_seq, 1, [&](int64_t begin, int64_t end) {
+    const int64_t max_q = heads_per_item * group;  // query heads of one item
+    std::vector<float> qf(max_q * head_dim), acc(max_q * head_dim), row(heads_per_item * head_dim),
+        inv_sum(max_q);
+    std::vector<float> scores;  // (query heads of the item, context_len)
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t seq = item / items_per_seq, kv0 = (item % items_per_seq) * heads_per_item;
+      const int64_t len = lens[seq];
+      const int64_t* table = tables + seq * max_blocks;
+      const int64_t head0 = seq * num_heads + kv0 * group;  // first query head of the item
+      const int64_t row_len = heads_per_item * head_dim;
+      for (int64_t h = 0; h < max_q; ++h) {
+        to_float_row(q + (head0 + h) * head_dim, qf.data() + h * head_dim, head_dim);
+        for (int64_t d = 0; d < head_dim; ++d) qf[h * head_dim + d] *= scale;
+      }
+      scores.resize(max_q * len);
+      float* __restrict s = scores.data();
+      // Scores: q . k for every context token, block by block.
+      for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+        const C* kb = k_cache + table[t0 / block_size] * block_stride + kv0 * head_dim;
+        const int64_t n = std::min(block_size, len - t0);
+        for (int64_t i = 0; i < n; ++i) {
+          to_float_row(kb + i * token_stride, row.data(), row_len);
+          for (int64_t h = 0; h < max_q; ++h) {
+            const float* __restrict qh = qf.data() + h * head_dim;
+            const float* __restrict kh = row.data() + (h / group) * head_dim;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * kh[d];
+            s[h * len + t0 + i] = dot;
+          }
+        }
+      }
+      // Softmax over the context, per query head (normalized at the end).
+      for (int64_t h = 0; h < max_q; ++h) {
+        float* __restrict sh = s + h * len;
+        float mx = sh[0];
+        for (int64_t t = 1; t < len; ++t) mx = std::max(mx, sh[t]);
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < len; ++t) {
+          sh[t] = std::exp(sh[t] - mx);
+          sum += sh[t];
+        }
+        inv_sum[h] = 1.f / sum;
+      }
+      // Values: probability-weighted sum of V rows.
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+        const C* vb = v_cache + table[t0 / block_size] * block_stride + kv0 * head_dim;
+        const int64_t n = std::min(block_size, len - t0);
+        for (int64_t i = 0; i < n; ++i) {
+          to_float_row(vb + i * token_stride, row.data(), row_len);
+          for (int64_t h = 0; h < max_q; ++h) {
+            const float p = s[h * len + t0 + i];
+            const float* __restrict vh = row.data() + (h / group) * head_dim;
+            float* __restrict ah = acc.data() + h * head_dim;
+#pragma omp simd
+            for (int64_t d = 0; d < head_dim; ++d) ah[d] += p * vh[d];
+          }
+        }
+      }
+      for (int64_t h = 0; h < max_q; ++h) {
+        Q* o = out + (head0 + h) * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) o[d] = static_cast<Q>(acc[h * head_dim + d] * inv_sum[h]);
+      }
+    }
+  });
+}
+
+template <typename Q>
+void dispatch_cache(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
+                    const at::Tensor& tables, const at::Tensor& lens, double scale) {
+  const int64_t num_blocks = kv_cache.size(1), block_size = kv_cache.size(2);
+  const int64_t half = num_blocks * block_size * kv_cache.size(3) * kv_cache.size(4);
+  auto run = [&](auto* cache) {
+    using C = std::remove_const_t<std::remove_pointer_t<decltype(cache)>>;
+    auto kernel = q.size(2) == 64 ? decode_attention<Q, C, 64>
+                : q.size(2) == 128 ? decode_attention<Q, C, 128> : decode_attention<Q, C, 0>;
+    kernel(out.data_ptr<Q>(), q.data_ptr<Q>(), cache, cache + half, tables.data_ptr<int64_t>(),
+           lens.data_ptr<int64_t>(), q.size(0), q.size(1), kv_cache.size(3), q.size(2), block_size,
+           tables.size(1), static_cast<float>(scale));
+  };
+  switch (kv_cache.scalar_type()) {
+    case at::kFloat: run(kv_cache.data_ptr<float>()); break;
+    case at::kBFloat16: run(kv_cache.data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: run(kv_cache.data_ptr<c10::Half>()); break;
+    default: TORCH_CHECK(false, "paged_decode_attention: unsupported KV cache dtype ", kv_cache.scalar_type());
+  }
+}
+
+// out, q: (num_seqs, num_heads, head_dim); kv_cache: (2, num_blocks, block_size, num_kv_heads, head_dim);
+// block_tables: (num_seqs, max_blocks) int64; context_lens: (num_seqs,) int64, each >= 1.
+void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& kv_cache,
+                            const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && kv_cache.device().is_cpu(), "paged_decode_attention runs on CPU tensors");
+  TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5 && kv_cache.size(0) == 2, "bad shapes");
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && kv_cache.is_contiguous(), "inputs must be contiguous");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), "out must match q");
+  TORCH_CHECK(q.size(1) % kv_cache.size(3) == 0, "num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(q.size(2) == kv_cache.size(4), "head_dim of q and cache differ");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong &&
+              block_tables.is_contiguous() && context_lens.is_contiguous() &&
+              block_tables.size(0) == q.size(0) && context_lens.size(0) == q.size(0),
+              "block_tables (num_seqs, max_blocks) and context_lens (num_seqs,) must be contiguous int64");
+  switch (q.scalar_type()) {
+    case at::kFloat: dispatch_cache<float>(out, q, kv_cache, block_tables, context_lens, scale); break;
+    case at::kBFloat16: dispatch_cache<c10::BFloat16>(out, q, kv_cache, block_tables, context_lens, scale); break;
+    case at::kHalf: dispatch_cache<c10::Half>(out, q, kv_cache, block_tables, context_lens, scale); break;
+    default: TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", q.scalar_type());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pdserve, m) {
+  m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor kv_cache, Tensor block_tables, "
+        "Tensor context_lens, float scale) -> ()");
+  m.impl("paged_decode_attention", c10::DispatchKey::CPU, &paged_decode_attention);
+}
