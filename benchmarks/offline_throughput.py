@@ -1,11 +1,13 @@
 """Offline throughput of pdserve's engine vs Hugging Face transformers ``generate``, in the same run.
 
 Workload (issue 2): N requests of random 256-token prompts, 128 output tokens each (ignore_eos), on the
-default model, float32. Prints output tokens/s of both and their ratio, the arithmetic rate pdserve
-achieves as a fraction of this machine's measured float32 matmul peak, single-request decode speed as a
-fraction of the memory-bandwidth limit, and resident memory against weights + KV budget.
+default model, in pdserve's dtype (``auto``: bfloat16 on a CPU with bfloat16 arithmetic, else float32;
+transformers runs in the same one). Prints output tokens/s of both and their ratio, the arithmetic rate
+pdserve achieves as a fraction of this machine's measured matmul peak in that dtype, single-request decode
+speed as a fraction of the memory-bandwidth limit, and resident memory against weights + KV budget.
 
-    .venv/bin/python benchmarks/offline_throughput.py [--num-requests 64] [--skip-hf] [--repeats 1]
+    .venv/bin/python benchmarks/offline_throughput.py [--num-requests 64] [--dtype auto|float32|bfloat16]
+        [--skip-hf] [--repeats 1] [--out FILE.json]
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="timed runs of each system (median reported)")
     ap.add_argument("--skip-hf", action="store_true", help="do not run the transformers baseline")
     ap.add_argument("--hf-batch", type=int, default=64, help="transformers generate batch size")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                    help="pdserve's dtype; transformers runs in the dtype pdserve resolved")
     ap.add_argument("--out", help="write the figures to this JSON file")
     args = ap.parse_args()
     results: dict = {"num_requests": args.num_requests, "input_len": args.input_len,
@@ -43,16 +47,21 @@ def main() -> None:
     num_out = args.num_requests * args.output_len
     proc = psutil.Process(os.getpid())
 
-    peak_gflops = matmul_peak_gflops()
-    copy_gbs = copy_bandwidth_gbs()
-    print(f"machine: {os.cpu_count()} cpus, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"float32 matmul peak {peak_gflops:.1f} GFLOP/s, copy bandwidth {copy_gbs:.1f} GB/s")
-
     rss0 = proc.memory_info().rss
-    llm = LLM(args.model, kv_cache_memory=args.kv_cache_memory, max_num_batched_tokens=args.max_num_batched_tokens)
+    llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
+              max_num_batched_tokens=args.max_num_batched_tokens)
     engine = llm.engine
     arch = engine.arch
+    dtype = engine.dtype
+    peak_gflops = matmul_peak_gflops(dtype)
+    copy_gbs = copy_bandwidth_gbs()
+    dtype_name = str(dtype).removeprefix("torch.")
+    print(f"machine: {os.cpu_count()} cpus, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{dtype_name} matmul peak {peak_gflops:.1f} GFLOP/s, copy bandwidth {copy_gbs:.1f} GB/s")
+    results.update(dtype=dtype_name)
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    head = engine.model._packed_tied_head
+    head_bytes = 0 if head is None else head.numel() * head.element_size()
     kv_bytes = engine.kv_cache.numel() * engine.kv_cache.element_size()
     rss_rest = proc.memory_info().rss - rss0
     print(f"model: {arch.architecture}, {arch.num_layers} layers, hidden {arch.hidden_size}, "
@@ -60,7 +69,8 @@ def main() -> None:
           f"({engine.max_num_kv_tokens} tokens)")
     print(f"memory at rest: {rss_rest / 2**20:.0f} MiB resident after loading = weights + KV budget "
           f"{(weight_bytes + kv_bytes) / 2**20:.0f} MiB + {(rss_rest - weight_bytes - kv_bytes) / 2**20:.0f} MiB "
-          f"overhead (RoPE tables, allocator, the dequantization's leftovers)")
+          f"overhead (of which {head_bytes / 2**20:.0f} MiB the tied LM head's packed copy; RoPE tables, "
+          f"allocator, the dequantization's leftovers)")
 
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": prompts[0][:32]}], SamplingParams(temperature=0, max_tokens=4))  # warm-up
@@ -99,9 +109,9 @@ def main() -> None:
     del llm, engine
 
     if not args.skip_hf:
-        hf_s = run_transformers(args, prompts)
+        hf_s = run_transformers(args, prompts, dtype)
         hf_tps = num_out / hf_s
-        print(f"transformers generate (batch {args.hf_batch}, float32): {hf_s:.1f} s, {hf_tps:.0f} output "
+        print(f"transformers generate (batch {args.hf_batch}, {dtype_name}): {hf_s:.1f} s, {hf_tps:.0f} output "
               f"tokens/s")
         print(f"ratio pdserve / transformers: {pd_tps / hf_tps:.2f}x")
         results.update(transformers_s=hf_s, transformers_output_tps=hf_tps, ratio_vs_transformers=pd_tps / hf_tps)
@@ -110,13 +120,13 @@ def main() -> None:
             json.dump(results, f, indent=2)
 
 
-def run_transformers(args: argparse.Namespace, prompts: list[list[int]]) -> float:
+def run_transformers(args: argparse.Namespace, prompts: list[list[int]], dtype: torch.dtype) -> float:
     from transformers import AutoModelForCausalLM
 
     from pdserve.model.registry import resolve_model_path
 
     path = resolve_model_path(args.model)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
     ids = torch.tensor(prompts, dtype=torch.long)
     with torch.inference_mode():
         model.generate(ids[:1, :32], max_new_tokens=4, do_sample=False)  # warm-up
@@ -129,8 +139,8 @@ def run_transformers(args: argparse.Namespace, prompts: list[list[int]]) -> floa
         return time.perf_counter() - t
 
 
-def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(reps):

@@ -68,8 +68,10 @@ def _reference_choices(model, prompts: list[list[int]], outputs: list[list[int]]
 
 
 def _engine(**sched) -> EngineCore:
-    return EngineCore(EngineConfig(model=ModelConfig("smollm2-135m"), cache=CacheConfig(num_blocks=512),
-                                   scheduler=SchedulerConfig(**sched)))
+    # float32: the reference is transformers in float32 (bfloat16, the CPU default where it is fast,
+    # rounds differently, so equality of every token is a float32 property).
+    return EngineCore(EngineConfig(model=ModelConfig("smollm2-135m", dtype="float32"),
+                                   cache=CacheConfig(num_blocks=512), scheduler=SchedulerConfig(**sched)))
 
 
 def _run(core: EngineCore, prompts: list[list[int]], tag: str) -> list[list[int]]:

@@ -9,7 +9,7 @@ from pdserve.config import ModelConfig
 from pdserve.model import registry
 from pdserve.model.arch import BUILTIN_ARCHS, ModelArch
 from pdserve.model.hf_loader import hf_arch
-from pdserve.model.loader import load_model, resolve_dtype
+from pdserve.model.loader import cpu_has_bfloat16, load_model, resolve_dtype
 
 from model_helpers import prefill_logits
 
@@ -47,7 +47,7 @@ def test_hf_arch_transformers4_style_rope():
 
 
 def test_resolve_dtype():
-    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if cpu_has_bfloat16() else torch.float32)
     assert resolve_dtype("auto", "cuda") == torch.bfloat16
     assert resolve_dtype("float16", "cpu") == torch.float16
 
@@ -60,7 +60,8 @@ def test_dummy_builtin_is_seeded_and_finite():
     logits = prefill_logits(model, [1, 2, 3, 4, 5])
     assert torch.isfinite(logits).all()
     again, _ = load_model(cfg, max_model_len=64)
-    torch.testing.assert_close(again.layers[3].mlp.down_proj.weight, model.layers[3].mlp.down_proj.weight)
+    torch.testing.assert_close(again.embed_tokens.weight, model.embed_tokens.weight)
+    torch.testing.assert_close(prefill_logits(again, [1, 2, 3, 4, 5]), logits)
 
 
 def test_dummy_from_config_dir_in_bfloat16(tiny_models):

@@ -15,25 +15,41 @@ def _onednn_available() -> bool:
     if choice not in ("onednn", "blas"):
         raise ValueError(f"PDSERVE_CPU_GEMM must be onednn or blas, got {choice!r}")
     return choice == "onednn" and torch.backends.mkldnn.is_available() and \
-        hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 _USE_ONEDNN = _onednn_available()
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, run by oneDNN for float32 on CPU (1.3-2x the default BLAS GEMM on this project's CPUs,
-    measured by benchmarks/offline_throughput.py); ``PDSERVE_CPU_GEMM=blas`` turns it off."""
-    if _USE_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32:
+    """``F.linear``, or oneDNN's GEMM when ``weight`` was packed by ``pack_linear_weight``."""
+    if weight.layout == torch._mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
+def can_pack_linear_weight(weight: torch.Tensor) -> bool:
+    return _USE_ONEDNN and weight.device.type == "cpu" and weight.dtype in _ONEDNN_DTYPES
+
+
+def pack_linear_weight(weight: torch.Tensor, batch_hint: int = 64) -> torch.Tensor:
+    """``weight`` (out, in) reordered into oneDNN's blocked layout for its GEMM, once, at load: 1.1-2x
+    ``F.linear`` at this project's decode shapes on CPU, where the unpacked path reorders the weight on
+    every call (benchmarks/offline_throughput.py). The result is opaque: only ``linear`` reads it.
+    ``PDSERVE_CPU_GEMM=blas`` keeps plain weights."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
+
+
 class Linear(nn.Linear):
-    """``nn.Linear`` whose forward is ``linear`` above."""
+    """``nn.Linear`` whose forward is ``linear`` above; ``pack()`` swaps its weight for the packed one."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+    def pack(self) -> None:
+        if can_pack_linear_weight(self.weight):
+            self.weight = nn.Parameter(pack_linear_weight(self.weight), requires_grad=False)
 
 
 class RMSNorm(nn.Module):
@@ -67,12 +83,20 @@ class RotaryEmbedding:
         self.cos = freqs.cos().to(dtype=dtype, device=device)  # (max_len, head_dim // 2)
         self.sin = freqs.sin().to(dtype=dtype, device=device)
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x`` (num_tokens, num_heads, head_dim) at ``positions`` (num_tokens,)."""
-        cos = self.cos[positions].unsqueeze(1)  # (num_tokens, 1, head_dim // 2)
-        sin = self.sin[positions].unsqueeze(1)
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (num_tokens, 1, head_dim // 2) at ``positions``: once per step, shared by every layer."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Rotate ``x`` (num_tokens, num_heads, head_dim) by the tables ``lookup`` returned."""
+        cos, sin = cos_sin
         x1, x2 = x.chunk(2, dim=-1)  # each (num_tokens, num_heads, head_dim // 2)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` (num_tokens, num_heads, head_dim) at ``positions`` (num_tokens,)."""
+        return self.apply(x, self.lookup(positions))
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:

@@ -16,7 +16,8 @@ from torch import nn
 from pdserve.errors import ModelLoadError
 from pdserve.model.arch import ModelArch
 from pdserve.model.attention import AttentionMetadata, paged_attention
-from pdserve.model.layers import Linear, RMSNorm, RotaryEmbedding, linear
+from pdserve.model.layers import Linear, RMSNorm, RotaryEmbedding, can_pack_linear_weight, linear, \
+    pack_linear_weight
 
 
 class LlamaForCausalLM(nn.Module):
@@ -41,6 +42,7 @@ class LlamaForCausalLM(nn.Module):
                                     dtype, device)
         for layer in self.layers:
             layer.self_attn.rope = self.rope
+        self._packed_tied_head: torch.Tensor | None = None  # set by pack_weights for tied embeddings
 
     @property
     def device(self) -> torch.device:
@@ -51,15 +53,28 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: (num_tokens,) int64; kv_caches: one per layer, layout in attention.py.
         Returns final-normed hidden states (num_tokens, hidden_size)."""
         h = self.embed_tokens(input_ids)  # (num_tokens, hidden_size)
+        cos_sin = self.rope.lookup(positions)  # once for all layers
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            h, residual = layer(h, residual, positions, kv_cache, meta)
+            h, residual = layer(h, residual, cos_sin, kv_cache, meta)
         return self.norm(h + residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (num_rows, hidden_size) -> (num_rows, vocab_size) float32."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        weight = self.embed_tokens.weight if self._packed_tied_head is None else self._packed_tied_head
         return linear(hidden, weight).float()
+
+    def pack_weights(self) -> None:
+        """Once the weights are final: every GEMM weight into the CPU GEMM's packed layout (a no-op on
+        other devices and dtypes). A tied LM head gets its own packed copy of the embedding (the lookup
+        needs the plain one): vocab x hidden more bytes, stated by the engine's memory line."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()
+        if self.lm_head is None and can_pack_linear_weight(self.embed_tokens.weight):
+            self._packed_tied_head = pack_linear_weight(self.embed_tokens.weight)
 
     # ---- weights ---------------------------------------------------------------------------------
 
@@ -157,7 +172,7 @@ class _Attention(nn.Module):
             self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype=dtype)
         self.rope: RotaryEmbedding  # set by the model once the tables exist on its device
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+    def forward(self, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = h.shape[0]
         qkv = self.qkv_proj(h)  # (num_tokens, q_size + 2 * kv_size)
@@ -167,7 +182,7 @@ class _Attention(nn.Module):
             num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, head_dim)
         if self.qk_norm:
             qk = torch.cat((self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])), dim=1)
-        qk = self.rope(qk, positions)  # (T, H + Hkv, head_dim)
+        qk = self.rope.apply(qk, cos_sin)  # (T, H + Hkv, head_dim)
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]  # (T, H, head_dim), (T, Hkv, head_dim)
         out = paged_attention(q, k, v, kv_cache, meta, self.scale)  # (T, H, head_dim)
         return self.o_proj(out.reshape(num_tokens, self.q_size))  # (T, hidden_size)
@@ -193,10 +208,10 @@ class _DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype=dtype)
         self.mlp = _MLP(arch, dtype)
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         residual = h if residual is None else h + residual
-        h = self.self_attn(self.input_layernorm(residual), positions, kv_cache, meta)
+        h = self.self_attn(self.input_layernorm(residual), cos_sin, kv_cache, meta)
         residual = h + residual
         h = self.mlp(self.post_attention_layernorm(residual))
         return h, residual
