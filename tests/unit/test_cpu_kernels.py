@@ -85,3 +85,50 @@ def test_paged_attention_decode_same_with_and_without_kernel(monkeypatch, use_ke
     out = paged_attention(q, k, v, cache, meta, 0.25)
     tables = torch.tensor([[7, 1, 12], [4, 0, 0]])
     torch.testing.assert_close(out, _reference(q, cache, tables, torch.tensor(lens), 0.25))
+
+
+def _hf_rms_norm(x, weight, eps):
+    """Hugging Face's LlamaRMSNorm: float32 statistics, cast back, then the weight."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rms_norm_kernels_match_hugging_face(dtype):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(37, 576, generator=g).to(dtype)
+    residual = torch.randn(37, 576, generator=g).to(dtype)
+    weight = (1 + 0.1 * torch.randn(576, generator=g)).to(dtype)
+    # float32: to rounding; narrower dtypes: one ulp at most (the sum of squares is accumulated in
+    # another order, which may move a value across a rounding boundary).
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-3, rtol=8e-3)
+    out = torch.empty_like(x)
+    ops.rms_norm(out, x, weight, 1e-5)
+    torch.testing.assert_close(out, _hf_rms_norm(x, weight, 1e-5), **tol)
+    want_residual = x + residual
+    want = _hf_rms_norm(want_residual, weight, 1e-5)
+    x2, r2 = x.clone(), residual.clone()
+    ops.fused_add_rms_norm(x2, r2, weight, 1e-5)
+    torch.testing.assert_close(r2, want_residual, atol=0, rtol=0)
+    torch.testing.assert_close(x2, want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_matches_torch(dtype):
+    g = torch.Generator().manual_seed(3)
+    x = (4 * torch.randn(9, 2 * 1536, generator=g)).to(dtype)
+    out = torch.empty(9, 1536, dtype=dtype)
+    ops.silu_and_mul(out, x)
+    gate, up = x.chunk(2, dim=-1)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-3, rtol=1.6e-2)  # 1-2 ulps
+    torch.testing.assert_close(out, F.silu(gate) * up, **tol)
+
+
+def test_layer_kernels_reject_bad_inputs():
+    with pytest.raises(RuntimeError, match="weight"):
+        ops.rms_norm(torch.empty(2, 8), torch.randn(2, 8), torch.ones(7), 1e-5)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        ops.rms_norm(torch.empty(2, 8), torch.randn(2, 8), torch.ones(8, dtype=torch.bfloat16), 1e-5)
+    with pytest.raises(RuntimeError, match="half the last dimension"):
+        ops.silu_and_mul(torch.empty(2, 8), torch.randn(2, 8))

@@ -45,7 +45,7 @@ class ModelRunner:
         if not sampled_chunks:
             return {}, {}
         rows = torch.tensor(sample_rows, dtype=torch.long).to(self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))  # (num_sampled, vocab)
+        logits = self.model.logits(hidden.index_select(0, rows))  # (num_sampled, vocab), model dtype
         requests = [c.request for c in sampled_chunks]
         out = self.sampler(logits, requests)
         tokens = {r.request_id: t for r, t in zip(requests, out.token_ids)}

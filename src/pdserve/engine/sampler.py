@@ -36,16 +36,24 @@ class Sampler:
         torch.empty(vocab_size, device=self.device).exponential_(generator=self._generator(request))
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        """logits: (num_requests, vocab) float32, row i belongs to ``requests[i]``."""
+        """logits: (num_requests, vocab) in any float dtype, row i belongs to ``requests[i]``. Widened to
+        float32 unless every request is plain greedy (argmax is the same in the narrower dtype: widening
+        is exact)."""
+        want_logprobs = [r.sampling_params.logprobs is not None for r in requests]
+        greedy = [r.sampling_params.is_greedy for r in requests]
+        plain = all(greedy) and not any(want_logprobs) and not any(
+            r.sampling_params.has_penalties or r.num_output_tokens < r.sampling_params.min_tokens for r in requests)
+        if plain:  # max().indices: the first maximum, like argmax, and 4x faster for bfloat16 on CPU
+            return SamplerOutput(logits.max(dim=-1).indices.tolist(), [None] * len(requests))
         logits = logits.float()
         self._apply_penalties(logits, requests)
         self._apply_min_tokens(logits, requests)
-        want_logprobs = [r.sampling_params.logprobs is not None for r in requests]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
 
-        greedy = [r.sampling_params.is_greedy for r in requests]
         tokens = torch.empty(len(requests), dtype=torch.long, device=logits.device)
-        if any(greedy):
+        if all(greedy):
+            tokens = logits.argmax(dim=-1)
+        elif any(greedy):
             rows = torch.tensor([i for i, g in enumerate(greedy) if g], device=logits.device)
             tokens[rows] = logits[rows].argmax(dim=-1)
         if not all(greedy):

@@ -1,7 +1,8 @@
 """C++ kernels for the CPU, built on first use by PyTorch's extension builder and cached on disk.
 
 The engine runs without them (plain PyTorch, on every device); with them, decode attention reads K/V
-blocks where they lie in the paged cache (``cpu_attention.cpp``). The build takes a few seconds once per
+blocks where they lie in the paged cache (``cpu_attention.cpp``), and residual add + RMSNorm and
+SiLU-and-multiply each take one pass over memory instead of several ops (``cpu_layers.cpp``). The build takes a few seconds once per
 machine, source and torch version (its folder's name is a digest of all three, so ``-march=native`` never
 runs on a CPU it was not built for), under ``$PDSERVE_CACHE/kernels``. ``PDSERVE_CPU_KERNELS=0`` turns
 them off; a failed build (no C++ compiler, say) logs one warning and the fallback is used.
@@ -21,7 +22,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = (Path(__file__).with_name("cpu_attention.cpp"),)
+_SOURCES = (Path(__file__).with_name("cpu_attention.cpp"), Path(__file__).with_name("cpu_layers.cpp"))
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # OpenMP: at::parallel_for uses torch's pool
 _LDFLAGS = ["-fopenmp"]
 

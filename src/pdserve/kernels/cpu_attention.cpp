@@ -18,6 +18,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 inline float to_float(float x) { return x; }
@@ -34,6 +38,26 @@ inline void to_float_row(const T* __restrict src, float* __restrict dst, int64_t
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
 }
+
+#if defined(__AVX512BF16__)
+// a . b for bfloat16 rows of HEAD_DIM (a multiple of 32) elements: products exact, sums in float32, by
+// the CPU's bfloat16 dot-product instruction (no conversion of the K row).
+template <int64_t HEAD_DIM>
+inline float dot_bf16(const c10::BFloat16* a, const c10::BFloat16* b) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < HEAD_DIM; d += 32)
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + d), (__m512bh)_mm512_loadu_si512(b + d));
+  return _mm512_reduce_add_ps(acc);
+}
+template <typename Q, typename C, int64_t HEAD_DIM>
+constexpr bool kDotBf16 = std::is_same_v<Q, c10::BFloat16> && std::is_same_v<C, c10::BFloat16> &&
+                          HEAD_DIM > 0 && HEAD_DIM % 32 == 0;
+#else
+template <typename Q, typename C, int64_t HEAD_DIM>
+constexpr bool kDotBf16 = false;
+template <int64_t HEAD_DIM>
+inline float dot_bf16(const c10::BFloat16*, const c10::BFloat16*) { return 0.f; }
+#endif
 
 // HEAD_DIM > 0 fixes head_dim at compile time (unrolled, vectorized inner loops); 0 reads it at run time.
 template <typename Q, typename C, int64_t HEAD_DIM>
@@ -71,6 +95,14 @@ void decode_attention(Q* __restrict out, const Q* __restrict q, const C* __restr
       for (int64_t t0 = 0; t0 < len; t0 += block_size) {
         const C* kb = k_cache + table[t0 / block_size] * block_stride + kv0 * head_dim;
         const int64_t n = std::min(block_size, len - t0);
+        if constexpr (kDotBf16<Q, C, HEAD_DIM>) {
+          for (int64_t i = 0; i < n; ++i) {
+            const C* krow = kb + i * token_stride;
+            for (int64_t h = 0; h < max_q; ++h)
+              s[h * len + t0 + i] = scale * dot_bf16<HEAD_DIM>(q + (head0 + h) * head_dim, krow + (h / group) * head_dim);
+          }
+          continue;
+        }
         for (int64_t i = 0; i < n; ++i) {
           to_float_row(kb + i * token_stride, row.data(), row_len);
           for (int64_t h = 0; h < max_q; ++h) {

@@ -52,6 +52,14 @@ class Linear(nn.Linear):
             self.weight = nn.Parameter(pack_linear_weight(self.weight), requires_grad=False)
 
 
+def _cpu_ops(x: torch.Tensor):
+    """The CPU kernels for ``x``, or None (another device, or the kernels off)."""
+    if x.device.type != "cpu":
+        return None
+    from pdserve.kernels import cpu_ops
+    return cpu_ops()
+
+
 class RMSNorm(nn.Module):
     """RMSNorm as Hugging Face computes it: normalize in float32, cast back, then scale by the weight."""
 
@@ -63,9 +71,34 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = _cpu_ops(x)
+        if ops is not None and x.is_contiguous():
+            out = torch.empty_like(x)
+            ops.rms_norm(out, x, self.weight, self.eps)
+            return out
         if x.dtype == torch.float32:
             return F.rms_norm(x, (self.dim,), self.weight, self.eps)
         return F.rms_norm(x.float(), (self.dim,), None, self.eps).to(x.dtype) * self.weight
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``residual + x`` and its norm: (normed, new residual). May update ``x`` and ``residual`` in place."""
+        ops = _cpu_ops(x)
+        if ops is not None and x.is_contiguous() and residual.is_contiguous():
+            ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return x, residual
+        residual = x + residual
+        return self.forward(residual), residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``x = [gate | up]`` along the last dimension."""
+    ops = _cpu_ops(x)
+    if ops is not None and x.is_contiguous():
+        out = x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+        ops.silu_and_mul(out, x)
+        return out
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class RotaryEmbedding:

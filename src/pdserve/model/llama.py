@@ -10,14 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pdserve.errors import ModelLoadError
 from pdserve.model.arch import ModelArch
 from pdserve.model.attention import AttentionMetadata, paged_attention
 from pdserve.model.layers import Linear, RMSNorm, RotaryEmbedding, can_pack_linear_weight, linear, \
-    pack_linear_weight
+    pack_linear_weight, silu_and_mul
 
 
 class LlamaForCausalLM(nn.Module):
@@ -57,14 +56,18 @@ class LlamaForCausalLM(nn.Module):
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             h, residual = layer(h, residual, cos_sin, kv_cache, meta)
-        return self.norm(h + residual)
+        return self.norm.add_forward(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (num_rows, hidden_size) -> (num_rows, vocab_size) float32."""
+        return self.logits(hidden).float()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``compute_logits`` in the model's dtype (the sampler widens them only where it must)."""
         if self.lm_head is not None:
-            return self.lm_head(hidden).float()
+            return self.lm_head(hidden)
         weight = self.embed_tokens.weight if self._packed_tied_head is None else self._packed_tied_head
-        return linear(hidden, weight).float()
+        return linear(hidden, weight)
 
     def pack_weights(self) -> None:
         """Once the weights are final: every GEMM weight into the CPU GEMM's packed layout (a no-op on
@@ -196,8 +199,8 @@ class _MLP(nn.Module):
         self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, bias=False, dtype=dtype)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(h).split(self.intermediate_size, dim=-1)  # each (T, intermediate)
-        return self.down_proj(F.silu(gate) * up)  # (T, hidden_size)
+        gate_up = self.gate_up_proj(h)  # (T, 2 * intermediate): [gate | up]
+        return self.down_proj(silu_and_mul(gate_up))  # (T, hidden_size)
 
 
 class _DecoderLayer(nn.Module):
@@ -210,8 +213,10 @@ class _DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        residual = h if residual is None else h + residual
-        h = self.self_attn(self.input_layernorm(residual), cos_sin, kv_cache, meta)
-        residual = h + residual
-        h = self.mlp(self.post_attention_layernorm(residual))
-        return h, residual
+        if residual is None:
+            residual, normed = h, self.input_layernorm(h)
+        else:
+            normed, residual = self.input_layernorm.add_forward(h, residual)
+        h = self.self_attn(normed, cos_sin, kv_cache, meta)
+        normed, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(normed), residual

@@ -1,0 +1,133 @@
+// Fused element-wise layers on CPU, one pass over memory each where PyTorch takes several ops:
+// residual add + RMSNorm, RMSNorm, and SiLU(gate) * up. Rounding follows Hugging Face's modules in the
+// model's dtype: the residual sum is rounded to the dtype, the norm is computed in float32 and rounded
+// before the weight multiplies it, SiLU is rounded before the product.
+//
+// Registered as torch.ops.pdserve.{fused_add_rms_norm, rms_norm, silu_and_mul}.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline T round_to(float x) { return static_cast<T>(x); }
+
+inline float f32(float x) { return x; }
+inline float f32(c10::BFloat16 x) { return static_cast<float>(x); }
+inline float f32(c10::Half x) { return static_cast<float>(x); }
+
+// One row: residual (if given) += x, then out = weight * dtype(norm(residual or x)).
+template <typename T>
+inline void norm_row(T* __restrict out, const T* __restrict x, T* __restrict residual, const T* __restrict weight,
+                     int64_t n, float eps, float* __restrict buf) {
+  float sq = 0.f;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t i = 0; i < n; ++i) {
+    float v = f32(x[i]);
+    if (residual != nullptr) {
+      const T sum = round_to<T>(v + f32(residual[i]));
+      residual[i] = sum;
+      v = f32(sum);
+    }
+    buf[i] = v;
+    sq += v * v;
+  }
+  const float inv = 1.f / std::sqrt(sq / static_cast<float>(n) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = round_to<T>(f32(weight[i]) * f32(round_to<T>(buf[i] * inv)));
+}
+
+template <typename T>
+void norm_rows(T* out, const T* x, T* residual, const T* weight, int64_t rows, int64_t n, float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(n);
+    for (int64_t r = begin; r < end; ++r)
+      norm_row(out + r * n, x + r * n, residual == nullptr ? nullptr : residual + r * n, weight, n, eps, buf.data());
+  });
+}
+
+void check_rows(const at::Tensor& t, const at::Tensor& weight, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), name, " must be a contiguous CPU tensor");
+  TORCH_CHECK(t.dim() >= 1 && t.size(-1) == weight.numel() && weight.is_contiguous(),
+              name, "'s last dimension must equal the weight's size");
+  TORCH_CHECK(t.scalar_type() == weight.scalar_type(), name, " and weight must have one dtype");
+}
+
+template <typename F>
+void dispatch(at::ScalarType type, const char* op, F&& f) {
+  switch (type) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", type);
+  }
+}
+
+// In place: residual += x; x = weight * rms_norm(residual).
+void fused_add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps) {
+  check_rows(x, weight, "x");
+  check_rows(residual, weight, "residual");
+  TORCH_CHECK(x.sizes() == residual.sizes(), "x and residual must have one shape");
+  const int64_t n = weight.numel(), rows = x.numel() / n;
+  dispatch(x.scalar_type(), "fused_add_rms_norm", [&](auto tag) {
+    using T = decltype(tag);
+    norm_rows<T>(x.data_ptr<T>(), x.data_ptr<T>(), residual.data_ptr<T>(), weight.data_ptr<T>(), rows, n,
+                 static_cast<float>(eps));
+  });
+}
+
+// out = weight * rms_norm(x).
+void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows(x, weight, "x");
+  check_rows(out, weight, "out");
+  TORCH_CHECK(x.sizes() == out.sizes(), "x and out must have one shape");
+  const int64_t n = weight.numel(), rows = x.numel() / n;
+  dispatch(x.scalar_type(), "rms_norm", [&](auto tag) {
+    using T = decltype(tag);
+    norm_rows<T>(out.data_ptr<T>(), x.data_ptr<T>(), nullptr, weight.data_ptr<T>(), rows, n, static_cast<float>(eps));
+  });
+}
+
+// x: (rows, 2 * d) = [gate | up]; out: (rows, d) = dtype(silu(gate)) * up.
+void silu_and_mul(at::Tensor out, const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && out.is_contiguous(), "contiguous CPU tensors expected");
+  TORCH_CHECK(x.size(-1) % 2 == 0 && out.size(-1) * 2 == x.size(-1) && out.numel() * 2 == x.numel() &&
+              out.scalar_type() == x.scalar_type(), "out must be x's shape with half the last dimension");
+  const int64_t d = out.size(-1), rows = out.numel() / std::max<int64_t>(d, 1);
+  dispatch(x.scalar_type(), "silu_and_mul", [&](auto tag) {
+    using T = decltype(tag);
+    const T* in = x.data_ptr<T>();
+    T* o = out.data_ptr<T>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const T* __restrict gate = in + r * 2 * d;
+        const T* __restrict up = gate + d;
+        T* __restrict dst = o + r * d;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) {
+          const float g = f32(gate[i]);
+          dst[i] = round_to<T>(f32(round_to<T>(g / (1.f + std::exp(-g)))) * f32(up[i]));
+        }
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pdserve, m) {
+  m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  m.impl("fused_add_rms_norm", c10::DispatchKey::CPU, &fused_add_rms_norm);
+  m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
+  m.impl("rms_norm", c10::DispatchKey::CPU, &rms_norm);
+  m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
+  m.impl("silu_and_mul", c10::DispatchKey::CPU, &silu_and_mul);
+}
