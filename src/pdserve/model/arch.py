@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 # freq_factors: GGUF llama3, one divisor per frequency (the rope_freqs.weight tensor)
-ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "freq_factors")
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,10 @@ class ModelArch:
             rope_params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
             rope_theta = float(rope_params.pop("rope_theta", None) or config.get("rope_theta") or 10000.0)
             rope_scaling = _normalize_rope(rope_params)
+            if rope_scaling and rope_scaling["rope_type"] == "yarn" and rope_scaling.get("factor") is None:
+                # DeepSeek-style configs: the factor is the ratio of the context lengths
+                rope_scaling["factor"] = int(config["max_position_embeddings"]) / \
+                    float(rope_scaling["original_max_position_embeddings"])
             head_dim = config.get("head_dim") or hidden // num_heads
             eos = config.get("eos_token_id")
             window = config.get("sliding_window")

@@ -112,9 +112,10 @@ class RotaryEmbedding:
         inv_freq = rope_inv_freq(head_dim, theta, scaling)  # (head_dim // 2,) float32
         t = torch.arange(max_len, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)  # (max_len, head_dim // 2)
+        factor = rope_attention_factor(scaling)
         self.max_len = max_len
-        self.cos = freqs.cos().to(dtype=dtype, device=device)  # (max_len, head_dim // 2)
-        self.sin = freqs.sin().to(dtype=dtype, device=device)
+        self.cos = (freqs.cos() * factor).to(dtype=dtype, device=device)  # (max_len, head_dim // 2)
+        self.sin = (freqs.sin() * factor).to(dtype=dtype, device=device)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (num_tokens, 1, head_dim // 2) at ``positions``: once per step, shared by every layer."""
@@ -147,7 +148,48 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
         return inv_freq / factors
     if rope_type == "llama3":
         return _llama3_inv_freq(inv_freq, scaling)
+    if rope_type == "yarn":
+        return _yarn_inv_freq(head_dim, theta, scaling)
     raise ValueError(f"unsupported rope_type {rope_type!r}")
+
+
+def rope_attention_factor(scaling: dict[str, Any] | None) -> float:
+    """The factor YaRN multiplies cos and sin by (so q.k by its square); 1 for the other types."""
+    if not scaling or scaling.get("rope_type") != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor, mscale, mscale_all_dim = scaling["factor"], scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+    return _yarn_mscale(factor)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(head_dim: int, theta: float, s: dict[str, Any]) -> torch.Tensor:
+    """YaRN (arXiv 2309.00071): high-frequency dimensions kept, low-frequency ones interpolated by
+    ``factor``, a linear ramp between the dimensions that rotate ``beta_fast`` and ``beta_slow`` times over
+    the original context."""
+    factor = float(s["factor"])
+    old_len = float(s["original_max_position_embeddings"])
+    beta_fast, beta_slow = float(s.get("beta_fast") or 32), float(s.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate (divide it by factor)
+    return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
