@@ -32,6 +32,9 @@ TINY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False, rope_theta=10000.0, use_sliding_window=False)),
     "qwen3": ("Qwen3Config", dict(tie_word_embeddings=True, head_dim=32, rope_theta=10000.0,
                                   use_sliding_window=False)),
+    "mistral-sliding": ("MistralConfig", dict(tie_word_embeddings=False, sliding_window=6, rope_theta=10000.0)),
+    "qwen2-sliding": ("Qwen2Config", dict(tie_word_embeddings=False, rope_theta=10000.0, use_sliding_window=True,
+                                          sliding_window=5, max_window_layers=1)),
     "qwen3-yarn": ("Qwen3Config", dict(
         tie_word_embeddings=True, head_dim=32, use_sliding_window=False, max_position_embeddings=1024,
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,

@@ -43,10 +43,12 @@ def test_gguf_matches_transformers(tiny_models, tmp_path, name, qtype):
                                atol=1e-4, rtol=1e-4)
 
 
-def test_paged_steps_match_full_forward(tiny_models):
+@pytest.mark.parametrize("name", ["qwen2", "mistral-sliding", "qwen2-sliding"])
+def test_paged_steps_match_full_forward(tiny_models, name):
     """Chunked prefill, then decodes batched with another request's prefill, over the paged cache:
-    every step's logits equal transformers' logits on the full sequence at those positions."""
-    tiny = tiny_models["qwen2"]
+    every step's logits equal transformers' logits on the full sequence at those positions (also with a
+    sliding window shorter than the chunks, on every layer or on some)."""
+    tiny = tiny_models[name]
     model, _ = load_model(ModelConfig(model=str(tiny.hf_dir), dtype="float32", device="cpu"))
     ref = hf_logits(tiny.hf_model, PROMPT)
     other = PROMPT[::-1][:9]

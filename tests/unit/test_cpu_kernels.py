@@ -13,12 +13,16 @@ ops = kernels.cpu_ops()
 pytestmark = pytest.mark.skipif(ops is None, reason="CPU kernels could not be built here")
 
 
-def _reference(q, kv_cache, tables, lens, scale):
+def _reference(q, kv_cache, tables, lens, scale, window=0):
     num_seqs, max_blocks = tables.shape
     _, _, bs, hkv, d = kv_cache.shape
     k = kv_cache[0].index_select(0, tables.view(-1)).view(num_seqs, max_blocks * bs, hkv, d).transpose(1, 2)
     v = kv_cache[1].index_select(0, tables.view(-1)).view(num_seqs, max_blocks * bs, hkv, d).transpose(1, 2)
-    mask = (torch.arange(max_blocks * bs)[None, :] < lens[:, None])[:, None, None, :]
+    pos = torch.arange(max_blocks * bs)[None, :]
+    mask = pos < lens[:, None]
+    if window:
+        mask &= pos >= lens[:, None] - window
+    mask = mask[:, None, None, :]
     out = F.scaled_dot_product_attention(q.float().unsqueeze(2), k.float(), v.float(), attn_mask=mask, scale=scale,
                                          enable_gqa=True)
     return out.squeeze(2)
@@ -39,6 +43,22 @@ def test_decode_kernel_matches_sdpa(dtype, heads, kv_heads, head_dim):
     ops.paged_decode_attention(out, q, kv_cache, tables, lens, scale)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out.float(), _reference(q, kv_cache, tables, lens, scale), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [1, 5, 16, 33, 1000])
+def test_decode_kernel_sliding_window(dtype, window):
+    g = torch.Generator().manual_seed(window)
+    bs, num_blocks, heads, kv_heads, head_dim = 16, 64, 8, 2, 64
+    lens = torch.tensor([1, 7, 16, 17, 50, 100])
+    max_blocks = -(-int(lens.max()) // bs)
+    tables = torch.randperm(num_blocks, generator=g)[: len(lens) * max_blocks].view(len(lens), max_blocks)
+    kv_cache = torch.randn(2, num_blocks, bs, kv_heads, head_dim, generator=g).to(dtype)
+    q = torch.randn(len(lens), heads, head_dim, generator=g).to(dtype)
+    out = torch.empty_like(q)
+    ops.paged_decode_attention(out, q, kv_cache, tables, lens, 0.125, window)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), _reference(q, kv_cache, tables, lens, 0.125, window), atol=tol, rtol=tol)
 
 
 def test_decode_kernel_ignores_padding_blocks_and_reads_only_the_context():
@@ -69,7 +89,8 @@ def test_decode_kernel_rejects_bad_inputs():
 
 
 @pytest.mark.parametrize("use_kernel", [True, False])
-def test_paged_attention_decode_same_with_and_without_kernel(monkeypatch, use_kernel):
+@pytest.mark.parametrize("window", [None, 2, 5])
+def test_paged_attention_decode_same_with_and_without_kernel(monkeypatch, use_kernel, window):
     """The layer's decode path gives the same result through the kernel and through the SDPA fallback."""
     monkeypatch.setattr("pdserve.model.attention._cpu_ops", lambda: ops if use_kernel else None)
     g = torch.Generator().manual_seed(1)
@@ -82,9 +103,9 @@ def test_paged_attention_decode_same_with_and_without_kernel(monkeypatch, use_ke
                         torch.randn(n - 1, hkv, d, generator=g), cache, build_metadata([(0, n - 1, b)], bs), 0.25)
     q, k, v = torch.randn(2, h, d, generator=g), torch.randn(2, hkv, d, generator=g), torch.randn(2, hkv, d, generator=g)
     meta = build_metadata([(lens[0] - 1, 1, blocks[0]), (lens[1] - 1, 1, blocks[1])], bs)
-    out = paged_attention(q, k, v, cache, meta, 0.25)
+    out = paged_attention(q, k, v, cache, meta, 0.25, window)
     tables = torch.tensor([[7, 1, 12], [4, 0, 0]])
-    torch.testing.assert_close(out, _reference(q, cache, tables, torch.tensor(lens), 0.25))
+    torch.testing.assert_close(out, _reference(q, cache, tables, torch.tensor(lens), 0.25, window or 0))
 
 
 def _hf_rms_norm(x, weight, eps):

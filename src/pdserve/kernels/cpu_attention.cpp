@@ -65,7 +65,7 @@ void decode_attention(Q* __restrict out, const Q* __restrict q, const C* __restr
                       const C* __restrict v_cache, const int64_t* __restrict tables,
                       const int64_t* __restrict lens, int64_t num_seqs, int64_t num_heads,
                       int64_t num_kv_heads, int64_t runtime_head_dim, int64_t block_size, int64_t max_blocks,
-                      float scale) {
+                      float scale, int64_t window) {
   const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : runtime_head_dim;
   const int64_t group = num_heads / num_kv_heads;
   const int64_t token_stride = num_kv_heads * head_dim;     // elements between two tokens of a block
@@ -81,7 +81,11 @@ void decode_attention(Q* __restrict out, const Q* __restrict q, const C* __restr
     std::vector<float> scores;  // (query heads of the item, context_len)
     for (int64_t item = begin; item < end; ++item) {
       const int64_t seq = item / items_per_seq, kv0 = (item % items_per_seq) * heads_per_item;
-      const int64_t len = lens[seq];
+      // Attend to positions [first, end): the whole context, or its last `window` tokens. Scores are
+      // indexed from `first`; the loops below walk whole blocks and skip the positions before it.
+      const int64_t end_pos = lens[seq];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, end_pos - window) : 0;
+      const int64_t len = end_pos - first;
       const int64_t* table = tables + seq * max_blocks;
       const int64_t head0 = seq * num_heads + kv0 * group;  // first query head of the item
       const int64_t row_len = heads_per_item * head_dim;
@@ -91,19 +95,22 @@ void decode_attention(Q* __restrict out, const Q* __restrict q, const C* __restr
       }
       scores.resize(max_q * len);
       float* __restrict s = scores.data();
-      // Scores: q . k for every context token, block by block.
-      for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-        const C* kb = k_cache + table[t0 / block_size] * block_stride + kv0 * head_dim;
-        const int64_t n = std::min(block_size, len - t0);
+      // Scores: q . k for every context token, block by block. Token p0 + i of a block has score index
+      // p0 + i - first; t0 below is that index of the block's first token (negative in the first block of a
+      // window that starts inside it, whose earlier tokens are skipped).
+      for (int64_t p0 = first - first % block_size; p0 < end_pos; p0 += block_size) {
+        const C* kb = k_cache + table[p0 / block_size] * block_stride + kv0 * head_dim;
+        const int64_t i0 = std::max<int64_t>(0, first - p0), n = std::min(block_size, end_pos - p0);
+        const int64_t t0 = p0 - first;
         if constexpr (kDotBf16<Q, C, HEAD_DIM>) {
-          for (int64_t i = 0; i < n; ++i) {
+          for (int64_t i = i0; i < n; ++i) {
             const C* krow = kb + i * token_stride;
             for (int64_t h = 0; h < max_q; ++h)
               s[h * len + t0 + i] = scale * dot_bf16<HEAD_DIM>(q + (head0 + h) * head_dim, krow + (h / group) * head_dim);
           }
           continue;
         }
-        for (int64_t i = 0; i < n; ++i) {
+        for (int64_t i = i0; i < n; ++i) {
           to_float_row(kb + i * token_stride, row.data(), row_len);
           for (int64_t h = 0; h < max_q; ++h) {
             const float* __restrict qh = qf.data() + h * head_dim;
@@ -130,10 +137,11 @@ void decode_attention(Q* __restrict out, const Q* __restrict q, const C* __restr
       }
       // Values: probability-weighted sum of V rows.
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-        const C* vb = v_cache + table[t0 / block_size] * block_stride + kv0 * head_dim;
-        const int64_t n = std::min(block_size, len - t0);
-        for (int64_t i = 0; i < n; ++i) {
+      for (int64_t p0 = first - first % block_size; p0 < end_pos; p0 += block_size) {
+        const C* vb = v_cache + table[p0 / block_size] * block_stride + kv0 * head_dim;
+        const int64_t i0 = std::max<int64_t>(0, first - p0), n = std::min(block_size, end_pos - p0);
+        const int64_t t0 = p0 - first;
+        for (int64_t i = i0; i < n; ++i) {
           to_float_row(vb + i * token_stride, row.data(), row_len);
           for (int64_t h = 0; h < max_q; ++h) {
             const float p = s[h * len + t0 + i];
@@ -154,7 +162,7 @@ void decode_attention(Q* __restrict out, const Q* __restrict q, const C* __restr
 
 template <typename Q>
 void dispatch_cache(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
-                    const at::Tensor& tables, const at::Tensor& lens, double scale) {
+                    const at::Tensor& tables, const at::Tensor& lens, double scale, int64_t window) {
   const int64_t num_blocks = kv_cache.size(1), block_size = kv_cache.size(2);
   const int64_t half = num_blocks * block_size * kv_cache.size(3) * kv_cache.size(4);
   auto run = [&](auto* cache) {
@@ -163,7 +171,7 @@ void dispatch_cache(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_c
                 : q.size(2) == 128 ? decode_attention<Q, C, 128> : decode_attention<Q, C, 0>;
     kernel(out.data_ptr<Q>(), q.data_ptr<Q>(), cache, cache + half, tables.data_ptr<int64_t>(),
            lens.data_ptr<int64_t>(), q.size(0), q.size(1), kv_cache.size(3), q.size(2), block_size,
-           tables.size(1), static_cast<float>(scale));
+           tables.size(1), static_cast<float>(scale), window);
   };
   switch (kv_cache.scalar_type()) {
     case at::kFloat: run(kv_cache.data_ptr<float>()); break;
@@ -174,23 +182,26 @@ void dispatch_cache(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_c
 }
 
 // out, q: (num_seqs, num_heads, head_dim); kv_cache: (2, num_blocks, block_size, num_kv_heads, head_dim);
-// block_tables: (num_seqs, max_blocks) int64; context_lens: (num_seqs,) int64, each >= 1.
+// block_tables: (num_seqs, max_blocks) int64; context_lens: (num_seqs,) int64, each >= 1; window: attend to
+// the last `window` positions only (0: all).
 void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& kv_cache,
-                            const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+                            const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                            int64_t window) {
   TORCH_CHECK(q.device().is_cpu() && kv_cache.device().is_cpu(), "paged_decode_attention runs on CPU tensors");
   TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5 && kv_cache.size(0) == 2, "bad shapes");
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && kv_cache.is_contiguous(), "inputs must be contiguous");
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), "out must match q");
   TORCH_CHECK(q.size(1) % kv_cache.size(3) == 0, "num_heads must be a multiple of num_kv_heads");
   TORCH_CHECK(q.size(2) == kv_cache.size(4), "head_dim of q and cache differ");
+  TORCH_CHECK(window >= 0, "window must be >= 0 (0: no window)");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong &&
               block_tables.is_contiguous() && context_lens.is_contiguous() &&
               block_tables.size(0) == q.size(0) && context_lens.size(0) == q.size(0),
               "block_tables (num_seqs, max_blocks) and context_lens (num_seqs,) must be contiguous int64");
   switch (q.scalar_type()) {
-    case at::kFloat: dispatch_cache<float>(out, q, kv_cache, block_tables, context_lens, scale); break;
-    case at::kBFloat16: dispatch_cache<c10::BFloat16>(out, q, kv_cache, block_tables, context_lens, scale); break;
-    case at::kHalf: dispatch_cache<c10::Half>(out, q, kv_cache, block_tables, context_lens, scale); break;
+    case at::kFloat: dispatch_cache<float>(out, q, kv_cache, block_tables, context_lens, scale, window); break;
+    case at::kBFloat16: dispatch_cache<c10::BFloat16>(out, q, kv_cache, block_tables, context_lens, scale, window); break;
+    case at::kHalf: dispatch_cache<c10::Half>(out, q, kv_cache, block_tables, context_lens, scale, window); break;
     default: TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", q.scalar_type());
   }
 }
@@ -199,6 +210,6 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
 
 TORCH_LIBRARY(pdserve, m) {
   m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor kv_cache, Tensor block_tables, "
-        "Tensor context_lens, float scale) -> ()");
+        "Tensor context_lens, float scale, int window=0) -> ()");
   m.impl("paged_decode_attention", c10::DispatchKey::CPU, &paged_decode_attention);
 }

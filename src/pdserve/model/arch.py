@@ -39,6 +39,13 @@ class ModelArch:
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    sliding_window: int | None = None  # a query attends to at most this many latest tokens (itself included)
+    sliding_layers: tuple[bool, ...] = ()  # per layer: does the window apply (empty: every layer, if any)
+
+    def layer_window(self, layer: int) -> int | None:
+        if self.sliding_window is None or (self.sliding_layers and not self.sliding_layers[layer]):
+            return None
+        return self.sliding_window
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -105,10 +112,7 @@ class ModelArch:
                     float(rope_scaling["original_max_position_embeddings"])
             head_dim = config.get("head_dim") or hidden // num_heads
             eos = config.get("eos_token_id")
-            window = config.get("sliding_window")
-            if window and (model_type == "mistral" or config.get("use_sliding_window")):
-                logger.warning("sliding-window attention (window %d) is not implemented: attention is full; "
-                               "outputs differ from the reference past %d tokens", window, window)
+            window, sliding_layers = _hf_sliding_window(config, model_type)
             return cls(
                 architecture=model_type,
                 vocab_size=int(config["vocab_size"]),
@@ -127,6 +131,8 @@ class ModelArch:
                 qk_norm=model_type == "qwen3",
                 bos_token_id=config.get("bos_token_id"),
                 eos_token_ids=_as_id_tuple(eos),
+                sliding_window=window,
+                sliding_layers=sliding_layers,
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json lacks required field {e.args[0]!r}") from e
@@ -216,6 +222,26 @@ def reversed_shape(tensor: Any) -> tuple[int, ...]:
 
 
 # ---- private helpers -------------------------------------------------------------------------------
+
+
+def _hf_sliding_window(config: dict[str, Any], model_type: str) -> tuple[int | None, tuple[bool, ...]]:
+    """The window and which layers it applies to, as transformers reads them: ``layer_types`` when the
+    config lists them; else Mistral windows every layer, Qwen2 (``use_sliding_window``) the layers from
+    ``max_window_layers`` on."""
+    window = config.get("sliding_window")
+    if not window:
+        return None, ()
+    layer_types = config.get("layer_types")
+    if layer_types:
+        sliding = tuple(t == "sliding_attention" for t in layer_types)
+        return (int(window), sliding) if any(sliding) else (None, ())
+    if model_type == "mistral":
+        return int(window), ()
+    if config.get("use_sliding_window"):
+        first = int(config.get("max_window_layers", 0))
+        sliding = tuple(i >= first for i in range(int(config["num_hidden_layers"])))
+        return (int(window), sliding) if any(sliding) else (None, ())
+    return None, ()
 
 
 def _normalize_rope(params: dict[str, Any]) -> dict[str, Any] | None:

@@ -79,8 +79,9 @@ def build_metadata(chunks: list[tuple[int, int, list[int]]], block_size: int,
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Write this step's K/V into the cache, then attend.
+                    meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
+    """Write this step's K/V into the cache, then attend (to the ``window`` latest tokens only, itself
+    included, when a sliding window is given).
 
     q: (num_tokens, num_heads, head_dim); k, v: (num_tokens, num_kv_heads, head_dim);
     kv_cache: (2, num_blocks, block_size, num_kv_heads, head_dim). Returns (num_tokens, num_heads, head_dim).
@@ -94,15 +95,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     for p in meta.prefills:
         rows = slice(p.token_start, p.token_start + p.num_tokens)
         qi = q[rows].transpose(0, 1).unsqueeze(0)  # (1, num_heads, num_tokens, head_dim)
-        if p.context_blocks is None:
+        if p.context_blocks is None and (window is None or p.num_tokens <= window):
             ki = k[rows].transpose(0, 1).unsqueeze(0)  # (1, num_kv_heads, num_tokens, head_dim)
             vi = v[rows].transpose(0, 1).unsqueeze(0)
             oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
         else:
             ctx_len = p.context_start + p.num_tokens
-            ki = _gather(k_cache, p.context_blocks, q.dtype)[:ctx_len]  # (ctx, num_kv_heads, head_dim)
-            vi = _gather(v_cache, p.context_blocks, q.dtype)[:ctx_len]
+            if p.context_blocks is None:
+                ki, vi = k[rows], v[rows]
+            else:
+                ki = _gather(k_cache, p.context_blocks, q.dtype)[:ctx_len]  # (ctx, num_kv_heads, head_dim)
+                vi = _gather(v_cache, p.context_blocks, q.dtype)[:ctx_len]
             mask = torch.ones(p.num_tokens, ctx_len, dtype=torch.bool, device=q.device).tril(p.context_start)
+            if window is not None:  # query i (at position context_start + i) sees keys j > position - window
+                mask &= ~mask.tril(p.context_start - window)
             oi = F.scaled_dot_product_attention(qi, ki.transpose(0, 1).unsqueeze(0), vi.transpose(0, 1).unsqueeze(0),
                                                 attn_mask=mask, scale=scale, enable_gqa=True)
         out[rows] = oi.squeeze(0).transpose(0, 1)
@@ -112,15 +118,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         ops = _cpu_ops() if q.device.type == "cpu" else None
         if ops is not None:
             ops.paged_decode_attention(out[rows], q[rows].contiguous(), kv_cache, meta.decode_block_tables,
-                                       meta.decode_context_lens, scale)
+                                       meta.decode_context_lens, scale, window or 0)
             return out
         qd = q[rows].unsqueeze(2)  # (num_decodes, num_heads, 1, head_dim)
         kd = _gather(k_cache, meta.decode_block_tables.view(-1), q.dtype).view(
             num_decodes, max_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)  # (B, kv, ctx, hd)
         vd = _gather(v_cache, meta.decode_block_tables.view(-1), q.dtype).view(
             num_decodes, max_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale,
-                                            enable_gqa=True)
+        mask = meta.decode_mask
+        if window is not None:
+            first = (meta.decode_context_lens - window)[:, None, None, None]  # earliest position seen
+            mask = mask & (torch.arange(mask.shape[-1], device=q.device) >= first)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
         out[rows] = od.squeeze(2)
     return out
 

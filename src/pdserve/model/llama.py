@@ -32,7 +32,8 @@ class LlamaForCausalLM(nn.Module):
         self.max_model_len = max_model_len or arch.max_position_embeddings
         with torch.device("meta"):  # no init work: every weight is written by a loader
             self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, dtype=dtype)
-            self.layers = nn.ModuleList(_DecoderLayer(arch, dtype) for _ in range(arch.num_layers))
+            self.layers = nn.ModuleList(_DecoderLayer(arch, dtype, arch.layer_window(i))
+                                        for i in range(arch.num_layers))
             self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype=dtype)
             self.lm_head = None if arch.tie_word_embeddings else \
                 Linear(arch.hidden_size, arch.vocab_size, bias=False, dtype=dtype)
@@ -161,8 +162,9 @@ class LlamaForCausalLM(nn.Module):
 
 
 class _Attention(nn.Module):
-    def __init__(self, arch: ModelArch, dtype: torch.dtype) -> None:
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, window: int | None) -> None:
         super().__init__()
+        self.window = window
         self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
         self.q_size, self.kv_size = arch.q_size, arch.kv_size
         self.scale = arch.head_dim ** -0.5
@@ -187,7 +189,7 @@ class _Attention(nn.Module):
             qk = torch.cat((self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])), dim=1)
         qk = self.rope.apply(qk, cos_sin)  # (T, H + Hkv, head_dim)
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]  # (T, H, head_dim), (T, Hkv, head_dim)
-        out = paged_attention(q, k, v, kv_cache, meta, self.scale)  # (T, H, head_dim)
+        out = paged_attention(q, k, v, kv_cache, meta, self.scale, self.window)  # (T, H, head_dim)
         return self.o_proj(out.reshape(num_tokens, self.q_size))  # (T, hidden_size)
 
 
@@ -204,10 +206,10 @@ class _MLP(nn.Module):
 
 
 class _DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, dtype: torch.dtype) -> None:
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, window: int | None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype=dtype)
-        self.self_attn = _Attention(arch, dtype)
+        self.self_attn = _Attention(arch, dtype, window)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype=dtype)
         self.mlp = _MLP(arch, dtype)
 
