@@ -40,6 +40,8 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-timeout", type=float, default=30.0)
     p.add_argument("--no-pin", action="store_true", help="do not pin each worker to its own core")
     p.add_argument("--enable-debug-endpoints", action="store_true")
+    p.add_argument("--trace-dir", default=None,
+                   help="every process writes an event trace here (for `pdserve profile --live`)")
     add_engine_args(p)
 
 

@@ -111,6 +111,8 @@ class LocalCluster:
                 "--worker-id", f"{role}-{i}", *engine_args_to_argv(self.args)]
         if cpus is not None:
             argv += ["--cpus", cpus]
+        if self.args.trace_dir:
+            argv += ["--trace-file", str(Path(self.args.trace_dir) / f"worker-{role}-{i}.jsonl")]
         self.children.append(Child(f"worker {role}-{i}", _spawn(argv), ready))
         logger.info("started worker %s-%d%s", role, i, f" on core {cpus}" if cpus is not None else "")
 
@@ -126,6 +128,8 @@ class LocalCluster:
             argv += ["--api-key", a.api_key]
         if a.enable_debug_endpoints:
             argv.append("--enable-debug-endpoints")
+        if a.trace_dir:
+            argv += ["--trace-file", str(Path(a.trace_dir) / "frontend.jsonl")]
         self.children.append(Child("frontend", _spawn(argv)))
 
     def _wait_ready(self, child: Child, deadline: float) -> None:
