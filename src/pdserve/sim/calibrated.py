@@ -2,8 +2,10 @@
 
 step_time = c0 + c1 * prefill_tokens + c2 * prefill_attention + c3 * decodes + c4 * decode_context
 (``BatchShape.features``), coefficients >= 0 found by non-negative least squares on measured steps.
-The file is JSON: {"kind": "calibrated", "features": [...], "coef": [...], "model", "hardware", "tp",
-"fit": {"r2", "mape", "num_samples"}, "created_by"}.
+The file is JSON: {"kind": "calibrated", "version": 2, "features": [...], "coef": [...], "model",
+"hardware", "tp", "fit": {"r2", "mape", "num_samples"}, "created_by", "overheads": {...} or absent}.
+Version 2 added ``overheads`` (``sim.overheads.Overheads``, fitted by ``pdserve profile --live``); files
+without a version are version 1 and load with no overheads.
 """
 from __future__ import annotations
 
@@ -12,17 +14,20 @@ from pathlib import Path
 
 import numpy as np
 
+from pdserve.sim.overheads import Overheads
 from pdserve.sim.perf_model import BatchShape, PerfModel
 
 FEATURES = ("constant", "prefill_tokens", "prefill_attention", "decodes", "decode_context")
+FILE_VERSION = 2
 
 
 class CalibratedPerfModel(PerfModel):
-    def __init__(self, coef: list[float], meta: dict | None = None) -> None:
+    def __init__(self, coef: list[float], meta: dict | None = None, overheads: Overheads | None = None) -> None:
         if len(coef) != len(FEATURES) or any(c < 0 for c in coef):
             raise ValueError(f"a calibrated model needs {len(FEATURES)} non-negative coefficients, got {coef}")
         self.coef = [float(c) for c in coef]
         self.meta = dict(meta or {})
+        self.overheads = overheads
 
     def step_time_s(self, shape: BatchShape) -> float:
         if shape.num_tokens == 0:
@@ -32,11 +37,22 @@ class CalibratedPerfModel(PerfModel):
                 + c[4] * shape.decode_ctx)
 
     def describe(self) -> dict[str, object]:
-        return {"kind": "calibrated", **{k: v for k, v in self.meta.items() if k != "samples"}}
+        out = {"kind": "calibrated", **{k: v for k, v in self.meta.items() if k not in ("samples", "live")}}
+        if self.overheads is not None:
+            out["overheads"] = self.overheads.to_dict()
+        return out
+
+    def with_overheads(self, overheads: Overheads | None, meta: dict | None = None) -> CalibratedPerfModel:
+        """The same step model with other overheads (and extra metadata)."""
+        return CalibratedPerfModel(self.coef, {**self.meta, **(meta or {})}, overheads)
 
     # -- files -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"kind": "calibrated", "features": list(FEATURES), "coef": self.coef, **self.meta}
+        out = {"kind": "calibrated", "version": FILE_VERSION, "features": list(FEATURES), "coef": self.coef,
+               **self.meta}
+        if self.overheads is not None:
+            out["overheads"] = self.overheads.to_dict()
+        return out
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -53,8 +69,13 @@ class CalibratedPerfModel(PerfModel):
                 from e
         if not isinstance(data, dict) or data.get("kind") != "calibrated" or list(data.get("features", [])) != list(FEATURES):
             raise ValueError(f"{path} is not a calibrated perf model written by `pdserve profile`")
-        meta = {k: v for k, v in data.items() if k not in ("kind", "features", "coef")}
-        return cls(data["coef"], meta)
+        version = data.get("version", 1)
+        if version not in (1, FILE_VERSION):
+            raise ValueError(f"{path}: calibrated perf model version {version} is newer than this pdserve "
+                             f"reads (up to {FILE_VERSION})")
+        overheads = Overheads.from_dict(data["overheads"]) if data.get("overheads") is not None else None
+        meta = {k: v for k, v in data.items() if k not in ("kind", "version", "features", "coef", "overheads")}
+        return cls(data["coef"], meta, overheads)
 
 
 def fit(shapes: list[BatchShape], times_s: list[float]) -> tuple[CalibratedPerfModel, dict]:

@@ -68,7 +68,12 @@ class BatchShape:
 
 class PerfModel(ABC):
     """Step time of one instance (a tensor-parallel group of cards). Pure and deterministic: the same
-    shape always gives the same time. An empty shape takes 0 s."""
+    shape always gives the same time. An empty shape takes 0 s.
+
+    ``overheads`` (``sim.overheads.Overheads``): time a live deployment spends outside steps, when the
+    model was calibrated against one (``pdserve profile --live``); None: steps only."""
+
+    overheads = None
 
     @abstractmethod
     def step_time_s(self, shape: BatchShape) -> float:
