@@ -104,7 +104,7 @@ class FrontendClient:
         self._tasks: list[asyncio.Task] = []
         self._ids = itertools.count()
         self._host = socket.gethostname()
-        self._trace = Tracer(options.trace_path, "frontend")
+        self._trace = Tracer(options.trace_path, "frontend", role="frontend")
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -241,6 +241,7 @@ class FrontendClient:
         decode = self.conns[route.decode_id]
         self.admission.check(self.num_inflight, len(decode.request_ids))
         t.decode_id, t.prefill_id = route.decode_id, route.prefill_id
+        self._trace.emit("submit", rid=t.request_id, t=round(time.monotonic(), 6), n=len(t.prompt_token_ids))
         self._requests[t.request_id] = t
         decode.request_ids.add(t.request_id)
         self.tracker.instances[route.decode_id].num_inflight = len(decode.request_ids)
@@ -252,7 +253,6 @@ class FrontendClient:
             self.tracker.instances[route.prefill_id].num_inflight = len(prefill.request_ids)
             first = _prefill_params(t.params)
             prefill.socket.send(p.encode(p.AddRequest(t.request_id, t.prompt_token_ids, first, hold_kv=True)))
-        self._trace.emit("submit", rid=t.request_id, t=round(time.monotonic(), 6), n=len(t.prompt_token_ids))
 
     def _forget(self, t: _Tracked) -> None:
         t.finished = True

@@ -1,5 +1,8 @@
 """``pdserve profile``: time the real engine on a grid of batch shapes and fit a calibrated perf model.
 
+``pdserve profile --live TRACE_DIR --bench RESULT.json --base perf-model.json`` instead adds the overheads
+of a live deployment to a profiled model, fitted from a traced calibration run (``sim/live.py``).
+
 Each measurement is one ``EngineCore.step()``; the batch it ran is captured from the scheduler's own
 ``SchedulerOutput`` (``BatchShape.from_chunks``), so the fit uses exactly the features the simulator
 computes. The grid: single and batched prefills of several lengths, decode batches of several sizes
@@ -32,6 +35,12 @@ def add_profile_args(p) -> None:
     p.add_argument("--hardware-name", default="cpu-this-machine", help="label stored in the file")
     p.add_argument("--quick", action="store_true", help="a smaller grid (tests)")
     p.add_argument("--out", default="perf-model.json")
+    g = p.add_argument_group("live calibration (fit overheads from a traced run instead of profiling)")
+    g.add_argument("--live", default=None, metavar="TRACE_DIR",
+                   help="traces of a calibration run (`pdserve up --trace-dir TRACE_DIR`)")
+    g.add_argument("--bench", nargs="+", default=[], metavar="RESULT.json",
+                   help="the `pdserve bench --out` result(s) of that run")
+    g.add_argument("--base", default=None, metavar="FILE", help="the profiled model to add the overheads to")
     from pdserve.cluster.args import add_cpu_args
     add_cpu_args(p)  # profile as a worker runs: `pdserve up` pins each worker to one core
 
@@ -101,6 +110,8 @@ def measure(engine, quick: bool = False) -> tuple[list[BatchShape], list[float]]
 
 
 def run_profile_command(args) -> int:
+    if args.live:
+        return _run_live(args)
     from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from pdserve.sim.calibrated import fit
     try:
@@ -128,4 +139,23 @@ def run_profile_command(args) -> int:
                                                    "per_decode_s", "per_decode_ctx_s"), model.coef, strict=True))))
     print(f"fit: R^2 {stats['r2']:.3f}, mean abs. relative error {stats['mape']:.1%} over {stats['num_samples']} "
           f"steps; wrote {args.out}")
+    return 0
+
+
+def _run_live(args) -> int:
+    from pdserve.sim.calibrated import CalibratedPerfModel
+    from pdserve.sim.live import fit_live, format_fit, load_bench_results
+    try:
+        if not args.bench or not args.base:
+            raise ValueError("--live needs --bench RESULT.json (the calibration run) and --base FILE (a profile)")
+        base = CalibratedPerfModel.load(args.base)
+        fitted = fit_live(args.live, load_bench_results(args.bench), base)
+    except (ValueError, OSError, KeyError) as e:
+        print(f"pdserve profile: error: {e}", file=sys.stderr)
+        return 2
+    model = base.with_overheads(fitted.overheads, {"live": {"trace_dir": str(args.live), "bench": list(args.bench),
+                                                              "stats": fitted.stats}})
+    model.save(args.out)
+    print(format_fit(fitted))
+    print(f"wrote {args.out}")
     return 0

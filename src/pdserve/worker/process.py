@@ -122,7 +122,7 @@ class Worker:
         self._counters = _Counters()
         self._last_stats_s = 0.0
         self._stop = False
-        self._trace = Tracer(options.trace_path, self.worker_id)
+        self._trace = Tracer(options.trace_path, self.worker_id, role=options.role)
         self._scheduled: list = []  # chunks of the last step, kept only when tracing
         self._pending_step: tuple | None = None
         self._first_sent: set[str] = set()
@@ -199,7 +199,8 @@ class Worker:
         s, e, chunks, n_out = self._pending_step
         self._pending_step = None
         self._trace.emit("step", t=round(self._loop_start, 6), s=round(s, 6), e=round(e, 6),
-                         x=round(time.monotonic(), 6), chunks=chunks, n_out=n_out)
+                         x=round(time.monotonic(), 6), busy=self.core.has_unfinished_requests(), chunks=chunks,
+                         n_out=n_out)
 
     def close(self) -> None:
         self._trace.close()

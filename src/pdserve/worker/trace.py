@@ -6,8 +6,10 @@ CLOCK_MONOTONIC, one clock for every process of the host and the clock of the lo
 
 Events (``"ev"`` key; ``rid`` is the request id the frontend gives the workers):
 
+- ``start`` {process, t, role}: the trace begins (``role``: a worker's role, ``frontend``);
 - worker ``step``: one busy-loop iteration that ran an engine step: ``t`` the iteration's start (after
-  the poll), ``s``/``e`` the step's start and end, ``x`` the iteration's end (outputs sent), ``chunks``
+  the poll), ``s``/``e`` the step's start and end, ``x`` the iteration's end (outputs sent), ``busy``
+  whether work remained (the next poll does not wait), ``chunks``
   the scheduled chunks as ``[start, num_tokens, samples]`` (``sim.perf_model.BatchShape.from_chunks``
   reads them), ``n_out`` the outputs routed;
 - worker ``add`` {rid, t, remote_kv, hold_kv}: a request handed to the engine;
@@ -34,14 +36,14 @@ FLUSH_EVERY = 512
 class Tracer:
     """Appends events to ``path`` (JSON lines). ``Tracer(None)`` records nothing (every call is cheap)."""
 
-    def __init__(self, path: str | Path | None, process: str = "") -> None:
+    def __init__(self, path: str | Path | None, process: str = "", **info) -> None:
         self.enabled = path is not None
         self._path = Path(path) if path is not None else None
         self._buffer: list[str] = []
         if self._path is not None:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-            self.emit("start", process=process, t=time.monotonic())
+            self.emit("start", process=process, t=time.monotonic(), **info)
 
     def emit(self, ev: str, **fields) -> None:
         if not self.enabled:
