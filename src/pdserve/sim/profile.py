@@ -115,9 +115,10 @@ def run_profile_command(args) -> int:
     from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from pdserve.sim.calibrated import fit
     try:
-        from pdserve.cluster.args import apply_cpu_args
+        from pdserve.cluster.args import apply_cpu_args, keep_freed_memory
         from pdserve.engine.core import EngineCore
         apply_cpu_args(args)
+        keep_freed_memory()  # as a worker runs
         config = EngineConfig(model=ModelConfig(model=args.model, load_format=args.load_format, dtype=args.dtype,
                                                 device=args.device),
                               cache=CacheConfig(kv_cache_memory_bytes=512 * 2**20),

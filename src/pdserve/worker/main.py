@@ -7,7 +7,8 @@ import logging
 import signal
 import sys
 
-from pdserve.cluster.args import add_cpu_args, add_engine_args, apply_cpu_args, engine_config_from_args
+from pdserve.cluster.args import add_cpu_args, add_engine_args, apply_cpu_args, engine_config_from_args, \
+    keep_freed_memory
 from pdserve.worker.protocol import ROLES
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ def run_worker(args: argparse.Namespace) -> int:
     from pdserve.worker.process import Worker, WorkerOptions
 
     cores = apply_cpu_args(args)
+    keep_freed_memory()  # before the engine allocates anything: no page faults on per-step temporaries
     config = engine_config_from_args(args)
     options = WorkerOptions(role=args.role, host=args.host, port=args.port, kv_backend=args.kv_transfer,
                             kv_port=args.kv_port, worker_id=args.worker_id,
