@@ -109,11 +109,13 @@ def test_calibration_file_round_trip_and_versions(tmp_path):
     data = json.loads(open(path).read())
     assert data["version"] == 2 and data["overheads"]["steps"]["decode"]["scale_contended"] == 1.3
     loaded = CalibratedPerfModel.load(path)
-    assert loaded.overheads == oh and loaded.coef == [STEP_S, 0, 0, 0, 0]
-    # Version 1 (no version key, no overheads) still loads; a newer version is refused.
+    assert loaded.overheads == oh and loaded.coef == [STEP_S, 0, 0, 0, 0, 0]
+    # Version 1 (no version key, five features, no overheads) still loads; a newer version is refused.
     v1 = {k: v for k, v in data.items() if k not in ("version", "overheads")}
+    v1.update(features=data["features"][:5], coef=[STEP_S, 1e-3, 0, 0, 0])
     (tmp_path / "v1.json").write_text(json.dumps(v1))
-    assert CalibratedPerfModel.load(tmp_path / "v1.json").overheads is None
+    old = CalibratedPerfModel.load(tmp_path / "v1.json")
+    assert old.overheads is None and old.coef == [STEP_S, 1e-3, 0, 0, 0, 0]
     (tmp_path / "v3.json").write_text(json.dumps({**data, "version": 3}))
     with pytest.raises(ValueError, match="version 3"):
         CalibratedPerfModel.load(tmp_path / "v3.json")
@@ -177,3 +179,15 @@ def test_fit_live_from_a_synthetic_trace(tmp_path):
     assert o.steps["prefill"].scale == pytest.approx(1.2, rel=1e-6)
     assert o.steps["decode"].scale == pytest.approx(0.9, rel=1e-6)
     assert o.steps["decode"].gap_s + o.steps["decode"].gap_per_output_s == pytest.approx(0.001, abs=1e-9)
+
+
+def test_fast_forward_is_exact_with_padded_decode_attention(tmp_path):
+    # The padded term depends on the longest context, which grows by one per fast-forwarded step.
+    oh = Overheads(return_s=0.002, steps={"both": StepOverhead(1.1, 5e-4, 1e-5)})
+    path = _model_file(tmp_path, oh, coef=(0.01, 2e-4, 1e-8, 1e-3, 1e-6, 4e-6))
+    items = work_items(workload_config(num_requests=60, input_len_range=(8, 600), output_len_range=(4, 80),
+                                       rate=4.0, seed=3))
+    runs = [Simulator(_colocated(), items, SimOptions(perf_model=path, num_blocks=2048, fast_forward=ff)).run()
+            for ff in (False, True)]
+    for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s", "duration_s"):
+        assert runs[0][key] == runs[1][key], key

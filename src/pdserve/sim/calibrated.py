@@ -1,11 +1,12 @@
 """A step-time model fitted to measurements of the real engine (``pdserve profile``).
 
 step_time = c0 + c1 * prefill_tokens + c2 * prefill_attention + c3 * decodes + c4 * decode_context
-(``BatchShape.features``), coefficients >= 0 found by non-negative least squares on measured steps.
++ c5 * decodes x longest decode context (``BatchShape.features``: the engine's CPU attention pads decodes
+to the longest), coefficients >= 0 found by non-negative least squares on measured steps.
 The file is JSON: {"kind": "calibrated", "version": 2, "features": [...], "coef": [...], "model",
 "hardware", "tp", "fit": {"r2", "mape", "num_samples"}, "created_by", "overheads": {...} or absent}.
-Version 2 added ``overheads`` (``sim.overheads.Overheads``, fitted by ``pdserve profile --live``); files
-without a version are version 1 and load with no overheads.
+Version 2 added ``overheads`` (``sim.overheads.Overheads``, fitted by ``pdserve profile --live``) and the
+sixth feature; files without a version are version 1 (five features: c5 = 0) and load with no overheads.
 """
 from __future__ import annotations
 
@@ -17,12 +18,15 @@ import numpy as np
 from pdserve.sim.overheads import Overheads
 from pdserve.sim.perf_model import BatchShape, PerfModel
 
-FEATURES = ("constant", "prefill_tokens", "prefill_attention", "decodes", "decode_context")
+FEATURES = ("constant", "prefill_tokens", "prefill_attention", "decodes", "decode_context",
+            "decode_padded_context")
 FILE_VERSION = 2
 
 
 class CalibratedPerfModel(PerfModel):
     def __init__(self, coef: list[float], meta: dict | None = None, overheads: Overheads | None = None) -> None:
+        if len(coef) == len(FEATURES) - 1:
+            coef = [*coef, 0.0]  # the five coefficients of version 1
         if len(coef) != len(FEATURES) or any(c < 0 for c in coef):
             raise ValueError(f"a calibrated model needs {len(FEATURES)} non-negative coefficients, got {coef}")
         self.coef = [float(c) for c in coef]
@@ -34,7 +38,7 @@ class CalibratedPerfModel(PerfModel):
             return 0.0
         c = self.coef
         return (c[0] + c[1] * shape.num_prefill_tokens + c[2] * shape.prefill_attn + c[3] * shape.num_decode
-                + c[4] * shape.decode_ctx)
+                + c[4] * shape.decode_ctx + c[5] * shape.decode_padded_ctx)
 
     def describe(self) -> dict[str, object]:
         out = {"kind": "calibrated", **{k: v for k, v in self.meta.items() if k not in ("samples", "live")}}
@@ -67,7 +71,9 @@ class CalibratedPerfModel(PerfModel):
         except (OSError, ValueError) as e:
             raise ValueError(f"--perf-model: cannot read {path} (want 'analytic' or a `pdserve profile` file): {e}") \
                 from e
-        if not isinstance(data, dict) or data.get("kind") != "calibrated" or list(data.get("features", [])) != list(FEATURES):
+        features = list(data.get("features", [])) if isinstance(data, dict) else []
+        if not isinstance(data, dict) or data.get("kind") != "calibrated" or \
+                features not in (list(FEATURES), list(FEATURES[:5])):
             raise ValueError(f"{path} is not a calibrated perf model written by `pdserve profile`")
         version = data.get("version", 1)
         if version not in (1, FILE_VERSION):
@@ -75,7 +81,8 @@ class CalibratedPerfModel(PerfModel):
                              f"reads (up to {FILE_VERSION})")
         overheads = Overheads.from_dict(data["overheads"]) if data.get("overheads") is not None else None
         meta = {k: v for k, v in data.items() if k not in ("kind", "version", "features", "coef", "overheads")}
-        return cls(data["coef"], meta, overheads)
+        coef = list(data["coef"]) + [0.0] * (len(FEATURES) - len(features))  # version 1: no padded term
+        return cls(coef, meta, overheads)
 
 
 def fit(shapes: list[BatchShape], times_s: list[float]) -> tuple[CalibratedPerfModel, dict]:

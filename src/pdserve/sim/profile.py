@@ -6,7 +6,8 @@ of a live deployment to a profiled model, fitted from a traced calibration run (
 Each measurement is one ``EngineCore.step()``; the batch it ran is captured from the scheduler's own
 ``SchedulerOutput`` (``BatchShape.from_chunks``), so the fit uses exactly the features the simulator
 computes. The grid: single and batched prefills of several lengths, decode batches of several sizes
-and context lengths, and mixed steps (decodes plus a prefill chunk).
+and context lengths (equal contexts, and one long context among short ones: the engine's attention
+pads decodes to the longest), and mixed steps (decodes plus a prefill chunk).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ PREFILL_BATCH = (2, 4)
 DECODE_BATCH = (1, 4, 16, 32)
 DECODE_CTX = (64, 512)
 DECODE_STEPS = 4
+UNEVEN_BATCH = (4, 16)  # one context of DECODE_CTX[-1] tokens among DECODE_CTX[0]-token ones
 
 
 def add_profile_args(p) -> None:
@@ -92,19 +94,24 @@ def measure(engine, quick: bool = False) -> tuple[list[BatchShape], list[float]]
                 add(n, 1)
             step()
             drain()
+    def decode_batch(ctxs: list[int]) -> None:
+        for ctx in ctxs:
+            add(ctx, DECODE_STEPS + 2)
+        while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or \
+                engine.scheduler.waiting:
+            engine.step()  # prefills
+        for _ in range(DECODE_STEPS):
+            step()
+        # Mixed: a prefill chunk joins the decodes.
+        add(min(256, budget // 2), 1)
+        step()
+        drain()
+
     for ctx in DECODE_CTX[:1] if quick else DECODE_CTX:
         for b in DECODE_BATCH[:3] if quick else DECODE_BATCH:
-            for _ in range(b):
-                add(ctx, DECODE_STEPS + 2)
-            while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or \
-                    engine.scheduler.waiting:
-                engine.step()  # prefills
-            for _ in range(DECODE_STEPS):
-                step()
-            # Mixed: a prefill chunk joins the decodes.
-            add(min(256, budget // 2), 1)
-            step()
-            drain()
+            decode_batch([ctx] * b)
+    for b in UNEVEN_BATCH[:1] if quick else UNEVEN_BATCH:
+        decode_batch([DECODE_CTX[-1]] + [DECODE_CTX[0]] * (b - 1))
     engine.scheduler.schedule = schedule
     return shapes, times
 
@@ -137,7 +144,8 @@ def run_profile_command(args) -> int:
     print(f"measured {len(times)} steps in {time.perf_counter() - t0:.1f} s; median step "
           f"{statistics.median(times) * 1e3:.1f} ms")
     print("coefficients: " + json.dumps(dict(zip(("constant_s", "per_prefill_token_s", "per_prefill_attn_s",
-                                                   "per_decode_s", "per_decode_ctx_s"), model.coef, strict=True))))
+                                                   "per_decode_s", "per_decode_ctx_s", "per_padded_decode_ctx_s"),
+                                                  model.coef, strict=True))))
     print(f"fit: R^2 {stats['r2']:.3f}, mean abs. relative error {stats['mape']:.1%} over {stats['num_samples']} "
           f"steps; wrote {args.out}")
     return 0

@@ -326,7 +326,7 @@ class Simulator:
             return False
         running = s.running
         k = inst.window_limit  # adaptive: doubles after a full window, shrinks after a cut one
-        ctx = 0
+        ctx = longest = 0
         max_len = self.max_model_len
         for r in running:
             c = r.num_computed_tokens
@@ -339,6 +339,7 @@ class Simulator:
                 if k < 2:
                     return False
             ctx += c + 1
+            longest = max(longest, c + 1)
         bs = inst.block_size
         free = inst.kv.pool.num_free_blocks
         while k >= 2 and sum(-(-(r.num_computed_tokens + k) // bs) - -(-r.num_computed_tokens // bs)
@@ -352,7 +353,8 @@ class Simulator:
         step = inst.perf.decode_step_time_s
         live = inst.step_overhead
         for i in range(k):
-            t += step(b, ctx + b * i) if live is None else live.time_s(step(b, ctx + b * i), b)
+            dt = step(b, ctx + b * i, longest + i)
+            t += dt if live is None else live.time_s(dt, b)
             ends.append(t)
         inst.window = (now, ends, list(running))
         inst.busy = True
@@ -489,7 +491,7 @@ def _prefill_share(perf: PerfModel, shape: BatchShape) -> float:
     if not shape.num_decode:
         return 1.0
     t_p = perf.step_time_s(BatchShape(shape.num_prefill_tokens, shape.prefill_attn, shape.prefill_kv, 0, 0, 1))
-    t_d = perf.decode_step_time_s(shape.num_decode, shape.decode_ctx)
+    t_d = perf.decode_step_time_s(shape.num_decode, shape.decode_ctx, shape.decode_max_ctx)
     return t_p / (t_p + t_d) if t_p + t_d > 0 else 0.0
 
 
