@@ -251,20 +251,22 @@ def kv_transfer_s(num_tokens: int, model: ModelSpec, hardware: Hardware, tp: int
     return hardware.link_latency_s(inter_node) + nbytes / bw
 
 
-def fits(model: ModelSpec, hardware: Hardware, tp: int, precision: str) -> bool:
+def fits(model: ModelSpec, hardware: Hardware, tp: int, precision: str, parallelism: str = "tp") -> bool:
     """Whether the weights leave room for at least some KV cache."""
     try:
-        instance_kv_blocks(model, hardware, tp, precision, 16)
+        instance_kv_blocks(model, hardware, tp, precision, 16, parallelism=parallelism)
     except ValueError:
         return False
     return True
 
 
-def min_tp(model: ModelSpec, hardware: Hardware, precision: str, max_tp: int = 64) -> int | None:
-    """Smallest power-of-two tensor-parallel degree that fits (None if none up to ``max_tp``)."""
+def min_tp(model: ModelSpec, hardware: Hardware, precision: str, max_tp: int = 64, parallelism: str = "tp",
+           min_cards: int = 1) -> int | None:
+    """Smallest power-of-two number of cards (at least ``min_cards``) an instance needs to fit, split
+    by ``parallelism`` (None if none up to ``max_tp``)."""
     tp = 1
     while tp <= max_tp:
-        if fits(model, hardware, tp, precision):
+        if tp >= min_cards and fits(model, hardware, tp, precision, parallelism):
             return tp
         tp *= 2
     return None
