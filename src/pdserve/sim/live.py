@@ -7,11 +7,13 @@ model profiled on the same machine (``pdserve profile``). Output: that step mode
 latencies add up in the simulator:
 
 - ``admission_s``: mean(frontend submit - client send) + mean(worker add - frontend submit), the latter
-  over requests that reached an idle worker (a busy worker reads messages only between steps, which the
-  simulator models on its own);
+  over requests that reached a worker idle all along (a busy worker reads messages only between steps,
+  which the simulator models on its own);
 - ``return_s``: mean(client first chunk - the worker's first-token send);
 - ``reservation_s``: mean(prefill worker takes a reservation - decode worker sends it), over reservations
-  that reached an idle prefill worker;
+  during whose flight the prefill worker ran no step (else the wait for its step to end would count);
+  with none such (the prefill worker is usually computing that very prompt), two frontend -> worker
+  hops (the reservation goes decode -> frontend -> prefill);
 - ``kv_fixed_s``, ``kv_per_token_s``: non-negative least squares of the KV copy times on tokens copied
   (one prompt length: all of it per token);
 - steps: live time ~ ``scale[role]`` x profiled time x (1 + ``contention`` if another worker of the
@@ -59,10 +61,10 @@ class _Worker:
     events: list[dict]
     starts: list[float] = field(default_factory=list)  # iteration starts, for idle checks
 
-    def is_idle_at(self, t: float) -> bool:
-        """Whether no loop iteration with a step was running at ``t``."""
-        i = bisect_right(self.starts, t) - 1
-        return i < 0 or self.steps[i]["x"] < t
+    def is_idle_between(self, a: float, b: float) -> bool:
+        """Whether no loop iteration with a step ran at any time in [a, b]."""
+        i = bisect_right(self.starts, b) - 1
+        return i < 0 or self.steps[i]["x"] < a
 
     def is_stepping_at(self, t: float) -> bool:
         """Whether an engine step was running at ``t``."""
@@ -87,7 +89,7 @@ def fit_live(trace_dir: str | Path, bench_results: list[dict], base: CalibratedP
     to_worker = []
     for w in workers:
         for e in w.events:
-            if e["ev"] == "add" and e["rid"] in submits and w.is_idle_at(submits[e["rid"]]["t"]):
+            if e["ev"] == "add" and e["rid"] in submits and w.is_idle_between(submits[e["rid"]]["t"], e["t"]):
                 to_worker.append(e["t"] - submits[e["rid"]]["t"])
     admission = _mean(to_frontend) + _mean(to_worker)
     stats["client_to_frontend_ms"] = _ms(to_frontend)
@@ -107,7 +109,8 @@ def fit_live(trace_dir: str | Path, bench_results: list[dict], base: CalibratedP
         if w.role != "prefill":
             continue
         for e in w.events:
-            if e["ev"] == "reservation" and e["rid"] in reserve_sent and w.is_idle_at(reserve_sent[e["rid"]]):
+            if e["ev"] == "reservation" and e["rid"] in reserve_sent and \
+                    w.is_idle_between(reserve_sent[e["rid"]], e["t"]):
                 forward.append(e["t"] - reserve_sent[e["rid"]])
             elif e["ev"] == "kv_send" and e.get("ok", True):
                 sends.append(e)
@@ -149,7 +152,8 @@ def fit_live(trace_dir: str | Path, bench_results: list[dict], base: CalibratedP
     steps = {role: StepOverhead(scales[role], *gap_fits[role],
                                 scales[role] * (1 + contention) if len(workers) > 1 else None)
              for role in samples}
-    overheads = Overheads(admission_s=admission, return_s=_mean(back), reservation_s=_mean(forward),
+    reservation = _mean(forward) if forward else 2 * _mean(to_worker)
+    overheads = Overheads(admission_s=admission, return_s=_mean(back), reservation_s=reservation,
                           kv_fixed_s=kv_fixed, kv_per_token_s=kv_per_token, steps=steps)
     return LiveFit(overheads, stats)
 
