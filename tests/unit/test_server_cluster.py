@@ -82,3 +82,34 @@ def test_cores_are_split_evenly_between_workers():
     assert split_cores([0, 1], 2) == ["0", "1"]  # a prefill + decode pair, one core each
     assert split_cores([0, 1], 3) == ["0", "1", "0"]
     assert split_cores([0, 1, 2, 3, 4], 2) == ["0,1", "2,3,4"]
+
+
+def test_per_pool_scheduler_settings_reach_their_workers(tmp_path):
+    """``notes.pools`` of a planner's cluster file set each pool's workers' scheduler; flags win."""
+    from pdserve.cluster.cli import apply_up_config
+    from pdserve.cluster.local import LocalCluster
+    from pdserve.sim.cluster import ClusterSpec, PoolSpec
+
+    spec = ClusterSpec("smollm2-135m", "disaggregated", prefill=PoolSpec("h100-sxm", 1, max_num_batched_tokens=8192,
+                                                                           max_num_seqs=16),
+                       decode=PoolSpec("h100-sxm", 2, max_num_batched_tokens=512, max_num_seqs=200,
+                                       enable_chunked_prefill=False))
+    path = spec.dump(tmp_path / "best-cluster.yaml")
+    engine = argparse.ArgumentParser()
+    add_engine_args(engine)
+
+    def worker_settings(argv_up, role):
+        parser = argparse.ArgumentParser()
+        add_up_args(parser)
+        cluster = LocalCluster(apply_up_config(parser.parse_args(argv_up)))
+        try:
+            known, _ = engine.parse_known_args(cluster.worker_argv(0, role, None, tmp_path / "r.json")[3:])
+        finally:
+            cluster.tmpdir.rmdir()
+        return known.max_num_batched_tokens, known.max_num_seqs, known.enable_chunked_prefill
+
+    assert worker_settings(["--config", str(path)], "prefill") == (8192, 16, True)
+    assert worker_settings(["--config", str(path)], "decode") == (512, 200, False)
+    assert worker_settings(["--config", str(path), "--max-num-seqs", "7"], "decode") == (512, 7, False)
+    with pytest.raises(ValueError, match="notes.pools.decode.max_seqs"):
+        cluster_settings({"mode": "disaggregated", "notes": {"pools": {"decode": {"max_seqs": 3}}}})

@@ -40,9 +40,9 @@ def _engine(tiny_dir, alloc=None):
 class Running:
     """A worker running its loop in a thread, and a DEALER connected to it (the test is the frontend)."""
 
-    def __init__(self, tiny_dir, role, backend="shm", transfer_timeout_s=30.0):
+    def __init__(self, tiny_dir, role, backend="shm", transfer_timeout_s=30.0, trace_path=None):
         options = WorkerOptions(role=role, kv_backend=backend, stats_interval_s=0.05,
-                                transfer_timeout_s=transfer_timeout_s, idle_poll_ms=10)
+                                transfer_timeout_s=transfer_timeout_s, idle_poll_ms=10, trace_path=trace_path)
         self.worker = Worker(None, options, engine_factory=lambda alloc: _engine(tiny_dir, alloc),
                              context=zmq.Context())
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
@@ -137,6 +137,34 @@ def test_disaggregated_equals_colocated_with_identical_kv(tiny_dir, colocated_to
     finally:
         prefill.close()
         decode.close()
+
+
+def test_traced_workers_record_steps_transfers_and_first_tokens(tiny_dir, tmp_path):
+    from pdserve.worker.trace import read_trace
+    prefill = Running(tiny_dir, "prefill", trace_path=tmp_path / "p.jsonl")
+    decode = Running(tiny_dir, "decode", trace_path=tmp_path / "d.jsonl")
+    try:
+        decode.send(p.AddRequest("r1", PROMPT, GREEDY, remote_kv=True))
+        prefill.send(p.AddRequest("r1", PROMPT, p.WireSamplingParams(temperature=0.0, max_tokens=1,
+                                                                     ignore_eos=True), hold_kv=True))
+        prefill.send(p.ForwardReservation(decode.recv_type(p.KVReservationMsg)))
+        assert prefill.recv_type(p.PrefillDone).ok
+        assert len(decode.tokens("r1")[0]) == 6
+    finally:
+        prefill.close()
+        decode.close()
+    pe, de = read_trace(tmp_path / "p.jsonl"), read_trace(tmp_path / "d.jsonl")
+    assert pe[0]["ev"] == "start" and de[0]["ev"] == "start"
+    steps = [e for e in pe if e["ev"] == "step"]
+    assert [s["chunks"] for s in steps] == [[[0, 37, 1]]]  # the whole prompt in one step, sampling
+    assert steps[0]["t"] <= steps[0]["s"] <= steps[0]["e"] <= steps[0]["x"]
+    send = next(e for e in pe if e["ev"] == "kv_send")
+    assert send["rid"] == "r1" and send["tokens"] == 48 and send["bytes"] > 0 and send["s"] <= send["e"]
+    assert {e["ev"] for e in pe} >= {"add", "reservation"}
+    steps = [e for e in de if e["ev"] == "step"]
+    assert [s["chunks"] for s in steps] == [[[37 + i, 1, 1]] for i in range(5)]  # five decodes after KV
+    kinds = [e["ev"] for e in de]
+    assert kinds.index("add") < kinds.index("reserve") < kinds.index("kv_recv") < kinds.index("first")
 
 
 def test_bad_messages_get_errors_and_worker_goes_on(tiny_dir, colocated_tokens):

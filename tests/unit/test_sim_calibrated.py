@@ -8,6 +8,11 @@ from pdserve.sim.simulator import SimOptions, Simulator
 from pdserve.sim.workload import work_items, workload_config
 
 
+class _Chunk:
+    def __init__(self, start, num_tokens, samples):
+        self.start, self.num_tokens, self.samples = start, num_tokens, samples
+
+
 def _shapes():
     out = []
     for n in (16, 64, 256, 1024):
@@ -15,11 +20,19 @@ def _shapes():
     for b in (1, 4, 16, 64):
         for ctx in (64, 512):
             out.append(BatchShape(num_decode=b, decode_ctx=b * ctx, num_samples=b))
+    for b in (4, 16):  # one long context among short ones: the padded term differs from the sum
+        out.append(BatchShape(num_decode=b, decode_ctx=512 + 64 * (b - 1), num_samples=b, decode_max_ctx=512))
     return out
 
 
+def test_padded_decode_context():
+    uneven = BatchShape.from_chunks([_Chunk(511, 1, True), _Chunk(63, 1, True), _Chunk(0, 16, True)])
+    assert (uneven.num_decode, uneven.decode_ctx, uneven.decode_max_ctx, uneven.decode_padded_ctx) == (2, 576, 512, 1024)
+    assert BatchShape(num_decode=4, decode_ctx=256).decode_padded_ctx == 256  # no maximum given: even contexts
+
+
 def test_fit_recovers_coefficients():
-    true = [2e-3, 1e-5, 1e-9, 2e-4, 1e-7]
+    true = [2e-3, 1e-5, 1e-9, 2e-4, 1e-7, 3e-7]
     shapes = _shapes()
     rng = np.random.default_rng(0)
     times = [float(np.dot(true, s.features())) * (1 + 0.01 * rng.standard_normal()) for s in shapes]

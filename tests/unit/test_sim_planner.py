@@ -17,6 +17,7 @@ def test_plan_writes_ranked_pareto_and_cluster(tmp_path, capsys):
     out = tmp_path / "plan"
     rc = cli.main(["plan", "--model", "llama-3.1-8b", "--hardware", "h100-sxm", "--modes", "colocated,disaggregated",
                    "--cards", "16", "--slo-ttft", "2", "--slo-tpot", "0.1", "--input-len", "512", "--output-len", "32",
+                   "--precision", "bf16",
                    "--num-requests", "100", "--probe-requests", "60", "--max-probe-requests", "150",
                    "--out-dir", str(out), "--no-progress"])
     assert rc == 0
@@ -49,3 +50,51 @@ def test_plan_bad_arguments(tmp_path, capsys):
     assert cli.main(base) == 2  # neither --cards nor --budget-per-hour
     assert cli.main(base + ["--cards", "8", "--hardware", "nope"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_plan_searches_precisions_the_cards_support():
+    from pdserve.sim.planner import Planner
+    from pdserve.sim.workload import work_items, workload_config
+    items = work_items(workload_config(num_requests=20, input_len=512, output_len=32))
+    planner = Planner("llama-3.1-8b", ["h100-sxm", "a100-80gb"], items, (2.0, 0.1), precision="auto",
+                      probe_requests=40, max_probe_requests=80)
+    assert planner.precisions == ["bf16", "fp8"]
+    assert planner._layouts("h100-sxm", "fp8") == [(1, "tp")]
+    assert planner._layouts("a100-80gb", "fp8") == []  # no fp8 rate in the catalogue: not searched
+    units = planner._colocated_units("fp8")
+    assert units and all(u.spec.precision == "fp8" and u.spec.colocated.hardware == "h100-sxm" for u in units)
+    calibrated = Planner("llama-3.1-8b", ["h100-sxm"], items, (2.0, 0.1), precision="auto", perf_model="pm.json")
+    assert calibrated.precisions == ["bf16"]  # a profile measured one precision
+
+
+def test_plan_searches_expert_parallelism_for_moe_models():
+    import pytest
+
+    from pdserve.sim.planner import Planner
+    from pdserve.sim.workload import work_items, workload_config
+    items = work_items(workload_config(num_requests=20, input_len=512, output_len=32))
+    moe = Planner("qwen3-235b-a22b", ["h200"], items, (2.0, 0.1), precision="bf16", parallelism="auto")
+    layouts = moe._layouts("h200", "bf16")
+    assert {p for _, p in layouts} == {"tp", "ep"} and all(t >= 2 for t, p in layouts if p == "ep")
+    units = moe._colocated_units("bf16")
+    assert {u.spec.colocated.parallelism for u in units} == {"tp", "ep"}
+    dense = Planner("llama-3.1-8b", ["h100-sxm"], items, (2.0, 0.1), parallelism="auto")
+    assert dense.parallelisms == ["tp"]
+    with pytest.raises(ValueError, match="MoE"):
+        Planner("llama-3.1-8b", ["h100-sxm"], items, (2.0, 0.1), parallelism="ep")
+    with pytest.raises(ValueError, match="precision"):
+        Planner("llama-3.1-8b", ["h100-sxm"], items, (2.0, 0.1), precision="fp9")
+
+
+def test_plan_ranks_fp8_units_beside_bf16(tmp_path):
+    out = tmp_path / "plan"
+    rc = cli.main(["plan", "--model", "llama-3.1-8b", "--hardware", "h100-sxm", "--modes", "colocated",
+                   "--cards", "8", "--slo-ttft", "2", "--slo-tpot", "0.1", "--input-len", "512", "--output-len", "32",
+                   "--num-requests", "50", "--probe-requests", "40", "--max-probe-requests", "100",
+                   "--out-dir", str(out), "--no-progress"])
+    assert rc == 0
+    ranked = json.loads((out / "ranked.json").read_text())
+    assert ranked["precisions"] == ["bf16", "fp8"]
+    assert {r["precision"] for r in ranked["ranked"]} == {"bf16", "fp8"}
+    best = load_cluster(out / "best-cluster.yaml")
+    assert best.precision == ranked["ranked"][0]["precision"]

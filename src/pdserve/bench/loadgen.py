@@ -60,6 +60,7 @@ class LoadResult:
     records: list[RequestRecord]  # sent requests, in index order
     duration_s: float  # start of the run to the end of the last request
     num_not_sent: int  # requests never sent because max_duration_s ran out
+    clock_origin_s: float = 0.0  # time.perf_counter() at the run's start: record times are relative to it
 
 
 def api_url(base_url: str, path: str) -> str:
@@ -137,7 +138,8 @@ async def run_load_async(
     records.sort(key=lambda r: r.index)
     ends = [r.end_s for r in records if r.end_s is not None]
     duration = max(ends) if ends else elapsed
-    return LoadResult(records=records, duration_s=duration, num_not_sent=len(shapes) - len(records))
+    return LoadResult(records=records, duration_s=duration, num_not_sent=len(shapes) - len(records),
+                      clock_origin_s=run.t0)
 
 
 class _Run:

@@ -54,6 +54,9 @@ def run_result(
         "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
         "attainment_target": attainment_target,
         "num_not_sent": load.num_not_sent,
+        # CLOCK_MONOTONIC seconds of send_s = 0 on the load generator's host (lines up with traces
+        # written by `pdserve up --trace-dir` on the same host)
+        "clock_origin_s": load.clock_origin_s,
     }
     result.update(metrics.to_dict())
     result["requests"] = [_request_entry(r) for r in load.records]

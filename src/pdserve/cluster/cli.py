@@ -40,19 +40,33 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-timeout", type=float, default=30.0)
     p.add_argument("--no-pin", action="store_true", help="do not pin each worker to its own core")
     p.add_argument("--enable-debug-endpoints", action="store_true")
+    p.add_argument("--trace-dir", default=None,
+                   help="every process writes an event trace here (for `pdserve profile --live`)")
     add_engine_args(p)
 
 
 def run_up_with_config(args: argparse.Namespace) -> int:
-    from pdserve.cluster.config import load_cluster_file
     from pdserve.cluster.local import run_up
 
+    return run_up(apply_up_config(args))
+
+
+def apply_up_config(args: argparse.Namespace) -> argparse.Namespace:
+    """``pdserve up``'s arguments with its ``--config`` file applied (flags given win) and the worker
+    counts settled; per-pool scheduler settings land in ``args.pool_scheduler``."""
+    from pdserve.cluster.config import load_cluster_file
+
+    args.pool_scheduler = {}
     if args.config:
         settings = load_cluster_file(args.config)
         defaults = _parser_defaults()
+        given = {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}  # on the command line
+        pools = settings.pop("pool_scheduler", {})
         for key, value in settings.items():
-            if getattr(args, key, None) == defaults.get(key):  # not given on the command line
+            if key not in given:
                 setattr(args, key, value)
+        # Per-pool scheduler settings apply to that pool's workers, unless a flag sets them for all.
+        args.pool_scheduler = {pool: {k: v for k, v in s.items() if k not in given} for pool, s in pools.items()}
     args.prefill_given = args.prefill is not None
     args.decode_given = args.decode is not None
     args.prefill = 1 if args.prefill is None else args.prefill
@@ -60,7 +74,7 @@ def run_up_with_config(args: argparse.Namespace) -> int:
     if args.colocated:
         args.prefill_given = args.prefill_given and args.prefill > 0
         args.decode_given = args.decode_given and args.decode > 0
-    return run_up(args)
+    return args
 
 
 def _parser_defaults() -> dict:

@@ -93,6 +93,21 @@ class LocalCluster:
             f.unlink(missing_ok=True)
         self.tmpdir.rmdir()
 
+    def worker_argv(self, i: int, role: str, cpus: str | None, ready_file: Path) -> list[str]:
+        """The command line of worker ``i``: the engine flags, with its pool's scheduler settings from a
+        cluster file (``args.pool_scheduler``: {prefill|decode|colocated: {dest: value}}) applied."""
+        pool = "colocated" if role == "both" else role
+        overrides = (getattr(self.args, "pool_scheduler", None) or {}).get(pool, {})
+        engine = argparse.Namespace(**{**vars(self.args), **overrides})
+        argv = [sys.executable, "-m", "pdserve.worker.main", "--role", role, "--host", self.args.host,
+                "--kv-transfer", self.args.kv_transfer, "--ready-file", str(ready_file),
+                "--worker-id", f"{role}-{i}", *engine_args_to_argv(engine)]
+        if cpus is not None:
+            argv += ["--cpus", cpus]
+        if getattr(self.args, "trace_dir", None):
+            argv += ["--trace-file", str(Path(self.args.trace_dir) / f"worker-{role}-{i}.jsonl")]
+        return argv
+
     # -- private -------------------------------------------------------------------------------------
     def _roles(self) -> list[str]:
         a = self.args
@@ -106,12 +121,7 @@ class LocalCluster:
 
     def _start_worker(self, i: int, role: str, cpus: str | None) -> None:
         ready = self.tmpdir / f"worker-{i}.json"
-        argv = [sys.executable, "-m", "pdserve.worker.main", "--role", role, "--host", self.args.host,
-                "--kv-transfer", self.args.kv_transfer, "--ready-file", str(ready),
-                "--worker-id", f"{role}-{i}", *engine_args_to_argv(self.args)]
-        if cpus is not None:
-            argv += ["--cpus", cpus]
-        self.children.append(Child(f"worker {role}-{i}", _spawn(argv), ready))
+        self.children.append(Child(f"worker {role}-{i}", _spawn(self.worker_argv(i, role, cpus, ready)), ready))
         logger.info("started worker %s-%d%s", role, i, f" on core {cpus}" if cpus is not None else "")
 
     def _start_frontend(self, addresses: str) -> None:
@@ -126,6 +136,8 @@ class LocalCluster:
             argv += ["--api-key", a.api_key]
         if a.enable_debug_endpoints:
             argv.append("--enable-debug-endpoints")
+        if a.trace_dir:
+            argv += ["--trace-file", str(Path(a.trace_dir) / "frontend.jsonl")]
         self.children.append(Child("frontend", _spawn(argv)))
 
     def _wait_ready(self, child: Child, deadline: float) -> None:

@@ -32,6 +32,7 @@ from pdserve.router import InstanceTracker, InstanceView, Router, make_policy
 from pdserve.router.admission import Admission
 from pdserve.sampling_params import SamplingParams
 from pdserve.worker import protocol as p
+from pdserve.worker.trace import Tracer
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class FrontendOptions:
     max_inflight: int = 1024
     max_inflight_per_instance: int = 256
     retry_dead_worker: bool = True  # re-send a request that has produced no token yet to another worker
+    trace_path: str | None = None  # event trace (worker/trace.py): submits and first tokens
 
 
 @dataclass
@@ -102,6 +104,7 @@ class FrontendClient:
         self._tasks: list[asyncio.Task] = []
         self._ids = itertools.count()
         self._host = socket.gethostname()
+        self._trace = Tracer(options.trace_path, "frontend", role="frontend")
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -132,6 +135,7 @@ class FrontendClient:
         await asyncio.gather(*self._tasks, return_exceptions=True)  # wait until every task has ended
         for conn in self._pending:
             conn.socket.close(0)
+        self._trace.close()
 
     # -- queries -------------------------------------------------------------------------------------
     @property
@@ -237,6 +241,7 @@ class FrontendClient:
         decode = self.conns[route.decode_id]
         self.admission.check(self.num_inflight, len(decode.request_ids))
         t.decode_id, t.prefill_id = route.decode_id, route.prefill_id
+        self._trace.emit("submit", rid=t.request_id, t=round(time.monotonic(), 6), n=len(t.prompt_token_ids))
         self._requests[t.request_id] = t
         decode.request_ids.add(t.request_id)
         self.tracker.instances[route.decode_id].num_inflight = len(decode.request_ids)
@@ -292,6 +297,8 @@ class FrontendClient:
                 t = self._requests.get(out.request_id)
                 if t is None or t.decode_id != (conn.info.worker_id if conn.info else None):
                     continue
+                if t.num_tokens == 0 and out.new_token_ids:
+                    self._trace.emit("first", rid=t.request_id, t=round(time.monotonic(), 6))
                 t.num_tokens += len(out.new_token_ids)
                 if out.finish_reason is not None:
                     self._forget(t)

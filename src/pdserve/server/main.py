@@ -26,6 +26,8 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
                         help="seconds of silence after which a worker is dead (local pids are watched too)")
     parser.add_argument("--max-inflight", type=int, default=1024, help="admission bound (429 beyond it)")
     parser.add_argument("--enable-debug-endpoints", action="store_true", help="POST /debug/kv_digests")
+    parser.add_argument("--trace-file", default=None,
+                        help="write an event trace (request submits, first tokens) here, for `pdserve profile --live`")
 
 
 def run_frontend(args: argparse.Namespace) -> int:
@@ -37,7 +39,8 @@ def run_frontend(args: argparse.Namespace) -> int:
     options = FrontendOptions(tuple(a.strip() for a in args.workers.split(",") if a.strip()),
                               routing=args.routing, prefix_load_weight=args.prefix_load_weight,
                               min_remote_prefill_tokens=args.min_remote_prefill_tokens,
-                              worker_timeout_s=args.worker_timeout, max_inflight=args.max_inflight)
+                              worker_timeout_s=args.worker_timeout, max_inflight=args.max_inflight,
+                              trace_path=args.trace_file)
     client = FrontendClient(options)
 
     def load():

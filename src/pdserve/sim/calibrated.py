@@ -1,9 +1,12 @@
 """A step-time model fitted to measurements of the real engine (``pdserve profile``).
 
 step_time = c0 + c1 * prefill_tokens + c2 * prefill_attention + c3 * decodes + c4 * decode_context
-(``BatchShape.features``), coefficients >= 0 found by non-negative least squares on measured steps.
-The file is JSON: {"kind": "calibrated", "features": [...], "coef": [...], "model", "hardware", "tp",
-"fit": {"r2", "mape", "num_samples"}, "created_by"}.
++ c5 * decodes x longest decode context (``BatchShape.features``: the engine's CPU attention pads decodes
+to the longest), coefficients >= 0 found by non-negative least squares on measured steps.
+The file is JSON: {"kind": "calibrated", "version": 2, "features": [...], "coef": [...], "model",
+"hardware", "tp", "fit": {"r2", "mape", "num_samples"}, "created_by", "overheads": {...} or absent}.
+Version 2 added ``overheads`` (``sim.overheads.Overheads``, fitted by ``pdserve profile --live``) and the
+sixth feature; files without a version are version 1 (five features: c5 = 0) and load with no overheads.
 """
 from __future__ import annotations
 
@@ -12,31 +15,48 @@ from pathlib import Path
 
 import numpy as np
 
+from pdserve.sim.overheads import Overheads
 from pdserve.sim.perf_model import BatchShape, PerfModel
 
-FEATURES = ("constant", "prefill_tokens", "prefill_attention", "decodes", "decode_context")
+FEATURES = ("constant", "prefill_tokens", "prefill_attention", "decodes", "decode_context",
+            "decode_padded_context")
+FILE_VERSION = 2
 
 
 class CalibratedPerfModel(PerfModel):
-    def __init__(self, coef: list[float], meta: dict | None = None) -> None:
+    def __init__(self, coef: list[float], meta: dict | None = None, overheads: Overheads | None = None) -> None:
+        if len(coef) == len(FEATURES) - 1:
+            coef = [*coef, 0.0]  # the five coefficients of version 1
         if len(coef) != len(FEATURES) or any(c < 0 for c in coef):
             raise ValueError(f"a calibrated model needs {len(FEATURES)} non-negative coefficients, got {coef}")
         self.coef = [float(c) for c in coef]
         self.meta = dict(meta or {})
+        self.overheads = overheads
 
     def step_time_s(self, shape: BatchShape) -> float:
         if shape.num_tokens == 0:
             return 0.0
         c = self.coef
         return (c[0] + c[1] * shape.num_prefill_tokens + c[2] * shape.prefill_attn + c[3] * shape.num_decode
-                + c[4] * shape.decode_ctx)
+                + c[4] * shape.decode_ctx + c[5] * shape.decode_padded_ctx)
 
     def describe(self) -> dict[str, object]:
-        return {"kind": "calibrated", **{k: v for k, v in self.meta.items() if k != "samples"}}
+        out = {"kind": "calibrated", **{k: v for k, v in self.meta.items() if k not in ("samples", "live")}}
+        if self.overheads is not None:
+            out["overheads"] = self.overheads.to_dict()
+        return out
+
+    def with_overheads(self, overheads: Overheads | None, meta: dict | None = None) -> CalibratedPerfModel:
+        """The same step model with other overheads (and extra metadata)."""
+        return CalibratedPerfModel(self.coef, {**self.meta, **(meta or {})}, overheads)
 
     # -- files -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"kind": "calibrated", "features": list(FEATURES), "coef": self.coef, **self.meta}
+        out = {"kind": "calibrated", "version": FILE_VERSION, "features": list(FEATURES), "coef": self.coef,
+               **self.meta}
+        if self.overheads is not None:
+            out["overheads"] = self.overheads.to_dict()
+        return out
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -51,10 +71,18 @@ class CalibratedPerfModel(PerfModel):
         except (OSError, ValueError) as e:
             raise ValueError(f"--perf-model: cannot read {path} (want 'analytic' or a `pdserve profile` file): {e}") \
                 from e
-        if not isinstance(data, dict) or data.get("kind") != "calibrated" or list(data.get("features", [])) != list(FEATURES):
+        features = list(data.get("features", [])) if isinstance(data, dict) else []
+        if not isinstance(data, dict) or data.get("kind") != "calibrated" or \
+                features not in (list(FEATURES), list(FEATURES[:5])):
             raise ValueError(f"{path} is not a calibrated perf model written by `pdserve profile`")
-        meta = {k: v for k, v in data.items() if k not in ("kind", "features", "coef")}
-        return cls(data["coef"], meta)
+        version = data.get("version", 1)
+        if version not in (1, FILE_VERSION):
+            raise ValueError(f"{path}: calibrated perf model version {version} is newer than this pdserve "
+                             f"reads (up to {FILE_VERSION})")
+        overheads = Overheads.from_dict(data["overheads"]) if data.get("overheads") is not None else None
+        meta = {k: v for k, v in data.items() if k not in ("kind", "version", "features", "coef", "overheads")}
+        coef = list(data["coef"]) + [0.0] * (len(FEATURES) - len(features))  # version 1: no padded term
+        return cls(coef, meta, overheads)
 
 
 def fit(shapes: list[BatchShape], times_s: list[float]) -> tuple[CalibratedPerfModel, dict]:

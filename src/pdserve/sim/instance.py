@@ -43,6 +43,9 @@ class Instance:
         self.window: tuple[float, list[float], list[SimRequest]] | None = None
         self.window_limit = 8  # steps the next fast-forward window may cover
         self.link_free_s = 0.0
+        self.inbox: list[tuple[str, str]] = []  # (kind, request id) messages read at the next step boundary
+        self.outbox: list[str] = []  # request ids whose reservations leave when the step ends
+        self.step_overhead = None  # sim.overheads.StepOverhead of this role, from a live calibration
         self.num_steps = 0
         self.busy_s = 0.0
         self.prefill_busy_s = 0.0

@@ -27,8 +27,9 @@ class BatchShape:
     """One step's work. Prefill chunks: ``num_prefill_tokens`` tokens; ``prefill_attn`` sums each token's
     attention context (causal: a chunk of n tokens after s cached ones has n*s + n*(n+1)/2);
     ``prefill_kv`` sums (s + n) per chunk (KV read once per chunk). Decodes (one-token chunks):
-    ``num_decode`` of them, ``decode_ctx`` the sum of their context lengths. ``num_samples``: chunks that
-    sample a token (logits computed)."""
+    ``num_decode`` of them, ``decode_ctx`` the sum of their context lengths, ``decode_max_ctx`` the longest
+    (0: not given, contexts taken as equal). ``num_samples``: chunks that sample a token (logits
+    computed)."""
 
     num_prefill_tokens: int = 0
     prefill_attn: float = 0.0
@@ -36,6 +37,7 @@ class BatchShape:
     num_decode: int = 0
     decode_ctx: int = 0
     num_samples: int = 0
+    decode_max_ctx: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -44,7 +46,7 @@ class BatchShape:
     @classmethod
     def from_chunks(cls, chunks: Iterable) -> BatchShape:
         """From scheduler chunks (anything with ``start``, ``num_tokens`` and ``samples``)."""
-        p_tokens = p_kv = n_dec = d_ctx = n_samples = 0
+        p_tokens = p_kv = n_dec = d_ctx = n_samples = d_max = 0
         p_attn = 0.0
         for c in chunks:
             n, s = c.num_tokens, c.start
@@ -53,30 +55,43 @@ class BatchShape:
             if n == 1:
                 n_dec += 1
                 d_ctx += s + 1
+                d_max = max(d_max, s + 1)
             else:
                 p_tokens += n
                 p_attn += n * s + n * (n + 1) / 2
                 p_kv += s + n
-        return cls(p_tokens, p_attn, p_kv, n_dec, d_ctx, n_samples)
+        return cls(p_tokens, p_attn, p_kv, n_dec, d_ctx, n_samples, d_max)
+
+    @property
+    def decode_padded_ctx(self) -> int:
+        """Decodes x the longest context: what attention costs when it pads every decode to the
+        longest (pdserve's own CPU attention does; paged GPU kernels do not)."""
+        return self.num_decode * self.decode_max_ctx if self.decode_max_ctx else self.decode_ctx
 
     def features(self) -> list[float]:
         """The calibrated model's regressors: constant, prefill tokens, prefill attention, decodes,
-        decode context."""
+        decode context, padded decode context."""
         return [1.0, float(self.num_prefill_tokens), float(self.prefill_attn), float(self.num_decode),
-                float(self.decode_ctx)]
+                float(self.decode_ctx), float(self.decode_padded_ctx)]
 
 
 class PerfModel(ABC):
     """Step time of one instance (a tensor-parallel group of cards). Pure and deterministic: the same
-    shape always gives the same time. An empty shape takes 0 s."""
+    shape always gives the same time. An empty shape takes 0 s.
+
+    ``overheads`` (``sim.overheads.Overheads``): time a live deployment spends outside steps, when the
+    model was calibrated against one (``pdserve profile --live``); None: steps only."""
+
+    overheads = None
 
     @abstractmethod
     def step_time_s(self, shape: BatchShape) -> float:
         """Seconds one engine step with this batch takes."""
 
-    def decode_step_time_s(self, num_decode: int, decode_ctx: int) -> float:
+    def decode_step_time_s(self, num_decode: int, decode_ctx: int, decode_max_ctx: int = 0) -> float:
         """A decode-only step (the simulator's fast path); subclasses may specialise it."""
-        return self.step_time_s(BatchShape(num_decode=num_decode, decode_ctx=decode_ctx, num_samples=num_decode))
+        return self.step_time_s(BatchShape(num_decode=num_decode, decode_ctx=decode_ctx, num_samples=num_decode,
+                                           decode_max_ctx=decode_max_ctx))
 
     @abstractmethod
     def describe(self) -> dict[str, object]:
@@ -236,20 +251,22 @@ def kv_transfer_s(num_tokens: int, model: ModelSpec, hardware: Hardware, tp: int
     return hardware.link_latency_s(inter_node) + nbytes / bw
 
 
-def fits(model: ModelSpec, hardware: Hardware, tp: int, precision: str) -> bool:
+def fits(model: ModelSpec, hardware: Hardware, tp: int, precision: str, parallelism: str = "tp") -> bool:
     """Whether the weights leave room for at least some KV cache."""
     try:
-        instance_kv_blocks(model, hardware, tp, precision, 16)
+        instance_kv_blocks(model, hardware, tp, precision, 16, parallelism=parallelism)
     except ValueError:
         return False
     return True
 
 
-def min_tp(model: ModelSpec, hardware: Hardware, precision: str, max_tp: int = 64) -> int | None:
-    """Smallest power-of-two tensor-parallel degree that fits (None if none up to ``max_tp``)."""
+def min_tp(model: ModelSpec, hardware: Hardware, precision: str, max_tp: int = 64, parallelism: str = "tp",
+           min_cards: int = 1) -> int | None:
+    """Smallest power-of-two number of cards (at least ``min_cards``) an instance needs to fit, split
+    by ``parallelism`` (None if none up to ``max_tp``)."""
     tp = 1
     while tp <= max_tp:
-        if fits(model, hardware, tp, precision):
+        if tp >= min_cards and fits(model, hardware, tp, precision, parallelism):
             return tp
         tp *= 2
     return None

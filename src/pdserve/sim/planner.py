@@ -4,7 +4,9 @@ Method (fast search: simulate a unit, then scale):
 
 1. Candidate units: a colocated instance (hardware, TP, token budget = chunk size, max_num_seqs), or a
    disaggregated group of x prefill and y decode instances (each pool its own hardware and TP, so mixed
-   fleets are searched too).
+   fleets are searched too), for each precision (``--precision auto``: bf16, and fp8 on cards the
+   catalogue gives an fp8 rate) and, for MoE models, each way to split an instance's cards
+   (``--parallelism auto``: tensor parallel, and expert parallel over 2 or more cards).
 2. For each unit, the simulator (real scheduler, analytic or calibrated step times) replays the
    workload's requests re-timed as a Poisson stream (from the analytic capacity by factors of 1.5, then
    bisection); the unit's goodput is the highest rate whose SLO attainment (TTFT and TPOT both met)
@@ -37,6 +39,7 @@ from pdserve.sim.simulator import SimOptions, Simulator, WorkItem
 logger = logging.getLogger(__name__)
 
 MAX_PROBE_REQUESTS = 1500  # per instance of the unit
+AUTO_PRECISIONS = ("bf16", "fp8")  # --precision auto: bf16 everywhere, fp8 where the card has an fp8 rate
 
 
 def add_plan_args(p) -> None:
@@ -44,7 +47,11 @@ def add_plan_args(p) -> None:
     g.add_argument("--model", required=True)
     g.add_argument("--hardware", default="h100-sxm", help="comma-separated catalogue names")
     g.add_argument("--hardware-file", default=None)
-    g.add_argument("--precision", default="bf16", choices=("bf16", "fp8", "int8", "fp4"))
+    g.add_argument("--precision", default="auto",
+                   help="auto (bf16, and fp8 on cards with an fp8 rate) or a comma-separated list of bf16, fp8, "
+                        "int8, fp4 (each searched on the cards whose catalogue entry has its rate; bf16 on all)")
+    g.add_argument("--parallelism", default="auto",
+                   help="how an instance's cards split the model: auto (tp; and ep for MoE models), tp, ep or tp,ep")
     g.add_argument("--attainment", type=float, default=0.9)
     g.add_argument("--cards", type=int, default=None, help="cards available")
     g.add_argument("--budget-per-hour", type=float, default=None, help="USD per hour available")
@@ -75,7 +82,9 @@ class Planner:
                  attainment: float = 0.9, precision: str = "bf16", modes: tuple[str, ...] = ("colocated", "disaggregated"),
                  tp_options: list[int] | None = None, probe_requests: int = 300, perf_model: str = "analytic",
                  hardware_file: str | None = None, routing: str = "least_loaded", progress: bool = False,
-                 seed: int = 0, max_probe_requests: int = MAX_PROBE_REQUESTS) -> None:
+                 seed: int = 0, max_probe_requests: int = MAX_PROBE_REQUESTS, parallelism: str = "tp") -> None:
+        """``precision``: one name, a comma-separated list, or ``auto``; ``parallelism``: tp, ep, tp,ep or
+        auto (ep only for MoE models)."""
         self.model = get_model(model)
         self.model_name = model
         self.catalogue = load_catalogue(hardware_file)
@@ -85,7 +94,9 @@ class Planner:
         if not items:
             raise ValueError("the workload has no requests")
         self.hardware, self.slo, self.attainment = hardware, slo, attainment
-        self.precision, self.modes, self.tp_options = precision, modes, tp_options
+        self.modes, self.tp_options = modes, tp_options
+        self.precisions = _precisions(precision, perf_model)
+        self.parallelisms = _parallelisms(parallelism, self.model.is_moe)
         self.perf_model, self.hardware_file, self.routing, self.progress = perf_model, hardware_file, routing, progress
         rng = np.random.default_rng([seed, 0x9E77])
         pool = max(max_probe_requests * 12, probe_requests)
@@ -105,12 +116,13 @@ class Planner:
     # -- search ----------------------------------------------------------------------------------------
     def search(self) -> list[Candidate]:
         units = []
-        if "colocated" in self.modes:
-            units += self._colocated_units()
-        if "disaggregated" in self.modes:
-            units += self._disaggregated_units()
+        for precision in self.precisions:
+            if "colocated" in self.modes:
+                units += self._colocated_units(precision)
+            if "disaggregated" in self.modes:
+                units += self._disaggregated_units(precision)
         if not units:
-            raise ValueError(f"{self.model.name} ({self.precision}) fits none of {self.hardware}")
+            raise ValueError(f"{self.model.name} ({', '.join(self.precisions)}) fits none of {self.hardware}")
         bar = _bar(len(units), self.progress, "planning")
         for cand in units:
             cand.goodput, cand.probe = self.max_rate(cand.spec, self._rate_guess(cand.spec))
@@ -188,50 +200,58 @@ class Planner:
         return met >= self.attainment * len(tail)
 
     # -- candidates ------------------------------------------------------------------------------------
-    def _tps(self, hw: str) -> list[int]:
-        t0 = min_tp(self.model, self.catalogue[hw], self.precision)
-        if t0 is None:
-            return []
-        if self.tp_options:
-            return [t for t in self.tp_options if t >= t0]
-        return [t0]
-
-    def _colocated_units(self) -> list[Candidate]:
+    def _layouts(self, hw: str, precision: str) -> list[tuple[int, str]]:
+        """(cards per instance, parallelism) to try on ``hw`` at ``precision``: for each split, the
+        smallest card count that fits (ep: at least 2), or the --tp-options that fit."""
+        if precision != "bf16" and precision not in self.catalogue[hw].tflops:
+            return []  # no native rate for this precision on this card
         out = []
-        for hw in self.hardware:
-            for tp in self._tps(hw):
-                for budget, seqs in ((2048, 256), (8192, 256), (2048, 64)):
-                    pool = PoolSpec(hw, 1, tp, budget, seqs)
-                    out.append(Candidate(self._spec("colocated", colocated=pool)))
+        for par in self.parallelisms:
+            t0 = min_tp(self.model, self.catalogue[hw], precision, parallelism=par, min_cards=2 if par == "ep" else 1)
+            if t0 is None:
+                continue
+            out += [(t, par) for t in self.tp_options if t >= t0] if self.tp_options else [(t0, par)]
         return out
 
-    def _disaggregated_units(self) -> list[Candidate]:
-        ttft_slo = (self.slo[0], None)
-        prefill_rates: dict[tuple[str, int], float] = {}
-        for hw in self.hardware:
-            for tp in self._tps(hw):
-                spec = self._spec("colocated", colocated=PoolSpec(hw, 1, tp, 8192, 64))
-                prefill_rates[(hw, tp)], _ = self.max_rate(spec, self._rate_guess(spec), slo=ttft_slo, output_len=1)
+    def _colocated_units(self, precision: str) -> list[Candidate]:
         out = []
-        for (hp, tpp), rp in prefill_rates.items():
+        for hw in self.hardware:
+            for tp, par in self._layouts(hw, precision):
+                for budget, seqs in ((2048, 256), (8192, 256), (2048, 64)):
+                    pool = PoolSpec(hw, 1, tp, budget, seqs, parallelism=par)
+                    out.append(Candidate(self._spec("colocated", precision, colocated=pool)))
+        return out
+
+    def _disaggregated_units(self, precision: str) -> list[Candidate]:
+        ttft_slo = (self.slo[0], None)
+        prefill_rates: dict[tuple[str, int, str], float] = {}
+        for hw in self.hardware:
+            for tp, par in self._layouts(hw, precision):
+                spec = self._spec("colocated", precision, colocated=PoolSpec(hw, 1, tp, 8192, 64, parallelism=par))
+                prefill_rates[(hw, tp, par)], _ = self.max_rate(spec, self._rate_guess(spec), slo=ttft_slo,
+                                                                output_len=1)
+        out = []
+        for (hp, tpp, parp), rp in prefill_rates.items():
             if rp <= 0:
                 continue
             for hd in self.hardware:
-                for tpd in self._tps(hd):
+                for tpd, pard in self._layouts(hd, precision):
                     for seqs in (512,):
-                        rd = self._decode_rate(hd, tpd, seqs)
+                        rd = self._decode_rate(hd, tpd, seqs, precision, pard)
                         if rd <= 0:
                             continue
                         for x, y in _ratios(rd / rp):
-                            out.append(Candidate(self._spec("disaggregated", prefill=PoolSpec(hp, x, tpp, 8192, 64),
-                                                            decode=PoolSpec(hd, y, tpd, 2048, seqs))))
+                            out.append(Candidate(self._spec(
+                                "disaggregated", precision, prefill=PoolSpec(hp, x, tpp, 8192, 64, parallelism=parp),
+                                decode=PoolSpec(hd, y, tpd, 2048, seqs, parallelism=pard))))
         return out
 
-    def _decode_rate(self, hw: str, tp: int, max_seqs: int) -> float:
+    def _decode_rate(self, hw: str, tp: int, max_seqs: int, precision: str, parallelism: str = "tp") -> float:
         """Steady-state decode rate of one instance: the largest batch whose step meets TPOT (with 10%
         margin) and whose KV fits, served for avg_out steps."""
-        pm = AnalyticPerfModel(self.model, self.catalogue[hw], tp, self.precision)
-        kv_tokens = instance_kv_blocks(self.model, self.catalogue[hw], tp, self.precision, 16) * 16
+        pm = AnalyticPerfModel(self.model, self.catalogue[hw], tp, precision, parallelism=parallelism)
+        kv_tokens = instance_kv_blocks(self.model, self.catalogue[hw], tp, precision, 16,
+                                       parallelism=parallelism) * 16
         ctx = self.avg_in + self.avg_out / 2
         tpot = self.slo[1] * 0.9 if self.slo[1] else math.inf
         best = 0.0
@@ -248,19 +268,23 @@ class Planner:
         """Analytic capacity of a unit: prefill rate (prompts/s at full-prompt steps) combined with the
         steady-state decode rate; the rate search starts here."""
         def prefill_rate(pool: PoolSpec) -> float:
-            pm = AnalyticPerfModel(self.model, self.catalogue[pool.hardware], pool.tp, self.precision)
+            pm = AnalyticPerfModel(self.model, self.catalogue[pool.hardware], pool.tp, spec.precision,
+                                   parallelism=pool.parallelism)
             n = max(1, int(self.avg_in))
             return pool.instances / max(pm.step_time_s(_prefill_shape(n)), 1e-9)
+
+        def decode_rate(pool: PoolSpec) -> float:
+            return self._decode_rate(pool.hardware, pool.tp, pool.max_num_seqs, spec.precision, pool.parallelism)
         if spec.mode == "colocated":
             p = spec.colocated
-            rd = self._decode_rate(p.hardware, p.tp, p.max_num_seqs)
+            rd = decode_rate(p)
             rp = prefill_rate(p)
             return max(0.05, 1.0 / (1.0 / rp + 1.0 / rd) if rd > 0 else rp)
-        rd = spec.decode.instances * self._decode_rate(spec.decode.hardware, spec.decode.tp, spec.decode.max_num_seqs)
+        rd = spec.decode.instances * decode_rate(spec.decode)
         return max(0.05, min(prefill_rate(spec.prefill), rd) if rd > 0 else prefill_rate(spec.prefill))
 
-    def _spec(self, mode: str, **pools) -> ClusterSpec:
-        return ClusterSpec(self.model_name, mode, precision=self.precision, routing=self.routing, **pools)
+    def _spec(self, mode: str, precision: str, **pools) -> ClusterSpec:
+        return ClusterSpec(self.model_name, mode, precision=precision, routing=self.routing, **pools)
 
 
 def rank(cands: list[Candidate], catalogue, cards: int | None, budget: float | None) -> list[dict]:
@@ -276,7 +300,8 @@ def rank(cands: list[Candidate], catalogue, cards: int | None, budget: float | N
             continue
         cost = c.probe["sim"]["cost"]
         rows.append({
-            "mode": c.spec.mode, "unit": c.spec.to_dict(), "units": n_units, "cards": n_units * c.unit_cards,
+            "mode": c.spec.mode, "precision": c.spec.precision, "unit": c.spec.to_dict(), "units": n_units,
+            "cards": n_units * c.unit_cards,
             "unit_goodput_rps": c.goodput, "goodput_rps": n_units * c.goodput,
             "goodput_per_card": c.goodput / c.unit_cards, "price_per_hour": n_units * price,
             "power_kw_tdp": n_units * power / 1e3,
@@ -355,7 +380,7 @@ def run_plan_command(args) -> int:
         planner = Planner(args.model, [h for h in args.hardware.split(",") if h], work_items(workload_from_args(args)[0]),
                           (args.slo_ttft, args.slo_tpot), args.attainment, args.precision, modes, tps,
                           args.probe_requests, args.perf_model, args.hardware_file, args.routing,
-                          args.progress, args.seed, args.max_probe_requests)
+                          args.progress, args.seed, args.max_probe_requests, args.parallelism)
     except (ValueError, OSError) as e:
         print(f"pdserve plan: error: {e}", file=sys.stderr)
         return 2
@@ -365,7 +390,8 @@ def run_plan_command(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
             "attainment": args.attainment, "cards": args.cards, "budget_per_hour": args.budget_per_hour,
-            "hardware": args.hardware, "precision": args.precision, "probe_requests": args.probe_requests,
+            "hardware": args.hardware, "precisions": planner.precisions, "parallelisms": planner.parallelisms,
+            "probe_requests": args.probe_requests,
             "simulations": planner.num_sims, "probes_over_cap": planner.num_capped, "method": "unit goodput by rate search, scaled linearly"}
     (out / "ranked.json").write_text(json.dumps({**meta, "ranked": rows}, indent=1) + "\n", encoding="utf-8")
     if not rows:
@@ -409,13 +435,39 @@ def _prefill_shape(n: int):
     return BatchShape(n, n * (n + 1) / 2, n, 0, 0, 1)
 
 
+def _precisions(text: str, perf_model: str) -> list[str]:
+    from pdserve.sim.hardware import PRECISIONS
+    names = list(AUTO_PRECISIONS) if text == "auto" else [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in names if p not in PRECISIONS]
+    if not names or bad:
+        raise ValueError(f"--precision takes auto or names from {PRECISIONS}, got {text!r}")
+    if perf_model != "analytic" and len(names) > 1:
+        # A calibrated model measured one engine at one precision: searching others would rank copies.
+        logger.info("calibrated perf model: planning at %s only", names[0])
+        return names[:1]
+    return names
+
+
+def _parallelisms(text: str, is_moe: bool) -> list[str]:
+    names = (["tp", "ep"] if is_moe else ["tp"]) if text == "auto" else [p.strip() for p in text.split(",") if p.strip()]
+    if not names or set(names) - {"tp", "ep"}:
+        raise ValueError(f"--parallelism takes auto, tp, ep or tp,ep, got {text!r}")
+    if "ep" in names and not is_moe:
+        raise ValueError("--parallelism ep needs an MoE model")
+    return names
+
+
 def _layout(r: dict) -> str:
     spec = ClusterSpec.from_dict(r["unit"])
+
+    def pool(p: PoolSpec) -> str:
+        return f"{p.hardware} {p.parallelism}{p.tp}"
+    tag = "" if spec.precision == "bf16" else f" {spec.precision}"
     if spec.mode == "colocated":
         c = spec.colocated
-        return f"{r['units']}x {c.hardware} tp{c.tp} b{c.max_num_batched_tokens} s{c.max_num_seqs}"
+        return f"{r['units']}x {pool(c)} b{c.max_num_batched_tokens} s{c.max_num_seqs}{tag}"
     p, d = spec.prefill, spec.decode
-    return f"{r['units']}x({p.instances}P {p.hardware} tp{p.tp} : {d.instances}D {d.hardware} tp{d.tp} s{d.max_num_seqs})"
+    return f"{r['units']}x({p.instances}P {pool(p)} : {d.instances}D {pool(d)} s{d.max_num_seqs}){tag}"
 
 
 def _bar(total: int, enabled: bool, desc: str):

@@ -1,9 +1,13 @@
 """``pdserve profile``: time the real engine on a grid of batch shapes and fit a calibrated perf model.
 
+``pdserve profile --live TRACE_DIR --bench RESULT.json --base perf-model.json`` instead adds the overheads
+of a live deployment to a profiled model, fitted from a traced calibration run (``sim/live.py``).
+
 Each measurement is one ``EngineCore.step()``; the batch it ran is captured from the scheduler's own
 ``SchedulerOutput`` (``BatchShape.from_chunks``), so the fit uses exactly the features the simulator
 computes. The grid: single and batched prefills of several lengths, decode batches of several sizes
-and context lengths, and mixed steps (decodes plus a prefill chunk).
+and context lengths (equal contexts, and one long context among short ones: the engine's attention
+pads decodes to the longest), and mixed steps (decodes plus a prefill chunk).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ PREFILL_BATCH = (2, 4)
 DECODE_BATCH = (1, 4, 16, 32)
 DECODE_CTX = (64, 512)
 DECODE_STEPS = 4
+UNEVEN_BATCH = (4, 16)  # one context of DECODE_CTX[-1] tokens among DECODE_CTX[0]-token ones
 
 
 def add_profile_args(p) -> None:
@@ -32,6 +37,12 @@ def add_profile_args(p) -> None:
     p.add_argument("--hardware-name", default="cpu-this-machine", help="label stored in the file")
     p.add_argument("--quick", action="store_true", help="a smaller grid (tests)")
     p.add_argument("--out", default="perf-model.json")
+    g = p.add_argument_group("live calibration (fit overheads from a traced run instead of profiling)")
+    g.add_argument("--live", default=None, metavar="TRACE_DIR",
+                   help="traces of a calibration run (`pdserve up --trace-dir TRACE_DIR`)")
+    g.add_argument("--bench", nargs="+", default=[], metavar="RESULT.json",
+                   help="the `pdserve bench --out` result(s) of that run")
+    g.add_argument("--base", default=None, metavar="FILE", help="the profiled model to add the overheads to")
     from pdserve.cluster.args import add_cpu_args
     add_cpu_args(p)  # profile as a worker runs: `pdserve up` pins each worker to one core
 
@@ -83,30 +94,38 @@ def measure(engine, quick: bool = False) -> tuple[list[BatchShape], list[float]]
                 add(n, 1)
             step()
             drain()
+    def decode_batch(ctxs: list[int]) -> None:
+        for ctx in ctxs:
+            add(ctx, DECODE_STEPS + 2)
+        while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or \
+                engine.scheduler.waiting:
+            engine.step()  # prefills
+        for _ in range(DECODE_STEPS):
+            step()
+        # Mixed: a prefill chunk joins the decodes.
+        add(min(256, budget // 2), 1)
+        step()
+        drain()
+
     for ctx in DECODE_CTX[:1] if quick else DECODE_CTX:
         for b in DECODE_BATCH[:3] if quick else DECODE_BATCH:
-            for _ in range(b):
-                add(ctx, DECODE_STEPS + 2)
-            while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or \
-                    engine.scheduler.waiting:
-                engine.step()  # prefills
-            for _ in range(DECODE_STEPS):
-                step()
-            # Mixed: a prefill chunk joins the decodes.
-            add(min(256, budget // 2), 1)
-            step()
-            drain()
+            decode_batch([ctx] * b)
+    for b in UNEVEN_BATCH[:1] if quick else UNEVEN_BATCH:
+        decode_batch([DECODE_CTX[-1]] + [DECODE_CTX[0]] * (b - 1))
     engine.scheduler.schedule = schedule
     return shapes, times
 
 
 def run_profile_command(args) -> int:
+    if args.live:
+        return _run_live(args)
     from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from pdserve.sim.calibrated import fit
     try:
-        from pdserve.cluster.args import apply_cpu_args
+        from pdserve.cluster.args import apply_cpu_args, keep_freed_memory
         from pdserve.engine.core import EngineCore
         apply_cpu_args(args)
+        keep_freed_memory()  # as a worker runs
         config = EngineConfig(model=ModelConfig(model=args.model, load_format=args.load_format, dtype=args.dtype,
                                                 device=args.device),
                               cache=CacheConfig(kv_cache_memory_bytes=512 * 2**20),
@@ -125,7 +144,27 @@ def run_profile_command(args) -> int:
     print(f"measured {len(times)} steps in {time.perf_counter() - t0:.1f} s; median step "
           f"{statistics.median(times) * 1e3:.1f} ms")
     print("coefficients: " + json.dumps(dict(zip(("constant_s", "per_prefill_token_s", "per_prefill_attn_s",
-                                                   "per_decode_s", "per_decode_ctx_s"), model.coef, strict=True))))
+                                                   "per_decode_s", "per_decode_ctx_s", "per_padded_decode_ctx_s"),
+                                                  model.coef, strict=True))))
     print(f"fit: R^2 {stats['r2']:.3f}, mean abs. relative error {stats['mape']:.1%} over {stats['num_samples']} "
           f"steps; wrote {args.out}")
+    return 0
+
+
+def _run_live(args) -> int:
+    from pdserve.sim.calibrated import CalibratedPerfModel
+    from pdserve.sim.live import fit_live, format_fit, load_bench_results
+    try:
+        if not args.bench or not args.base:
+            raise ValueError("--live needs --bench RESULT.json (the calibration run) and --base FILE (a profile)")
+        base = CalibratedPerfModel.load(args.base)
+        fitted = fit_live(args.live, load_bench_results(args.bench), base)
+    except (ValueError, OSError, KeyError) as e:
+        print(f"pdserve profile: error: {e}", file=sys.stderr)
+        return 2
+    model = base.with_overheads(fitted.overheads, {"live": {"trace_dir": str(args.live), "bench": list(args.bench),
+                                                              "stats": fitted.stats}})
+    model.save(args.out)
+    print(format_fit(fitted))
+    print(f"wrote {args.out}")
     return 0

@@ -34,6 +34,7 @@ class Recorder:
         self.errors: dict[int, str] = {}
         self.num_done = 0
         self.kv_bytes = 0.0
+        self.return_s = 0.0  # a token reaches the client this long after its worker emits it
         self._itl = array("d")
         self._itl_weight = array("q")
 
@@ -73,8 +74,8 @@ class Recorder:
         n = len(self.send_s)
         ok = [i for i in range(n) if i not in self.errors and self.num_tokens[i] > 0 and not math.isnan(self.end_s[i])]
         send = np.array([self.send_s[i] for i in ok])
-        first = np.array([self.first_s[i] for i in ok])
-        end = np.array([self.end_s[i] for i in ok])
+        first = np.array([self.first_s[i] for i in ok]) + self.return_s
+        end = np.array([self.end_s[i] for i in ok]) + self.return_s
         ntok = np.array([self.num_tokens[i] for i in ok], dtype=float)
         ttft = first - send
         e2e = end - send
@@ -85,7 +86,7 @@ class Recorder:
             met &= ttft <= self.slo_ttft_s
         if self.slo_tpot_s is not None:
             met &= ~multi | (tpot <= self.slo_tpot_s)
-        ends = [e for e in self.end_s if not math.isnan(e)]
+        ends = [e + self.return_s for e in self.end_s if not math.isnan(e)]
         duration = max(ends) if ends else 0.0
         per_s = (lambda x: x * scale / duration) if duration > 0 else (lambda x: 0.0)
         out_tokens = int(ntok.sum())

@@ -4,10 +4,15 @@ Each instance is an ``engine.scheduler.Scheduler`` over an ``engine.kv_manager.K
 from memory (``perf_model.instance_kv_blocks``). An event loop replaces the model's execution by the
 performance model: a step scheduled at time t ends at t + step_time(batch shape), and the scheduler is
 updated with dummy sampled tokens (requests end by their max_tokens). Disaggregated clusters follow the
-real flow: the decode instance reserves blocks (``add_request(remote_kv=True)`` → ``reservations``), the
-prefill instance computes the prompt with ``max_tokens=1`` and ``hold_kv``, the KV moves over a link
-(serialised per prefill instance: latency + bytes / bandwidth), then ``release_kv`` on the prefill side
-and ``complete_remote_kv`` on the decode side. The first token counts when the prefill samples it.
+real flow (``server/client.py``, ``worker/process.py``): the request goes to a decode instance
+(``add_request(remote_kv=True)``) and to a prefill instance (``max_tokens=1``, ``hold_kv``) at once; the
+decode instance's reservation (``SchedulerOutput.reservations``) leaves when its step ends and reaches
+the prefill instance; once the prompt is computed and the reservation is there, the KV moves (serialised
+per prefill instance: the link model, or the fitted copy time of a live calibration), then
+``release_kv`` on the prefill side and ``complete_remote_kv`` on the decode side, which emits the first
+token. Workers read messages between steps, so a message that reaches a busy instance waits for its
+step to end. Live overheads (``sim/overheads.py``), when the perf model has them, delay arrivals, slow
+steps, and shift every token by the return path.
 
 Two speed-ups, both measured against the plain mode (docs/sim.md):
 
@@ -32,6 +37,7 @@ from pdserve.sim.cluster import ClusterSpec, PoolSpec
 from pdserve.sim.hardware import Hardware, load_catalogue
 from pdserve.sim.instance import Instance, WorkItem
 from pdserve.sim.models import ModelSpec, get_model
+from pdserve.sim.overheads import Overheads
 from pdserve.sim.perf_model import (AnalyticPerfModel, BatchShape, PerfModel, instance_kv_blocks,
                                     kv_transfer_s)
 from pdserve.sim.requests import DUMMY_TOKEN_ID, SimRequest
@@ -40,7 +46,7 @@ from pdserve.sim.routing import make_chooser
 
 logger = logging.getLogger(__name__)
 
-_ARRIVAL, _STEP_END, _WINDOW_END, _RESUME, _TRANSFER_DONE = range(5)
+_ARRIVAL, _STEP_END, _WINDOW_END, _RESUME, _TRANSFER_DONE, _MESSAGE = range(6)
 
 
 @dataclass(frozen=True)
@@ -59,11 +65,13 @@ class SimOptions:
 
 @dataclass
 class _Flight:
-    """A disaggregated request between its decode reservation and its KV arrival."""
+    """A disaggregated request between its arrival and its KV landing on the decode instance."""
 
     decode: Instance
-    prefill: Instance | None = None
+    prefill: Instance
     num_cached_on_decode: int = 0
+    is_prefilled: bool = False  # the prefill instance computed the prompt (and holds its KV)
+    is_reserved: bool = False  # the decode instance's reservation reached the prefill instance
 
 
 class Simulator:
@@ -91,18 +99,28 @@ class Simulator:
         self._flights: dict[str, _Flight] = {}
         self._next_item = 0
         self._transfer_inter = self._kv_link_is_inter()
+        self.overheads: Overheads = self.instances[0].perf.overheads or Overheads()
+        self.recorder.return_s = self.overheads.return_s
+        # Contention between the instances of one host makes a step's time depend on the others: no
+        # fast-forward then (such simulations are one host's few instances anyway).
+        self._is_contention_sensitive = any(i.step_overhead is not None and i.step_overhead.is_contention_sensitive
+                                            for i in self.instances) and len(self.instances) > 1
+        self._fast_forward = self.options.fast_forward and not self._is_contention_sensitive
 
     # -- public ----------------------------------------------------------------------------------------
     def run(self) -> dict:
         progress = _progress(len(self.items), self.options.progress)
         if self.concurrency is None:
+            admission = self.overheads.admission_s
             for slot, item in enumerate(self.items):
-                self._push(item.arrival_s or 0.0, _ARRIVAL, slot)
+                self.recorder.send_s[slot] = item.arrival_s or 0.0
+                self._push((item.arrival_s or 0.0) + admission, _ARRIVAL, slot)
             self._next_item = len(self.items)
         else:
             for _ in range(min(self.concurrency, len(self.items))):
-                self._release_next(0.0)
-        handlers = (self._on_arrival, self._on_step_end, self._on_window_end, self._on_resume, self._on_transfer_done)
+                self._release_next(0.0)  # the first users send at once
+        handlers = (self._on_arrival, self._on_step_end, self._on_window_end, self._on_resume, self._on_transfer_done,
+                    self._on_message)
         events = self._events
         done_before = 0
         now = 0.0
@@ -125,8 +143,9 @@ class Simulator:
 
     # -- events ----------------------------------------------------------------------------------------
     def _on_arrival(self, now: float, slot: int) -> None:
+        """The request reaches the workers (its send time, ``admission_s`` earlier, is recorded)."""
         item = self.items[slot]
-        self.recorder.send(slot, now, item.input_len, item.output_len)
+        self.recorder.send(slot, self.recorder.send_s[slot], item.input_len, item.output_len)
         rid = str(slot)
         if item.input_len >= self.max_model_len:
             self._fail(slot, now, "prompt longer than the context length")
@@ -150,14 +169,32 @@ class Simulator:
         hashes = req.update_block_hashes(self.spec.block_size)
         need = decode_pool[0].kv.num_blocks_for(item.input_len + 1)
         decode = decode_pool[self.decode_policy.choose(decode_pool, hashes, need)]
-        self._flights[rid] = _Flight(decode)
+        prefill = prefill_pool[self.policy.choose(prefill_pool, hashes, 0)]
+        self._flights[rid] = _Flight(decode, prefill)
         decode.scheduler.add_request(req, remote_kv=True)
+        first = self._request(rid, slot, item, 1)
+        first.hold_kv = True
+        prefill.scheduler.add_request(first)
         self._wake(decode, now)
+        self._wake(prefill, now)
 
     def _on_step_end(self, now: float, payload: tuple[Instance, SchedulerOutput]) -> None:
         inst, out = payload
         sampled = {c.request.request_id: DUMMY_TOKEN_ID for c in out.chunks if c.samples}
         outputs = inst.scheduler.update_from_output(out, sampled)
+        if inst.role == "prefill":
+            for o in outputs:  # max_tokens=1: every output finishes, its KV held for the transfer
+                flight = self._flights[o.request_id]
+                flight.is_prefilled = True
+                if flight.is_reserved:
+                    self._start_transfer(inst, o.request_id, o.num_prompt_tokens, now)
+        else:
+            self._record_tokens(inst, outputs, now)
+        if self.options.check_integrity:
+            inst.scheduler.check_integrity()
+        self._boundary(inst, now)
+
+    def _record_tokens(self, inst: Instance, outputs, now: float) -> None:
         rec = self.recorder
         step_start = inst.step_start
         num_continuing = 0
@@ -172,15 +209,24 @@ class Simulator:
             else:
                 rec.token(slot, now)
             if o.finished:
-                if inst.role == "prefill":
-                    self._start_transfer(inst, o.request_id, o.num_prompt_tokens, now)
-                else:
-                    self._complete(slot, now)
+                self._complete(slot, now)
         if num_continuing:
             rec.add_itl(now - step_start, num_continuing)
-        if self.options.check_integrity:
-            inst.scheduler.check_integrity()
+
+    def _boundary(self, inst: Instance, now: float) -> None:
+        """Between two steps, as a worker's loop: send what the step produced (reservations), read the
+        messages that arrived during it, then start the next step."""
+        if inst.outbox:
+            delay = self.overheads.reservation_s
+            for rid in inst.outbox:
+                flight = self._flights[rid]
+                self._push(now + delay, _MESSAGE, (flight.prefill, "reservation", rid))
+            inst.outbox.clear()
         inst.busy = False
+        if inst.inbox:
+            inbox, inst.inbox = inst.inbox, []
+            for kind, rid in inbox:
+                self._handle(inst, now, kind, rid)
         self._start_step(inst, now)
 
     def _on_window_end(self, now: float, payload: tuple[Instance, int]) -> None:
@@ -189,25 +235,50 @@ class Simulator:
             return
         self._commit_window(inst, len(inst.window[1]))
         inst.window_limit = min(self.options.max_window_steps, 2 * inst.window_limit)
-        inst.busy = False
-        self._start_step(inst, now)
+        self._boundary(inst, now)
 
     def _on_resume(self, now: float, payload: tuple[Instance, int]) -> None:
         inst, version = payload
         if version != inst.version:
             return
-        inst.busy = False
-        self._start_step(inst, now)
+        self._boundary(inst, now)
 
     def _on_transfer_done(self, now: float, rid: str) -> None:
-        flight = self._flights.pop(rid)
+        flight = self._flights[rid]
         flight.prefill.scheduler.release_kv(rid)
-        out = flight.decode.scheduler.complete_remote_kv(rid, DUMMY_TOKEN_ID)
-        if out is not None and out.finished:
-            self._complete(int(rid), now)
-        self._wake(flight.decode, now)
-        if flight.prefill.scheduler.has_unfinished_requests():
+        if flight.prefill.scheduler.has_unfinished_requests():  # freed blocks may admit waiting prompts
             self._wake(flight.prefill, now)
+        self._deliver(flight.decode, now, "kv", rid)
+
+    def _on_message(self, now: float, payload: tuple[Instance, str, str]) -> None:
+        inst, kind, rid = payload
+        self._deliver(inst, now, kind, rid)
+
+    def _deliver(self, inst: Instance, now: float, kind: str, rid: str) -> None:
+        """A message reaches ``inst``: read now if it is idle, else when its step ends."""
+        if inst.busy:
+            inst.inbox.append((kind, rid))
+            if inst.window is not None:
+                self._wake(inst, now)  # cut the fast-forward window at the next step boundary
+            return
+        self._handle(inst, now, kind, rid)
+        self._wake(inst, now)
+
+    def _handle(self, inst: Instance, now: float, kind: str, rid: str) -> None:
+        flight = self._flights[rid]
+        if kind == "reservation":  # at the prefill instance
+            flight.is_reserved = True
+            if flight.is_prefilled:
+                self._start_transfer(inst, rid, self.items[int(rid)].input_len, now)
+            return
+        assert kind == "kv", kind  # at the decode instance: the request joins its batch, first token out
+        del self._flights[rid]
+        out = inst.scheduler.complete_remote_kv(rid, DUMMY_TOKEN_ID)
+        assert out is not None, rid
+        slot = int(rid)
+        self.recorder.first_token(slot, now, out.num_cached_tokens)
+        if out.finished:
+            self._complete(slot, now)
 
     # -- instance stepping -----------------------------------------------------------------------------
     def _wake(self, inst: Instance, now: float) -> None:
@@ -226,15 +297,20 @@ class Simulator:
             self._start_step(inst, now)
 
     def _start_step(self, inst: Instance, now: float) -> None:
-        if self.options.fast_forward and inst.role != "prefill" and self._try_window(inst, now):
+        if self._fast_forward and inst.role != "prefill" and self._try_window(inst, now):
             return
         out = inst.scheduler.schedule()
-        for res in out.reservations:
-            self._on_reserved(inst, res.request_id, res.num_cached_tokens, now)
+        for res in out.reservations:  # sent after the step (at once if there is no step)
+            self._flights[res.request_id].num_cached_on_decode = res.num_cached_tokens
+            inst.outbox.append(res.request_id)
         if out.is_empty:
+            if inst.outbox:
+                self._boundary(inst, now)
             return
         shape = BatchShape.from_chunks(out.chunks)
         dt = inst.perf.step_time_s(shape)
+        if inst.step_overhead is not None:
+            dt = inst.step_overhead.time_s(dt, shape.num_samples, self._is_contended(inst))
         inst.busy = True
         inst.step_start = now
         inst.num_steps += 1
@@ -250,7 +326,7 @@ class Simulator:
             return False
         running = s.running
         k = inst.window_limit  # adaptive: doubles after a full window, shrinks after a cut one
-        ctx = 0
+        ctx = longest = 0
         max_len = self.max_model_len
         for r in running:
             c = r.num_computed_tokens
@@ -263,6 +339,7 @@ class Simulator:
                 if k < 2:
                     return False
             ctx += c + 1
+            longest = max(longest, c + 1)
         bs = inst.block_size
         free = inst.kv.pool.num_free_blocks
         while k >= 2 and sum(-(-(r.num_computed_tokens + k) // bs) - -(-r.num_computed_tokens // bs)
@@ -274,8 +351,10 @@ class Simulator:
         ends = []
         t = now
         step = inst.perf.decode_step_time_s
+        live = inst.step_overhead
         for i in range(k):
-            t += step(b, ctx + b * i)
+            dt = step(b, ctx + b * i, longest + i)
+            t += dt if live is None else live.time_s(dt, b)
             ends.append(t)
         inst.window = (now, ends, list(running))
         inst.busy = True
@@ -317,28 +396,22 @@ class Simulator:
             inst.num_steps -= len(ends) - j
         inst.window = None
 
-    # -- disaggregation --------------------------------------------------------------------------------
-    def _on_reserved(self, decode: Instance, rid: str, num_cached: int, now: float) -> None:
-        flight = self._flights[rid]
-        flight.num_cached_on_decode = num_cached
-        slot = int(rid)
-        item = self.items[slot]
-        req = self._request(rid, slot, item, 1)
-        req.hold_kv = True
-        pool = self.pools["prefill"]
-        prefill = pool[self.policy.choose(pool, req.update_block_hashes(self.spec.block_size), 0)]
-        flight.prefill = prefill
-        prefill.scheduler.add_request(req)
-        self._wake(prefill, now)
+    def _is_contended(self, inst: Instance) -> bool:
+        """Whether another instance of the host is in a step (only asked of calibrated live models)."""
+        return self._is_contention_sensitive and any(o.busy for o in self.instances if o is not inst)
 
+    # -- disaggregation --------------------------------------------------------------------------------
     def _start_transfer(self, prefill: Instance, rid: str, num_prompt_tokens: int, now: float) -> None:
         flight = self._flights[rid]
         num_tokens = num_prompt_tokens - flight.num_cached_on_decode
-        # Each rank sends its shard in parallel; under ep a request's KV lives on one card (one link).
-        pools = (prefill.pool, flight.decode.pool)
-        tp = 1 if any(p.parallelism == "ep" for p in pools) else min(p.tp for p in pools)
-        dt = kv_transfer_s(num_tokens, self.model, prefill.hardware, tp, self._transfer_inter, self.spec.kv_dtype)
-        latency = prefill.hardware.link_latency_s(self._transfer_inter) if num_tokens > 0 else 0.0
+        dt = self.overheads.kv_transfer_s(num_tokens)
+        latency = 0.0
+        if dt is None:  # the link model: each rank sends its shard in parallel; under ep a request's
+            # KV lives on one card (one link)
+            pools = (prefill.pool, flight.decode.pool)
+            tp = 1 if any(p.parallelism == "ep" for p in pools) else min(p.tp for p in pools)
+            dt = kv_transfer_s(num_tokens, self.model, prefill.hardware, tp, self._transfer_inter, self.spec.kv_dtype)
+            latency = prefill.hardware.link_latency_s(self._transfer_inter) if num_tokens > 0 else 0.0
         start = max(now, prefill.link_free_s)
         prefill.link_free_s = start + dt - latency
         self.recorder.kv_bytes += num_tokens * self.model.kv_bytes_per_token(2.0 if self.spec.kv_dtype == "bf16" else 1.0)
@@ -352,17 +425,19 @@ class Simulator:
 
     def _complete(self, slot: int, now: float) -> None:
         self.recorder.finish(slot, now)
-        if self.concurrency is not None:
-            self._release_next(now)
+        if self.concurrency is not None:  # the client sees the end return_s later, then sends
+            self._release_next(now + self.overheads.return_s)
 
     def _fail(self, slot: int, now: float, error: str) -> None:
         self.recorder.fail(slot, now, error)
         if self.concurrency is not None:
-            self._release_next(now)
+            self._release_next(now + self.overheads.return_s)
 
-    def _release_next(self, now: float) -> None:
+    def _release_next(self, send: float) -> None:
+        """Closed loop: the next request leaves the client at ``send``."""
         if self._next_item < len(self.items):
-            self._push(now, _ARRIVAL, self._next_item)
+            self.recorder.send_s[self._next_item] = send
+            self._push(send + self.overheads.admission_s, _ARRIVAL, self._next_item)
             self._next_item += 1
 
     def _push(self, t: float, kind: int, payload: object) -> None:
@@ -373,14 +448,17 @@ class Simulator:
         if pool.hardware not in self.catalogue:
             raise ValueError(f"unknown hardware {pool.hardware!r}; known: {', '.join(sorted(self.catalogue))}")
         hw = self.catalogue[pool.hardware]
-        perf = make_perf_model(self.options.perf_model, self.model, hw, pool.tp, self.spec.precision, self.spec.kv_dtype,
-                               pool.parallelism)
+        base = make_perf_model(self.options.perf_model, self.model, hw, pool.tp, self.spec.precision,
+                               self.spec.kv_dtype, pool.parallelism)
         num_blocks = self.options.num_blocks or instance_kv_blocks(
             self.model, hw, pool.tp, self.spec.precision, self.spec.block_size, pool.max_num_batched_tokens,
             self.spec.kv_dtype, parallelism=pool.parallelism)
         role = {"colocated": "both"}.get(name, name)
-        return [Instance(i, role, pool, hw, perf, num_blocks, self.spec.block_size, self.spec.enable_prefix_caching,
-                         self.max_model_len) for i in range(pool.instances)]
+        insts = [Instance(i, role, pool, hw, base, num_blocks, self.spec.block_size, self.spec.enable_prefix_caching,
+                          self.max_model_len) for i in range(pool.instances)]
+        for inst in insts:
+            inst.step_overhead = base.overheads.step(role) if base.overheads is not None else None
+        return insts
 
     def _kv_link_is_inter(self) -> bool:
         spec = self.spec
@@ -413,7 +491,7 @@ def _prefill_share(perf: PerfModel, shape: BatchShape) -> float:
     if not shape.num_decode:
         return 1.0
     t_p = perf.step_time_s(BatchShape(shape.num_prefill_tokens, shape.prefill_attn, shape.prefill_kv, 0, 0, 1))
-    t_d = perf.decode_step_time_s(shape.num_decode, shape.decode_ctx)
+    t_d = perf.decode_step_time_s(shape.num_decode, shape.decode_ctx, shape.decode_max_ctx)
     return t_p / (t_p + t_d) if t_p + t_d > 0 else 0.0
 
 

@@ -7,7 +7,8 @@ import logging
 import signal
 import sys
 
-from pdserve.cluster.args import add_cpu_args, add_engine_args, apply_cpu_args, engine_config_from_args
+from pdserve.cluster.args import add_cpu_args, add_engine_args, apply_cpu_args, engine_config_from_args, \
+    keep_freed_memory
 from pdserve.worker.protocol import ROLES
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,8 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
                         help="seconds a decode worker waits for KV before computing the prompt itself")
     parser.add_argument("--ready-file", default=None, help="also write the ready record (JSON) here")
     parser.add_argument("--log-stats-interval", type=float, default=10.0, help="seconds between stats lines")
+    parser.add_argument("--trace-file", default=None,
+                        help="write an event trace (steps, transfers) here, for `pdserve profile --live`")
     add_engine_args(parser)
     add_cpu_args(parser)
 
@@ -34,10 +37,12 @@ def run_worker(args: argparse.Namespace) -> int:
     from pdserve.worker.process import Worker, WorkerOptions
 
     cores = apply_cpu_args(args)
+    keep_freed_memory()  # before the engine allocates anything: no page faults on per-step temporaries
     config = engine_config_from_args(args)
     options = WorkerOptions(role=args.role, host=args.host, port=args.port, kv_backend=args.kv_transfer,
                             kv_port=args.kv_port, worker_id=args.worker_id,
-                            transfer_timeout_s=args.transfer_timeout, log_stats_interval_s=args.log_stats_interval)
+                            transfer_timeout_s=args.transfer_timeout, log_stats_interval_s=args.log_stats_interval,
+                            trace_path=args.trace_file)
     worker = Worker(None, options, engine_factory=lambda alloc: EngineCore(config, alloc, record_kv_events=True))
     if cores:
         logger.info("worker %s pinned to cores %s", worker.worker_id, cores)

@@ -26,6 +26,7 @@ from pdserve.kv.transfer import IncomingTransfer, KVReceiver, KVSender, bind_soc
     make_receiver, make_sender
 from pdserve.sampling_params import SamplingParams
 from pdserve.worker import protocol as p
+from pdserve.worker.trace import Tracer
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class WorkerOptions:
     stats_interval_s: float = 0.5  # Stats messages (also the heartbeat)
     log_stats_interval_s: float = 10.0  # the INFO stats line
     idle_poll_ms: int = 100
+    trace_path: str | None = None  # write an event trace here (worker/trace.py; `pdserve profile --live`)
 
     def __post_init__(self) -> None:
         if self.role not in p.ROLES:
@@ -120,6 +122,13 @@ class Worker:
         self._counters = _Counters()
         self._last_stats_s = 0.0
         self._stop = False
+        self._trace = Tracer(options.trace_path, self.worker_id, role=options.role)
+        self._scheduled: list = []  # chunks of the last step, kept only when tracing
+        self._pending_step: tuple | None = None
+        self._first_sent: set[str] = set()
+        self._loop_start = 0.0
+        if self._trace.enabled:
+            self._trace_schedules()
         self.poller = zmq.Poller()
         self.poller.register(self.control, zmq.POLLIN)
         if self.receiver is not None:
@@ -144,20 +153,57 @@ class Worker:
         while not self._stop:
             busy = self.core.has_unfinished_requests()
             events = dict(self.poller.poll(0 if busy else self.options.idle_poll_ms))
+            self._loop_start = time.monotonic()
             if self.control in events:
                 self._drain_control()
             if self.receiver is not None and self.receiver.socket in events:
                 self._drain_kv()
             self._expire()
-            outputs = self.core.step() if self.core.has_unfinished_requests() else []
+            outputs = self._step()
             self._send_reservations()
             self._route_outputs(outputs)
+            self._trace_step_end()
             self._maybe_send_stats()
 
     def stop(self) -> None:
         self._stop = True
 
+    # -- the step, timed when tracing ------------------------------------------------------------------
+    def _step(self) -> list[EngineOutput]:
+        if not self.core.has_unfinished_requests():
+            return []
+        if not self._trace.enabled:
+            return self.core.step()
+        s = time.monotonic()
+        outputs = self.core.step()
+        e = time.monotonic()
+        if self._scheduled:
+            self._pending_step = (s, e, self._scheduled, len(outputs))
+            self._scheduled = []
+        return outputs
+
+    def _trace_schedules(self) -> None:
+        """Keep each step's chunks (start, tokens, samples) for the trace; the schedule is unchanged."""
+        scheduler = self.core.scheduler
+        schedule = scheduler.schedule
+
+        def traced():
+            out = schedule()
+            self._scheduled = [[c.start, c.num_tokens, int(c.samples)] for c in out.chunks]
+            return out
+        scheduler.schedule = traced
+
+    def _trace_step_end(self) -> None:
+        if self._pending_step is None:
+            return
+        s, e, chunks, n_out = self._pending_step
+        self._pending_step = None
+        self._trace.emit("step", t=round(self._loop_start, 6), s=round(s, 6), e=round(e, 6),
+                         x=round(time.monotonic(), 6), busy=self.core.has_unfinished_requests(), chunks=chunks,
+                         n_out=n_out)
+
     def close(self) -> None:
+        self._trace.close()
         for sender in self._senders.values():
             sender.close()
         if self.receiver is not None:
@@ -218,6 +264,7 @@ class Worker:
         params = SamplingParams(**msgspec.structs.asdict(msg.params))
         self.core.add_request(rid, msg.prompt_token_ids, params, remote_kv=msg.remote_kv, hold_kv=msg.hold_kv)
         self._owner[rid] = identity
+        self._trace.emit("add", rid=rid, t=round(time.monotonic(), 6), remote_kv=msg.remote_kv, hold_kv=msg.hold_kv)
         if msg.hold_kv:
             self._held[rid] = _Held()
         if msg.remote_kv:
@@ -247,6 +294,8 @@ class Worker:
             self._notify_failure(reservation, "the prefill worker no longer holds this request")
             return
         held.reservation = reservation
+        self._trace.emit("reservation", rid=reservation.request_id, t=round(time.monotonic(), 6),
+                         done=held.output is not None)
         if held.output is not None:
             self._transfer(reservation.request_id, held)
 
@@ -266,6 +315,11 @@ class Worker:
         c.num_failed_transfers += not record.ok
         c.kv_bytes += record.kv_bytes
         c.transfer_s += record.seconds
+        if self._trace.enabled:
+            now = time.monotonic()
+            self._trace.emit("kv_send", rid=rid, s=round(now - record.seconds, 6), e=round(now, 6),
+                             bytes=record.kv_bytes, tokens=record.num_blocks * self.core.block_size,
+                             ok=record.ok)
         logger.debug("request %s: %d blocks, %d bytes to %s in %.2f ms (%s)", rid, record.num_blocks,
                      record.kv_bytes, reservation.target.worker_id, record.seconds * 1e3, record.backend)
         owner = self._owner.pop(rid, None)
@@ -299,6 +353,7 @@ class Worker:
             remote.reservation = p.KVReservationMsg(r.request_id, list(r.block_ids), r.num_cached_tokens,
                                                     self.kv_target, time.time() + self.options.transfer_timeout_s)
             self._send(owner, remote.reservation)
+            self._trace.emit("reserve", rid=r.request_id, t=round(time.monotonic(), 6))
 
     def _drain_kv(self) -> None:
         assert self.receiver is not None
@@ -334,6 +389,7 @@ class Worker:
             return
         first_logprobs = _logprobs_from_wire(notice.first_logprobs[0]) if notice.first_logprobs else None
         out = self.core.complete_remote_kv(rid, notice.first_token_id, first_logprobs)
+        self._trace.emit("kv_recv", rid=rid, t=round(time.monotonic(), 6))
         if out is not None:
             self._route_outputs([out])
 
@@ -395,8 +451,12 @@ class Worker:
             if owner is None:
                 continue
             batches.setdefault(owner, []).append(_output_to_wire(out))
+            if self._trace.enabled and rid not in self._first_sent:
+                self._first_sent.add(rid)
+                self._trace.emit("first", rid=rid, t=round(time.monotonic(), 6))
             if out.finished:
                 del self._owner[rid]
+                self._first_sent.discard(rid)
         for owner, batch in batches.items():
             self._send(owner, p.Outputs(batch))
 

@@ -1,0 +1,312 @@
+"""``pdserve profile --live``: fit a live cluster's overheads from its traces (``pdserve up --trace-dir``).
+
+Inputs: the trace directory of a calibration run, the ``pdserve bench`` result(s) of that run (client
+send and first-chunk times; their clock origin and duration select the traced window), and a step
+model profiled on the same machine (``pdserve profile``). Output: that step model with
+``Overheads`` (``sim/overheads.py``). Every term is a mean over the calibration run, so that mean
+latencies add up in the simulator:
+
+- ``admission_s``: mean(frontend submit - client send) + mean(worker add - frontend submit), the latter
+  over requests that reached a worker idle all along (a busy worker reads messages only between steps,
+  which the simulator models on its own);
+- ``return_s``: mean(client first chunk - the worker's first-token send);
+- ``reservation_s``: mean(prefill worker takes a reservation - decode worker sends it), over reservations
+  during whose flight the prefill worker ran no step (else the wait for its step to end would count);
+  with none such (the prefill worker is usually computing that very prompt), two frontend -> worker
+  hops (the reservation goes decode -> frontend -> prefill);
+- ``kv_fixed_s``, ``kv_per_token_s``: non-negative least squares of the KV copy times on tokens copied
+  (one prompt length: all of it per token);
+- steps: live time ~ ``scale[role]`` x profiled time x (1 + ``contention`` if another worker of the
+  host was in a step when it started). ``contention`` is one figure for the host (workers on separate
+  cores share memory bandwidth and caches), chosen on a grid to minimise the squared error over every
+  step of every role; for each candidate, ``scale[role]`` keeps the role's total live time (ratio of
+  sums). With one worker, ``contention`` is 0. ``scale_contended`` = ``scale`` x (1 + ``contention``);
+- ``gap_s``, ``gap_per_output_s`` per role: non-negative least squares of the loop time between two
+  back-to-back steps (one step's end to the next one's start, when work remained) on the outputs of
+  the first.
+
+The fit also returns the measured breakdown (``LiveFit.stats``) that ``pdserve profile --live`` prints.
+"""
+from __future__ import annotations
+
+import json
+import math
+from bisect import bisect_right
+from collections import namedtuple
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pdserve.sim.calibrated import CalibratedPerfModel
+from pdserve.sim.overheads import ROLES, Overheads, StepOverhead
+from pdserve.sim.perf_model import BatchShape
+from pdserve.worker.trace import read_trace
+
+_Chunk = namedtuple("_Chunk", "start num_tokens samples")
+MATCH_WINDOW_S = 1.0  # a client send and its frontend submit are at most this far apart
+CONTENTION_GRID = np.linspace(0.0, 1.0, 201)
+
+
+@dataclass
+class LiveFit:
+    overheads: Overheads
+    stats: dict = field(default_factory=dict)  # measured figures behind every term (means, counts)
+
+
+@dataclass
+class _Worker:
+    role: str
+    steps: list[dict]
+    events: list[dict]
+    starts: list[float] = field(default_factory=list)  # iteration starts, for idle checks
+
+    def is_idle_between(self, a: float, b: float) -> bool:
+        """Whether no loop iteration with a step ran at any time in [a, b]."""
+        i = bisect_right(self.starts, b) - 1
+        return i < 0 or self.steps[i]["x"] < a
+
+    def is_stepping_at(self, t: float) -> bool:
+        """Whether an engine step was running at ``t``."""
+        i = bisect_right(self.starts, t) - 1
+        return i >= 0 and self.steps[i]["s"] <= t < self.steps[i]["e"]
+
+
+def fit_live(trace_dir: str | Path, bench_results: list[dict], base: CalibratedPerfModel) -> LiveFit:
+    """Fit the overheads of the run(s) ``bench_results`` traced in ``trace_dir`` (see the module doc)."""
+    windows = [_window(r) for r in bench_results]
+    frontend, workers = _load(Path(trace_dir), windows)
+    stats: dict = {"windows": [[round(a, 3), round(b, 3)] for a, b in windows]}
+    submits = {e["rid"]: e for e in frontend if e["ev"] == "submit"}
+    matched = _match(bench_results, [e for e in frontend if e["ev"] == "submit"])
+    stats["requests_matched"] = len(matched)
+    if not matched:
+        raise ValueError("no client request matched a frontend submit: was the bench run traced "
+                         "(pdserve up --trace-dir) on this host?")
+
+    # Admission: client -> frontend -> worker.
+    to_frontend = [sub["t"] - send for send, _, sub in matched]
+    to_worker = []
+    for w in workers:
+        for e in w.events:
+            if e["ev"] == "add" and e["rid"] in submits and w.is_idle_between(submits[e["rid"]]["t"], e["t"]):
+                to_worker.append(e["t"] - submits[e["rid"]]["t"])
+    admission = _mean(to_frontend) + _mean(to_worker)
+    stats["client_to_frontend_ms"] = _ms(to_frontend)
+    stats["frontend_to_idle_worker_ms"] = _ms(to_worker)
+
+    # Return: the worker's first-token send -> the client's first chunk.
+    first_sent = {e["rid"]: e["t"] for w in workers if w.role in ("decode", "both") for e in w.events
+                  if e["ev"] == "first"}
+    back = [first - first_sent[sub["rid"]] for _, first, sub in matched if sub["rid"] in first_sent]
+    stats["worker_to_client_ms"] = _ms(back)
+
+    # Disaggregation: reservation forwarding, KV copies, the decode worker picking the KV up.
+    reserve_sent = {e["rid"]: e["t"] for w in workers if w.role == "decode" for e in w.events if e["ev"] == "reserve"}
+    forward = []
+    sends = []
+    for w in workers:
+        if w.role != "prefill":
+            continue
+        for e in w.events:
+            if e["ev"] == "reservation" and e["rid"] in reserve_sent and \
+                    w.is_idle_between(reserve_sent[e["rid"]], e["t"]):
+                forward.append(e["t"] - reserve_sent[e["rid"]])
+            elif e["ev"] == "kv_send" and e.get("ok", True):
+                sends.append(e)
+    stats["reservation_forward_ms"] = _ms(forward)
+    kv_fixed = kv_per_token = None
+    if sends:
+        kv_fixed, kv_per_token = _fit_kv([e["tokens"] for e in sends], [e["e"] - e["s"] for e in sends])
+        stats["kv_copy_ms"] = _ms([e["e"] - e["s"] for e in sends])
+        stats["kv_tokens_mean"] = _mean([e["tokens"] for e in sends])
+        landed = {e["rid"]: e["t"] for w in workers if w.role == "decode" for e in w.events if e["ev"] == "kv_recv"}
+        stats["kv_pickup_wait_ms"] = _ms([landed[e["rid"]] - e["e"] for e in sends if e["rid"] in landed])
+
+    # Steps, per role: (live, profiled, contended) of each step, and the loop gaps.
+    samples: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    gap_fits: dict[str, tuple[float, float]] = {}
+    for role in ROLES:
+        ws = [w for w in workers if w.role == role]
+        if not any(w.steps for w in ws):
+            continue
+        live, pred, contended, gaps, outs = [], [], [], [], []
+        for w in ws:
+            others = [o for o in workers if o is not w]
+            for i, s in enumerate(w.steps):
+                live.append(s["e"] - s["s"])
+                pred.append(base.step_time_s(_shape(s)))
+                contended.append(any(o.is_stepping_at(s["s"]) for o in others))
+                nxt = w.steps[i + 1] if i + 1 < len(w.steps) else None
+                if nxt is not None and s.get("busy") and nxt["t"] >= s["x"]:
+                    gaps.append(nxt["s"] - s["e"])
+                    outs.append(_shape(s).num_samples)
+        samples[role] = (np.array(live), np.array(pred), np.array(contended, dtype=float))
+        gap_fits[role] = _fit_gap(outs, gaps)
+        span = sum(w.steps[-1]["x"] - w.steps[0]["t"] for w in ws if w.steps)
+        stats[f"{role}_steps"] = {"count": len(live), "live_ms": _ms(live), "profiled_ms": _ms(pred),
+                                  "num_contended": int(sum(contended)), "gap_ms": _ms(gaps),
+                                  "busy_fraction": sum(live) / span if span else 0.0}
+    contention, scales = _fit_scales(samples) if len(workers) > 1 else (0.0, _fit_scales(samples, [0.0])[1])
+    stats["contention"] = contention
+    steps = {role: StepOverhead(scales[role], *gap_fits[role],
+                                scales[role] * (1 + contention) if len(workers) > 1 else None)
+             for role in samples}
+    reservation = _mean(forward) if forward else 2 * _mean(to_worker)
+    overheads = Overheads(admission_s=admission, return_s=_mean(back), reservation_s=reservation,
+                          kv_fixed_s=kv_fixed, kv_per_token_s=kv_per_token, steps=steps)
+    return LiveFit(overheads, stats)
+
+
+def load_bench_results(paths: list[str]) -> list[dict]:
+    """``pdserve bench`` result files (single runs, or every run of a sweep)."""
+    out = []
+    for path in paths:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        runs = data.get("runs", [data]) if data.get("kind") == "sweep" else [data]
+        for run in runs:
+            if "clock_origin_s" not in run:
+                raise ValueError(f"{path}: no clock_origin_s (written by an older pdserve bench)")
+            out.append(run)
+    return out
+
+
+def format_fit(fit: LiveFit) -> str:
+    """The measured breakdown and the fitted terms, as the CLI prints them."""
+    o, st = fit.overheads, fit.stats
+    lines = [f"matched {st['requests_matched']} client requests to the frontend trace",
+             f"{'term':<34}{'fitted':>12}   measured (mean / p90, count)"]
+
+    def row(name: str, value: str, key: str | None = None) -> None:
+        m = st.get(key) if key else None
+        extra = f"{m['mean']:.2f} / {m['p90']:.2f} ms, n={m['n']}" if m and m["n"] else ""
+        lines.append(f"{name:<34}{value:>12}   {extra}")
+    row("admission (client -> worker)", f"{o.admission_s * 1e3:.2f} ms", "client_to_frontend_ms")
+    row("  of which frontend -> idle worker", "", "frontend_to_idle_worker_ms")
+    row("return (worker -> client)", f"{o.return_s * 1e3:.2f} ms", "worker_to_client_ms")
+    row("reservation forward", f"{o.reservation_s * 1e3:.2f} ms", "reservation_forward_ms")
+    if o.kv_per_token_s is not None:
+        row("KV copy (fixed + per token)", f"{o.kv_fixed_s * 1e3:.2f} ms + {o.kv_per_token_s * 1e6:.2f} us/tok",
+            "kv_copy_ms")
+        row("  KV landed -> decode picks it up", "(modelled)", "kv_pickup_wait_ms")
+    for role, s in o.steps.items():
+        r = st[f"{role}_steps"]
+        lines.append(f"{role + ' steps':<34}{'x' + format(s.scale, '.3f'):>12}   live {r['live_ms']['mean']:.2f} ms vs "
+                     f"profiled {r['profiled_ms']['mean']:.2f} ms, n={r['count']}, busy {r['busy_fraction']:.0%}")
+        if s.scale_contended is not None:
+            lines.append(f"{'  while another worker steps':<34}{'x' + format(s.scale_contended, '.3f'):>12}   "
+                         f"n={r['num_contended']} (contention +{st['contention']:.1%})")
+        row(f"{role} loop gap (+ per output)", f"{s.gap_s * 1e3:.2f}+{s.gap_per_output_s * 1e3:.3f} ms", None)
+        m = r["gap_ms"]
+        if m["n"]:
+            lines[-1] += f"   {m['mean']:.2f} / {m['p90']:.2f} ms, n={m['n']}"
+    return "\n".join(lines)
+
+
+# ---- private ----------------------------------------------------------------------------------------
+
+
+def _window(result: dict) -> tuple[float, float]:
+    origin = result["clock_origin_s"]
+    return origin - 0.5, origin + float(result.get("duration_s") or 0.0) + 5.0
+
+
+def _in(t: float, windows: list[tuple[float, float]]) -> bool:
+    return any(a <= t <= b for a, b in windows)
+
+
+def _load(trace_dir: Path, windows) -> tuple[list[dict], list[_Worker]]:
+    files = sorted(trace_dir.glob("*.jsonl"))
+    if not files:
+        raise ValueError(f"no trace files (*.jsonl) in {trace_dir}")
+    frontend: list[dict] = []
+    workers = []
+    for path in files:
+        events = read_trace(path)
+        if not events or events[0].get("ev") != "start":
+            continue
+        role = events[0].get("role", "")
+        kept = [e for e in events[1:] if _in(e.get("t", e.get("s", 0.0)), windows)]
+        if role == "frontend":
+            frontend += kept
+        elif role in ROLES:
+            steps = [e for e in kept if e["ev"] == "step"]
+            workers.append(_Worker(role, steps, [e for e in kept if e["ev"] != "step"], [s["t"] for s in steps]))
+    return frontend, workers
+
+
+def _match(bench_results: list[dict], submits: list[dict]) -> list[tuple[float, float, dict]]:
+    """(client send, client first chunk, frontend submit) per request, in send order: each request takes
+    the earliest unused submit of its prompt length after its send (within MATCH_WINDOW_S)."""
+    submits = sorted(submits, key=lambda e: e["t"])
+    used = [False] * len(submits)
+    times = [e["t"] for e in submits]
+    out = []
+    for result in bench_results:
+        origin = result["clock_origin_s"]
+        for r in sorted(result.get("requests", []), key=lambda r: r["send_s"]):
+            if r.get("ttft_s") is None:
+                continue
+            send = origin + r["send_s"]
+            i = bisect_right(times, send - 0.001)
+            while i < len(submits) and submits[i]["t"] - send <= MATCH_WINDOW_S:
+                if not used[i] and submits[i].get("n") == r["input_len"]:
+                    used[i] = True
+                    out.append((send, send + r["ttft_s"], submits[i]))
+                    break
+                i += 1
+    return out
+
+
+def _shape(step: dict) -> BatchShape:
+    return BatchShape.from_chunks(_Chunk(*c) for c in step["chunks"])
+
+
+def _fit_scales(samples: dict, grid=CONTENTION_GRID) -> tuple[float, dict[str, float]]:
+    """(contention, scale per role): see the module doc."""
+    best = None
+    for c in grid:
+        scales, sse = {}, 0.0
+        for role, (live, pred, contended) in samples.items():
+            x = pred * (1 + c * contended)
+            scales[role] = float(live.sum() / x.sum()) if x.sum() > 0 else 1.0
+            sse += float(((live - scales[role] * x) ** 2).sum())
+        if best is None or sse < best[0]:
+            best = (sse, float(c), scales)
+    return best[1], best[2]
+
+
+def _fit_kv(tokens: list[int], seconds: list[float]) -> tuple[float, float]:
+    if len(set(tokens)) < 2:
+        return 0.0, _mean(seconds) / max(_mean(tokens), 1.0)
+    return _nnls2(np.array(tokens, dtype=float), np.array(seconds))
+
+
+def _fit_gap(outputs: list[int], gaps: list[float]) -> tuple[float, float]:
+    if not gaps:
+        return 0.0, 0.0
+    if len(set(outputs)) < 2:
+        return max(0.0, _mean(gaps)), 0.0
+    return _nnls2(np.array(outputs, dtype=float), np.array(gaps))
+
+
+def _nnls2(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """y ~ a + b x with a, b >= 0 (least squares; a coefficient that comes out negative is dropped)."""
+    a, b = np.linalg.lstsq(np.stack([np.ones_like(x), x], axis=1), y, rcond=None)[0]
+    if a >= 0 and b >= 0:
+        return float(a), float(b)
+    if a < 0:
+        return 0.0, max(0.0, float(np.dot(x, y) / np.dot(x, x)))
+    return max(0.0, float(y.mean())), 0.0
+
+
+def _mean(values: list[float]) -> float:
+    return float(sum(values) / len(values)) if values else 0.0
+
+
+def _ms(values: list[float]) -> dict:
+    if not values:
+        return {"n": 0, "mean": math.nan, "p90": math.nan}
+    v = np.array(values) * 1e3
+    return {"n": len(v), "mean": float(v.mean()), "p50": float(np.percentile(v, 50)),
+            "p90": float(np.percentile(v, 90)), "max": float(v.max())}

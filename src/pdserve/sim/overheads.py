@@ -1,0 +1,98 @@
+"""Time a live cluster spends outside engine steps, as the simulator applies it.
+
+A profile (``pdserve profile``) times bare ``EngineCore.step()`` calls on an otherwise idle core. A live
+cluster also runs a worker loop between steps (poll, messages, outputs to the frontend), an HTTP
+frontend (parse, validate, hash, route; relay and detokenize every token) and, on the same host, the
+load generator; a disaggregated request also waits for its decode reservation and its KV copy. These
+are the terms ``pdserve profile --live`` fits from traces of a real run (``sim/live.py``), and where the
+simulator applies them:
+
+- ``admission_s``: client send → the request reaches its workers (the simulated arrival is delayed by it);
+- ``return_s``: a token leaves its worker → the client has it (added to every token's time, so it adds
+  to TTFT and end-to-end latency, not to TPOT);
+- ``reservation_s``: a decode worker's reservation → the prefill worker (through the frontend);
+- ``kv_fixed_s + kv_per_token_s x tokens``: one request's KV copy and notice (when fitted, it replaces
+  the link model of ``perf_model.kv_transfer_s``);
+- per worker role (``prefill``, ``decode``, ``both``), ``StepOverhead``: live step time = ``scale`` x
+  profiled step time + ``gap_s`` + ``gap_per_output_s`` x outputs (the loop between steps, and the
+  slow-down of steps by the frontend and the load generator sharing the host's cores), with
+  ``scale_contended`` instead of ``scale`` for a step that starts while another worker of the host is
+  in a step (workers on separate cores still share memory bandwidth and caches).
+
+All zero (scale 1) means "as profiled": the simulator then behaves exactly as without overheads.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+ROLES = ("prefill", "decode", "both")
+
+
+@dataclass(frozen=True)
+class StepOverhead:
+    """One worker role's live step: ``scale`` (``scale_contended`` when another worker of the host is in
+    a step) x profiled + ``gap_s`` + ``gap_per_output_s`` x outputs."""
+
+    scale: float = 1.0
+    gap_s: float = 0.0
+    gap_per_output_s: float = 0.0
+    scale_contended: float | None = None  # None: as ``scale``
+
+    def __post_init__(self) -> None:
+        if not self.scale > 0 or self.gap_s < 0 or self.gap_per_output_s < 0 or \
+                (self.scale_contended is not None and not self.scale_contended > 0):
+            raise ValueError(f"step overhead needs scales > 0 and gaps >= 0, got {self}")
+
+    @property
+    def is_contention_sensitive(self) -> bool:
+        return self.scale_contended is not None and self.scale_contended != self.scale
+
+    def time_s(self, profiled_s: float, num_outputs: int, contended: bool = False) -> float:
+        """The live time of a (non-empty) step the profiled model gives ``profiled_s``."""
+        scale = self.scale_contended if contended and self.scale_contended is not None else self.scale
+        return scale * profiled_s + self.gap_s + self.gap_per_output_s * num_outputs
+
+
+@dataclass(frozen=True)
+class Overheads:
+    admission_s: float = 0.0
+    return_s: float = 0.0
+    reservation_s: float = 0.0
+    kv_fixed_s: float | None = None  # None: not fitted (the simulator uses its link model)
+    kv_per_token_s: float | None = None
+    steps: dict[str, StepOverhead] = field(default_factory=dict)  # by worker role
+
+    def __post_init__(self) -> None:
+        for name in ("admission_s", "return_s", "reservation_s", "kv_fixed_s", "kv_per_token_s"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"overhead {name} must be >= 0, got {getattr(self, name)}")
+        unknown = set(self.steps) - set(ROLES)
+        if unknown:
+            raise ValueError(f"step overheads for unknown roles {sorted(unknown)} (known: {ROLES})")
+
+    def step(self, role: str) -> StepOverhead | None:
+        return self.steps.get(role)
+
+    def kv_transfer_s(self, num_tokens: int) -> float | None:
+        """Seconds to copy ``num_tokens`` tokens of KV; None when the KV terms were not fitted."""
+        if self.kv_fixed_s is None or self.kv_per_token_s is None:
+            return None
+        return self.kv_fixed_s + self.kv_per_token_s * num_tokens if num_tokens > 0 else 0.0
+
+    # -- files -----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["steps"] = {role: asdict(s) for role, s in self.steps.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Overheads:
+        if not isinstance(data, dict):
+            raise ValueError(f"overheads must be a mapping, got {type(data).__name__}")
+        known = {"admission_s", "return_s", "reservation_s", "kv_fixed_s", "kv_per_token_s"}
+        unknown = set(data) - known - {"steps"}
+        if unknown:
+            raise ValueError(f"unknown overhead keys {sorted(unknown)}")
+        steps = {role: StepOverhead(**s) for role, s in (data.get("steps") or {}).items()}
+        return cls(steps=steps, **{k: v for k, v in data.items() if k in known})

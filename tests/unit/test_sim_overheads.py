@@ -1,0 +1,193 @@
+"""Live overheads: applied by the simulator exactly where the real cluster spends them, stored in the
+calibration file, and fitted from traces of a live run (``pdserve profile --live``)."""
+import json
+
+import numpy as np
+import pytest
+
+from pdserve.sim.calibrated import CalibratedPerfModel
+from pdserve.sim.cluster import ClusterSpec, PoolSpec
+from pdserve.sim.live import _fit_scales, fit_live
+from pdserve.sim.overheads import Overheads, StepOverhead
+from pdserve.sim.simulator import SimOptions, Simulator, WorkItem
+from pdserve.sim.workload import work_items, workload_config
+
+MODEL = "smollm2-135m"
+STEP_S = 0.010  # every step of the test models: a constant 10 ms
+
+
+def _model_file(tmp_path, overheads=None, coef=(STEP_S, 0, 0, 0, 0)):
+    return str(CalibratedPerfModel(list(coef), {"model": MODEL}, overheads).save(tmp_path / "pm.json"))
+
+
+def _colocated():
+    return ClusterSpec(MODEL, "colocated", colocated=PoolSpec("cpu-this-machine", 1))
+
+
+def _disagg():
+    pool = PoolSpec("cpu-this-machine", 1)
+    return ClusterSpec(MODEL, "disaggregated", prefill=pool, decode=pool, kv_link="intra")
+
+
+def _by_index(result):
+    return {r["index"]: r for r in result["requests"]}
+
+
+def test_colocated_step_admission_and_return_terms_are_exact(tmp_path):
+    # admission 5 ms, steps 2 x 10 ms + 1 ms + 0.5 ms per output, return 2 ms.
+    oh = Overheads(admission_s=0.005, return_s=0.002, steps={"both": StepOverhead(2.0, 0.001, 0.0005)})
+    path = _model_file(tmp_path, oh)
+    step = 2 * STEP_S + 0.001 + 0.0005
+    for fast_forward in (False, True):
+        r = Simulator(_colocated(), [WorkItem(0, 0.0, 16, 4)],
+                      SimOptions(perf_model=path, num_blocks=64, fast_forward=fast_forward)).run()
+        req = r["requests"][0]
+        assert req["send_s"] == 0.0
+        assert req["ttft_s"] == pytest.approx(0.005 + step + 0.002, abs=1e-12)
+        assert req["e2e_s"] == pytest.approx(0.005 + 4 * step + 0.002, abs=1e-12)
+        assert req["tpot_s"] == pytest.approx(step, abs=1e-12)
+        assert r["itl_s"]["max"] == pytest.approx(step, abs=1e-12)
+        assert r["duration_s"] == pytest.approx(0.005 + 4 * step + 0.002, abs=1e-12)
+
+
+def test_closed_loop_client_waits_for_the_return_path(tmp_path):
+    oh = Overheads(admission_s=0.003, return_s=0.002)
+    path = _model_file(tmp_path, oh)
+    items = [WorkItem(i, None, 16, 2) for i in range(3)]
+    r = Simulator(_colocated(), items, SimOptions(perf_model=path, num_blocks=64), concurrency=1).run()
+    sends = [q["send_s"] for q in sorted(r["requests"], key=lambda q: q["index"])]
+    one = 0.003 + 2 * STEP_S + 0.002  # send -> the client sees the end
+    assert sends == pytest.approx([0.0, one, 2 * one], abs=1e-12)
+
+
+def test_disaggregated_flow_messages_wait_for_step_boundaries_and_contention(tmp_path):
+    # Steps: 10 ms alone, 15 ms while the other instance is in a step. KV copy 1 ms + 0 per token.
+    contended = {"prefill": StepOverhead(1.0, 0.0, 0.0, 1.5), "decode": StepOverhead(1.0, 0.0, 0.0, 1.5)}
+    oh = Overheads(kv_fixed_s=0.001, kv_per_token_s=0.0, steps=contended)
+    path = _model_file(tmp_path, oh)
+    items = [WorkItem(0, 0.0, 16, 3), WorkItem(1, 0.015, 16, 2)]
+    r = _by_index(Simulator(_disagg(), items, SimOptions(perf_model=path, num_blocks=64)).run())
+    # r0: prefill 0-10 (alone; the reservation, made by an empty decode step at 0, waits in the prefill's
+    # inbox until 10), KV lands at 11 on an idle decode instance: first token at 11. Decodes 11-21
+    # (alone), 21-36 (r1's prefill runs 15-30): done at 36.
+    assert r[0]["ttft_s"] == pytest.approx(0.011, abs=1e-12)
+    assert r[0]["e2e_s"] == pytest.approx(0.036, abs=1e-12)
+    # r1 at 15: prefill 15-30 (contended: a decode step runs 11-21). Its reservation is made at the
+    # decode step starting at 21 and leaves when that step ends (36); the KV copy runs 36-37; the decode
+    # instance, idle since 36 (r0 done), takes it at 37; one decode 37-47 (alone).
+    assert r[1]["ttft_s"] == pytest.approx(0.037 - 0.015, abs=1e-12)
+    assert r[1]["e2e_s"] == pytest.approx(0.047 - 0.015, abs=1e-12)
+
+
+def test_no_overheads_means_the_plain_profile(tmp_path):
+    items = work_items(workload_config(num_requests=30, input_len=128, output_len=16, rate=5.0))
+    plain = Simulator(_disagg(), items, SimOptions(perf_model=_model_file(tmp_path), num_blocks=256)).run()
+    zero = Overheads(steps={"prefill": StepOverhead(), "decode": StepOverhead()})
+    (tmp_path / "z").mkdir()
+    same = Simulator(_disagg(), items, SimOptions(perf_model=_model_file(tmp_path / "z", zero), num_blocks=256)).run()
+    for key in ("ttft_s", "tpot_s", "e2e_s", "itl_s", "duration_s"):
+        assert plain[key] == same[key], key
+
+
+def test_live_calibration_is_deterministic(tmp_path):
+    oh = Overheads(admission_s=0.004, return_s=0.003, reservation_s=0.001, kv_fixed_s=0.0, kv_per_token_s=2e-5,
+                   steps={"prefill": StepOverhead(1.05, 0.0, 0.0, 1.2), "decode": StepOverhead(0.95, 9e-4, 1e-5, 1.1)})
+    path = _model_file(tmp_path, oh, coef=(0.05, 2.4e-3, 1e-6, 2.8e-3, 1.7e-5))
+
+    def run(seed):
+        items = work_items(workload_config(num_requests=40, input_len=256, output_len=32, rate=1.0, seed=seed))
+        return json.dumps(Simulator(_disagg(), items, SimOptions(perf_model=path, num_blocks=1024)).run(),
+                          sort_keys=True)
+    assert run(0) == run(0)
+    assert run(0) != run(1)
+
+
+def test_calibration_file_round_trip_and_versions(tmp_path):
+    oh = Overheads(admission_s=0.004, return_s=0.003, kv_fixed_s=0.001, kv_per_token_s=2e-5,
+                   steps={"decode": StepOverhead(1.1, 0.001, 1e-5, 1.3)})
+    path = _model_file(tmp_path, oh)
+    data = json.loads(open(path).read())
+    assert data["version"] == 2 and data["overheads"]["steps"]["decode"]["scale_contended"] == 1.3
+    loaded = CalibratedPerfModel.load(path)
+    assert loaded.overheads == oh and loaded.coef == [STEP_S, 0, 0, 0, 0, 0]
+    # Version 1 (no version key, five features, no overheads) still loads; a newer version is refused.
+    v1 = {k: v for k, v in data.items() if k not in ("version", "overheads")}
+    v1.update(features=data["features"][:5], coef=[STEP_S, 1e-3, 0, 0, 0])
+    (tmp_path / "v1.json").write_text(json.dumps(v1))
+    old = CalibratedPerfModel.load(tmp_path / "v1.json")
+    assert old.overheads is None and old.coef == [STEP_S, 1e-3, 0, 0, 0, 0]
+    (tmp_path / "v3.json").write_text(json.dumps({**data, "version": 3}))
+    with pytest.raises(ValueError, match="version 3"):
+        CalibratedPerfModel.load(tmp_path / "v3.json")
+    with pytest.raises(ValueError):
+        Overheads.from_dict({"admission_s": 0.1, "typo_s": 1})
+    with pytest.raises(ValueError):
+        StepOverhead(scale=0.0)
+
+
+def test_fit_scales_recovers_contention():
+    rng = np.random.default_rng(0)
+    samples = {}
+    for role, scale in (("prefill", 1.2), ("decode", 0.9)):
+        pred = rng.uniform(0.01, 0.5, 200)
+        contended = (rng.random(200) < 0.5).astype(float)
+        live = scale * pred * (1 + 0.3 * contended)
+        samples[role] = (live, pred, contended)
+    c, scales = _fit_scales(samples)
+    assert c == pytest.approx(0.3, abs=0.005)
+    assert scales["prefill"] == pytest.approx(1.2, rel=0.01) and scales["decode"] == pytest.approx(0.9, rel=0.01)
+
+
+def test_fit_live_from_a_synthetic_trace(tmp_path):
+    """Two requests through a prefill and a decode worker, every time known: the fitted terms are the
+    ones the trace was written with."""
+    t0 = 100.0
+    events = {"frontend": [{"ev": "start", "role": "frontend", "t": t0}],
+              "prefill": [{"ev": "start", "role": "prefill", "t": t0}],
+              "decode": [{"ev": "start", "role": "decode", "t": t0}]}
+    requests = []
+    for i, (send, n) in enumerate(((0.0, 16), (1.0, 48))):
+        rid = f"r{i}"
+        sub = t0 + send + 0.004  # client -> frontend 4 ms
+        events["frontend"].append({"ev": "submit", "rid": rid, "t": sub, "n": n})
+        events["prefill"].append({"ev": "add", "rid": rid, "t": sub + 0.0005})  # frontend -> worker 0.5 ms
+        s = sub + 0.001
+        e = s + 0.012  # 1.2 x the 10 ms profile, decode idle
+        events["prefill"].append({"ev": "step", "t": s, "s": s, "e": e, "x": e, "busy": False,
+                                  "chunks": [[0, n, 1]], "n_out": 1})
+        kv = 0.001 + 2e-5 * n  # KV copy: 1 ms + 20 us per token
+        events["prefill"].append({"ev": "kv_send", "rid": rid, "s": e, "e": e + kv, "tokens": n, "bytes": 1, "ok": True})
+        first = e + kv
+        events["decode"].append({"ev": "kv_recv", "rid": rid, "t": first})
+        events["decode"].append({"ev": "first", "rid": rid, "t": first})
+        ts = first
+        for j in range(3):  # three back-to-back decode steps of 9 ms with 1 ms between them
+            events["decode"].append({"ev": "step", "t": ts, "s": ts, "e": ts + 0.009, "x": ts + 0.0005 + 0.009,
+                                     "busy": j < 2, "chunks": [[n + j, 1, 1]], "n_out": 1})
+            ts += 0.010
+        requests.append({"send_s": send, "ttft_s": first + 0.003 - (t0 + send), "input_len": n})  # return 3 ms
+    for name, evs in events.items():
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(e) for e in evs) + "\n")
+    bench = {"clock_origin_s": t0, "duration_s": 2.0, "requests": requests}
+    base = CalibratedPerfModel([STEP_S, 0, 0, 0, 0])
+    fit = fit_live(tmp_path, [bench], base)
+    o = fit.overheads
+    assert fit.stats["requests_matched"] == 2
+    assert o.admission_s == pytest.approx(0.0045, abs=1e-9)
+    assert o.return_s == pytest.approx(0.003, abs=1e-9)
+    assert o.kv_fixed_s == pytest.approx(0.001, abs=1e-9) and o.kv_per_token_s == pytest.approx(2e-5, rel=1e-6)
+    assert o.steps["prefill"].scale == pytest.approx(1.2, rel=1e-6)
+    assert o.steps["decode"].scale == pytest.approx(0.9, rel=1e-6)
+    assert o.steps["decode"].gap_s + o.steps["decode"].gap_per_output_s == pytest.approx(0.001, abs=1e-9)
+
+
+def test_fast_forward_is_exact_with_padded_decode_attention(tmp_path):
+    # The padded term depends on the longest context, which grows by one per fast-forwarded step.
+    oh = Overheads(return_s=0.002, steps={"both": StepOverhead(1.1, 5e-4, 1e-5)})
+    path = _model_file(tmp_path, oh, coef=(0.01, 2e-4, 1e-8, 1e-3, 1e-6, 4e-6))
+    items = work_items(workload_config(num_requests=60, input_len_range=(8, 600), output_len_range=(4, 80),
+                                       rate=4.0, seed=3))
+    runs = [Simulator(_colocated(), items, SimOptions(perf_model=path, num_blocks=2048, fast_forward=ff)).run()
+            for ff in (False, True)]
+    for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s", "duration_s"):
+        assert runs[0][key] == runs[1][key], key
