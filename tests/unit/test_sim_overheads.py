@@ -132,10 +132,22 @@ def test_fit_scales_recovers_contention():
         pred = rng.uniform(0.01, 0.5, 200)
         contended = (rng.random(200) < 0.5).astype(float)
         live = scale * pred * (1 + 0.3 * contended)
-        samples[role] = (live, pred, contended)
+        samples[role] = (live, pred, contended, pred * (role == "prefill"), False)
     c, scales = _fit_scales(samples)
     assert c == pytest.approx(0.3, abs=0.005)
-    assert scales["prefill"] == pytest.approx(1.2, rel=0.01) and scales["decode"] == pytest.approx(0.9, rel=0.01)
+    assert scales["prefill"] == (pytest.approx(1.2, rel=0.01), None)
+    assert scales["decode"] == (pytest.approx(0.9, rel=0.01), None)
+
+
+def test_colocated_steps_get_a_scale_for_their_prefill_part():
+    rng = np.random.default_rng(1)
+    rest = rng.uniform(0.03, 0.08, 300)
+    prefill = np.where(rng.random(300) < 0.3, rng.uniform(0.05, 1.0, 300), 0.0)
+    live = 0.9 * rest + 1.15 * prefill
+    c, scales = _fit_scales({"both": (live, rest + prefill, np.zeros(300), prefill, True)}, [0.0])
+    assert c == 0.0 and scales["both"] == (pytest.approx(0.9), pytest.approx(1.15))
+    step = StepOverhead(0.9, 0.001, 0.0, prefill_scale=1.15)
+    assert step.time_s(0.5, 1, prefill_part_s=0.3) == pytest.approx(0.9 * 0.2 + 1.15 * 0.3 + 0.001)
 
 
 def test_fit_live_from_a_synthetic_trace(tmp_path):
@@ -191,3 +203,13 @@ def test_fast_forward_is_exact_with_padded_decode_attention(tmp_path):
             for ff in (False, True)]
     for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s", "duration_s"):
         assert runs[0][key] == runs[1][key], key
+
+
+def test_prefill_scale_applies_to_the_prefill_part_only(tmp_path):
+    oh = Overheads(steps={"both": StepOverhead(2.0, 0.001, 0.0005, prefill_scale=3.0)})
+    path = _model_file(tmp_path, oh, coef=(STEP_S, 1e-4, 0, 0, 0, 0))  # + 0.1 ms per prefill token
+    r = Simulator(_colocated(), [WorkItem(0, 0.0, 16, 3)], SimOptions(perf_model=path, num_blocks=64)).run()
+    first = 2 * STEP_S + 3 * 16e-4 + 0.0015  # the prompt's step: its 1.6 ms prefill part x3
+    decode = 2 * STEP_S + 0.0015
+    assert r["requests"][0]["ttft_s"] == pytest.approx(first, abs=1e-12)
+    assert r["requests"][0]["e2e_s"] == pytest.approx(first + 2 * decode, abs=1e-12)

@@ -40,6 +40,10 @@ class CalibratedPerfModel(PerfModel):
         return (c[0] + c[1] * shape.num_prefill_tokens + c[2] * shape.prefill_attn + c[3] * shape.num_decode
                 + c[4] * shape.decode_ctx + c[5] * shape.decode_padded_ctx)
 
+    def prefill_part_s(self, shape: BatchShape) -> float:
+        c = self.coef
+        return c[1] * shape.num_prefill_tokens + c[2] * shape.prefill_attn
+
     def describe(self) -> dict[str, object]:
         out = {"kind": "calibrated", **{k: v for k, v in self.meta.items() if k not in ("samples", "live")}}
         if self.overheads is not None:

@@ -20,7 +20,11 @@ latencies add up in the simulator:
   host was in a step when it started). ``contention`` is one figure for the host (workers on separate
   cores share memory bandwidth and caches), chosen on a grid to minimise the squared error over every
   step of every role; for each candidate, ``scale[role]`` keeps the role's total live time (ratio of
-  sums). With one worker, ``contention`` is 0. ``scale_contended`` = ``scale`` x (1 + ``contention``);
+  sums). With one worker, ``contention`` is 0. ``scale_contended`` = ``scale`` x (1 + ``contention``).
+  A role whose steps mix prefill and decode work (``both``), each at least ``MIN_PART`` of the profiled
+  time, gets two scales instead, by least squares: ``prefill_scale`` for the prefill part of a step
+  (``PerfModel.prefill_part_s``) and ``scale`` for the rest (a colocated worker's two threads are
+  slowed differently in compute-bound prefill and memory-bound decode work);
 - ``gap_s``, ``gap_per_output_s`` per role: non-negative least squares of the loop time between two
   back-to-back steps (one step's end to the next one's start, when work remained) on the outputs of
   the first.
@@ -46,6 +50,7 @@ from pdserve.worker.trace import read_trace
 _Chunk = namedtuple("_Chunk", "start num_tokens samples")
 MATCH_WINDOW_S = 1.0  # a client send and its frontend submit are at most this far apart
 CONTENTION_GRID = np.linspace(0.0, 1.0, 201)
+MIN_PART = 0.1  # share of profiled step time the prefill part and the rest each need for two scales
 
 
 @dataclass
@@ -130,18 +135,20 @@ def fit_live(trace_dir: str | Path, bench_results: list[dict], base: CalibratedP
         ws = [w for w in workers if w.role == role]
         if not any(w.steps for w in ws):
             continue
-        live, pred, contended, gaps, outs = [], [], [], [], []
+        live, pred, prefill, contended, gaps, outs = [], [], [], [], [], []
         for w in ws:
             others = [o for o in workers if o is not w]
             for i, s in enumerate(w.steps):
                 live.append(s["e"] - s["s"])
                 pred.append(base.step_time_s(_shape(s)))
+                prefill.append(base.prefill_part_s(_shape(s)))
                 contended.append(any(o.is_stepping_at(s["s"]) for o in others))
                 nxt = w.steps[i + 1] if i + 1 < len(w.steps) else None
                 if nxt is not None and s.get("busy") and nxt["t"] >= s["x"]:
                     gaps.append(nxt["s"] - s["e"])
                     outs.append(_shape(s).num_samples)
-        samples[role] = (np.array(live), np.array(pred), np.array(contended, dtype=float))
+        samples[role] = (np.array(live), np.array(pred), np.array(contended, dtype=float), np.array(prefill),
+                         role == "both")
         gap_fits[role] = _fit_gap(outs, gaps)
         span = sum(w.steps[-1]["x"] - w.steps[0]["t"] for w in ws if w.steps)
         stats[f"{role}_steps"] = {"count": len(live), "live_ms": _ms(live), "profiled_ms": _ms(pred),
@@ -149,8 +156,8 @@ def fit_live(trace_dir: str | Path, bench_results: list[dict], base: CalibratedP
                                   "busy_fraction": sum(live) / span if span else 0.0}
     contention, scales = _fit_scales(samples) if len(workers) > 1 else (0.0, _fit_scales(samples, [0.0])[1])
     stats["contention"] = contention
-    steps = {role: StepOverhead(scales[role], *gap_fits[role],
-                                scales[role] * (1 + contention) if len(workers) > 1 else None)
+    steps = {role: StepOverhead(scales[role][0], *gap_fits[role],
+                                scales[role][0] * (1 + contention) if len(workers) > 1 else None, scales[role][1])
              for role in samples}
     reservation = _mean(forward) if forward else 2 * _mean(to_worker)
     overheads = Overheads(admission_s=admission, return_s=_mean(back), reservation_s=reservation,
@@ -193,6 +200,8 @@ def format_fit(fit: LiveFit) -> str:
         r = st[f"{role}_steps"]
         lines.append(f"{role + ' steps':<34}{'x' + format(s.scale, '.3f'):>12}   live {r['live_ms']['mean']:.2f} ms vs "
                      f"profiled {r['profiled_ms']['mean']:.2f} ms, n={r['count']}, busy {r['busy_fraction']:.0%}")
+        if s.prefill_scale is not None:
+            lines.append(f"{'  their prefill part':<34}{'x' + format(s.prefill_scale, '.3f'):>12}")
         if s.scale_contended is not None:
             lines.append(f"{'  while another worker steps':<34}{'x' + format(s.scale_contended, '.3f'):>12}   "
                          f"n={r['num_contended']} (contention +{st['contention']:.1%})")
@@ -262,18 +271,31 @@ def _shape(step: dict) -> BatchShape:
     return BatchShape.from_chunks(_Chunk(*c) for c in step["chunks"])
 
 
-def _fit_scales(samples: dict, grid=CONTENTION_GRID) -> tuple[float, dict[str, float]]:
-    """(contention, scale per role): see the module doc."""
+def _fit_scales(samples: dict, grid=CONTENTION_GRID) -> tuple[float, dict[str, tuple[float, float | None]]]:
+    """(contention, (scale, prefill scale or None) per role): see the module doc. ``samples[role]``:
+    live and profiled step times, contended (0/1), the profiled prefill part, whether to split."""
     best = None
     for c in grid:
         scales, sse = {}, 0.0
-        for role, (live, pred, contended) in samples.items():
+        for role, (live, pred, contended, prefill, may_split) in samples.items():
             x = pred * (1 + c * contended)
-            scales[role] = float(live.sum() / x.sum()) if x.sum() > 0 else 1.0
-            sse += float(((live - scales[role] * x) ** 2).sum())
+            xp = prefill * (1 + c * contended)
+            split = may_split and MIN_PART <= xp.sum() / max(x.sum(), 1e-12) <= 1 - MIN_PART
+            fit = _two_scales(live, x - xp, xp) if split else None
+            if fit is None:
+                fit = (float(live.sum() / x.sum()) if x.sum() > 0 else 1.0, None)
+            scales[role] = fit
+            model = fit[0] * (x - xp) + (fit[0] if fit[1] is None else fit[1]) * xp
+            sse += float(((live - model) ** 2).sum())
         if best is None or sse < best[0]:
             best = (sse, float(c), scales)
     return best[1], best[2]
+
+
+def _two_scales(live: np.ndarray, rest: np.ndarray, prefill: np.ndarray) -> tuple[float, float] | None:
+    """Least squares live ~ a x rest + b x prefill, both > 0; None if either comes out <= 0."""
+    a, b = np.linalg.lstsq(np.stack([rest, prefill], axis=1), live, rcond=None)[0]
+    return (float(a), float(b)) if a > 0 and b > 0 else None
 
 
 def _fit_kv(tokens: list[int], seconds: list[float]) -> tuple[float, float]:

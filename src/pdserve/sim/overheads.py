@@ -17,7 +17,8 @@ simulator applies them:
   profiled step time + ``gap_s`` + ``gap_per_output_s`` x outputs (the loop between steps, and the
   slow-down of steps by the frontend and the load generator sharing the host's cores), with
   ``scale_contended`` instead of ``scale`` for a step that starts while another worker of the host is
-  in a step (workers on separate cores still share memory bandwidth and caches).
+  in a step (workers on separate cores still share memory bandwidth and caches); a colocated worker's
+  prefill part of a step (``PerfModel.prefill_part_s``) may have its own ``prefill_scale``.
 
 All zero (scale 1) means "as profiled": the simulator then behaves exactly as without overheads.
 """
@@ -37,20 +38,24 @@ class StepOverhead:
     gap_s: float = 0.0
     gap_per_output_s: float = 0.0
     scale_contended: float | None = None  # None: as ``scale``
+    prefill_scale: float | None = None  # for the prefill part of a step; None: as ``scale``
 
     def __post_init__(self) -> None:
         if not self.scale > 0 or self.gap_s < 0 or self.gap_per_output_s < 0 or \
-                (self.scale_contended is not None and not self.scale_contended > 0):
+                any(s is not None and not s > 0 for s in (self.scale_contended, self.prefill_scale)):
             raise ValueError(f"step overhead needs scales > 0 and gaps >= 0, got {self}")
 
     @property
     def is_contention_sensitive(self) -> bool:
         return self.scale_contended is not None and self.scale_contended != self.scale
 
-    def time_s(self, profiled_s: float, num_outputs: int, contended: bool = False) -> float:
-        """The live time of a (non-empty) step the profiled model gives ``profiled_s``."""
-        scale = self.scale_contended if contended and self.scale_contended is not None else self.scale
-        return scale * profiled_s + self.gap_s + self.gap_per_output_s * num_outputs
+    def time_s(self, profiled_s: float, num_outputs: int, contended: bool = False, prefill_part_s: float = 0.0) -> float:
+        """The live time of a (non-empty) step the profiled model gives ``profiled_s``, of which
+        ``prefill_part_s`` for its prefill tokens."""
+        factor = self.scale_contended / self.scale if contended and self.scale_contended is not None else 1.0
+        rest = self.scale * (profiled_s - prefill_part_s)
+        prefill = (self.scale if self.prefill_scale is None else self.prefill_scale) * prefill_part_s
+        return factor * (rest + prefill) + self.gap_s + self.gap_per_output_s * num_outputs
 
 
 @dataclass(frozen=True)

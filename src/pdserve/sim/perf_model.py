@@ -88,6 +88,11 @@ class PerfModel(ABC):
     def step_time_s(self, shape: BatchShape) -> float:
         """Seconds one engine step with this batch takes."""
 
+    def prefill_part_s(self, shape: BatchShape) -> float:
+        """The part of ``step_time_s(shape)`` that grows with its prefill tokens (0 where the model does
+        not separate it; live overheads may scale it on its own)."""
+        return 0.0
+
     def decode_step_time_s(self, num_decode: int, decode_ctx: int, decode_max_ctx: int = 0) -> float:
         """A decode-only step (the simulator's fast path); subclasses may specialise it."""
         return self.step_time_s(BatchShape(num_decode=num_decode, decode_ctx=decode_ctx, num_samples=num_decode,

@@ -310,7 +310,8 @@ class Simulator:
         shape = BatchShape.from_chunks(out.chunks)
         dt = inst.perf.step_time_s(shape)
         if inst.step_overhead is not None:
-            dt = inst.step_overhead.time_s(dt, shape.num_samples, self._is_contended(inst))
+            dt = inst.step_overhead.time_s(dt, shape.num_samples, self._is_contended(inst),
+                                           inst.perf.prefill_part_s(shape) if shape.num_prefill_tokens else 0.0)
         inst.busy = True
         inst.step_start = now
         inst.num_steps += 1

@@ -286,6 +286,7 @@ class Worker:
             logger.debug("aborted %s", out.request_id)
         for rid in now_ids:
             self._owner.pop(rid, None)
+            self._first_sent.discard(rid)
 
     # -- prefill side --------------------------------------------------------------------------------
     def _on_reservation(self, reservation: p.KVReservationMsg) -> None:
