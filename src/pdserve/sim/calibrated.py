@@ -1,8 +1,9 @@
 """A step-time model fitted to measurements of the real engine (``pdserve profile``).
 
 step_time = c0 + c1 * prefill_tokens + c2 * prefill_attention + c3 * decodes + c4 * decode_context
-+ c5 * decodes x longest decode context (``BatchShape.features``: the engine's CPU attention pads decodes
-to the longest), coefficients >= 0 found by non-negative least squares on measured steps.
++ c5 * decodes x longest decode context (``BatchShape.features``: for attention that pads decodes to the
+longest, as pdserve's PyTorch fallback does; with the CPU decode kernel, which reads each context at its
+own length, the fit puts it near zero), coefficients >= 0 found by non-negative least squares on measured steps.
 The file is JSON: {"kind": "calibrated", "version": 2, "features": [...], "coef": [...], "model",
 "hardware", "tp", "fit": {"r2", "mape", "num_samples"}, "created_by", "overheads": {...} or absent}.
 Version 2 added ``overheads`` (``sim.overheads.Overheads``, fitted by ``pdserve profile --live``) and the

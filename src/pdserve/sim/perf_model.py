@@ -65,7 +65,7 @@ class BatchShape:
     @property
     def decode_padded_ctx(self) -> int:
         """Decodes x the longest context: what attention costs when it pads every decode to the
-        longest (pdserve's own CPU attention does; paged GPU kernels do not)."""
+        longest (pdserve's PyTorch fallback attention does; its CPU kernel and paged GPU kernels do not)."""
         return self.num_decode * self.decode_max_ctx if self.decode_max_ctx else self.decode_ctx
 
     def features(self) -> list[float]:

@@ -6,8 +6,8 @@ of a live deployment to a profiled model, fitted from a traced calibration run (
 Each measurement is one ``EngineCore.step()``; the batch it ran is captured from the scheduler's own
 ``SchedulerOutput`` (``BatchShape.from_chunks``), so the fit uses exactly the features the simulator
 computes. The grid: single and batched prefills of several lengths, decode batches of several sizes
-and context lengths (equal contexts, and one long context among short ones: the engine's attention
-pads decodes to the longest), and mixed steps (decodes plus a prefill chunk).
+and context lengths (equal contexts, and one long context among short ones: attention that pads decodes to the
+longest, as the PyTorch fallback does, shows there), and mixed steps (decodes plus a prefill chunk).
 """
 from __future__ import annotations
 
