@@ -92,7 +92,7 @@ def test_decode_kernel_rejects_bad_inputs():
 @pytest.mark.parametrize("window", [None, 2, 5])
 def test_paged_attention_decode_same_with_and_without_kernel(monkeypatch, use_kernel, window):
     """The layer's decode path gives the same result through the kernel and through the SDPA fallback."""
-    monkeypatch.setattr("pdserve.model.attention._cpu_ops", lambda: ops if use_kernel else None)
+    monkeypatch.setattr("pdserve.model.attention.cpu_ops_for", lambda x: ops if use_kernel else None)
     g = torch.Generator().manual_seed(1)
     bs, hkv, h, d = 4, 2, 6, 16
     cache = torch.zeros(2, 16, bs, hkv, d)

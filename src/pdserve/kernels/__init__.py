@@ -47,6 +47,11 @@ def cpu_ops() -> Any | None:
     return torch.ops.pdserve
 
 
+def cpu_ops_for(x: torch.Tensor) -> Any | None:
+    """``cpu_ops()`` when ``x`` lives on the CPU, else None: the one check every caller makes."""
+    return cpu_ops() if x.device.type == "cpu" else None
+
+
 def _build() -> None:
     from torch.utils import cpp_extension
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pdserve.kernels import cpu_ops_for
+
 
 @dataclass
 class PrefillChunk:
@@ -115,7 +117,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     if meta.decode_block_tables is not None:
         num_decodes, max_blocks = meta.decode_block_tables.shape
         rows = slice(meta.num_prefill_tokens, meta.num_prefill_tokens + num_decodes)
-        ops = _cpu_ops() if q.device.type == "cpu" else None
+        ops = cpu_ops_for(q)
         if ops is not None:
             ops.paged_decode_attention(out[rows], q[rows].contiguous(), kv_cache, meta.decode_block_tables,
                                        meta.decode_context_lens, scale, window or 0)
@@ -132,11 +134,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
         out[rows] = od.squeeze(2)
     return out
-
-
-def _cpu_ops():
-    from pdserve.kernels import cpu_ops
-    return cpu_ops()
 
 
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

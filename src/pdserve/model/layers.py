@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdserve.kernels import cpu_ops_for
+
 
 def _onednn_available() -> bool:
     choice = os.environ.get("PDSERVE_CPU_GEMM", "onednn")
@@ -52,14 +54,6 @@ class Linear(nn.Linear):
             self.weight = nn.Parameter(pack_linear_weight(self.weight), requires_grad=False)
 
 
-def _cpu_ops(x: torch.Tensor):
-    """The CPU kernels for ``x``, or None (another device, or the kernels off)."""
-    if x.device.type != "cpu":
-        return None
-    from pdserve.kernels import cpu_ops
-    return cpu_ops()
-
-
 class RMSNorm(nn.Module):
     """RMSNorm as Hugging Face computes it: normalize in float32, cast back, then scale by the weight."""
 
@@ -71,7 +65,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = _cpu_ops(x)
+        ops = cpu_ops_for(x)
         if ops is not None and x.is_contiguous():
             out = torch.empty_like(x)
             ops.rms_norm(out, x, self.weight, self.eps)
@@ -82,7 +76,7 @@ class RMSNorm(nn.Module):
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``residual + x`` and its norm: (normed, new residual). May update ``x`` and ``residual`` in place."""
-        ops = _cpu_ops(x)
+        ops = cpu_ops_for(x)
         if ops is not None and x.is_contiguous() and residual.is_contiguous():
             ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
             return x, residual
@@ -92,7 +86,7 @@ class RMSNorm(nn.Module):
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``x = [gate | up]`` along the last dimension."""
-    ops = _cpu_ops(x)
+    ops = cpu_ops_for(x)
     if ops is not None and x.is_contiguous():
         out = x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
         ops.silu_and_mul(out, x)
