@@ -67,9 +67,12 @@ class _Worker:
     starts: list[float] = field(default_factory=list)  # iteration starts, for idle checks
 
     def is_idle_between(self, a: float, b: float) -> bool:
-        """Whether no loop iteration with a step ran at any time in [a, b]."""
-        i = bisect_right(self.starts, b) - 1
-        return i < 0 or self.steps[i]["x"] < a
+        """Whether a message sent at ``a`` and read at ``b`` found the worker idle: no loop iteration
+        with a step ran at ``a``, and at most one (the one that read it) started in (a, b]."""
+        i = bisect_right(self.starts, a) - 1
+        if i >= 0 and self.steps[i]["x"] >= a:
+            return False
+        return bisect_right(self.starts, b) - (i + 1) <= 1
 
     def is_stepping_at(self, t: float) -> bool:
         """Whether an engine step was running at ``t``."""
