@@ -22,7 +22,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = (Path(__file__).with_name("cpu_attention.cpp"), Path(__file__).with_name("cpu_layers.cpp"))
+_SOURCES = tuple(Path(__file__).with_name(name) for name in
+                 ("cpu_attention.cpp", "cpu_prefill_attention.cpp", "cpu_layers.cpp"))
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # OpenMP: at::parallel_for uses torch's pool
 _LDFLAGS = ["-fopenmp"]
 

@@ -5,9 +5,10 @@ holds keys, 1 values. A block's keys (and values) for one layer are contiguous, 
 and offload move. A *slot* is one token position: ``block_id * block_size + offset``.
 
 A batch is laid out prefill chunks first (each a run of tokens of one request), then decodes (one token
-each). Prefill chunks are attended one by one with a causal mask offset by the chunk's start; decodes are
-attended all at once: on CPU by a C++ kernel that reads their blocks in place (``pdserve.kernels``),
-elsewhere (or with the kernels off) by SDPA over their gathered, padded contexts.
+each). On CPU, C++ kernels (``pdserve.kernels``) attend all prefill chunks in one call and all decodes in
+another, reading K/V blocks where they lie in the cache. Elsewhere (or with the kernels off), prefill
+chunks are attended one by one by SDPA with a causal mask offset by the chunk's start, and decodes all at
+once by SDPA over their gathered, padded contexts.
 """
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None  # (num_decodes, max_blocks) int64, padded with block 0
     decode_mask: torch.Tensor | None  # (num_decodes, 1, 1, max_blocks * block_size) bool, True = attend
     decode_context_lens: torch.Tensor | None  # (num_decodes,) int64, tokens each decode attends to
+    # The prefill chunks again, as the CPU kernel reads them (None when there are none):
+    prefill_block_tables: torch.Tensor | None = None  # (num_prefills, max_blocks) int64, padded with block 0
+    prefill_query_starts: torch.Tensor | None = None  # (num_prefills + 1,) int64, first row of each, then the end
+    prefill_context_starts: torch.Tensor | None = None  # (num_prefills,) int64, each chunk's first position
 
     @property
     def num_decodes(self) -> int:
@@ -52,6 +57,7 @@ def build_metadata(chunks: list[tuple[int, int, list[int]]], block_size: int,
     """
     slot_mapping: list[int] = []
     prefills: list[PrefillChunk] = []
+    prefill_tables: list[list[int]] = []
     decode_tables: list[list[int]] = []
     decode_lens: list[int] = []
     token_pos = 0
@@ -64,6 +70,7 @@ def build_metadata(chunks: list[tuple[int, int, list[int]]], block_size: int,
             assert not decode_tables, "prefill chunks must precede decodes"
             ctx = torch.tensor(used, dtype=torch.long, device=device) if start > 0 else None
             prefills.append(PrefillChunk(token_pos, num_tokens, start, ctx))
+            prefill_tables.append(used)
         else:
             decode_tables.append(used)
             decode_lens.append(end)
@@ -71,13 +78,24 @@ def build_metadata(chunks: list[tuple[int, int, list[int]]], block_size: int,
     num_prefill_tokens = sum(p.num_tokens for p in prefills)
     tables = mask = lens = None
     if decode_tables:
-        max_blocks = max(len(t) for t in decode_tables)
-        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.long)
+        tables = _padded(decode_tables)
         lens = torch.tensor(decode_lens, dtype=torch.long)
-        mask = torch.arange(max_blocks * block_size)[None, :] < lens[:, None]  # (num_decodes, max_ctx)
+        mask = torch.arange(tables.shape[1] * block_size)[None, :] < lens[:, None]  # (num_decodes, max_ctx)
         tables, mask, lens = tables.to(device), mask[:, None, None, :].to(device), lens.to(device)
+    prefill_kernel_args: tuple[torch.Tensor | None, ...] = (None, None, None)
+    if prefills:
+        prefill_kernel_args = (
+            _padded(prefill_tables).to(device),
+            torch.tensor([p.token_start for p in prefills] + [num_prefill_tokens], dtype=torch.long).to(device),
+            torch.tensor([p.context_start for p in prefills], dtype=torch.long).to(device))
     return AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long).to(device), prefills,
-                             num_prefill_tokens, tables, mask, lens)
+                             num_prefill_tokens, tables, mask, lens, *prefill_kernel_args)
+
+
+def _padded(tables: list[list[int]]) -> torch.Tensor:
+    """Block tables as one (len(tables), longest) int64 tensor, padded with block 0 (never read)."""
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -94,7 +112,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v.to(kv_cache.dtype))
 
     out = torch.empty_like(q)
-    for p in meta.prefills:
+    ops = cpu_ops_for(q)
+    if ops is not None and meta.prefills:
+        rows = slice(0, meta.num_prefill_tokens)
+        ops.paged_prefill_attention(out[rows], q[rows].contiguous(), kv_cache, meta.prefill_block_tables,
+                                    meta.prefill_query_starts, meta.prefill_context_starts, scale, window or 0)
+    for p in meta.prefills if ops is None else ():
         rows = slice(p.token_start, p.token_start + p.num_tokens)
         qi = q[rows].transpose(0, 1).unsqueeze(0)  # (1, num_heads, num_tokens, head_dim)
         if p.context_blocks is None and (window is None or p.num_tokens <= window):
@@ -117,7 +140,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     if meta.decode_block_tables is not None:
         num_decodes, max_blocks = meta.decode_block_tables.shape
         rows = slice(meta.num_prefill_tokens, meta.num_prefill_tokens + num_decodes)
-        ops = cpu_ops_for(q)
         if ops is not None:
             ops.paged_decode_attention(out[rows], q[rows].contiguous(), kv_cache, meta.decode_block_tables,
                                        meta.decode_context_lens, scale, window or 0)
