@@ -1,5 +1,5 @@
-"""The C++ decode-attention kernel (pdserve.kernels) against SDPA over gathered, masked contexts, and the
-paged-attention layer with the kernel on and off."""
+"""The C++ attention kernels (pdserve.kernels, decode and prefill) against SDPA over gathered, masked
+contexts, the paged-attention layer with the kernels on and off, and the fused element-wise layers."""
 from __future__ import annotations
 
 import pytest
@@ -47,9 +47,10 @@ def test_decode_kernel_matches_sdpa(dtype, heads, kv_heads, head_dim):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [1, 5, 16, 33, 1000])
-def test_decode_kernel_sliding_window(dtype, window):
+@pytest.mark.parametrize("bs", [16, 4])
+def test_decode_kernel_sliding_window_and_block_sizes(dtype, window, bs):
     g = torch.Generator().manual_seed(window)
-    bs, num_blocks, heads, kv_heads, head_dim = 16, 64, 8, 2, 64
+    num_blocks, heads, kv_heads, head_dim = 1024 // bs, 8, 2, 64
     lens = torch.tensor([1, 7, 16, 17, 50, 100])
     max_blocks = -(-int(lens.max()) // bs)
     tables = torch.randperm(num_blocks, generator=g)[: len(lens) * max_blocks].view(len(lens), max_blocks)
@@ -86,6 +87,111 @@ def test_decode_kernel_rejects_bad_inputs():
         ops.paged_decode_attention(torch.empty_like(q), q, kv_cache, tables.int(), lens, 1.0)
     with pytest.raises(RuntimeError, match="multiple"):
         ops.paged_decode_attention(torch.empty(2, 3, 16), torch.randn(2, 3, 16), kv_cache, tables, lens, 1.0)
+
+
+def _prefill_reference(q, kv_cache, tables, query_starts, context_starts, scale, window=0):
+    """Each chunk by SDPA over its gathered context, with the causal (and window) mask as a tensor."""
+    _, _, bs, hkv, d = kv_cache.shape
+    outs = []
+    for c in range(len(context_starts)):
+        rows = slice(int(query_starts[c]), int(query_starts[c + 1]))
+        start, n = int(context_starts[c]), int(query_starts[c + 1] - query_starts[c])
+        k = kv_cache[0].index_select(0, tables[c]).reshape(-1, hkv, d)[: start + n].transpose(0, 1)
+        v = kv_cache[1].index_select(0, tables[c]).reshape(-1, hkv, d)[: start + n].transpose(0, 1)
+        qpos, kpos = torch.arange(start, start + n)[:, None], torch.arange(start + n)[None, :]
+        mask = kpos <= qpos
+        if window:
+            mask &= kpos > qpos - window
+        out = F.scaled_dot_product_attention(q[rows].float().transpose(0, 1), k.float(), v.float(), attn_mask=mask,
+                                             scale=scale, enable_gqa=True)
+        outs.append(out.transpose(0, 1))
+    return torch.cat(outs)
+
+
+def _prefill_case(g, chunks, bs, heads, kv_heads, head_dim, dtype, num_blocks=256):
+    """Random cache and queries for chunks of (context_start, num_tokens) on distinct random blocks."""
+    max_blocks = max(-(-(s + n) // bs) for s, n in chunks)
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = torch.stack([perm[i * max_blocks:(i + 1) * max_blocks] for i in range(len(chunks))])
+    kv_cache = torch.randn(2, num_blocks, bs, kv_heads, head_dim, generator=g).to(dtype)
+    query_starts = torch.tensor([0] + [n for _, n in chunks]).cumsum(0)
+    q = torch.randn(int(query_starts[-1]), heads, head_dim, generator=g).to(dtype)
+    return q, kv_cache, tables, query_starts, torch.tensor([s for s, _ in chunks])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (8, 8, 128), (4, 1, 32), (6, 2, 80)])
+def test_prefill_kernel_matches_sdpa(dtype, heads, kv_heads, head_dim):
+    """Chunks with and without a cached context, of lengths around the 16-token tiles and blocks."""
+    g = torch.Generator().manual_seed(heads * 100 + head_dim)
+    chunks = [(0, 2), (0, 16), (0, 37), (16, 16), (5, 23), (100, 1), (40, 130)]
+    q, kv_cache, tables, qs, cs = _prefill_case(g, chunks, 16, heads, kv_heads, head_dim, dtype)
+    scale = head_dim ** -0.5
+    out = torch.empty_like(q)
+    ops.paged_prefill_attention(out, q, kv_cache, tables, qs, cs, scale)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), _prefill_reference(q, kv_cache, tables, qs, cs, scale), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [1, 5, 16, 33, 1000])
+@pytest.mark.parametrize("block_size", [16, 4, 32])
+def test_prefill_kernel_sliding_window_and_block_sizes(dtype, window, block_size):
+    g = torch.Generator().manual_seed(window + block_size)
+    chunks = [(0, 50), (7, 9), (60, 70)]
+    q, kv_cache, tables, qs, cs = _prefill_case(g, chunks, block_size, 8, 2, 64, dtype)
+    out = torch.empty_like(q)
+    ops.paged_prefill_attention(out, q, kv_cache, tables, qs, cs, 0.125, window)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), _prefill_reference(q, kv_cache, tables, qs, cs, 0.125, window),
+                               atol=tol, rtol=tol)
+
+
+def test_prefill_kernel_reads_only_each_chunks_positions():
+    """Keys past a chunk's last position, padding table entries and other chunks' blocks never count."""
+    g = torch.Generator().manual_seed(3)
+    q, kv_cache, tables, qs, cs = _prefill_case(g, [(3, 6), (0, 20)], 4, 4, 2, 16, torch.float32, num_blocks=16)
+    out1, out2 = torch.empty_like(q), torch.empty_like(q)
+    ops.paged_prefill_attention(out1, q, kv_cache, tables, qs, cs, 0.25)
+    used = {int(b) for b in tables[0, :3]} | {int(b) for b in tables[1, :5]}
+    for b in range(16):
+        if b not in used:
+            kv_cache[:, b] = 1e4
+    kv_cache[:, int(tables[0, 2]), 1:] = 1e4  # chunk 0 ends at position 8: block 2, offset 0
+    ops.paged_prefill_attention(out2, q, kv_cache, tables, qs, cs, 0.25)
+    torch.testing.assert_close(out1, out2)
+
+
+def test_prefill_kernel_rejects_bad_inputs():
+    q = torch.randn(5, 4, 16)
+    kv_cache = torch.randn(2, 8, 4, 2, 16)
+    tables, qs, cs = torch.zeros(1, 2, dtype=torch.long), torch.tensor([0, 5]), torch.tensor([0])
+    with pytest.raises(RuntimeError, match="end at"):
+        ops.paged_prefill_attention(torch.empty_like(q), q, kv_cache, tables, torch.tensor([0, 4]), cs, 1.0)
+    with pytest.raises(RuntimeError, match="int64"):
+        ops.paged_prefill_attention(torch.empty_like(q), q, kv_cache, tables.int(), qs, cs, 1.0)
+    with pytest.raises(RuntimeError, match="multiple"):
+        ops.paged_prefill_attention(torch.empty(5, 3, 16), torch.randn(5, 3, 16), kv_cache, tables, qs, cs, 1.0)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_paged_attention_prefill_same_with_and_without_kernel(monkeypatch, window):
+    """A batch of chunks (one on a cached prefix) then decodes: kernel and SDPA fallback agree."""
+    g = torch.Generator().manual_seed(4)
+    bs, hkv, h, d = 4, 2, 6, 16
+    blocks = [[7, 1, 12, 3], [4, 9], [5, 6, 2]]
+    chunks = [(0, 13, blocks[0]), (2, 5, blocks[1]), (0, 1, blocks[2])]  # the second continues a context
+    results = []
+    for use_kernel in (True, False):
+        monkeypatch.setattr("pdserve.model.attention.cpu_ops_for", lambda x: ops if use_kernel else None)
+        cache = torch.zeros(2, 16, bs, hkv, d)
+        gen = torch.Generator().manual_seed(5)
+        paged_attention(torch.randn(2, h, d, generator=gen), torch.randn(2, hkv, d, generator=gen),
+                        torch.randn(2, hkv, d, generator=gen), cache, build_metadata([(0, 2, blocks[1])], bs), 0.25)
+        q, k, v = (torch.randn(19, n, d, generator=g) for n in (h, hkv, hkv))
+        results.append(paged_attention(q, k, v, cache, build_metadata(chunks, bs), 0.25, window))
+        g = torch.Generator().manual_seed(4)
+    torch.testing.assert_close(results[0], results[1])
 
 
 @pytest.mark.parametrize("use_kernel", [True, False])
