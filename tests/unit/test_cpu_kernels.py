@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from pdserve import kernels
 from pdserve.model.attention import build_metadata, paged_attention
+from pdserve.model.layers import RotaryEmbedding
 
 ops = kernels.cpu_ops()
 pytestmark = pytest.mark.skipif(ops is None, reason="CPU kernels could not be built here")
@@ -259,3 +260,39 @@ def test_layer_kernels_reject_bad_inputs():
         ops.rms_norm(torch.empty(2, 8), torch.randn(2, 8), torch.ones(8, dtype=torch.bfloat16), 1e-5)
     with pytest.raises(RuntimeError, match="half the last dimension"):
         ops.silu_and_mul(torch.empty(2, 8), torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rope_and_cache_matches_rotary_embedding_and_index_copy(dtype):
+    """q rotated into q_out, rotated k and plain v at each token's slot, from a strided view of a QKV row
+    as the model passes it; the rest of the cache untouched."""
+    g = torch.Generator().manual_seed(6)
+    T, H, Hkv, D, bs = 7, 6, 2, 32, 4
+    rope = RotaryEmbedding(D, 64, 10000.0, None, dtype, "cpu")
+    qkv = torch.randn(T, (H + 2 * Hkv) * D, generator=g).to(dtype)
+    qk, v = qkv[:, :(H + Hkv) * D].view(T, H + Hkv, D), qkv[:, (H + Hkv) * D:].view(T, Hkv, D)
+    positions = torch.tensor([0, 1, 2, 9, 10, 33, 63])
+    slots = torch.tensor([5, 6, 7, 12, 13, 0, 31])
+    cos_sin = rope.lookup(positions)
+    cache = torch.randn(2, 8, bs, Hkv, D, generator=g).to(dtype)
+    expected_cache = cache.clone()
+    rotated = RotaryEmbedding.apply(qk, cos_sin)
+    expected_cache[0].view(-1, Hkv, D)[slots] = rotated[:, H:]
+    expected_cache[1].view(-1, Hkv, D)[slots] = v
+    q = torch.empty(T, H, D, dtype=dtype)
+    ops.rope_and_cache(q, qk, v, *cos_sin, cache, slots)
+    torch.testing.assert_close(q, rotated[:, :H], atol=1e-6, rtol=0) if dtype == torch.float32 else \
+        torch.testing.assert_close(q, rotated[:, :H], atol=0, rtol=0)
+    torch.testing.assert_close(cache, expected_cache, atol=1e-6 if dtype == torch.float32 else 0, rtol=0)
+
+
+def test_rope_and_cache_rejects_bad_inputs():
+    q, qk, v = torch.empty(2, 4, 8), torch.randn(2, 6, 8), torch.randn(2, 2, 8)
+    cos = sin = torch.ones(2, 4)
+    cache = torch.zeros(2, 2, 4, 2, 8)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        ops.rope_and_cache(q, qk, v, cos, sin, cache, torch.tensor([0, 8]))
+    with pytest.raises(RuntimeError, match="int64"):
+        ops.rope_and_cache(q, qk, v, cos, sin, cache, torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="H \\+ Hkv"):
+        ops.rope_and_cache(q, torch.randn(2, 5, 8), v, cos, sin, cache, torch.tensor([0, 1]))

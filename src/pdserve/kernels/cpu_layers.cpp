@@ -3,7 +3,9 @@
 // model's dtype: the residual sum is rounded to the dtype, the norm is computed in float32 and rounded
 // before the weight multiplies it, SiLU is rounded before the product.
 //
-// Registered as torch.ops.pdserve.{fused_add_rms_norm, rms_norm, silu_and_mul}.
+// Also RoPE of q and k fused with writing K and V into the paged cache.
+//
+// Registered as torch.ops.pdserve.{fused_add_rms_norm, rms_norm, silu_and_mul, rope_and_cache}.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -13,6 +15,7 @@
 #include <cmath>
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -121,6 +124,63 @@ void silu_and_mul(at::Tensor out, const at::Tensor& x) {
   });
 }
 
+// Rotary embedding of q and k, and the step's K/V written into the paged cache, in one pass over the
+// tokens (where PyTorch takes a chunk, four products, two sums, a concatenation and two index copies):
+// q_out (T, H, D) = rope(qk[:, :H]); at each token's slot, kv_cache[0] = rope(qk[:, H:]) and
+// kv_cache[1] = v. qk (T, H + Hkv, D) and v (T, Hkv, D) may be row-strided views (of the QKV projection's
+// output); cos, sin: (T, D / 2) at the tokens' positions. Rounding as Hugging Face's rotate-half form in
+// the model's dtype: each product is rounded, then their sum.
+void rope_and_cache(at::Tensor q_out, const at::Tensor& qk, const at::Tensor& v, const at::Tensor& cos,
+                    const at::Tensor& sin, at::Tensor kv_cache, const at::Tensor& slot_mapping) {
+  TORCH_CHECK(qk.device().is_cpu() && kv_cache.device().is_cpu(), "rope_and_cache runs on CPU tensors");
+  TORCH_CHECK(qk.dim() == 3 && v.dim() == 3 && q_out.dim() == 3 && kv_cache.dim() == 5 && kv_cache.size(0) == 2,
+              "rope_and_cache: bad shapes");
+  const int64_t T = qk.size(0), D = qk.size(2), H = q_out.size(1), Hkv = v.size(1);
+  TORCH_CHECK(qk.size(1) == H + Hkv && v.size(0) == T && q_out.size(0) == T && v.size(2) == D && q_out.size(2) == D &&
+              kv_cache.size(3) == Hkv && kv_cache.size(4) == D && D % 2 == 0,
+              "rope_and_cache: qk must be (T, H + Hkv, D), v (T, Hkv, D), q_out (T, H, D), the cache's heads Hkv");
+  TORCH_CHECK(qk.stride(2) == 1 && qk.stride(1) == D && v.stride(2) == 1 && v.stride(1) == D &&
+              q_out.is_contiguous() && kv_cache.is_contiguous(), "rope_and_cache: rows must have contiguous heads");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == T * D / 2 && sin.numel() == T * D / 2,
+              "rope_and_cache: cos and sin must be (T, D / 2)");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() && slot_mapping.numel() == T,
+              "rope_and_cache: slot_mapping must be (T,) int64");
+  TORCH_CHECK(qk.scalar_type() == q_out.scalar_type() && v.scalar_type() == qk.scalar_type() &&
+              kv_cache.scalar_type() == qk.scalar_type() && cos.scalar_type() == qk.scalar_type() &&
+              sin.scalar_type() == qk.scalar_type(), "rope_and_cache: one dtype for all tensors");
+  const int64_t half = D / 2, slots = kv_cache.size(1) * kv_cache.size(2);
+  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(slot[t] >= 0 && slot[t] < slots, "rope_and_cache: slot out of range");
+  dispatch(qk.scalar_type(), "rope_and_cache", [&](auto tag) {
+    using T_ = decltype(tag);
+    const T_* qk_p = qk.data_ptr<T_>();
+    const T_* v_p = v.data_ptr<T_>();
+    const T_* cos_p = cos.data_ptr<T_>();
+    const T_* sin_p = sin.data_ptr<T_>();
+    T_* q_p = q_out.data_ptr<T_>();
+    T_* k_cache = kv_cache.data_ptr<T_>();
+    T_* v_cache = k_cache + slots * Hkv * D;
+    const int64_t qk_row = qk.stride(0), v_row = v.stride(0);
+    at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const T_* __restrict c = cos_p + t * half;
+        const T_* __restrict sn = sin_p + t * half;
+        for (int64_t h = 0; h < H + Hkv; ++h) {
+          const T_* __restrict x = qk_p + t * qk_row + h * D;
+          T_* __restrict dst = h < H ? q_p + (t * H + h) * D : k_cache + (slot[t] * Hkv + h - H) * D;
+#pragma omp simd
+          for (int64_t i = 0; i < half; ++i) {
+            const float x1 = f32(x[i]), x2 = f32(x[i + half]), ci = f32(c[i]), si = f32(sn[i]);
+            dst[i] = round_to<T_>(f32(round_to<T_>(x1 * ci)) - f32(round_to<T_>(x2 * si)));
+            dst[i + half] = round_to<T_>(f32(round_to<T_>(x2 * ci)) + f32(round_to<T_>(x1 * si)));
+          }
+        }
+        std::memcpy(v_cache + slot[t] * Hkv * D, v_p + t * v_row, Hkv * D * sizeof(T_));
+      }
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pdserve, m) {
@@ -129,5 +189,8 @@ TORCH_LIBRARY_FRAGMENT(pdserve, m) {
   m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
   m.impl("rms_norm", c10::DispatchKey::CPU, &rms_norm);
   m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
+  m.def("rope_and_cache(Tensor(a!) q_out, Tensor qk, Tensor v, Tensor cos, Tensor sin, Tensor(b!) kv_cache, "
+        "Tensor slot_mapping) -> ()");
+  m.impl("rope_and_cache", c10::DispatchKey::CPU, &rope_and_cache);
   m.impl("silu_and_mul", c10::DispatchKey::CPU, &silu_and_mul);
 }

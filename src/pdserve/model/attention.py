@@ -111,13 +111,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k.to(kv_cache.dtype))
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v.to(kv_cache.dtype))
 
+    if cpu_ops_for(q) is not None:
+        return cached_attention(q, kv_cache, meta, scale, window)
     out = torch.empty_like(q)
-    ops = cpu_ops_for(q)
-    if ops is not None and meta.prefills:
-        rows = slice(0, meta.num_prefill_tokens)
-        ops.paged_prefill_attention(out[rows], q[rows].contiguous(), kv_cache, meta.prefill_block_tables,
-                                    meta.prefill_query_starts, meta.prefill_context_starts, scale, window or 0)
-    for p in meta.prefills if ops is None else ():
+    for p in meta.prefills:
         rows = slice(p.token_start, p.token_start + p.num_tokens)
         qi = q[rows].transpose(0, 1).unsqueeze(0)  # (1, num_heads, num_tokens, head_dim)
         if p.context_blocks is None and (window is None or p.num_tokens <= window):
@@ -140,10 +137,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     if meta.decode_block_tables is not None:
         num_decodes, max_blocks = meta.decode_block_tables.shape
         rows = slice(meta.num_prefill_tokens, meta.num_prefill_tokens + num_decodes)
-        if ops is not None:
-            ops.paged_decode_attention(out[rows], q[rows].contiguous(), kv_cache, meta.decode_block_tables,
-                                       meta.decode_context_lens, scale, window or 0)
-            return out
         qd = q[rows].unsqueeze(2)  # (num_decodes, num_heads, 1, head_dim)
         kd = _gather(k_cache, meta.decode_block_tables.view(-1), q.dtype).view(
             num_decodes, max_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)  # (B, kv, ctx, hd)
@@ -155,6 +148,26 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             mask = mask & (torch.arange(mask.shape[-1], device=q.device) >= first)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
         out[rows] = od.squeeze(2)
+    return out
+
+
+def cached_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                     window: int | None = None) -> torch.Tensor:
+    """Attention by the CPU kernels once this step's K/V are in the cache: all prefill chunks in one call,
+    all decodes in another, each reading its blocks in place. q: (num_tokens, num_heads, head_dim) on the CPU;
+    ``pdserve.kernels.cpu_ops()`` must be available."""
+    ops = cpu_ops_for(q)
+    assert ops is not None, "cached_attention needs the CPU kernels"
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    if meta.prefills:
+        rows = slice(0, meta.num_prefill_tokens)
+        ops.paged_prefill_attention(out[rows], q[rows], kv_cache, meta.prefill_block_tables,
+                                    meta.prefill_query_starts, meta.prefill_context_starts, scale, window or 0)
+    if meta.decode_block_tables is not None:
+        rows = slice(meta.num_prefill_tokens, meta.num_prefill_tokens + meta.num_decodes)
+        ops.paged_decode_attention(out[rows], q[rows], kv_cache, meta.decode_block_tables,
+                                   meta.decode_context_lens, scale, window or 0)
     return out
 
 

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from pdserve.errors import ModelLoadError
+from pdserve.kernels import cpu_ops_for
 from pdserve.model.arch import ModelArch
-from pdserve.model.attention import AttentionMetadata, paged_attention
+from pdserve.model.attention import AttentionMetadata, cached_attention, paged_attention
 from pdserve.model.layers import Linear, RMSNorm, RotaryEmbedding, can_pack_linear_weight, linear, \
     pack_linear_weight, silu_and_mul
 
@@ -187,9 +188,16 @@ class _Attention(nn.Module):
             num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, head_dim)
         if self.qk_norm:
             qk = torch.cat((self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])), dim=1)
-        qk = self.rope.apply(qk, cos_sin)  # (T, H + Hkv, head_dim)
-        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]  # (T, H, head_dim), (T, Hkv, head_dim)
-        out = paged_attention(q, k, v, kv_cache, meta, self.scale, self.window)  # (T, H, head_dim)
+        ops = cpu_ops_for(h)
+        if ops is not None:  # RoPE and the cache write in one kernel, then attention over the cache
+            q = torch.empty(num_tokens, self.num_heads, self.head_dim, dtype=h.dtype)
+            cos, sin = cos_sin
+            ops.rope_and_cache(q, qk, v, cos, sin, kv_cache, meta.slot_mapping)
+            out = cached_attention(q, kv_cache, meta, self.scale, self.window)  # (T, H, head_dim)
+        else:
+            qk = self.rope.apply(qk, cos_sin)  # (T, H + Hkv, head_dim)
+            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]  # (T, H, head_dim), (T, Hkv, head_dim)
+            out = paged_attention(q, k, v, kv_cache, meta, self.scale, self.window)  # (T, H, head_dim)
         return self.o_proj(out.reshape(num_tokens, self.q_size))  # (T, hidden_size)
 
 
