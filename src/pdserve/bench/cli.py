@@ -33,6 +33,7 @@ from pdserve.bench.report import (
     write_json,
 )
 from pdserve.bench.workloads import PromptBuilder, WorkloadConfig, build_shapes, with_arrival
+from pdserve.cluster.args import freeze_startup_objects
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +233,7 @@ def _bench(parser: argparse.ArgumentParser, args: Any) -> int:
     slo = Slo(args.slo_ttft, args.slo_tpot)
     if args.warmup > 0:
         _warm_up(workload, endpoint, args.warmup, args.max_duration)
+    freeze_startup_objects()  # no full GC pass over the client's libraries delays a timestamp mid-run
     if rates is None:
         result = _run_once(workload, endpoint, slo, args, label, desc=label)
         completed = result["completed"]

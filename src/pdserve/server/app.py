@@ -17,6 +17,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from pdserve.cluster.args import freeze_startup_objects
 from pdserve.errors import InvalidRequestError, OverloadedError, PdserveError
 from pdserve.server import openai_protocol as op
 from pdserve.server.client import FrontendClient
@@ -45,6 +46,7 @@ def create_app(client: FrontendClient, served_model: str, tokenizer_loader, api_
                                    getattr(tokenizer, "vocab_size", None))
         state["metrics"] = metrics
         state["created"] = int(time.time())
+        freeze_startup_objects()  # the tokenizer and app are built: no full GC pass walks them mid-request
         yield
         await client.stop()
 

@@ -122,7 +122,7 @@ def run_profile_command(args) -> int:
     from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from pdserve.sim.calibrated import fit
     try:
-        from pdserve.cluster.args import apply_cpu_args, keep_freed_memory
+        from pdserve.cluster.args import apply_cpu_args, freeze_startup_objects, keep_freed_memory
         from pdserve.engine.core import EngineCore
         apply_cpu_args(args)
         keep_freed_memory()  # as a worker runs
@@ -131,6 +131,7 @@ def run_profile_command(args) -> int:
                               cache=CacheConfig(kv_cache_memory_bytes=512 * 2**20),
                               scheduler=SchedulerConfig(max_num_batched_tokens=2048, max_num_seqs=64))
         engine = EngineCore(config)
+        freeze_startup_objects()  # as a worker runs
     except (ImportError, ValueError, OSError) as e:
         print(f"pdserve profile: error: {e}", file=sys.stderr)
         return 2

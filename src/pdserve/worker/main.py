@@ -8,7 +8,7 @@ import signal
 import sys
 
 from pdserve.cluster.args import add_cpu_args, add_engine_args, apply_cpu_args, engine_config_from_args, \
-    keep_freed_memory
+    freeze_startup_objects, keep_freed_memory
 from pdserve.worker.protocol import ROLES
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ def run_worker(args: argparse.Namespace) -> int:
     worker = Worker(None, options, engine_factory=lambda alloc: EngineCore(config, alloc, record_kv_events=True))
     if cores:
         logger.info("worker %s pinned to cores %s", worker.worker_id, cores)
+    freeze_startup_objects()  # the engine is built: no full GC pass walks it in the middle of a step
     record = json.dumps(worker.ready_record())
     if args.ready_file:
         with open(args.ready_file + ".tmp", "w") as f:
