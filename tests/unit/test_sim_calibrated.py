@@ -42,11 +42,25 @@ def test_fit_recovers_coefficients():
     assert model.step_time_s(shapes[0]) == pytest.approx(times[0], rel=0.05)
 
 
+def test_fit_finds_the_decode_knee():
+    """Steps whose decodes cost nothing up to 4 per step (weights streamed either way), then linearly:
+    the fit picks knee 4 and predicts the flat part; a plain linear model would not."""
+    true = [20e-3, 1e-5, 0.0, 2e-3, 1e-7, 0.0]
+    shapes = _shapes()
+    times = [float(np.dot(true, s.features(4))) for s in shapes]
+    model, stats = fit(shapes, times)
+    assert model.decode_knee == 4 and stats["decode_knee"] == 4
+    for n in (1, 3, 4, 16):
+        shape = BatchShape(num_decode=n, decode_ctx=100 * n, num_samples=n)
+        assert model.step_time_s(shape) == pytest.approx(float(np.dot(true, shape.features(4))), rel=1e-6)
+
+
 def test_file_round_trip_and_use_in_sim(tmp_path):
     model = CalibratedPerfModel([5e-3, 1e-5, 0.0, 1e-4, 1e-8], {"model": "smollm2-135m", "hardware": "cpu"})
     path = model.save(tmp_path / "pm.json")
     loaded = CalibratedPerfModel.load(path)
-    assert loaded.coef == model.coef
+    assert loaded.coef == model.coef and loaded.decode_knee == 0
+    assert CalibratedPerfModel.load(CalibratedPerfModel(model.coef, decode_knee=3).save(tmp_path / "k.json")).decode_knee == 3
     spec = ClusterSpec("smollm2-135m", "colocated", colocated=PoolSpec("cpu-this-machine", 1))
     items = work_items(workload_config(num_requests=20, input_len=128, output_len=16, rate=2.0))
     r = Simulator(spec, items, SimOptions(perf_model=str(path))).run()

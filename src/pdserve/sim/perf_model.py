@@ -68,11 +68,12 @@ class BatchShape:
         longest (pdserve's PyTorch fallback attention does; its CPU kernel and paged GPU kernels do not)."""
         return self.num_decode * self.decode_max_ctx if self.decode_max_ctx else self.decode_ctx
 
-    def features(self) -> list[float]:
-        """The calibrated model's regressors: constant, prefill tokens, prefill attention, decodes,
+    def features(self, decode_knee: int = 0) -> list[float]:
+        """The calibrated model's regressors: constant, prefill tokens, prefill attention, decodes beyond
+        ``decode_knee`` (below it a decode adds no GEMM time: the weights stream from memory either way),
         decode context, padded decode context."""
-        return [1.0, float(self.num_prefill_tokens), float(self.prefill_attn), float(self.num_decode),
-                float(self.decode_ctx), float(self.decode_padded_ctx)]
+        return [1.0, float(self.num_prefill_tokens), float(self.prefill_attn),
+                float(max(0, self.num_decode - decode_knee)), float(self.decode_ctx), float(self.decode_padded_ctx)]
 
 
 class PerfModel(ABC):
