@@ -148,7 +148,7 @@ def run_profile_command(args) -> int:
                                                    "per_decode_s", "per_decode_ctx_s", "per_padded_decode_ctx_s"),
                                                   model.coef, strict=True))))
     print(f"fit: R^2 {stats['r2']:.3f}, mean abs. relative error {stats['mape']:.1%} over {stats['num_samples']} "
-          f"steps; wrote {args.out}")
+          f"steps, decodes free up to {stats['decode_knee']} a step; wrote {args.out}")
     return 0
 
 
