@@ -25,7 +25,6 @@ class PrefillChunk:
     token_start: int  # first row of this chunk in the batch's token dimension
     num_tokens: int
     context_start: int  # tokens of this request already in the cache before the chunk
-    context_blocks: torch.Tensor | None  # (num_blocks,) block ids covering the context; None if it is empty
 
 
 @dataclass
@@ -36,9 +35,8 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
     num_prefill_tokens: int
     decode_block_tables: torch.Tensor | None  # (num_decodes, max_blocks) int64, padded with block 0
-    decode_mask: torch.Tensor | None  # (num_decodes, 1, 1, max_blocks * block_size) bool, True = attend
     decode_context_lens: torch.Tensor | None  # (num_decodes,) int64, tokens each decode attends to
-    # The prefill chunks again, as the CPU kernel reads them (None when there are none):
+    # The prefill chunks again, as tensors (None when there are none):
     prefill_block_tables: torch.Tensor | None = None  # (num_prefills, max_blocks) int64, padded with block 0
     prefill_query_starts: torch.Tensor | None = None  # (num_prefills + 1,) int64, first row of each, then the end
     prefill_context_starts: torch.Tensor | None = None  # (num_prefills,) int64, each chunk's first position
@@ -68,20 +66,17 @@ def build_metadata(chunks: list[tuple[int, int, list[int]]], block_size: int,
         used = block_ids[: -(-end // block_size)]
         if num_tokens > 1:
             assert not decode_tables, "prefill chunks must precede decodes"
-            ctx = torch.tensor(used, dtype=torch.long, device=device) if start > 0 else None
-            prefills.append(PrefillChunk(token_pos, num_tokens, start, ctx))
+            prefills.append(PrefillChunk(token_pos, num_tokens, start))
             prefill_tables.append(used)
         else:
             decode_tables.append(used)
             decode_lens.append(end)
         token_pos += num_tokens
     num_prefill_tokens = sum(p.num_tokens for p in prefills)
-    tables = mask = lens = None
+    tables = lens = None
     if decode_tables:
-        tables = _padded(decode_tables)
-        lens = torch.tensor(decode_lens, dtype=torch.long)
-        mask = torch.arange(tables.shape[1] * block_size)[None, :] < lens[:, None]  # (num_decodes, max_ctx)
-        tables, mask, lens = tables.to(device), mask[:, None, None, :].to(device), lens.to(device)
+        tables = _padded(decode_tables).to(device)
+        lens = torch.tensor(decode_lens, dtype=torch.long).to(device)
     prefill_kernel_args: tuple[torch.Tensor | None, ...] = (None, None, None)
     if prefills:
         prefill_kernel_args = (
@@ -89,7 +84,7 @@ def build_metadata(chunks: list[tuple[int, int, list[int]]], block_size: int,
             torch.tensor([p.token_start for p in prefills] + [num_prefill_tokens], dtype=torch.long).to(device),
             torch.tensor([p.context_start for p in prefills], dtype=torch.long).to(device))
     return AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long).to(device), prefills,
-                             num_prefill_tokens, tables, mask, lens, *prefill_kernel_args)
+                             num_prefill_tokens, tables, lens, *prefill_kernel_args)
 
 
 def _padded(tables: list[list[int]]) -> torch.Tensor:
@@ -114,20 +109,21 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     if cpu_ops_for(q) is not None:
         return cached_attention(q, kv_cache, meta, scale, window)
     out = torch.empty_like(q)
-    for p in meta.prefills:
+    for i, p in enumerate(meta.prefills):
         rows = slice(p.token_start, p.token_start + p.num_tokens)
         qi = q[rows].transpose(0, 1).unsqueeze(0)  # (1, num_heads, num_tokens, head_dim)
-        if p.context_blocks is None and (window is None or p.num_tokens <= window):
+        if p.context_start == 0 and (window is None or p.num_tokens <= window):
             ki = k[rows].transpose(0, 1).unsqueeze(0)  # (1, num_kv_heads, num_tokens, head_dim)
             vi = v[rows].transpose(0, 1).unsqueeze(0)
             oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
         else:
             ctx_len = p.context_start + p.num_tokens
-            if p.context_blocks is None:
+            if p.context_start == 0:
                 ki, vi = k[rows], v[rows]
             else:
-                ki = _gather(k_cache, p.context_blocks, q.dtype)[:ctx_len]  # (ctx, num_kv_heads, head_dim)
-                vi = _gather(v_cache, p.context_blocks, q.dtype)[:ctx_len]
+                blocks = meta.prefill_block_tables[i, :-(-ctx_len // block_size)]  # covering the context
+                ki = _gather(k_cache, blocks, q.dtype)[:ctx_len]  # (ctx, num_kv_heads, head_dim)
+                vi = _gather(v_cache, blocks, q.dtype)[:ctx_len]
             mask = torch.ones(p.num_tokens, ctx_len, dtype=torch.bool, device=q.device).tril(p.context_start)
             if window is not None:  # query i (at position context_start + i) sees keys j > position - window
                 mask &= ~mask.tril(p.context_start - window)
@@ -142,10 +138,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             num_decodes, max_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)  # (B, kv, ctx, hd)
         vd = _gather(v_cache, meta.decode_block_tables.view(-1), q.dtype).view(
             num_decodes, max_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)
-        mask = meta.decode_mask
+        positions = torch.arange(max_blocks * block_size, device=q.device)
+        lens = meta.decode_context_lens[:, None, None, None]
+        mask = positions < lens  # (num_decodes, 1, 1, max_ctx), True = attend
         if window is not None:
-            first = (meta.decode_context_lens - window)[:, None, None, None]  # earliest position seen
-            mask = mask & (torch.arange(mask.shape[-1], device=q.device) >= first)
+            mask &= positions >= lens - window  # the earliest position each decode sees
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
         out[rows] = od.squeeze(2)
     return out
