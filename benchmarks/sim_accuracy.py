@@ -18,10 +18,11 @@ While a live run goes, the CPU time that processes other than the cluster and th
 is measured (``other load``): the machine is shared, and a busy neighbour shows up in the real latencies
 but not in the simulation. Each scored workload runs ``--repeats`` times (default 2), each time on a
 fresh cluster (the same requests, a cold prefix cache). The real system is noisy here: two runs of the
-same 36 requests differ by up to ~30% in a mean (a few steps slowed by the host decide how prompts
-batch), so the simulator is scored against the figure over the requests of all real runs, and each run's
-own figure is printed beside it: the spread against which the simulator's errors should be read
-(about 3 minutes per mode and extra run).
+same 36 requests differed by up to 40% in a mean (a few steps slowed by the host decide how prompts
+batch; the host itself slows for seconds at a time), so the runs are 60-63 requests long, the simulator
+is scored against the figure over the requests of all real runs, and each run's own figure is printed
+beside it: the spread against which the simulator's errors should be read (about 4 minutes per mode
+and extra run; ~25 minutes in all with the defaults).
 
 Usage: python benchmarks/sim_accuracy.py [--modes colocated,disaggregated] [--out-dir DIR]
        [--perf-model MODE=FILE ...] [--runs poisson,trace] [--repeats 2] [--port 8123]
@@ -60,10 +61,10 @@ BUSY_NEIGHBOUR_CORES = 0.2  # other load above this: the real run measured a sha
 # rate and seed; only its traces are fitted.
 RUNS = {
     "calibration": ["--dataset", "random", "--input-len-range", "64,512", "--output-len-range", "16,64",
-                    "--rate", "0.4", "--num-requests", "30", "--seed", "100"],
+                    "--rate", "0.4", "--num-requests", "60", "--seed", "100"],
     "poisson": ["--dataset", "random", "--input-len", "256", "--output-len", "32", "--rate", "0.5",
-                "--num-requests", "36", "--seed", "1"],
-    "trace": ["--dataset", f"azure:{AZURE}", "--num-requests", "36", "--length-scale", "0.1",
+                "--num-requests", "60", "--seed", "1"],
+    "trace": ["--dataset", f"azure:{AZURE}", "--num-requests", "63", "--length-scale", "0.1",
               "--output-len-scale", "1", "--time-scale", "2.5", "--seed", "2"],
 }
 WARMUP = ["--dataset", "random", "--input-len", "256", "--output-len", "16", "--rate", "2",
