@@ -7,7 +7,7 @@ import pytest
 
 from pdserve.sim.calibrated import CalibratedPerfModel
 from pdserve.sim.cluster import ClusterSpec, PoolSpec
-from pdserve.sim.live import _fit_scales, fit_live
+from pdserve.sim.live import _fit_scales, fit_live, step_speed
 from pdserve.sim.overheads import Overheads, StepOverhead
 from pdserve.sim.simulator import SimOptions, Simulator, WorkItem
 from pdserve.sim.workload import work_items, workload_config
@@ -173,10 +173,12 @@ def test_fit_live_from_a_synthetic_trace(tmp_path):
         events["decode"].append({"ev": "kv_recv", "rid": rid, "t": first})
         events["decode"].append({"ev": "first", "rid": rid, "t": first})
         ts = first
-        for j in range(3):  # three back-to-back decode steps of 9 ms with 1 ms between them
-            events["decode"].append({"ev": "step", "t": ts, "s": ts, "e": ts + 0.009, "x": ts + 0.0005 + 0.009,
+        for j in range(3):  # three back-to-back decode steps of 9 ms (the first 4 ms more: the request's
+            # join) with 1 ms between them
+            dt = 0.009 + (0.004 if j == 0 else 0.0)
+            events["decode"].append({"ev": "step", "t": ts, "s": ts, "e": ts + dt, "x": ts + 0.0005 + dt,
                                      "busy": j < 2, "chunks": [[n + j, 1, 1]], "n_out": 1})
-            ts += 0.010
+            ts += dt + 0.001
         requests.append({"send_s": send, "ttft_s": first + 0.003 - (t0 + send), "input_len": n})  # return 3 ms
     for name, evs in events.items():
         (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(e) for e in evs) + "\n")
@@ -190,6 +192,10 @@ def test_fit_live_from_a_synthetic_trace(tmp_path):
     assert o.kv_fixed_s == pytest.approx(0.001, abs=1e-9) and o.kv_per_token_s == pytest.approx(2e-5, rel=1e-6)
     assert o.steps["prefill"].scale == pytest.approx(1.2, rel=1e-6)
     assert o.steps["decode"].scale == pytest.approx(0.9, rel=1e-6)
+    assert o.steps["decode"].join_s == pytest.approx(0.004, abs=1e-9) and o.steps["prefill"].join_s == 0.0
+    assert fit.stats["decode_steps"]["num_joins"] == 2
+    speed = step_speed(tmp_path, [bench], base)  # live over profiled, nothing fitted
+    assert speed["prefill"] == pytest.approx(1.2) and speed["decode"] == pytest.approx((6 * 9 + 2 * 4) / 60)
     assert o.steps["decode"].gap_s + o.steps["decode"].gap_per_output_s == pytest.approx(0.001, abs=1e-9)
 
 
@@ -213,3 +219,28 @@ def test_prefill_scale_applies_to_the_prefill_part_only(tmp_path):
     decode = 2 * STEP_S + 0.0015
     assert r["requests"][0]["ttft_s"] == pytest.approx(first, abs=1e-12)
     assert r["requests"][0]["e2e_s"] == pytest.approx(first + 2 * decode, abs=1e-12)
+
+
+@pytest.mark.parametrize("cluster", [_colocated, _disagg])
+def test_a_request_first_decode_step_costs_its_join(tmp_path, cluster):
+    """``join_s`` lands once per request, on the step of its first decode, in either layout, with and
+    without fast-forward; every other time is unchanged."""
+    items = [WorkItem(0, 0.0, 16, 5), WorkItem(1, 0.5, 16, 5)]
+    role = "both" if cluster is _colocated else "decode"
+    runs = {}
+    for join in (0.0, 0.003):
+        steps = {role: StepOverhead(1.0, join_s=join)}
+        if role == "decode":
+            steps["prefill"] = StepOverhead(1.0)
+        path = _model_file(tmp_path, Overheads(steps=steps))
+        for ff in (False, True):
+            runs[join, ff] = _by_index(Simulator(cluster(), items, SimOptions(perf_model=path, num_blocks=64,
+                                                                               fast_forward=ff)).run())
+    for ff in (False, True):
+        for i in (0, 1):
+            plain, joined = runs[0.0, ff][i], runs[0.003, ff][i]
+            assert joined["ttft_s"] == pytest.approx(plain["ttft_s"], abs=1e-12)
+            assert joined["e2e_s"] == pytest.approx(plain["e2e_s"] + 0.003, abs=1e-12)
+    assert runs[0.003, True] == runs[0.003, False]
+    with pytest.raises(ValueError, match="join >= 0"):
+        StepOverhead(1.0, join_s=-1e-3)

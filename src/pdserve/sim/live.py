@@ -25,6 +25,10 @@ latencies add up in the simulator:
   time, gets two scales instead, by least squares: ``prefill_scale`` for the prefill part of a step
   (``PerfModel.prefill_part_s``) and ``scale`` for the rest (a colocated worker's two threads are
   slowed differently in compute-bound prefill and memory-bound decode work);
+- ``join_s`` per role: the extra time of a step per request taking its first decode in it (its first
+  token went to the frontend just before the step: a ``first`` event between the previous step's end
+  and this step's start), by least squares (with an intercept) of the steps' residuals on that count,
+  >= 0; the scales are then refitted to the steps' time without it, and ``join_s`` once more;
 - ``gap_s``, ``gap_per_output_s`` per role: non-negative least squares of the loop time between two
   back-to-back steps (one step's end to the next one's start, when work remained) on the outputs of
   the first.
@@ -35,7 +39,7 @@ from __future__ import annotations
 
 import json
 import math
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import namedtuple
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,16 +137,20 @@ def fit_live(trace_dir: str | Path, bench_results: list[dict], base: CalibratedP
 
     # Steps, per role: (live, profiled, contended) of each step, and the loop gaps.
     samples: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    join_counts: dict[str, np.ndarray] = {}
     gap_fits: dict[str, tuple[float, float]] = {}
     for role in ROLES:
         ws = [w for w in workers if w.role == role]
         if not any(w.steps for w in ws):
             continue
-        live, pred, prefill, contended, gaps, outs = [], [], [], [], [], []
+        live, pred, prefill, contended, gaps, outs, joins = [], [], [], [], [], [], []
         for w in ws:
             others = [o for o in workers if o is not w]
+            firsts = sorted(e["t"] for e in w.events if e["ev"] == "first")
             for i, s in enumerate(w.steps):
                 live.append(s["e"] - s["s"])
+                after = w.steps[i - 1]["e"] if i else -math.inf
+                joins.append(bisect_right(firsts, s["s"]) - bisect_left(firsts, after))
                 pred.append(base.step_time_s(_shape(s)))
                 prefill.append(base.prefill_part_s(_shape(s)))
                 contended.append(any(o.is_stepping_at(s["s"]) for o in others))
@@ -152,20 +160,42 @@ def fit_live(trace_dir: str | Path, bench_results: list[dict], base: CalibratedP
                     outs.append(_shape(s).num_samples)
         samples[role] = (np.array(live), np.array(pred), np.array(contended, dtype=float), np.array(prefill),
                          role == "both")
+        join_counts[role] = np.array(joins, dtype=float)
         gap_fits[role] = _fit_gap(outs, gaps)
         span = sum(w.steps[-1]["x"] - w.steps[0]["t"] for w in ws if w.steps)
         stats[f"{role}_steps"] = {"count": len(live), "live_ms": _ms(live), "profiled_ms": _ms(pred),
                                   "num_contended": int(sum(contended)), "gap_ms": _ms(gaps),
-                                  "busy_fraction": sum(live) / span if span else 0.0}
-    contention, scales = _fit_scales(samples) if len(workers) > 1 else (0.0, _fit_scales(samples, [0.0])[1])
+                                  "busy_fraction": sum(live) / span if span else 0.0,
+                                  "num_joins": int(sum(joins)), "num_join_steps": sum(1 for j in joins if j)}
+    grid = CONTENTION_GRID if len(workers) > 1 else [0.0]
+    contention, scales = _fit_scales(samples, grid)
+    join = {role: _fit_join(samples[role], join_counts[role], scales[role], contention) for role in samples}
+    adjusted = {role: (v[0] - join[role] * join_counts[role], *v[1:]) for role, v in samples.items()}
+    contention, scales = _fit_scales(adjusted, grid)
+    join = {role: _fit_join(samples[role], join_counts[role], scales[role], contention) for role in samples}
     stats["contention"] = contention
     steps = {role: StepOverhead(scales[role][0], *gap_fits[role],
-                                scales[role][0] * (1 + contention) if len(workers) > 1 else None, scales[role][1])
+                                scales[role][0] * (1 + contention) if len(workers) > 1 else None, scales[role][1],
+                                join[role])
              for role in samples}
     reservation = _mean(forward) if forward else 2 * _mean(to_worker)
     overheads = Overheads(admission_s=admission, return_s=_mean(back), reservation_s=reservation,
                           kv_fixed_s=kv_fixed, kv_per_token_s=kv_per_token, steps=steps)
     return LiveFit(overheads, stats)
+
+
+def step_speed(trace_dir: str | Path, bench_results: list[dict], base: CalibratedPerfModel) -> dict[str, float]:
+    """Per worker role, the live steps' total time over what ``base`` predicts for the same batches, in
+    the window of ``bench_results`` (ratio of sums): how fast the host ran the engine during that run
+    (a diagnostic; nothing is fitted)."""
+    _, workers = _load(Path(trace_dir), [_window(r) for r in bench_results])
+    out = {}
+    for role in ROLES:
+        steps = [s for w in workers if w.role == role for s in w.steps]
+        predicted = sum(base.step_time_s(_shape(s)) for s in steps)
+        if predicted > 0:
+            out[role] = sum(s["e"] - s["s"] for s in steps) / predicted
+    return out
 
 
 def load_bench_results(paths: list[str]) -> list[dict]:
@@ -208,6 +238,9 @@ def format_fit(fit: LiveFit) -> str:
         if s.scale_contended is not None:
             lines.append(f"{'  while another worker steps':<34}{'x' + format(s.scale_contended, '.3f'):>12}   "
                          f"n={r['num_contended']} (contention +{st['contention']:.1%})")
+        if s.join_s:
+            lines.append(f"{'  per request joining (1st decode)':<34}{s.join_s * 1e3:>9.2f} ms   "
+                         f"{r['num_joins']} joins in {r['num_join_steps']} steps")
         row(f"{role} loop gap (+ per output)", f"{s.gap_s * 1e3:.2f}+{s.gap_per_output_s * 1e3:.3f} ms", None)
         m = r["gap_ms"]
         if m["n"]:
@@ -293,6 +326,19 @@ def _fit_scales(samples: dict, grid=CONTENTION_GRID) -> tuple[float, dict[str, t
         if best is None or sse < best[0]:
             best = (sse, float(c), scales)
     return best[1], best[2]
+
+
+def _fit_join(sample: tuple, joins: np.ndarray, scale: tuple[float, float | None], contention: float) -> float:
+    """Seconds per request taking its first decode in a step: least squares (with an intercept) of the
+    steps' residuals under ``scale`` and ``contention`` on the number of such requests, >= 0."""
+    live, pred, contended, prefill, _ = sample
+    if not joins.any() or joins.all():
+        return 0.0
+    x = pred * (1 + contention * contended)
+    xp = prefill * (1 + contention * contended)
+    residual = live - (scale[0] * (x - xp) + (scale[0] if scale[1] is None else scale[1]) * xp)
+    slope = np.linalg.lstsq(np.stack([np.ones_like(joins), joins], axis=1), residual, rcond=None)[0][1]
+    return max(0.0, float(slope))
 
 
 def _two_scales(live: np.ndarray, rest: np.ndarray, prefill: np.ndarray) -> tuple[float, float] | None:

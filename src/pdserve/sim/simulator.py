@@ -311,7 +311,8 @@ class Simulator:
         dt = inst.perf.step_time_s(shape)
         if inst.step_overhead is not None:
             dt = inst.step_overhead.time_s(dt, shape.num_samples, self._is_contended(inst),
-                                           inst.perf.prefill_part_s(shape) if shape.num_prefill_tokens else 0.0)
+                                           inst.perf.prefill_part_s(shape) if shape.num_prefill_tokens else 0.0,
+                                           sum(1 for c in out.chunks if _is_first_decode(c)))
         inst.busy = True
         inst.step_start = now
         inst.num_steps += 1
@@ -326,6 +327,9 @@ class Simulator:
         if s.waiting or not s.running or len(s.running) > s.config.max_num_batched_tokens:
             return False
         running = s.running
+        if inst.step_overhead is not None and inst.step_overhead.join_s and \
+                any(r.num_computed_tokens == r.num_prompt_tokens for r in running):
+            return False  # a request's first decode costs a join: stepped on its own
         k = inst.window_limit  # adaptive: doubles after a full window, shrinks after a cut one
         ctx = longest = 0
         max_len = self.max_model_len
@@ -485,6 +489,11 @@ def make_perf_model(kind: str, model: ModelSpec, hardware: Hardware, tp: int, pr
         return AnalyticPerfModel(model, hardware, tp, precision, kv_dtype, parallelism)
     from pdserve.sim.calibrated import CalibratedPerfModel
     return CalibratedPerfModel.load(kind)
+
+
+def _is_first_decode(chunk) -> bool:
+    """Whether ``chunk`` is its request's first decode (one token right after the whole prompt)."""
+    return chunk.num_tokens == 1 and chunk.start == chunk.request.num_prompt_tokens
 
 
 def _prefill_share(perf: PerfModel, shape: BatchShape) -> float:
