@@ -4,8 +4,10 @@ The engine runs without them (plain PyTorch, on every device); with them, decode
 blocks where they lie in the paged cache (``cpu_attention.cpp``), and residual add + RMSNorm and
 SiLU-and-multiply each take one pass over memory instead of several ops (``cpu_layers.cpp``). The build takes a few seconds once per
 machine, source and torch version (its folder's name is a digest of all three, so ``-march=native`` never
-runs on a CPU it was not built for), under ``$PDSERVE_CACHE/kernels``. ``PDSERVE_CPU_KERNELS=0`` turns
-them off; a failed build (no C++ compiler, say) logs one warning and the fallback is used.
+runs on a CPU it was not built for), under ``$PDSERVE_CACHE/kernels``; every load marks its folder as
+used, and folders of other builds unused for ``KEEP_UNUSED_DAYS`` are removed (old sources, old torch).
+``PDSERVE_CPU_KERNELS=0`` turns them off; a failed build (no C++ compiler, say) logs one warning and the
+fallback is used.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ _SOURCES = tuple(Path(__file__).with_name(name) for name in
                  ("cpu_attention.cpp", "cpu_prefill_attention.cpp", "cpu_layers.cpp"))
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # OpenMP: at::parallel_for uses torch's pool
 _LDFLAGS = ["-fopenmp"]
+KEEP_UNUSED_DAYS = 14  # another build's folder is removed once unused this long
 
 
 def enabled() -> bool:
@@ -65,6 +69,23 @@ def _build() -> None:
                        extra_ldflags=_LDFLAGS, build_directory=str(build_dir), is_python_module=False,
                        verbose=False)
     logger.info("CPU kernels ready (%s, %.1f s)", build_dir, time.perf_counter() - start)
+    prune_builds(build_dir)
+
+
+def prune_builds(current: Path, keep_unused_s: float = KEEP_UNUSED_DAYS * 86400.0) -> list[Path]:
+    """Mark ``current`` as used now and remove the other ``cpu-*`` build folders beside it that have not
+    been used for ``keep_unused_s`` (another checkout or version may still use a recent one); returns
+    the folders removed."""
+    now = time.time()
+    os.utime(current, (now, now))
+    removed = []
+    for other in current.parent.glob("cpu-*"):
+        if other != current and other.is_dir() and now - other.stat().st_mtime > keep_unused_s:
+            shutil.rmtree(other, ignore_errors=True)
+            removed.append(other)
+    if removed:
+        logger.info("removed %d unused CPU kernel build(s) from %s", len(removed), current.parent)
+    return removed
 
 
 def _digest() -> str:
