@@ -7,8 +7,11 @@ For each mode (colocated, disaggregated):
 2. ``pdserve up --trace-dir`` starts the real cluster (default model, dummy weights) with event traces;
 3. ``pdserve bench`` sends a warm-up, then a *calibration* run (its own workload and seed), then the
    *scored* runs: a Poisson run and a trace replay (a slice of the Azure code trace, lengths scaled);
-4. ``pdserve profile --live`` fits the live overheads (sim/overheads.py) from the calibration run's
-   traces only, so the scored errors are prediction errors, not fits;
+   2-3 again on a fresh cluster for each ``--repeats``;
+4. ``pdserve profile --live`` fits the live overheads (sim/overheads.py) from the calibration runs'
+   traces only (all clusters' calibration runs pooled: the host's speed drifts over minutes, and one
+   calibration period would carry its own drift into every prediction), so the scored errors are
+   prediction errors, not fits;
 5. ``pdserve sim`` (in-process) runs every scored workload with the same flags and seed (the same
    requests) on the same layout, with the plain profile and with the live calibration;
 6. prints, per run, mean and p90 TTFT and TPOT, real vs simulated, the relative errors, and whether each
@@ -24,8 +27,8 @@ fresh cluster (the same requests, a cold prefix cache). The real system is noisy
 same 36 requests differed by up to 40% in a mean (a few steps slowed by the host decide how prompts
 batch; the host itself slows for seconds at a time), so the runs are 60-63 requests long, the simulator
 is scored against the figure over the requests of all real runs, and each run's own figure is printed
-beside it: the spread against which the simulator's errors should be read (about 4 minutes per mode
-and extra run; ~25 minutes in all with the defaults).
+beside it: the spread against which the simulator's errors should be read (about 6 minutes per mode
+and extra run; ~27 minutes in all with the defaults).
 
 Usage: python benchmarks/sim_accuracy.py [--modes colocated,disaggregated] [--out-dir DIR]
        [--perf-model MODE=FILE ...] [--runs poisson,trace] [--repeats 2] [--port 8123]
@@ -154,6 +157,7 @@ def run_live(mode: str, out: Path, port: int, runs: list[str], tag: str = "") ->
                 results[name] = json.loads(path.read_text())
                 results[name]["other_load_cores"] = cpu.other_cores
                 results[name]["trace_dir"] = str(trace_dir)
+                results[name]["bench_file"] = str(path)
                 path.write_text(json.dumps(results[name]))  # --rescore reads them back
                 print(f"  {mode} {name}: done, other load {cpu.other_cores:.2f} cores", flush=True)
     finally:
@@ -170,8 +174,10 @@ def load_live(mode: str, out: Path, runs: list[str], tag: str = "") -> dict[str,
     """``run_live``'s results, read back from ``out`` (``--rescore``)."""
     results = {}
     for name in runs:
-        results[name] = json.loads((out / f"bench-{mode}-{name}{tag}.json").read_text())
+        path = out / f"bench-{mode}-{name}{tag}.json"
+        results[name] = json.loads(path.read_text())
         results[name].setdefault("trace_dir", str(out / f"trace-{mode}{tag}"))
+        results[name]["bench_file"] = str(path)
         results[name].setdefault("other_load_cores", float("nan"))
     return results
 
@@ -247,17 +253,19 @@ def main() -> int:
             print(f"profiling for {mode} ({' '.join(cpus)})", flush=True)
             subprocess.run([pdserve(), "profile", "--out", base, *cpus], check=True, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
-        if args.rescore:
-            real = [load_live(mode, out, ["calibration", *runs])]
-            real += [load_live(mode, out, runs, f"-repeat{i}") for i in range(1, args.repeats)]
+        tags = ["", *(f"-repeat{i}" for i in range(1, args.repeats))]
+        if args.rescore:  # out-dirs from before pooled calibration have it on the first cluster only
+            real = [load_live(mode, out, [n for n in ("calibration", *runs)
+                                          if n != "calibration" or (out / f"bench-{mode}-{n}{tag}.json").exists()], tag)
+                    for tag in tags]
         else:
-            real = [run_live(mode, out, args.port, ["calibration", *runs])]
-            real += [run_live(mode, out, args.port, runs, f"-repeat{i}") for i in range(1, args.repeats)]
+            real = [run_live(mode, out, args.port, ["calibration", *runs], tag) for tag in tags]
+        calibrations = [r["calibration"] for r in real if "calibration" in r]
         live = str(out / f"perf-model-{mode}-live.json")
-        subprocess.run([pdserve(), "profile", "--live", str(out / f"trace-{mode}"), "--bench",
-                        str(out / f"bench-{mode}-calibration.json"), "--base", base, "--out", live], check=True)
+        subprocess.run([pdserve(), "profile", "--live", *(r["trace_dir"] for r in calibrations), "--bench",
+                        *(r["bench_file"] for r in calibrations), "--base", base, "--out", live], check=True)
         profiled = CalibratedPerfModel.load(base)
-        calibration_speed = step_speed(real[0]["calibration"]["trace_dir"], [real[0]["calibration"]], profiled)
+        calibration_speed = step_speed([r["trace_dir"] for r in calibrations], calibrations, profiled)
         for name in ["calibration", *runs]:
             sims = {"profile": simulate(mode, name, base), "live": simulate(mode, name, live)}
             results = [r[name] for r in real if name in r]

@@ -150,16 +150,15 @@ def test_colocated_steps_get_a_scale_for_their_prefill_part():
     assert step.time_s(0.5, 1, prefill_part_s=0.3) == pytest.approx(0.9 * 0.2 + 1.15 * 0.3 + 0.001)
 
 
-def test_fit_live_from_a_synthetic_trace(tmp_path):
-    """Two requests through a prefill and a decode worker, every time known: the fitted terms are the
-    ones the trace was written with."""
-    t0 = 100.0
+def _synthetic_trace(trace_dir, t0: float = 100.0) -> dict:
+    """Two requests through a prefill and a decode worker, every time known; returns the bench result."""
+    trace_dir.mkdir(parents=True, exist_ok=True)
     events = {"frontend": [{"ev": "start", "role": "frontend", "t": t0}],
               "prefill": [{"ev": "start", "role": "prefill", "t": t0}],
               "decode": [{"ev": "start", "role": "decode", "t": t0}]}
     requests = []
     for i, (send, n) in enumerate(((0.0, 16), (1.0, 48))):
-        rid = f"r{i}"
+        rid = f"{trace_dir.name}-r{i}"  # request ids are unique across clusters (uuids in pdserve)
         sub = t0 + send + 0.004  # client -> frontend 4 ms
         events["frontend"].append({"ev": "submit", "rid": rid, "t": sub, "n": n})
         events["prefill"].append({"ev": "add", "rid": rid, "t": sub + 0.0005})  # frontend -> worker 0.5 ms
@@ -181,8 +180,13 @@ def test_fit_live_from_a_synthetic_trace(tmp_path):
             ts += dt + 0.001
         requests.append({"send_s": send, "ttft_s": first + 0.003 - (t0 + send), "input_len": n})  # return 3 ms
     for name, evs in events.items():
-        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(e) for e in evs) + "\n")
-    bench = {"clock_origin_s": t0, "duration_s": 2.0, "requests": requests}
+        (trace_dir / f"{name}.jsonl").write_text("\n".join(json.dumps(e) for e in evs) + "\n")
+    return {"clock_origin_s": t0, "duration_s": 2.0, "requests": requests}
+
+
+def test_fit_live_from_a_synthetic_trace(tmp_path):
+    """The fitted terms are the ones the trace was written with."""
+    bench = _synthetic_trace(tmp_path)
     base = CalibratedPerfModel([STEP_S, 0, 0, 0, 0])
     fit = fit_live(tmp_path, [bench], base)
     o = fit.overheads
@@ -244,3 +248,19 @@ def test_a_request_first_decode_step_costs_its_join(tmp_path, cluster):
     assert runs[0.003, True] == runs[0.003, False]
     with pytest.raises(ValueError, match="join >= 0"):
         StepOverhead(1.0, join_s=-1e-3)
+
+
+def test_fit_live_pools_calibration_runs_of_several_clusters(tmp_path):
+    """Two clusters traced at different times into two directories: the pooled fit has the same terms
+    (the same trace twice) and counts both runs' requests and steps."""
+    benches = [_synthetic_trace(tmp_path / "a", 100.0), _synthetic_trace(tmp_path / "b", 500.0)]
+    base = CalibratedPerfModel([STEP_S, 0, 0, 0, 0])
+    one = fit_live(tmp_path / "a", benches[:1], base)
+    both = fit_live([tmp_path / "a", tmp_path / "b"], benches, base)
+    assert both.stats["requests_matched"] == 4 and both.stats["decode_steps"]["count"] == 12
+    assert both.stats["contention"] == one.stats["contention"]
+    for role in ("prefill", "decode"):
+        for key, value in vars(one.overheads.steps[role]).items():
+            pooled = getattr(both.overheads.steps[role], key)
+            assert pooled == value if value is None else pooled == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert both.overheads.admission_s == pytest.approx(one.overheads.admission_s, abs=1e-9)

@@ -84,10 +84,14 @@ class _Worker:
         return i >= 0 and self.steps[i]["s"] <= t < self.steps[i]["e"]
 
 
-def fit_live(trace_dir: str | Path, bench_results: list[dict], base: CalibratedPerfModel) -> LiveFit:
-    """Fit the overheads of the run(s) ``bench_results`` traced in ``trace_dir`` (see the module doc)."""
+TraceDirs = str | Path | list[str | Path]
+
+
+def fit_live(trace_dirs: TraceDirs, bench_results: list[dict], base: CalibratedPerfModel) -> LiveFit:
+    """Fit the overheads of the run(s) ``bench_results`` traced in ``trace_dirs`` (one directory, or
+    several: calibration runs on different clusters at different times, pooled; see the module doc)."""
     windows = [_window(r) for r in bench_results]
-    frontend, workers = _load(Path(trace_dir), windows)
+    frontend, workers = _load(trace_dirs, windows)
     stats: dict = {"windows": [[round(a, 3), round(b, 3)] for a, b in windows]}
     submits = {e["rid"]: e for e in frontend if e["ev"] == "submit"}
     matched = _match(bench_results, [e for e in frontend if e["ev"] == "submit"])
@@ -184,11 +188,11 @@ def fit_live(trace_dir: str | Path, bench_results: list[dict], base: CalibratedP
     return LiveFit(overheads, stats)
 
 
-def step_speed(trace_dir: str | Path, bench_results: list[dict], base: CalibratedPerfModel) -> dict[str, float]:
+def step_speed(trace_dirs: TraceDirs, bench_results: list[dict], base: CalibratedPerfModel) -> dict[str, float]:
     """Per worker role, the live steps' total time over what ``base`` predicts for the same batches, in
     the window of ``bench_results`` (ratio of sums): how fast the host ran the engine during that run
     (a diagnostic; nothing is fitted)."""
-    _, workers = _load(Path(trace_dir), [_window(r) for r in bench_results])
+    _, workers = _load(trace_dirs, [_window(r) for r in bench_results])
     out = {}
     for role in ROLES:
         steps = [s for w in workers if w.role == role for s in w.steps]
@@ -260,10 +264,17 @@ def _in(t: float, windows: list[tuple[float, float]]) -> bool:
     return any(a <= t <= b for a, b in windows)
 
 
-def _load(trace_dir: Path, windows) -> tuple[list[dict], list[_Worker]]:
-    files = sorted(trace_dir.glob("*.jsonl"))
-    if not files:
-        raise ValueError(f"no trace files (*.jsonl) in {trace_dir}")
+def _load(trace_dirs: TraceDirs, windows) -> tuple[list[dict], list[_Worker]]:
+    """The frontend events and the workers of every directory, within ``windows``. Clusters traced into
+    different directories ran at different times (their windows do not overlap), so their workers never
+    count as contending with each other."""
+    dirs = [Path(d) for d in (trace_dirs if isinstance(trace_dirs, list) else [trace_dirs])]
+    files = []
+    for trace_dir in dirs:
+        found = sorted(trace_dir.glob("*.jsonl"))
+        if not found:
+            raise ValueError(f"no trace files (*.jsonl) in {trace_dir}")
+        files += found
     frontend: list[dict] = []
     workers = []
     for path in files:

@@ -38,8 +38,9 @@ def add_profile_args(p) -> None:
     p.add_argument("--quick", action="store_true", help="a smaller grid (tests)")
     p.add_argument("--out", default="perf-model.json")
     g = p.add_argument_group("live calibration (fit overheads from a traced run instead of profiling)")
-    g.add_argument("--live", default=None, metavar="TRACE_DIR",
-                   help="traces of a calibration run (`pdserve up --trace-dir TRACE_DIR`)")
+    g.add_argument("--live", nargs="+", default=None, metavar="TRACE_DIR",
+                   help="traces of a calibration run (`pdserve up --trace-dir TRACE_DIR`); several "
+                        "directories pool calibration runs made on different clusters (pass all their --bench)")
     g.add_argument("--bench", nargs="+", default=[], metavar="RESULT.json",
                    help="the `pdserve bench --out` result(s) of that run")
     g.add_argument("--base", default=None, metavar="FILE", help="the profiled model to add the overheads to")
@@ -163,7 +164,7 @@ def _run_live(args) -> int:
     except (ValueError, OSError, KeyError) as e:
         print(f"pdserve profile: error: {e}", file=sys.stderr)
         return 2
-    model = base.with_overheads(fitted.overheads, {"live": {"trace_dir": str(args.live), "bench": list(args.bench),
+    model = base.with_overheads(fitted.overheads, {"live": {"trace_dir": ", ".join(args.live), "bench": list(args.bench),
                                                               "stats": fitted.stats}})
     model.save(args.out)
     print(format_fit(fitted))
