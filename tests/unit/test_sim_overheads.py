@@ -264,3 +264,24 @@ def test_fit_live_pools_calibration_runs_of_several_clusters(tmp_path):
             pooled = getattr(both.overheads.steps[role], key)
             assert pooled == value if value is None else pooled == pytest.approx(value, rel=1e-9, abs=1e-12), key
     assert both.overheads.admission_s == pytest.approx(one.overheads.admission_s, abs=1e-9)
+
+
+def test_pooled_colocated_clusters_do_not_contend(tmp_path):
+    """One colocated worker per cluster, two clusters pooled: no contention term (each host has one
+    worker), whatever the timing."""
+    benches = []
+    for k, t0 in enumerate((100.0, 100.005)):  # overlapping on purpose: still two separate hosts
+        d = tmp_path / f"c{k}"
+        d.mkdir()
+        steps = [{"ev": "step", "t": t0 + i * 0.02, "s": t0 + i * 0.02, "e": t0 + i * 0.02 + 0.012,
+                  "x": t0 + i * 0.02 + 0.012, "busy": True, "chunks": [[16 + i, 1, 1]], "n_out": 1} for i in range(5)]
+        (d / "worker.jsonl").write_text("\n".join(json.dumps(e) for e in [{"ev": "start", "role": "both", "t": t0},
+                                                                            *steps]) + "\n")
+        (d / "frontend.jsonl").write_text(json.dumps({"ev": "start", "role": "frontend", "t": t0}) + "\n"
+                                          + json.dumps({"ev": "submit", "rid": f"c{k}", "t": t0, "n": 16}) + "\n")
+        benches.append({"clock_origin_s": t0, "duration_s": 0.2,
+                        "requests": [{"send_s": 0.0, "ttft_s": 0.01, "input_len": 16}]})
+    fit = fit_live([tmp_path / "c0", tmp_path / "c1"], benches, CalibratedPerfModel([STEP_S, 0, 0, 0, 0]))
+    both = fit.overheads.steps["both"]
+    assert both.scale_contended is None and fit.stats["contention"] == 0.0
+    assert both.scale == pytest.approx(1.2)

@@ -69,6 +69,7 @@ class _Worker:
     steps: list[dict]
     events: list[dict]
     starts: list[float] = field(default_factory=list)  # iteration starts, for idle checks
+    cluster: int = 0  # which trace directory: workers contend only with their own cluster's
 
     def is_idle_between(self, a: float, b: float) -> bool:
         """Whether a message sent at ``a`` and read at ``b`` found the worker idle: no loop iteration
@@ -149,7 +150,7 @@ def fit_live(trace_dirs: TraceDirs, bench_results: list[dict], base: CalibratedP
             continue
         live, pred, prefill, contended, gaps, outs, joins = [], [], [], [], [], [], []
         for w in ws:
-            others = [o for o in workers if o is not w]
+            others = [o for o in workers if o is not w and o.cluster == w.cluster]
             firsts = sorted(e["t"] for e in w.events if e["ev"] == "first")
             for i, s in enumerate(w.steps):
                 live.append(s["e"] - s["s"])
@@ -171,7 +172,8 @@ def fit_live(trace_dirs: TraceDirs, bench_results: list[dict], base: CalibratedP
                                   "num_contended": int(sum(contended)), "gap_ms": _ms(gaps),
                                   "busy_fraction": sum(live) / span if span else 0.0,
                                   "num_joins": int(sum(joins)), "num_join_steps": sum(1 for j in joins if j)}
-    grid = CONTENTION_GRID if len(workers) > 1 else [0.0]
+    shared = any(o is not w and o.cluster == w.cluster for w in workers for o in workers)  # a host with 2+ workers
+    grid = CONTENTION_GRID if shared else [0.0]
     contention, scales = _fit_scales(samples, grid)
     join = {role: _fit_join(samples[role], join_counts[role], scales[role], contention) for role in samples}
     adjusted = {role: (v[0] - join[role] * join_counts[role], *v[1:]) for role, v in samples.items()}
@@ -179,7 +181,7 @@ def fit_live(trace_dirs: TraceDirs, bench_results: list[dict], base: CalibratedP
     join = {role: _fit_join(samples[role], join_counts[role], scales[role], contention) for role in samples}
     stats["contention"] = contention
     steps = {role: StepOverhead(scales[role][0], *gap_fits[role],
-                                scales[role][0] * (1 + contention) if len(workers) > 1 else None, scales[role][1],
+                                scales[role][0] * (1 + contention) if shared else None, scales[role][1],
                                 join[role])
              for role in samples}
     reservation = _mean(forward) if forward else 2 * _mean(to_worker)
@@ -265,19 +267,18 @@ def _in(t: float, windows: list[tuple[float, float]]) -> bool:
 
 
 def _load(trace_dirs: TraceDirs, windows) -> tuple[list[dict], list[_Worker]]:
-    """The frontend events and the workers of every directory, within ``windows``. Clusters traced into
-    different directories ran at different times (their windows do not overlap), so their workers never
-    count as contending with each other."""
+    """The frontend events and the workers of every directory (one cluster each), within ``windows``; a
+    worker contends only with workers of its own cluster."""
     dirs = [Path(d) for d in (trace_dirs if isinstance(trace_dirs, list) else [trace_dirs])]
     files = []
-    for trace_dir in dirs:
+    for cluster, trace_dir in enumerate(dirs):
         found = sorted(trace_dir.glob("*.jsonl"))
         if not found:
             raise ValueError(f"no trace files (*.jsonl) in {trace_dir}")
-        files += found
+        files += [(cluster, path) for path in found]
     frontend: list[dict] = []
     workers = []
-    for path in files:
+    for cluster, path in files:
         events = read_trace(path)
         if not events or events[0].get("ev") != "start":
             continue
@@ -287,7 +288,8 @@ def _load(trace_dirs: TraceDirs, windows) -> tuple[list[dict], list[_Worker]]:
             frontend += kept
         elif role in ROLES:
             steps = [e for e in kept if e["ev"] == "step"]
-            workers.append(_Worker(role, steps, [e for e in kept if e["ev"] != "step"], [s["t"] for s in steps]))
+            workers.append(_Worker(role, steps, [e for e in kept if e["ev"] != "step"], [s["t"] for s in steps],
+                                   cluster))
     return frontend, workers
 
 
