@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 _SOURCES = tuple(Path(__file__).with_name(name) for name in
                  ("cpu_attention.cpp", "cpu_prefill_attention.cpp", "cpu_layers.cpp"))
+_HEADERS = (Path(__file__).with_name("dispatch.h"),)  # in the digest, not compiled on their own
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # OpenMP: at::parallel_for uses torch's pool
 _LDFLAGS = ["-fopenmp"]
 KEEP_UNUSED_DAYS = 14  # another build's folder is removed once unused this long
@@ -91,7 +92,7 @@ def prune_builds(current: Path, keep_unused_s: float = KEEP_UNUSED_DAYS * 86400.
 def _digest() -> str:
     """Sources, flags, torch version and this CPU (model and instruction-set flags)."""
     h = hashlib.sha256()
-    for src in _SOURCES:
+    for src in (*_SOURCES, *_HEADERS):
         h.update(src.read_bytes())
     h.update(" ".join(_CFLAGS + _LDFLAGS).encode())
     h.update(torch.__version__.encode())

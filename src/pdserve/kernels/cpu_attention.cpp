@@ -11,6 +11,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "dispatch.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -256,25 +258,17 @@ void decode_attention(Q* __restrict out, const Q* __restrict q, const C* __restr
   });
 }
 
-template <typename Q>
-void dispatch_cache(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
-                    const at::Tensor& tables, const at::Tensor& lens, double scale, int64_t window) {
+template <typename Q, typename C>
+void run_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& tables,
+                const at::Tensor& lens, double scale, int64_t window) {
   const int64_t num_blocks = kv_cache.size(1), block_size = kv_cache.size(2);
   const int64_t half = num_blocks * block_size * kv_cache.size(3) * kv_cache.size(4);
-  auto run = [&](auto* cache) {
-    using C = std::remove_const_t<std::remove_pointer_t<decltype(cache)>>;
-    auto kernel = q.size(2) == 64 ? decode_attention<Q, C, 64>
-                : q.size(2) == 128 ? decode_attention<Q, C, 128> : decode_attention<Q, C, 0>;
-    kernel(out.data_ptr<Q>(), q.data_ptr<Q>(), cache, cache + half, tables.data_ptr<int64_t>(),
-           lens.data_ptr<int64_t>(), q.size(0), q.size(1), kv_cache.size(3), q.size(2), block_size,
-           tables.size(1), static_cast<float>(scale), window);
-  };
-  switch (kv_cache.scalar_type()) {
-    case at::kFloat: run(kv_cache.data_ptr<float>()); break;
-    case at::kBFloat16: run(kv_cache.data_ptr<c10::BFloat16>()); break;
-    case at::kHalf: run(kv_cache.data_ptr<c10::Half>()); break;
-    default: TORCH_CHECK(false, "paged_decode_attention: unsupported KV cache dtype ", kv_cache.scalar_type());
-  }
+  const C* cache = kv_cache.data_ptr<C>();
+  auto kernel = q.size(2) == 64 ? decode_attention<Q, C, 64>
+              : q.size(2) == 128 ? decode_attention<Q, C, 128> : decode_attention<Q, C, 0>;
+  kernel(out.data_ptr<Q>(), q.data_ptr<Q>(), cache, cache + half, tables.data_ptr<int64_t>(),
+         lens.data_ptr<int64_t>(), q.size(0), q.size(1), kv_cache.size(3), q.size(2), block_size, tables.size(1),
+         static_cast<float>(scale), window);
 }
 
 // out, q: (num_seqs, num_heads, head_dim); kv_cache: (2, num_blocks, block_size, num_kv_heads, head_dim);
@@ -294,12 +288,12 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
               block_tables.is_contiguous() && context_lens.is_contiguous() &&
               block_tables.size(0) == q.size(0) && context_lens.size(0) == q.size(0),
               "block_tables (num_seqs, max_blocks) and context_lens (num_seqs,) must be contiguous int64");
-  switch (q.scalar_type()) {
-    case at::kFloat: dispatch_cache<float>(out, q, kv_cache, block_tables, context_lens, scale, window); break;
-    case at::kBFloat16: dispatch_cache<c10::BFloat16>(out, q, kv_cache, block_tables, context_lens, scale, window); break;
-    case at::kHalf: dispatch_cache<c10::Half>(out, q, kv_cache, block_tables, context_lens, scale, window); break;
-    default: TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", q.scalar_type());
-  }
+  PDSERVE_DISPATCH_FLOAT_TYPES(q.scalar_type(), "paged_decode_attention", [&] {
+    using Q = scalar_t;
+    PDSERVE_DISPATCH_FLOAT_TYPES(kv_cache.scalar_type(), "paged_decode_attention (KV cache)", [&] {
+      run_decode<Q, scalar_t>(out, q, kv_cache, block_tables, context_lens, scale, window);
+    });
+  });
 }
 
 }  // namespace

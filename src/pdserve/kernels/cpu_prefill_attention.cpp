@@ -19,6 +19,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "dispatch.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -354,25 +356,16 @@ void dispatch_head_dim(const Problem<T, C>& pb) {
   }
 }
 
-template <typename T>
-void dispatch_cache(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& tables,
-                    const at::Tensor& query_starts, const at::Tensor& context_starts, double scale,
-                    int64_t window) {
+template <typename T, typename C>
+void run_prefill(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& tables,
+                 const at::Tensor& query_starts, const at::Tensor& context_starts, double scale, int64_t window) {
   const int64_t half = kv_cache.size(1) * kv_cache.size(2) * kv_cache.size(3) * kv_cache.size(4);
-  auto go = [&](auto* cache) {
-    using C = std::remove_const_t<std::remove_pointer_t<decltype(cache)>>;
-    Problem<T, C> pb{out.data_ptr<T>(), q.data_ptr<T>(), cache, cache + half, tables.data_ptr<int64_t>(),
-                     query_starts.data_ptr<int64_t>(), context_starts.data_ptr<int64_t>(), context_starts.size(0),
-                     q.size(1), kv_cache.size(3), q.size(2), kv_cache.size(2), tables.size(1), window,
-                     static_cast<float>(scale)};
-    dispatch_head_dim(pb);
-  };
-  switch (kv_cache.scalar_type()) {
-    case at::kFloat: go(kv_cache.data_ptr<float>()); break;
-    case at::kBFloat16: go(kv_cache.data_ptr<c10::BFloat16>()); break;
-    case at::kHalf: go(kv_cache.data_ptr<c10::Half>()); break;
-    default: TORCH_CHECK(false, "paged_prefill_attention: unsupported KV cache dtype ", kv_cache.scalar_type());
-  }
+  const C* cache = kv_cache.data_ptr<C>();
+  Problem<T, C> pb{out.data_ptr<T>(), q.data_ptr<T>(), cache, cache + half, tables.data_ptr<int64_t>(),
+                   query_starts.data_ptr<int64_t>(), context_starts.data_ptr<int64_t>(), context_starts.size(0),
+                   q.size(1), kv_cache.size(3), q.size(2), kv_cache.size(2), tables.size(1), window,
+                   static_cast<float>(scale)};
+  dispatch_head_dim(pb);
 }
 
 // out, q: (num_tokens, num_heads, head_dim), the rows of all chunks back to back; chunk c is rows
@@ -397,12 +390,12 @@ void paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tens
               "block_tables (num_chunks, max_blocks), query_starts (num_chunks + 1,) and context_starts "
               "(num_chunks,) must be contiguous int64");
   TORCH_CHECK(query_starts.data_ptr<int64_t>()[num_chunks] == q.size(0), "query_starts must end at q's rows");
-  switch (q.scalar_type()) {
-    case at::kFloat: dispatch_cache<float>(out, q, kv_cache, block_tables, query_starts, context_starts, scale, window); break;
-    case at::kBFloat16: dispatch_cache<c10::BFloat16>(out, q, kv_cache, block_tables, query_starts, context_starts, scale, window); break;
-    case at::kHalf: dispatch_cache<c10::Half>(out, q, kv_cache, block_tables, query_starts, context_starts, scale, window); break;
-    default: TORCH_CHECK(false, "paged_prefill_attention: unsupported dtype ", q.scalar_type());
-  }
+  PDSERVE_DISPATCH_FLOAT_TYPES(q.scalar_type(), "paged_prefill_attention", [&] {
+    using T = scalar_t;
+    PDSERVE_DISPATCH_FLOAT_TYPES(kv_cache.scalar_type(), "paged_prefill_attention (KV cache)", [&] {
+      run_prefill<T, scalar_t>(out, q, kv_cache, block_tables, query_starts, context_starts, scale, window);
+    });
+  });
 }
 
 }  // namespace
