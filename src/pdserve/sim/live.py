@@ -153,16 +153,17 @@ def fit_live(trace_dirs: TraceDirs, bench_results: list[dict], base: CalibratedP
             others = [o for o in workers if o is not w and o.cluster == w.cluster]
             firsts = sorted(e["t"] for e in w.events if e["ev"] == "first")
             for i, s in enumerate(w.steps):
+                shape = _shape(s)
                 live.append(s["e"] - s["s"])
                 after = w.steps[i - 1]["e"] if i else -math.inf
                 joins.append(bisect_right(firsts, s["s"]) - bisect_left(firsts, after))
-                pred.append(base.step_time_s(_shape(s)))
-                prefill.append(base.prefill_part_s(_shape(s)))
+                pred.append(base.step_time_s(shape))
+                prefill.append(base.prefill_part_s(shape))
                 contended.append(any(o.is_stepping_at(s["s"]) for o in others))
                 nxt = w.steps[i + 1] if i + 1 < len(w.steps) else None
                 if nxt is not None and s.get("busy") and nxt["t"] >= s["x"]:
                     gaps.append(nxt["s"] - s["e"])
-                    outs.append(_shape(s).num_samples)
+                    outs.append(shape.num_samples)
         samples[role] = (np.array(live), np.array(pred), np.array(contended, dtype=float), np.array(prefill),
                          role == "both")
         join_counts[role] = np.array(joins, dtype=float)
@@ -327,15 +328,13 @@ def _fit_scales(samples: dict, grid=CONTENTION_GRID) -> tuple[float, dict[str, t
     for c in grid:
         scales, sse = {}, 0.0
         for role, (live, pred, contended, prefill, may_split) in samples.items():
-            x = pred * (1 + c * contended)
-            xp = prefill * (1 + c * contended)
+            x, xp = _contended(pred, prefill, contended, c)
             split = may_split and MIN_PART <= xp.sum() / max(x.sum(), 1e-12) <= 1 - MIN_PART
             fit = _two_scales(live, x - xp, xp) if split else None
             if fit is None:
                 fit = (float(live.sum() / x.sum()) if x.sum() > 0 else 1.0, None)
             scales[role] = fit
-            model = fit[0] * (x - xp) + (fit[0] if fit[1] is None else fit[1]) * xp
-            sse += float(((live - model) ** 2).sum())
+            sse += float(((live - _scaled(x, xp, fit)) ** 2).sum())
         if best is None or sse < best[0]:
             best = (sse, float(c), scales)
     return best[1], best[2]
@@ -347,11 +346,20 @@ def _fit_join(sample: tuple, joins: np.ndarray, scale: tuple[float, float | None
     live, pred, contended, prefill, _ = sample
     if not joins.any() or joins.all():
         return 0.0
-    x = pred * (1 + contention * contended)
-    xp = prefill * (1 + contention * contended)
-    residual = live - (scale[0] * (x - xp) + (scale[0] if scale[1] is None else scale[1]) * xp)
+    residual = live - _scaled(*_contended(pred, prefill, contended, contention), scale)
     slope = np.linalg.lstsq(np.stack([np.ones_like(joins), joins], axis=1), residual, rcond=None)[0][1]
     return max(0.0, float(slope))
+
+
+def _contended(pred: np.ndarray, prefill: np.ndarray, contended: np.ndarray, c: float):
+    """Profiled step times and their prefill parts, each x (1 + c) where the step was contended."""
+    factor = 1 + c * contended
+    return pred * factor, prefill * factor
+
+
+def _scaled(x: np.ndarray, xp: np.ndarray, scale: tuple[float, float | None]) -> np.ndarray:
+    """Modelled live step times: ``scale`` = (for the rest, for the prefill part or None: the same)."""
+    return scale[0] * (x - xp) + (scale[0] if scale[1] is None else scale[1]) * xp
 
 
 def _two_scales(live: np.ndarray, rest: np.ndarray, prefill: np.ndarray) -> tuple[float, float] | None:
