@@ -201,12 +201,15 @@ def at_run_speed(live: str, factors: dict[str, float], path: Path) -> str:
     """The live-calibrated model with each role's step scales multiplied by ``factors[role]`` (a run's
     step speed over the calibration run's): what the simulator predicts had it known how fast the host
     ran the engine during that run. Everything else stays as calibrated."""
+    def times(scale: float | None, f: float) -> float | None:
+        return None if scale is None else scale * f
+
     model = CalibratedPerfModel.load(live)
-    steps = {role: dataclasses.replace(
-        s, scale=s.scale * factors.get(role, 1.0),
-        scale_contended=None if s.scale_contended is None else s.scale_contended * factors.get(role, 1.0),
-        prefill_scale=None if s.prefill_scale is None else s.prefill_scale * factors.get(role, 1.0))
-        for role, s in model.overheads.steps.items()}
+    steps = {}
+    for role, s in model.overheads.steps.items():
+        f = factors.get(role, 1.0)
+        steps[role] = dataclasses.replace(s, scale=s.scale * f, scale_contended=times(s.scale_contended, f),
+                                          prefill_scale=times(s.prefill_scale, f))
     model.with_overheads(dataclasses.replace(model.overheads, steps=steps)).save(path)
     return str(path)
 
@@ -243,10 +246,9 @@ def main() -> int:
     t_start = time.monotonic()
     for mode in modes:
         base = given.get(mode)
-        if base is None and args.rescore:
-            base = str(out / f"perf-model-{mode}.json")  # profiled by the run being rescored
-        elif base is None:
-            base = str(out / f"perf-model-{mode}.json")
+        if base is None:
+            base = str(out / f"perf-model-{mode}.json")  # with --rescore: profiled by the run rescored
+        if not args.rescore and mode not in given:
             cpus = ["--cpus", "0", "--threads", "1"] if mode == "disaggregated" else \
                 ["--cpus", ",".join(map(str, sorted(os.sched_getaffinity(0)))), "--threads",
                  str(len(os.sched_getaffinity(0)))]
