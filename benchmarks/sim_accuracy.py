@@ -66,11 +66,17 @@ AZURE = "/work/shared/data/traces/azure2023_code.csv"
 TARGET = {"mean": 0.10, "p90": 0.20}
 BUSY_NEIGHBOUR_CORES = 0.2  # other load above this: the real run measured a shared machine
 
-# name -> pdserve bench workload flags. The calibration run differs from the scored ones in lengths,
-# rate and seed; only its traces are fitted.
+# name -> pdserve bench workload flags. The calibration chunks differ from the scored runs in lengths,
+# rate and seed; only their traces are fitted. A cluster runs one chunk before each scored run and one
+# after the last (``sequence``): the calibration brackets every scored run in time.
+CALIBRATION = ["--dataset", "random", "--input-len-range", "64,512", "--output-len-range", "16,64",
+               "--rate", "0.4"]
+CHUNK_REQUESTS = 20
 RUNS = {
-    "calibration": ["--dataset", "random", "--input-len-range", "64,512", "--output-len-range", "16,64",
-                    "--rate", "0.4", "--num-requests", "60", "--seed", "100"],
+    # before 2026-11-30: one calibration run of 60 requests before the scored runs (read by --rescore)
+    "calibration": [*CALIBRATION, "--num-requests", "60", "--seed", "100"],
+    **{f"calibration-{i}": [*CALIBRATION, "--num-requests", str(CHUNK_REQUESTS), "--seed", str(100 + i)]
+       for i in range(1, 5)},
     "poisson": ["--dataset", "random", "--input-len", "256", "--output-len", "32", "--rate", "0.5",
                 "--num-requests", "60", "--seed", "1"],
     "trace": ["--dataset", f"azure:{AZURE}", "--num-requests", "63", "--length-scale", "0.1",
@@ -197,10 +203,10 @@ def simulate(mode: str, name: str, perf_model: str) -> dict:
     return Simulator(spec, work_items(config), SimOptions(perf_model=perf_model, num_blocks=num_blocks)).run()
 
 
-def at_run_speed(live: str, factors: dict[str, float], path: Path) -> str:
-    """The live-calibrated model with each role's step scales multiplied by ``factors[role]`` (a run's
-    step speed over the calibration run's): what the simulator predicts had it known how fast the host
-    ran the engine during that run. Everything else stays as calibrated."""
+def at_speed(live: str, factors: dict[str, float], path: Path) -> str:
+    """The live-calibrated model with each role's step scales multiplied by ``factors[role]`` (a speed
+    over the pooled calibration's): what the simulator predicts for a period in which the host ran the
+    engine that much faster or slower. Everything else stays as calibrated."""
     def times(scale: float | None, f: float) -> float | None:
         return None if scale is None else scale * f
 
@@ -219,6 +225,23 @@ def pooled(results: list[dict]) -> dict:
     time): the measured figure the simulator is scored against, with each run's own noise averaged."""
     return {key: summarize([r[key] for res in results for r in res["requests"] if r.get(key) is not None])
             for key in ("ttft_s", "tpot_s")}
+
+
+def is_calibration(name: str) -> bool:
+    return name.startswith("calibration")
+
+
+def sequence(runs: list[str]) -> list[str]:
+    """What one cluster runs, in order: a calibration chunk before each scored run and one after the last."""
+    return [n for i, run in enumerate(runs) for n in (f"calibration-{i + 1}", run)] + [f"calibration-{len(runs) + 1}"]
+
+
+def neighbours(seq: list[str], name: str) -> list[str]:
+    """The calibration runs next to ``name`` in one cluster's ``seq``: the last before it, the first after."""
+    i = seq.index(name)
+    before = [n for n in seq[:i] if is_calibration(n)][-1:]
+    after = [n for n in seq[i + 1:] if is_calibration(n)][:1]
+    return before + after
 
 
 def main() -> int:
@@ -242,7 +265,7 @@ def main() -> int:
     modes = [m for m in args.modes.split(",") if m]
     runs = [r for r in args.runs.split(",") if r]
     given = dict(s.split("=", 1) for s in args.perf_model)
-    rows = []
+    rows, calibration_speed_of = [], {}
     t_start = time.monotonic()
     for mode in modes:
         base = given.get(mode)
@@ -256,34 +279,58 @@ def main() -> int:
             subprocess.run([pdserve(), "profile", "--out", base, *cpus], check=True, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
         tags = ["", *(f"-repeat{i}" for i in range(1, args.repeats))]
-        if args.rescore:  # out-dirs from before pooled calibration have it on the first cluster only
-            real = [load_live(mode, out, [n for n in ("calibration", *runs)
-                                          if n != "calibration" or (out / f"bench-{mode}-{n}{tag}.json").exists()], tag)
+        seq = sequence(runs)
+        if args.rescore:  # out-dirs from before 2026-11-30: one calibration run, before the scored ones
+            if not (out / f"bench-{mode}-{seq[0]}.json").exists():
+                seq = ["calibration", *runs]
+            real = [load_live(mode, out, [n for n in seq if not is_calibration(n)
+                                          or (out / f"bench-{mode}-{n}{tag}.json").exists()], tag)
                     for tag in tags]
         else:
-            real = [run_live(mode, out, args.port, ["calibration", *runs], tag) for tag in tags]
-        calibrations = [r["calibration"] for r in real if "calibration" in r]
+            real = [run_live(mode, out, args.port, seq, tag) for tag in tags]
+        calibrations = [r[n] for r in real for n in seq if is_calibration(n) and n in r]
         live = str(out / f"perf-model-{mode}-live.json")
-        subprocess.run([pdserve(), "profile", "--live", *(r["trace_dir"] for r in calibrations), "--bench",
-                        *(r["bench_file"] for r in calibrations), "--base", base, "--out", live], check=True)
+        subprocess.run([pdserve(), "profile", "--live", *dict.fromkeys(r["trace_dir"] for r in calibrations),
+                        "--bench", *(r["bench_file"] for r in calibrations), "--base", base, "--out", live], check=True)
         profiled = CalibratedPerfModel.load(base)
-        calibration_speed = step_speed([r["trace_dir"] for r in calibrations], calibrations, profiled)
-        for name in ["calibration", *runs]:
-            sims = {"profile": simulate(mode, name, base), "live": simulate(mode, name, live)}
-            results = [r[name] for r in real if name in r]
-            at_speed = []
-            for i, r in enumerate(results):
-                r["step_speed"] = step_speed(r["trace_dir"], [r], profiled)
-                factors = {role: r["step_speed"][role] / calibration_speed[role] for role in calibration_speed}
-                at_speed.append(simulate(mode, name, at_run_speed(live, factors, out / f"at-speed-{mode}-{name}-{i}.json")))
-            sims["at_speed"] = pooled(at_speed)
+        calibration_speed = step_speed(list(dict.fromkeys(r["trace_dir"] for r in calibrations)), calibrations, profiled)
+        calibration_speed_of[mode] = calibration_speed
+
+        def speed_factors(trace_dir: str, results: list[dict]) -> dict[str, float]:
+            speed = step_speed(trace_dir, results, profiled)
+            return {role: speed[role] / calibration_speed[role] for role in calibration_speed if role in speed}
+
+        # The in-sample row: every calibration run, against the simulation of each.
+        names = [n for n in dict.fromkeys(seq) if is_calibration(n)]
+        results = [r[n] for r in real for n in names if n in r]
+        for r in results:
+            r["step_speed"] = step_speed(r["trace_dir"], [r], profiled)
+        sims = {"profile": pooled([simulate(mode, n, base) for n in names]),
+                "live": pooled([simulate(mode, n, live) for n in names])}
+        sims["local"] = sims["at_speed"] = sims["live"]
+        rows.append((mode, "calibration", results, sims))
+        for name in runs:
+            sims = {"profile": pooled([simulate(mode, name, base)]), "live": pooled([simulate(mode, name, live)])}
+            results, local, own = [], [], []
+            for i, r in enumerate(real):
+                res = r[name]
+                res["step_speed"] = step_speed(res["trace_dir"], [res], profiled)
+                near = [r[n] for n in neighbours(seq, name) if n in r]
+                res["local_speed"] = step_speed(res["trace_dir"], near, profiled)
+                local.append(simulate(mode, name, at_speed(live, speed_factors(res["trace_dir"], near),
+                                                             out / f"local-{mode}-{name}-{i}.json")))
+                own.append(simulate(mode, name, at_speed(live, speed_factors(res["trace_dir"], [res]),
+                                                           out / f"at-speed-{mode}-{name}-{i}.json")))
+                results.append(res)
+            sims["local"], sims["at_speed"] = pooled(local), pooled(own)
             rows.append((mode, name, results, sims))
     print(f"\nreal vs simulated, {time.strftime('%Y-%m-%d %H:%M')}, {time.monotonic() - t_start:.0f} s, "
           f"{args.repeats} real run(s) of each scored workload (ms; real: over the requests of all its real runs; "
-          "error = (sim - real) / real; sim: the live-calibrated model, in brackets the plain profile and the "
-          "live model at each run's own step speed (a diagnostic, not the score); "
-          "runs: each real run's own figure, the spread of the real system)")
-    print(f"{'mode':<14}{'run':<13}{'metric':<11}{'real':>9}{'sim':>9}{'error':>9}{'(profile)':>11}"
+          "error = (sim - real) / real; sim: the live-calibrated model at the step speed of the calibration "
+          "chunks next to each real run (the score); in brackets: the live model at the pooled calibration's "
+          "speed, the plain profile, and the live model at each run's own step speed (a diagnostic, not the "
+          "score); runs: each real run's own figure, the spread of the real system)")
+    print(f"{'mode':<14}{'run':<13}{'metric':<11}{'real':>9}{'sim':>9}{'error':>9}{'(pooled)':>10}{'(profile)':>11}"
           f"{'(at speed)':>12}  {'runs':<22}target")
     all_ok = True
     for mode, name, results, sims in rows:
@@ -291,20 +338,27 @@ def main() -> int:
         real = pooled(results)
         for key in ("ttft_s", "tpot_s"):
             for stat in ("mean", "p90"):
-                a, b, c = real[key][stat], sims["live"][key][stat], sims["profile"][key][stat]
-                e, e0, e1 = (b - a) / a, (c - a) / a, (sims["at_speed"][key][stat] - a) / a
+                a = real[key][stat]
+                e, e_pooled, e_profile, e_own = ((sims[k][key][stat] - a) / a
+                                                 for k in ("local", "live", "profile", "at_speed"))
                 ok = abs(e) <= TARGET[stat]
                 if name != "calibration":
                     all_ok &= ok
                 each = " ".join(f"{r[key][stat] * 1e3:.1f}" for r in results)
-                print(f"{mode:<14}{name:<13}{key[:4] + ' ' + stat:<11}{a * 1e3:>9.1f}{b * 1e3:>9.1f}{e:>+9.1%}"
-                      f"{e0:>+11.1%}{e1:>+12.1%}  {each:<22}{'ok' if ok else 'MISS'} (<= {TARGET[stat]:.0%}){tag}")
+                print(f"{mode:<14}{name:<13}{key[:4] + ' ' + stat:<11}{a * 1e3:>9.1f}"
+                      f"{sims['local'][key][stat] * 1e3:>9.1f}{e:>+9.1%}{e_pooled:>+10.1%}{e_profile:>+11.1%}"
+                      f"{e_own:>+12.1%}  {each:<22} {'ok' if ok else 'MISS'} (<= {TARGET[stat]:.0%}){tag}")
         loads = [r["other_load_cores"] for r in results]
         print(f"{'':<27}other load during the runs: {', '.join(f'{x:.2f}' for x in loads)} cores; "
               f"{sum(r['completed'] for r in results)}/{sum(r['num_sent'] for r in results)} completed")
         speeds = "; ".join(f"{role} " + " ".join(f"x{r['step_speed'][role]:.2f}" for r in results)
                            for role in results[0]["step_speed"])
         print(f"{'':<27}engine steps, live / profiled, per run: {speeds}")
+        if "local_speed" in results[0]:
+            speeds = "; ".join(f"{role} " + " ".join(f"x{r['local_speed'][role]:.2f}" for r in results)
+                               for role in results[0]["local_speed"])
+            print(f"{'':<27}  in the calibration chunks next to each: {speeds}; all calibration chunks: "
+                  + "; ".join(f"{role} x{v:.2f}" for role, v in calibration_speed_of[mode].items()))
         if max(loads) > BUSY_NEIGHBOUR_CORES:
             print(f"{'':<27}WARNING: other processes used the machine during this run: its real latencies "
                   "are not the cluster's alone (rerun on an idle machine)")
