@@ -7,7 +7,7 @@ import pytest
 
 from pdserve.sim.calibrated import CalibratedPerfModel
 from pdserve.sim.cluster import ClusterSpec, PoolSpec
-from pdserve.sim.live import _fit_scales, fit_live, step_speed
+from pdserve.sim.live import _fit_scales, _Worker, fit_live, step_speed
 from pdserve.sim.overheads import Overheads, StepOverhead
 from pdserve.sim.simulator import SimOptions, Simulator, WorkItem
 from pdserve.sim.workload import work_items, workload_config
@@ -285,3 +285,37 @@ def test_pooled_colocated_clusters_do_not_contend(tmp_path):
     both = fit.overheads.steps["both"]
     assert both.scale_contended is None and fit.stats["contention"] == 0.0
     assert both.scale == pytest.approx(1.2)
+
+
+def test_runs_of_one_cluster_with_another_run_between_fit_apart(tmp_path):
+    """Calibration runs before and after a scored run on one cluster (one trace directory): the fit uses
+    the calibration windows only, and a worker's steps are consecutive only within a window (no loop gap
+    spans the scored run, even from a step that left work behind)."""
+    runs = {name: _synthetic_trace(tmp_path / name, t0) for name, t0 in (("a", 100.0), ("b", 200.0), ("c", 300.0))}
+    merged = tmp_path / "cluster"
+    merged.mkdir()
+    for role in ("frontend", "prefill", "decode"):
+        events = []
+        for name in ("a", "b", "c"):
+            lines = (tmp_path / name / f"{role}.jsonl").read_text().splitlines()
+            events += [json.loads(x) for x in (lines if not events else lines[1:])]  # one start event
+        if role == "decode":
+            last_a = max(i for i, e in enumerate(events) if e["ev"] == "step" and e["s"] < 200.0)
+            events[last_a]["busy"] = True  # work remained when run a's window closed
+        (merged / f"{role}.jsonl").write_text("\n".join(json.dumps(e) for e in events) + "\n")
+    base = CalibratedPerfModel([STEP_S, 0, 0, 0, 0])
+    fit = fit_live(merged, [runs["a"], runs["c"]], base)
+    assert fit.stats["requests_matched"] == 4 and fit.stats["decode_steps"]["count"] == 12
+    assert fit.stats["decode_steps"]["gap_ms"]["n"] == 8 and fit.stats["decode_steps"]["gap_ms"]["max"] < 1.5
+    assert fit.overheads.steps["decode"].scale == pytest.approx(0.9, rel=1e-6)
+    assert step_speed(merged, [runs["b"]], base)["prefill"] == pytest.approx(1.2)
+
+
+def test_a_message_that_waited_for_a_step_is_not_counted_as_idle():
+    """A reservation sent just before the worker started a step, read after it: it waited for the step
+    (the simulator models that wait), so it is not a sample of the bare forwarding time."""
+    w = _Worker("prefill", [{"ev": "step", "t": 1.0, "s": 1.001, "e": 1.5, "x": 1.5}], [], [1.0])
+    assert not w.is_idle_between(0.99, 1.501)  # sent before the step, read after it
+    assert not w.is_idle_between(1.2, 1.501)  # sent during it
+    assert w.is_idle_between(0.5, 0.9) and w.is_idle_between(1.6, 1.7)
+    assert w.is_idle_between(0.99, 1.0)  # read by the iteration that then ran the step

@@ -72,12 +72,14 @@ class _Worker:
     cluster: int = 0  # which trace directory: workers contend only with their own cluster's
 
     def is_idle_between(self, a: float, b: float) -> bool:
-        """Whether a message sent at ``a`` and read at ``b`` found the worker idle: no loop iteration
-        with a step ran at ``a``, and at most one (the one that read it) started in (a, b]."""
-        i = bisect_right(self.starts, a) - 1
-        if i >= 0 and self.steps[i]["x"] >= a:
-            return False
-        return bisect_right(self.starts, b) - (i + 1) <= 1
+        """Whether a message sent at ``a`` and read at ``b`` waited for no engine step: none ran at any
+        time in (a, b) (the step of the iteration that read it starts at ``b`` or after)."""
+        i = bisect_left(self.starts, b) - 1  # the last iteration started before b
+        while i >= 0 and self.steps[i]["e"] > a:
+            if self.steps[i]["s"] < b:
+                return False
+            i -= 1
+        return True
 
     def is_stepping_at(self, t: float) -> bool:
         """Whether an engine step was running at ``t``."""
@@ -259,8 +261,11 @@ def format_fit(fit: LiveFit) -> str:
 
 
 def _window(result: dict) -> tuple[float, float]:
+    """A bench run's span on the host's monotonic clock: its start to its last response, with half a
+    second on either side (a worker's events for a request all come before the client reads its last
+    token; runs on one cluster follow each other a second or more apart)."""
     origin = result["clock_origin_s"]
-    return origin - 0.5, origin + float(result.get("duration_s") or 0.0) + 5.0
+    return origin - 0.5, origin + float(result.get("duration_s") or 0.0) + 0.5
 
 
 def _in(t: float, windows: list[tuple[float, float]]) -> bool:
@@ -269,8 +274,11 @@ def _in(t: float, windows: list[tuple[float, float]]) -> bool:
 
 def _load(trace_dirs: TraceDirs, windows) -> tuple[list[dict], list[_Worker]]:
     """The frontend events and the workers of every directory (one cluster each), within ``windows``; a
-    worker contends only with workers of its own cluster."""
+    worker contends only with workers of its own cluster. A worker process traced over several windows
+    (runs of one cluster with others between them) gives one ``_Worker`` per window: its steps are
+    consecutive only within a window."""
     dirs = [Path(d) for d in (trace_dirs if isinstance(trace_dirs, list) else [trace_dirs])]
+    windows = _merged(windows)
     files = []
     for cluster, trace_dir in enumerate(dirs):
         found = sorted(trace_dir.glob("*.jsonl"))
@@ -284,14 +292,27 @@ def _load(trace_dirs: TraceDirs, windows) -> tuple[list[dict], list[_Worker]]:
         if not events or events[0].get("ev") != "start":
             continue
         role = events[0].get("role", "")
-        kept = [e for e in events[1:] if _in(e.get("t", e.get("s", 0.0)), windows)]
         if role == "frontend":
-            frontend += kept
+            frontend += [e for e in events[1:] if _in(e.get("t", e.get("s", 0.0)), windows)]
         elif role in ROLES:
-            steps = [e for e in kept if e["ev"] == "step"]
-            workers.append(_Worker(role, steps, [e for e in kept if e["ev"] != "step"], [s["t"] for s in steps],
-                                   cluster))
+            for a, b in windows:
+                kept = [e for e in events[1:] if a <= e.get("t", e.get("s", 0.0)) <= b]
+                if kept:
+                    steps = [e for e in kept if e["ev"] == "step"]
+                    workers.append(_Worker(role, steps, [e for e in kept if e["ev"] != "step"],
+                                           [s["t"] for s in steps], cluster))
     return frontend, workers
+
+
+def _merged(windows) -> list[tuple[float, float]]:
+    """The union of the windows, as disjoint sorted intervals (runs of different clusters may overlap)."""
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(windows):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 def _match(bench_results: list[dict], submits: list[dict]) -> list[tuple[float, float, dict]]:
