@@ -5,20 +5,22 @@ For each mode (colocated, disaggregated):
 1. ``pdserve profile`` times the bare engine, pinned as ``pdserve up`` pins that mode's workers
    (disaggregated: one core each; colocated: one worker on all cores) — skipped with ``--perf-model``;
 2. ``pdserve up --trace-dir`` starts the real cluster (default model, dummy weights) with event traces;
-3. ``pdserve bench`` sends a warm-up, then a *calibration* run (its own workload and seed), then the
-   *scored* runs: a Poisson run and a trace replay (a slice of the Azure code trace, lengths scaled);
+3. ``pdserve bench`` sends a warm-up, then, in turn, a *calibration chunk* (20 requests of its own
+   workload and seed) before each *scored* run (a Poisson run, a trace replay: a slice of the Azure code
+   trace, lengths scaled) and one after the last: the calibration brackets the scored runs in time;
    2-3 again on a fresh cluster for each ``--repeats``;
-4. ``pdserve profile --live`` fits the live overheads (sim/overheads.py) from the calibration runs'
-   traces only (all clusters' calibration runs pooled: the host's speed drifts over minutes, and one
-   calibration period would carry its own drift into every prediction), so the scored errors are
-   prediction errors, not fits;
+4. ``pdserve profile --live`` fits the live overheads (sim/overheads.py) from the calibration chunks'
+   traces only, all clusters' chunks pooled (the host's speed drifts over minutes: the chunks sample it
+   over the same span as the scored runs), so the scored errors are prediction errors, not fits;
 5. ``pdserve sim`` (in-process) runs every scored workload with the same flags and seed (the same
-   requests) on the same layout, with the plain profile and with the live calibration;
+   requests) on the same layout, with the live calibration (the score), and, as diagnostics, with the
+   plain profile, with the live model at the step speed of the two chunks next to each real run
+   (``local``), and at each real run's own step speed (``at speed``: what the simulator would predict had
+   it known how fast the host ran the engine during that run; uses the scored run's steps, so not a score);
 6. prints, per run, mean and p90 TTFT and TPOT, real vs simulated, the relative errors, and whether each
-   is within the target (mean <= 10%, p90 <= 20%). The calibration run is shown too, marked in-sample.
+   is within the target (mean <= 10%, p90 <= 20%). The calibration chunks are shown too, in-sample.
    Beside them, each real run's engine steps against the profile (``sim.live.step_speed``: live step
-   time over profiled, same batches): the live fit assumes the calibration run's ratio holds for the
-   scored runs, and where the host ran faster or slower, the simulator's error follows.
+   time over profiled, same batches).
 
 While a live run goes, the CPU time that processes other than the cluster and the load generator use
 is measured (``other load``): the machine is shared, and a busy neighbour shows up in the real latencies
@@ -28,10 +30,14 @@ same 36 requests differed by up to 40% in a mean (a few steps slowed by the host
 batch; the host itself slows for seconds at a time), so the runs are 60-63 requests long, the simulator
 is scored against the figure over the requests of all real runs, and each run's own figure is printed
 beside it: the spread against which the simulator's errors should be read (about 6 minutes per mode
-and extra run; ~27 minutes in all with the defaults).
+and extra run; ~26 minutes in all with the defaults).
+
+``--rescore`` re-scores a finished out-dir in seconds with today's simulator and fit; out-dirs from
+before 2026-11-30 (one 60-request calibration run before the scored ones, on the first cluster or on
+each) are read as they are.
 
 Usage: python benchmarks/sim_accuracy.py [--modes colocated,disaggregated] [--out-dir DIR]
-       [--perf-model MODE=FILE ...] [--runs poisson,trace] [--repeats 2] [--port 8123]
+       [--perf-model MODE=FILE ...] [--runs poisson,trace] [--repeats 2] [--port 8123] [--rescore]
 Run it under ``flock /tmp/pdserve-timing.lock`` on a shared machine.
 """
 from __future__ import annotations
@@ -64,6 +70,7 @@ from pdserve.sim.workload import work_items
 KV_CACHE_BYTES = 2**30  # pdserve up's default --kv-cache-memory (1GiB)
 AZURE = "/work/shared/data/traces/azure2023_code.csv"
 TARGET = {"mean": 0.10, "p90": 0.20}
+RUN_GAP_S = 2.0  # idle time between two runs on a cluster: their traced windows (sim/live.py) never meet
 BUSY_NEIGHBOUR_CORES = 0.2  # other load above this: the real run measured a shared machine
 
 # name -> pdserve bench workload flags. The calibration chunks differ from the scored runs in lengths,
@@ -151,6 +158,7 @@ def run_live(mode: str, out: Path, port: int, runs: list[str], tag: str = "") ->
     try:
         wait_healthy(url, proc, 300)
         for name in ["warmup", *runs]:
+            time.sleep(RUN_GAP_S)
             path = out / f"bench-{mode}-{name}{tag}.json"
             cmd = [pdserve(), "bench", "--base-url", url, *(WARMUP if name == "warmup" else RUNS[name]),
                    "--out", str(path), "--no-progress"]
@@ -315,10 +323,10 @@ def main() -> int:
             for i, r in enumerate(real):
                 res = r[name]
                 res["step_speed"] = step_speed(res["trace_dir"], [res], profiled)
-                near = [r[n] for n in neighbours(seq, name) if n in r]
-                res["local_speed"] = step_speed(res["trace_dir"], near, profiled)
-                local.append(simulate(mode, name, at_speed(live, speed_factors(res["trace_dir"], near),
-                                                             out / f"local-{mode}-{name}-{i}.json")))
+                near = [r[n] for n in neighbours(seq, name) if n in r]  # none: an old run's later cluster
+                res["local_speed"] = step_speed(res["trace_dir"], near, profiled) if near else calibration_speed
+                factors = speed_factors(res["trace_dir"], near) if near else {}
+                local.append(simulate(mode, name, at_speed(live, factors, out / f"local-{mode}-{name}-{i}.json")))
                 own.append(simulate(mode, name, at_speed(live, speed_factors(res["trace_dir"], [res]),
                                                            out / f"at-speed-{mode}-{name}-{i}.json")))
                 results.append(res)
@@ -326,11 +334,11 @@ def main() -> int:
             rows.append((mode, name, results, sims))
     print(f"\nreal vs simulated, {time.strftime('%Y-%m-%d %H:%M')}, {time.monotonic() - t_start:.0f} s, "
           f"{args.repeats} real run(s) of each scored workload (ms; real: over the requests of all its real runs; "
-          "error = (sim - real) / real; sim: the live-calibrated model at the step speed of the calibration "
-          "chunks next to each real run (the score); in brackets: the live model at the pooled calibration's "
-          "speed, the plain profile, and the live model at each run's own step speed (a diagnostic, not the "
-          "score); runs: each real run's own figure, the spread of the real system)")
-    print(f"{'mode':<14}{'run':<13}{'metric':<11}{'real':>9}{'sim':>9}{'error':>9}{'(pooled)':>10}{'(profile)':>11}"
+          "error = (sim - real) / real; sim: the live-calibrated model, fitted on all calibration chunks (the "
+          "score); in brackets, diagnostics: that model at the step speed of the chunks next to each real run "
+          "(local), the plain profile, and the live model at each run's own step speed (at speed); runs: each "
+          "real run's own figure, the spread of the real system)")
+    print(f"{'mode':<14}{'run':<13}{'metric':<11}{'real':>9}{'sim':>9}{'error':>9}{'(local)':>10}{'(profile)':>11}"
           f"{'(at speed)':>12}  {'runs':<22}target")
     all_ok = True
     for mode, name, results, sims in rows:
@@ -339,14 +347,14 @@ def main() -> int:
         for key in ("ttft_s", "tpot_s"):
             for stat in ("mean", "p90"):
                 a = real[key][stat]
-                e, e_pooled, e_profile, e_own = ((sims[k][key][stat] - a) / a
-                                                 for k in ("local", "live", "profile", "at_speed"))
+                e, e_local, e_profile, e_own = ((sims[k][key][stat] - a) / a
+                                                for k in ("live", "local", "profile", "at_speed"))
                 ok = abs(e) <= TARGET[stat]
                 if name != "calibration":
                     all_ok &= ok
                 each = " ".join(f"{r[key][stat] * 1e3:.1f}" for r in results)
                 print(f"{mode:<14}{name:<13}{key[:4] + ' ' + stat:<11}{a * 1e3:>9.1f}"
-                      f"{sims['local'][key][stat] * 1e3:>9.1f}{e:>+9.1%}{e_pooled:>+10.1%}{e_profile:>+11.1%}"
+                      f"{sims['live'][key][stat] * 1e3:>9.1f}{e:>+9.1%}{e_local:>+10.1%}{e_profile:>+11.1%}"
                       f"{e_own:>+12.1%}  {each:<22} {'ok' if ok else 'MISS'} (<= {TARGET[stat]:.0%}){tag}")
         loads = [r["other_load_cores"] for r in results]
         print(f"{'':<27}other load during the runs: {', '.join(f'{x:.2f}' for x in loads)} cores; "
