@@ -319,3 +319,21 @@ def test_a_message_that_waited_for_a_step_is_not_counted_as_idle():
     assert not w.is_idle_between(1.2, 1.501)  # sent during it
     assert w.is_idle_between(0.5, 0.9) and w.is_idle_between(1.6, 1.7)
     assert w.is_idle_between(0.99, 1.0)  # read by the iteration that then ran the step
+
+
+def test_one_worker_over_several_windows_does_not_contend_with_itself(tmp_path):
+    """A colocated worker traced over two calibration runs: one process, so no contention term."""
+    steps, benches = [], []
+    for t0 in (100.0, 200.0):
+        steps += [{"ev": "step", "t": t0 + i * 0.02, "s": t0 + i * 0.02, "e": t0 + i * 0.02 + 0.012,
+                   "x": t0 + i * 0.02 + 0.012, "busy": True, "chunks": [[16 + i, 1, 1]], "n_out": 1} for i in range(5)]
+        benches.append({"clock_origin_s": t0, "duration_s": 0.2,
+                        "requests": [{"send_s": 0.0, "ttft_s": 0.01, "input_len": 16}]})
+    (tmp_path / "worker.jsonl").write_text("\n".join(json.dumps(e) for e in [{"ev": "start", "role": "both", "t": 0.0},
+                                                                              *steps]) + "\n")
+    (tmp_path / "frontend.jsonl").write_text("\n".join(json.dumps(e) for e in [
+        {"ev": "start", "role": "frontend", "t": 0.0}, {"ev": "submit", "rid": "a", "t": 100.0, "n": 16},
+        {"ev": "submit", "rid": "b", "t": 200.0, "n": 16}]) + "\n")
+    fit = fit_live(tmp_path, benches, CalibratedPerfModel([STEP_S, 0, 0, 0, 0]))
+    assert fit.overheads.steps["both"].scale_contended is None and fit.stats["contention"] == 0.0
+    assert fit.stats["both_steps"]["count"] == 10 and fit.stats["both_steps"]["gap_ms"]["n"] == 8

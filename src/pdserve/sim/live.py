@@ -70,6 +70,11 @@ class _Worker:
     events: list[dict]
     starts: list[float] = field(default_factory=list)  # iteration starts, for idle checks
     cluster: int = 0  # which trace directory: workers contend only with their own cluster's
+    process: str = ""  # its trace file: one process may give several _Workers (one per window)
+
+    def shares_host_with(self, other: _Worker) -> bool:
+        """Whether ``other`` is another worker process of the same cluster."""
+        return other.cluster == self.cluster and other.process != self.process
 
     def is_idle_between(self, a: float, b: float) -> bool:
         """Whether a message sent at ``a`` and read at ``b`` waited for no engine step: none ran at any
@@ -152,7 +157,7 @@ def fit_live(trace_dirs: TraceDirs, bench_results: list[dict], base: CalibratedP
             continue
         live, pred, prefill, contended, gaps, outs, joins = [], [], [], [], [], [], []
         for w in ws:
-            others = [o for o in workers if o is not w and o.cluster == w.cluster]
+            others = [o for o in workers if w.shares_host_with(o)]
             firsts = sorted(e["t"] for e in w.events if e["ev"] == "first")
             for i, s in enumerate(w.steps):
                 shape = _shape(s)
@@ -175,7 +180,7 @@ def fit_live(trace_dirs: TraceDirs, bench_results: list[dict], base: CalibratedP
                                   "num_contended": int(sum(contended)), "gap_ms": _ms(gaps),
                                   "busy_fraction": sum(live) / span if span else 0.0,
                                   "num_joins": int(sum(joins)), "num_join_steps": sum(1 for j in joins if j)}
-    shared = any(o is not w and o.cluster == w.cluster for w in workers for o in workers)  # a host with 2+ workers
+    shared = any(w.shares_host_with(o) for w in workers for o in workers)  # a host with 2+ workers
     grid = CONTENTION_GRID if shared else [0.0]
     contention, scales = _fit_scales(samples, grid)
     join = {role: _fit_join(samples[role], join_counts[role], scales[role], contention) for role in samples}
@@ -300,7 +305,7 @@ def _load(trace_dirs: TraceDirs, windows) -> tuple[list[dict], list[_Worker]]:
                 if kept:
                     steps = [e for e in kept if e["ev"] == "step"]
                     workers.append(_Worker(role, steps, [e for e in kept if e["ev"] != "step"],
-                                           [s["t"] for s in steps], cluster))
+                                           [s["t"] for s in steps], cluster, str(path)))
     return frontend, workers
 
 
