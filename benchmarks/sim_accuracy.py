@@ -64,6 +64,7 @@ from pdserve.sim.calibrated import CalibratedPerfModel
 from pdserve.sim.cluster import ClusterSpec, PoolSpec
 from pdserve.sim.live import step_speed
 from pdserve.sim.models import get_model
+from pdserve.sim.overheads import Overheads
 from pdserve.sim.simulator import SimOptions, Simulator
 from pdserve.sim.workload import work_items
 
@@ -71,7 +72,8 @@ KV_CACHE_BYTES = 2**30  # pdserve up's default --kv-cache-memory (1GiB)
 AZURE = "/work/shared/data/traces/azure2023_code.csv"
 TARGET = {"mean": 0.10, "p90": 0.20}
 RUN_GAP_S = 2.0  # idle time between two runs on a cluster: their traced windows (sim/live.py) never meet
-BUSY_NEIGHBOUR_CORES = 0.2  # other load above this: the real run measured a shared machine
+BUSY_NEIGHBOUR_CORES = 0.2
+JITTER_SEEDS = range(4)  # simulations per workload when the live fit has step jitter  # other load above this: the real run measured a shared machine
 
 # name -> pdserve bench workload flags. The calibration chunks differ from the scored runs in lengths,
 # rate and seed; only their traces are fitted. A cluster runs one chunk before each scored run and one
@@ -196,8 +198,9 @@ def load_live(mode: str, out: Path, runs: list[str], tag: str = "") -> dict[str,
     return results
 
 
-def simulate(mode: str, name: str, perf_model: str) -> dict:
-    """The run ``name`` in the simulator: the same workload flags, the same layout and KV budget."""
+def simulate(mode: str, name: str, perf_model: str) -> list[dict]:
+    """The run ``name`` in the simulator: the same workload flags, the same layout and KV budget; with
+    step jitter in the model, one run per seed of ``JITTER_SEEDS`` (pooled like the real runs)."""
     ap = argparse.ArgumentParser()
     add_workload_arguments(ap)
     config, _ = workload_from_args(ap.parse_args(RUNS[name]))
@@ -208,7 +211,9 @@ def simulate(mode: str, name: str, perf_model: str) -> dict:
     spec = (ClusterSpec("smollm2-135m", "colocated", colocated=pool, routing="prefix_aware") if mode == "colocated"
             else ClusterSpec("smollm2-135m", "disaggregated", prefill=pool, decode=pool, kv_link="intra",
                              routing="prefix_aware"))
-    return Simulator(spec, work_items(config), SimOptions(perf_model=perf_model, num_blocks=num_blocks)).run()
+    jittered = any(s.jitter for s in (CalibratedPerfModel.load(perf_model).overheads or Overheads()).steps.values())
+    return [Simulator(spec, work_items(config), SimOptions(perf_model=perf_model, num_blocks=num_blocks, seed=seed)).run()
+            for seed in (JITTER_SEEDS if jittered else [0])]
 
 
 def at_speed(live: str, factors: dict[str, float], path: Path) -> str:
@@ -313,12 +318,12 @@ def main() -> int:
         results = [r[n] for r in real for n in names if n in r]
         for r in results:
             r["step_speed"] = step_speed(r["trace_dir"], [r], profiled)
-        sims = {"profile": pooled([simulate(mode, n, base) for n in names]),
-                "live": pooled([simulate(mode, n, live) for n in names])}
+        sims = {"profile": pooled([r for n in names for r in simulate(mode, n, base)]),
+                "live": pooled([r for n in names for r in simulate(mode, n, live)])}
         sims["local"] = sims["at_speed"] = sims["live"]
         rows.append((mode, "calibration", results, sims))
         for name in runs:
-            sims = {"profile": pooled([simulate(mode, name, base)]), "live": pooled([simulate(mode, name, live)])}
+            sims = {"profile": pooled(simulate(mode, name, base)), "live": pooled(simulate(mode, name, live))}
             results, local, own = [], [], []
             for i, r in enumerate(real):
                 res = r[name]
@@ -326,8 +331,8 @@ def main() -> int:
                 near = [r[n] for n in neighbours(seq, name) if n in r]  # none: an old run's later cluster
                 res["local_speed"] = step_speed(res["trace_dir"], near, profiled) if near else calibration_speed
                 factors = speed_factors(res["trace_dir"], near) if near else {}
-                local.append(simulate(mode, name, at_speed(live, factors, out / f"local-{mode}-{name}-{i}.json")))
-                own.append(simulate(mode, name, at_speed(live, speed_factors(res["trace_dir"], [res]),
+                local.extend(simulate(mode, name, at_speed(live, factors, out / f"local-{mode}-{name}-{i}.json")))
+                own.extend(simulate(mode, name, at_speed(live, speed_factors(res["trace_dir"], [res]),
                                                            out / f"at-speed-{mode}-{name}-{i}.json")))
                 results.append(res)
             sims["local"], sims["at_speed"] = pooled(local), pooled(own)

@@ -246,7 +246,7 @@ def test_a_request_first_decode_step_costs_its_join(tmp_path, cluster):
             assert joined["ttft_s"] == pytest.approx(plain["ttft_s"], abs=1e-12)
             assert joined["e2e_s"] == pytest.approx(plain["e2e_s"] + 0.003, abs=1e-12)
     assert runs[0.003, True] == runs[0.003, False]
-    with pytest.raises(ValueError, match="join >= 0"):
+    with pytest.raises(ValueError, match="join and jitter >= 0"):
         StepOverhead(1.0, join_s=-1e-3)
 
 
@@ -337,3 +337,45 @@ def test_one_worker_over_several_windows_does_not_contend_with_itself(tmp_path):
     fit = fit_live(tmp_path, benches, CalibratedPerfModel([STEP_S, 0, 0, 0, 0]))
     assert fit.overheads.steps["both"].scale_contended is None and fit.stats["contention"] == 0.0
     assert fit.stats["both_steps"]["count"] == 10 and fit.stats["both_steps"]["gap_ms"]["n"] == 8
+
+
+def test_fit_live_measures_step_jitter_within_each_window(tmp_path):
+    """Steps drawn log-normally around 1.1 x the profile (log std. dev. 0.12) in one window and 1.3 x in
+    another: the jitter is the draws' spread, not the windows' difference."""
+    rng = np.random.default_rng(0)
+    steps, benches = [], []
+    for t0, speed in ((100.0, 1.1), (200.0, 1.3)):
+        t = t0
+        for _ in range(800):
+            dt = STEP_S * speed * float(np.exp(rng.normal(0.0, 0.12)))
+            steps.append({"ev": "step", "t": t, "s": t, "e": t + dt, "x": t + dt, "busy": False,
+                          "chunks": [[16, 1, 1]], "n_out": 1})
+            t += dt + 0.001
+        benches.append({"clock_origin_s": t0, "duration_s": t - t0,
+                        "requests": [{"send_s": 0.0, "ttft_s": 0.01, "input_len": 16}]})
+    (tmp_path / "worker.jsonl").write_text("\n".join(json.dumps(e) for e in [{"ev": "start", "role": "both", "t": 0.0},
+                                                                              *steps]) + "\n")
+    (tmp_path / "frontend.jsonl").write_text("\n".join(json.dumps(e) for e in [
+        {"ev": "start", "role": "frontend", "t": 0.0}, {"ev": "submit", "rid": "a", "t": 100.0, "n": 16},
+        {"ev": "submit", "rid": "b", "t": 200.0, "n": 16}]) + "\n")
+    fit = fit_live(tmp_path, benches, CalibratedPerfModel([STEP_S, 0, 0, 0, 0]))
+    assert fit.overheads.steps["both"].jitter == pytest.approx(0.12, rel=0.08)
+
+
+def test_step_jitter_keeps_the_mean_and_is_seeded(tmp_path):
+    """Jittered steps: the same seed gives the same run bit for bit, another seed another run; over many
+    steps the mean step time is the model's; no jitter is the plain model exactly."""
+    items = work_items(workload_config(num_requests=40, input_len=64, output_len=64, rate=2.0, seed=1))
+
+    def run(jitter, seed=0):
+        path = _model_file(tmp_path, Overheads(steps={"both": StepOverhead(1.0, jitter=jitter)}))
+        return Simulator(_colocated(), items, SimOptions(perf_model=path, num_blocks=1024, seed=seed)).run()
+
+    plain = Simulator(_colocated(), items, SimOptions(perf_model=_model_file(tmp_path), num_blocks=1024)).run()
+    assert run(0.0)["tpot_s"] == plain["tpot_s"]
+    a, b, c = run(0.2), run(0.2), run(0.2, seed=1)
+    assert a == b and a["tpot_s"] != c["tpot_s"]
+    assert a["tpot_s"]["mean"] == pytest.approx(plain["tpot_s"]["mean"], rel=0.05)
+    assert a["tpot_s"]["max"] > plain["tpot_s"]["max"]
+    with pytest.raises(ValueError, match="jitter"):
+        StepOverhead(1.0, jitter=-0.1)

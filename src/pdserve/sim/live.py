@@ -31,7 +31,9 @@ latencies add up in the simulator:
   >= 0; the scales are then refitted to the steps' time without it, and ``join_s`` once more;
 - ``gap_s``, ``gap_per_output_s`` per role: non-negative least squares of the loop time between two
   back-to-back steps (one step's end to the next one's start, when work remained) on the outputs of
-  the first.
+  the first;
+- ``jitter`` per role: the standard deviation of log(live / modelled) over the steps, each worker
+  window's mean taken out (drift between runs is the scales' business, not a step's spread).
 
 The fit also returns the measured breakdown (``LiveFit.stats``) that ``pdserve profile --live`` prints.
 """
@@ -150,18 +152,20 @@ def fit_live(trace_dirs: TraceDirs, bench_results: list[dict], base: CalibratedP
     # Steps, per role: (live, profiled, contended) of each step, and the loop gaps.
     samples: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     join_counts: dict[str, np.ndarray] = {}
+    segments: dict[str, np.ndarray] = {}  # which worker window each step is from
     gap_fits: dict[str, tuple[float, float]] = {}
     for role in ROLES:
         ws = [w for w in workers if w.role == role]
         if not any(w.steps for w in ws):
             continue
-        live, pred, prefill, contended, gaps, outs, joins = [], [], [], [], [], [], []
-        for w in ws:
+        live, pred, prefill, contended, gaps, outs, joins, segment = [], [], [], [], [], [], [], []
+        for k, w in enumerate(ws):
             others = [o for o in workers if w.shares_host_with(o)]
             firsts = sorted(e["t"] for e in w.events if e["ev"] == "first")
             for i, s in enumerate(w.steps):
                 shape = _shape(s)
                 live.append(s["e"] - s["s"])
+                segment.append(k)
                 after = w.steps[i - 1]["e"] if i else -math.inf
                 joins.append(bisect_right(firsts, s["s"]) - bisect_left(firsts, after))
                 pred.append(base.step_time_s(shape))
@@ -174,6 +178,7 @@ def fit_live(trace_dirs: TraceDirs, bench_results: list[dict], base: CalibratedP
         samples[role] = (np.array(live), np.array(pred), np.array(contended, dtype=float), np.array(prefill),
                          role == "both")
         join_counts[role] = np.array(joins, dtype=float)
+        segments[role] = np.array(segment)
         gap_fits[role] = _fit_gap(outs, gaps)
         span = sum(w.steps[-1]["x"] - w.steps[0]["t"] for w in ws if w.steps)
         stats[f"{role}_steps"] = {"count": len(live), "live_ms": _ms(live), "profiled_ms": _ms(pred),
@@ -188,9 +193,11 @@ def fit_live(trace_dirs: TraceDirs, bench_results: list[dict], base: CalibratedP
     contention, scales = _fit_scales(adjusted, grid)
     join = {role: _fit_join(samples[role], join_counts[role], scales[role], contention) for role in samples}
     stats["contention"] = contention
+    jitter = {role: _fit_jitter(samples[role], join_counts[role], segments[role], scales[role], contention, join[role])
+              for role in samples}
     steps = {role: StepOverhead(scales[role][0], *gap_fits[role],
                                 scales[role][0] * (1 + contention) if shared else None, scales[role][1],
-                                join[role])
+                                join[role], jitter[role])
              for role in samples}
     reservation = _mean(forward) if forward else 2 * _mean(to_worker)
     overheads = Overheads(admission_s=admission, return_s=_mean(back), reservation_s=reservation,
@@ -255,6 +262,8 @@ def format_fit(fit: LiveFit) -> str:
         if s.join_s:
             lines.append(f"{'  per request joining (1st decode)':<34}{s.join_s * 1e3:>9.2f} ms   "
                          f"{r['num_joins']} joins in {r['num_join_steps']} steps")
+        if s.jitter:
+            lines.append(f"{'  jitter (log std. dev.)':<34}{s.jitter:>12.3f}")
         row(f"{role} loop gap (+ per output)", f"{s.gap_s * 1e3:.2f}+{s.gap_per_output_s * 1e3:.3f} ms", None)
         m = r["gap_ms"]
         if m["n"]:
@@ -375,6 +384,22 @@ def _fit_join(sample: tuple, joins: np.ndarray, scale: tuple[float, float | None
     residual = live - _scaled(*_contended(pred, prefill, contended, contention), scale)
     slope = np.linalg.lstsq(np.stack([np.ones_like(joins), joins], axis=1), residual, rcond=None)[0][1]
     return max(0.0, float(slope))
+
+
+def _fit_jitter(sample: tuple, joins: np.ndarray, segment: np.ndarray, scale: tuple[float, float | None],
+                contention: float, join: float) -> float:
+    """The standard deviation of log(live / modelled) step time, each worker window's mean taken out (the
+    host's slower drift between runs is not a step's jitter)."""
+    live, pred, prefill, contended, _ = sample
+    model = _scaled(*_contended(pred, prefill, contended, contention), scale) + join * joins
+    ok = (live > 0) & (model > 0)
+    r, seg = np.log(live[ok] / model[ok]), segment[ok]
+    groups = np.unique(seg)
+    if len(r) <= len(groups):
+        return 0.0
+    for g in groups:
+        r[seg == g] -= r[seg == g].mean()
+    return float(np.sqrt((r ** 2).sum() / (len(r) - len(groups))))
 
 
 def _contended(pred: np.ndarray, prefill: np.ndarray, contended: np.ndarray, c: float):

@@ -20,12 +20,18 @@ simulator applies them:
   in a step (workers on separate cores still share memory bandwidth and caches); a colocated worker's
   prefill part of a step (``PerfModel.prefill_part_s``) may have its own ``prefill_scale``; and
   ``join_s`` per request that takes its first decode in the step (its first token has just gone to the
-  frontend, whose work on it — and the client's — shares the cores with that step: measured here 3-6 ms).
+  frontend, whose work on it — and the client's — shares the cores with that step: measured here 3-6 ms);
+  and ``jitter``: the spread of live step times around all that (the standard deviation of their
+  logarithm; the host's hiccups, measured here 0.1-0.18): the simulator multiplies each step's time by
+  a log-normal draw of mean 1 (seeded: ``SimOptions.seed``), so queueing tails see the spread that a
+  deterministic step time hides.
 
 All zero (scale 1) means "as profiled": the simulator then behaves exactly as without overheads.
 """
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import asdict, dataclass, field
 
 ROLES = ("prefill", "decode", "both")
@@ -35,7 +41,8 @@ ROLES = ("prefill", "decode", "both")
 class StepOverhead:
     """One worker role's live step: ``scale`` (``scale_contended`` when another worker of the host is in
     a step) x profiled + ``gap_s`` + ``gap_per_output_s`` x outputs + ``join_s`` x requests taking their
-    first decode."""
+    first decode; the step part (all but the gaps) times a log-normal factor of mean 1 and log standard
+    deviation ``jitter``."""
 
     scale: float = 1.0
     gap_s: float = 0.0
@@ -43,24 +50,33 @@ class StepOverhead:
     scale_contended: float | None = None  # None: as ``scale``
     prefill_scale: float | None = None  # for the prefill part of a step; None: as ``scale``
     join_s: float = 0.0  # per request whose first decode is in the step
+    jitter: float = 0.0  # log standard deviation of a step's time around the model
 
     def __post_init__(self) -> None:
-        if not self.scale > 0 or self.gap_s < 0 or self.gap_per_output_s < 0 or self.join_s < 0 or \
+        if not self.scale > 0 or self.gap_s < 0 or self.gap_per_output_s < 0 or self.join_s < 0 or self.jitter < 0 or \
                 any(s is not None and not s > 0 for s in (self.scale_contended, self.prefill_scale)):
-            raise ValueError(f"step overhead needs scales > 0 and gaps and join >= 0, got {self}")
+            raise ValueError(f"step overhead needs scales > 0 and gaps, join and jitter >= 0, got {self}")
 
     @property
     def is_contention_sensitive(self) -> bool:
         return self.scale_contended is not None and self.scale_contended != self.scale
 
     def time_s(self, profiled_s: float, num_outputs: int, contended: bool = False, prefill_part_s: float = 0.0,
-               num_joining: int = 0) -> float:
+               num_joining: int = 0, noise: float = 1.0) -> float:
         """The live time of a (non-empty) step the profiled model gives ``profiled_s``, of which
-        ``prefill_part_s`` for its prefill tokens, with ``num_joining`` requests taking their first decode."""
+        ``prefill_part_s`` for its prefill tokens, with ``num_joining`` requests taking their first decode;
+        ``noise``: this step's jitter factor (``noise_factor``)."""
         factor = self.scale_contended / self.scale if contended and self.scale_contended is not None else 1.0
         rest = self.scale * (profiled_s - prefill_part_s)
         prefill = (self.scale if self.prefill_scale is None else self.prefill_scale) * prefill_part_s
-        return factor * (rest + prefill) + self.gap_s + self.gap_per_output_s * num_outputs + self.join_s * num_joining
+        step = factor * (rest + prefill) + self.join_s * num_joining
+        return noise * step + self.gap_s + self.gap_per_output_s * num_outputs
+
+    def noise_factor(self, rng: random.Random) -> float:
+        """One step's jitter factor: log-normal, mean 1, log standard deviation ``jitter``."""
+        if not self.jitter:
+            return 1.0
+        return math.exp(rng.gauss(0.0, self.jitter) - self.jitter ** 2 / 2)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ Two speed-ups, both measured against the plain mode (docs/sim.md):
 from __future__ import annotations
 
 import heapq
+import random
 import logging
 import math
 from bisect import bisect_left
@@ -60,6 +61,7 @@ class SimOptions:
     sample_instances: int | None = None  # simulate about this many instances of a larger cluster
     check_integrity: bool = False  # after every step (slow; tests)
     num_blocks: int | None = None  # KV blocks per instance instead of sizing from memory (tests)
+    seed: int = 0  # of the step-time jitter draws (live calibrations with jitter only)
     progress: bool = False
 
 
@@ -105,7 +107,11 @@ class Simulator:
         # fast-forward then (such simulations are one host's few instances anyway).
         self._is_contention_sensitive = any(i.step_overhead is not None and i.step_overhead.is_contention_sensitive
                                             for i in self.instances) and len(self.instances) > 1
-        self._fast_forward = self.options.fast_forward and not self._is_contention_sensitive
+        # Jittered steps are drawn one by one (each instance its own seeded stream).
+        self._is_jittered = any(i.step_overhead is not None and i.step_overhead.jitter for i in self.instances)
+        self._fast_forward = self.options.fast_forward and not self._is_contention_sensitive and not self._is_jittered
+        self._rngs = {id(inst): random.Random(f"{self.options.seed}/{inst.role}/{inst.index}")
+                      for inst in self.instances}
 
     # -- public ----------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -312,7 +318,8 @@ class Simulator:
         if inst.step_overhead is not None:
             dt = inst.step_overhead.time_s(dt, shape.num_samples, self._is_contended(inst),
                                            inst.perf.prefill_part_s(shape) if shape.num_prefill_tokens else 0.0,
-                                           sum(1 for c in out.chunks if _is_first_decode(c)))
+                                           sum(1 for c in out.chunks if _is_first_decode(c)),
+                                           inst.step_overhead.noise_factor(self._rngs[id(inst)]))
         inst.busy = True
         inst.step_start = now
         inst.num_steps += 1
