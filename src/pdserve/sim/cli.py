@@ -119,7 +119,8 @@ def run_sim(args: argparse.Namespace) -> int:
         config, rates = workload_from_args(args)
         options = SimOptions(perf_model=args.perf_model, hardware_file=args.hardware_file,
                              fast_forward=not args.no_fast_forward, sample_instances=args.sample_instances,
-                             check_integrity=args.check_integrity, progress=args.progress)
+                             check_integrity=args.check_integrity, progress=args.progress,
+                             seed=args.seed)  # the workload's seed draws the step jitter too
         configs = [config] if not rates else [with_arrival(config, replace(config.arrival, rate=r)) for r in rates]
         sims = [Simulator(spec, work_items(c), options,
                           concurrency=c.arrival.concurrency if c.arrival.is_closed_loop else None,
