@@ -72,8 +72,8 @@ KV_CACHE_BYTES = 2**30  # pdserve up's default --kv-cache-memory (1GiB)
 AZURE = "/work/shared/data/traces/azure2023_code.csv"
 TARGET = {"mean": 0.10, "p90": 0.20}
 RUN_GAP_S = 2.0  # idle time between two runs on a cluster: their traced windows (sim/live.py) never meet
-BUSY_NEIGHBOUR_CORES = 0.2
-JITTER_SEEDS = range(4)  # simulations per workload when the live fit has step jitter  # other load above this: the real run measured a shared machine
+BUSY_NEIGHBOUR_CORES = 0.2  # other load above this: the real run measured a shared machine
+JITTER_SEEDS = range(4)  # simulations per workload when the live fit has step jitter
 
 # name -> pdserve bench workload flags. The calibration chunks differ from the scored runs in lengths,
 # rate and seed; only their traces are fitted. A cluster runs one chunk before each scored run and one
@@ -211,9 +211,10 @@ def simulate(mode: str, name: str, perf_model: str) -> list[dict]:
     spec = (ClusterSpec("smollm2-135m", "colocated", colocated=pool, routing="prefix_aware") if mode == "colocated"
             else ClusterSpec("smollm2-135m", "disaggregated", prefill=pool, decode=pool, kv_link="intra",
                              routing="prefix_aware"))
-    jittered = any(s.jitter for s in (CalibratedPerfModel.load(perf_model).overheads or Overheads()).steps.values())
-    return [Simulator(spec, work_items(config), SimOptions(perf_model=perf_model, num_blocks=num_blocks, seed=seed)).run()
-            for seed in (JITTER_SEEDS if jittered else [0])]
+    steps = (CalibratedPerfModel.load(perf_model).overheads or Overheads()).steps.values()
+    seeds = JITTER_SEEDS if any(s.jitter for s in steps) else [0]
+    return [Simulator(spec, work_items(config), SimOptions(perf_model=perf_model, num_blocks=num_blocks,
+                                                           seed=seed)).run() for seed in seeds]
 
 
 def at_speed(live: str, factors: dict[str, float], path: Path) -> str:
@@ -255,6 +256,92 @@ def neighbours(seq: list[str], name: str) -> list[str]:
     before = [n for n in seq[:i] if is_calibration(n)][-1:]
     after = [n for n in seq[i + 1:] if is_calibration(n)][:1]
     return before + after
+
+
+def score(mode: str, out: Path, base: str, seq: list[str], runs: list[str], real: list[dict]) -> tuple[list, dict]:
+    """Fit the live model on the calibration chunks of ``real`` (one dict of results per cluster) and
+    simulate every run: the rows to print (mode, name, real results, simulations by kind) and the
+    chunks' step speed per role."""
+    calibrations = [r[n] for r in real for n in seq if is_calibration(n) and n in r]
+    live = str(out / f"perf-model-{mode}-live.json")
+    trace_dirs = list(dict.fromkeys(r["trace_dir"] for r in calibrations))
+    subprocess.run([pdserve(), "profile", "--live", *trace_dirs,
+                    "--bench", *(r["bench_file"] for r in calibrations), "--base", base, "--out", live], check=True)
+    profiled = CalibratedPerfModel.load(base)
+    calibration_speed = step_speed(trace_dirs, calibrations, profiled)
+
+    def speed_factors(trace_dir: str, results: list[dict]) -> dict[str, float]:
+        speed = step_speed(trace_dir, results, profiled)
+        return {role: speed[role] / calibration_speed[role] for role in calibration_speed if role in speed}
+
+    # The in-sample row: every calibration chunk, against the simulation of each.
+    names = [n for n in dict.fromkeys(seq) if is_calibration(n)]
+    results = [r[n] for r in real for n in names if n in r]
+    for r in results:
+        r["step_speed"] = step_speed(r["trace_dir"], [r], profiled)
+    sims = {"profile": pooled([r for n in names for r in simulate(mode, n, base)]),
+            "live": pooled([r for n in names for r in simulate(mode, n, live)])}
+    sims["local"] = sims["at_speed"] = sims["live"]
+    rows = [(mode, "calibration", results, sims)]
+    for name in runs:
+        sims = {"profile": pooled(simulate(mode, name, base)), "live": pooled(simulate(mode, name, live))}
+        results, local, own = [], [], []
+        for i, r in enumerate(real):
+            res = r[name]
+            res["step_speed"] = step_speed(res["trace_dir"], [res], profiled)
+            near = [r[n] for n in neighbours(seq, name) if n in r]  # none: an old run's later cluster
+            res["local_speed"] = step_speed(res["trace_dir"], near, profiled) if near else calibration_speed
+            factors = speed_factors(res["trace_dir"], near) if near else {}
+            local.extend(simulate(mode, name, at_speed(live, factors, out / f"local-{mode}-{name}-{i}.json")))
+            own.extend(simulate(mode, name, at_speed(live, speed_factors(res["trace_dir"], [res]),
+                                                       out / f"at-speed-{mode}-{name}-{i}.json")))
+            results.append(res)
+        sims["local"], sims["at_speed"] = pooled(local), pooled(own)
+        rows.append((mode, name, results, sims))
+    return rows, calibration_speed
+
+
+def report(rows: list, calibration_speed_of: dict, repeats: int, elapsed_s: float) -> None:
+    """Print the table: per run and metric, real vs simulated, the errors and the verdict."""
+    print(f"\nreal vs simulated, {time.strftime('%Y-%m-%d %H:%M')}, {elapsed_s:.0f} s, "
+          f"{repeats} real run(s) of each scored workload (ms; real: over the requests of all its real runs; "
+          "error = (sim - real) / real; sim: the live-calibrated model, fitted on all calibration chunks (the "
+          "score); in brackets, diagnostics: that model at the step speed of the chunks next to each real run "
+          "(local), the plain profile, and the live model at each run's own step speed (at speed); runs: each "
+          "real run's own figure, the spread of the real system)")
+    print(f"{'mode':<14}{'run':<13}{'metric':<11}{'real':>9}{'sim':>9}{'error':>9}{'(local)':>10}{'(profile)':>11}"
+          f"{'(at speed)':>12}  {'runs':<22}target")
+    all_ok = True
+    for mode, name, results, sims in rows:
+        tag = " (in-sample)" if name == "calibration" else ""
+        real = pooled(results)
+        for key in ("ttft_s", "tpot_s"):
+            for stat in ("mean", "p90"):
+                a = real[key][stat]
+                e, e_local, e_profile, e_own = ((sims[k][key][stat] - a) / a
+                                                for k in ("live", "local", "profile", "at_speed"))
+                ok = abs(e) <= TARGET[stat]
+                if name != "calibration":
+                    all_ok &= ok
+                each = " ".join(f"{r[key][stat] * 1e3:.1f}" for r in results)
+                print(f"{mode:<14}{name:<13}{key[:4] + ' ' + stat:<11}{a * 1e3:>9.1f}"
+                      f"{sims['live'][key][stat] * 1e3:>9.1f}{e:>+9.1%}{e_local:>+10.1%}{e_profile:>+11.1%}"
+                      f"{e_own:>+12.1%}  {each:<22} {'ok' if ok else 'MISS'} (<= {TARGET[stat]:.0%}){tag}")
+        loads = [r["other_load_cores"] for r in results]
+        print(f"{'':<27}other load during the runs: {', '.join(f'{x:.2f}' for x in loads)} cores; "
+              f"{sum(r['completed'] for r in results)}/{sum(r['num_sent'] for r in results)} completed")
+        speeds = "; ".join(f"{role} " + " ".join(f"x{r['step_speed'][role]:.2f}" for r in results)
+                           for role in results[0]["step_speed"])
+        print(f"{'':<27}engine steps, live / profiled, per run: {speeds}")
+        if "local_speed" in results[0]:
+            speeds = "; ".join(f"{role} " + " ".join(f"x{r['local_speed'][role]:.2f}" for r in results)
+                               for role in results[0]["local_speed"])
+            print(f"{'':<27}  in the calibration chunks next to each: {speeds}; all calibration chunks: "
+                  + "; ".join(f"{role} x{v:.2f}" for role, v in calibration_speed_of[mode].items()))
+        if max(loads) > BUSY_NEIGHBOUR_CORES:
+            print(f"{'':<27}WARNING: other processes used the machine during this run: its real latencies "
+                  "are not the cluster's alone (rerun on an idle machine)")
+    print("all scored runs within target" if all_ok else "some scored figures miss the target (see MISS)")
 
 
 def main() -> int:
@@ -301,81 +388,9 @@ def main() -> int:
                     for tag in tags]
         else:
             real = [run_live(mode, out, args.port, seq, tag) for tag in tags]
-        calibrations = [r[n] for r in real for n in seq if is_calibration(n) and n in r]
-        live = str(out / f"perf-model-{mode}-live.json")
-        subprocess.run([pdserve(), "profile", "--live", *dict.fromkeys(r["trace_dir"] for r in calibrations),
-                        "--bench", *(r["bench_file"] for r in calibrations), "--base", base, "--out", live], check=True)
-        profiled = CalibratedPerfModel.load(base)
-        calibration_speed = step_speed(list(dict.fromkeys(r["trace_dir"] for r in calibrations)), calibrations, profiled)
-        calibration_speed_of[mode] = calibration_speed
-
-        def speed_factors(trace_dir: str, results: list[dict]) -> dict[str, float]:
-            speed = step_speed(trace_dir, results, profiled)
-            return {role: speed[role] / calibration_speed[role] for role in calibration_speed if role in speed}
-
-        # The in-sample row: every calibration run, against the simulation of each.
-        names = [n for n in dict.fromkeys(seq) if is_calibration(n)]
-        results = [r[n] for r in real for n in names if n in r]
-        for r in results:
-            r["step_speed"] = step_speed(r["trace_dir"], [r], profiled)
-        sims = {"profile": pooled([r for n in names for r in simulate(mode, n, base)]),
-                "live": pooled([r for n in names for r in simulate(mode, n, live)])}
-        sims["local"] = sims["at_speed"] = sims["live"]
-        rows.append((mode, "calibration", results, sims))
-        for name in runs:
-            sims = {"profile": pooled(simulate(mode, name, base)), "live": pooled(simulate(mode, name, live))}
-            results, local, own = [], [], []
-            for i, r in enumerate(real):
-                res = r[name]
-                res["step_speed"] = step_speed(res["trace_dir"], [res], profiled)
-                near = [r[n] for n in neighbours(seq, name) if n in r]  # none: an old run's later cluster
-                res["local_speed"] = step_speed(res["trace_dir"], near, profiled) if near else calibration_speed
-                factors = speed_factors(res["trace_dir"], near) if near else {}
-                local.extend(simulate(mode, name, at_speed(live, factors, out / f"local-{mode}-{name}-{i}.json")))
-                own.extend(simulate(mode, name, at_speed(live, speed_factors(res["trace_dir"], [res]),
-                                                           out / f"at-speed-{mode}-{name}-{i}.json")))
-                results.append(res)
-            sims["local"], sims["at_speed"] = pooled(local), pooled(own)
-            rows.append((mode, name, results, sims))
-    print(f"\nreal vs simulated, {time.strftime('%Y-%m-%d %H:%M')}, {time.monotonic() - t_start:.0f} s, "
-          f"{args.repeats} real run(s) of each scored workload (ms; real: over the requests of all its real runs; "
-          "error = (sim - real) / real; sim: the live-calibrated model, fitted on all calibration chunks (the "
-          "score); in brackets, diagnostics: that model at the step speed of the chunks next to each real run "
-          "(local), the plain profile, and the live model at each run's own step speed (at speed); runs: each "
-          "real run's own figure, the spread of the real system)")
-    print(f"{'mode':<14}{'run':<13}{'metric':<11}{'real':>9}{'sim':>9}{'error':>9}{'(local)':>10}{'(profile)':>11}"
-          f"{'(at speed)':>12}  {'runs':<22}target")
-    all_ok = True
-    for mode, name, results, sims in rows:
-        tag = " (in-sample)" if name == "calibration" else ""
-        real = pooled(results)
-        for key in ("ttft_s", "tpot_s"):
-            for stat in ("mean", "p90"):
-                a = real[key][stat]
-                e, e_local, e_profile, e_own = ((sims[k][key][stat] - a) / a
-                                                for k in ("live", "local", "profile", "at_speed"))
-                ok = abs(e) <= TARGET[stat]
-                if name != "calibration":
-                    all_ok &= ok
-                each = " ".join(f"{r[key][stat] * 1e3:.1f}" for r in results)
-                print(f"{mode:<14}{name:<13}{key[:4] + ' ' + stat:<11}{a * 1e3:>9.1f}"
-                      f"{sims['live'][key][stat] * 1e3:>9.1f}{e:>+9.1%}{e_local:>+10.1%}{e_profile:>+11.1%}"
-                      f"{e_own:>+12.1%}  {each:<22} {'ok' if ok else 'MISS'} (<= {TARGET[stat]:.0%}){tag}")
-        loads = [r["other_load_cores"] for r in results]
-        print(f"{'':<27}other load during the runs: {', '.join(f'{x:.2f}' for x in loads)} cores; "
-              f"{sum(r['completed'] for r in results)}/{sum(r['num_sent'] for r in results)} completed")
-        speeds = "; ".join(f"{role} " + " ".join(f"x{r['step_speed'][role]:.2f}" for r in results)
-                           for role in results[0]["step_speed"])
-        print(f"{'':<27}engine steps, live / profiled, per run: {speeds}")
-        if "local_speed" in results[0]:
-            speeds = "; ".join(f"{role} " + " ".join(f"x{r['local_speed'][role]:.2f}" for r in results)
-                               for role in results[0]["local_speed"])
-            print(f"{'':<27}  in the calibration chunks next to each: {speeds}; all calibration chunks: "
-                  + "; ".join(f"{role} x{v:.2f}" for role, v in calibration_speed_of[mode].items()))
-        if max(loads) > BUSY_NEIGHBOUR_CORES:
-            print(f"{'':<27}WARNING: other processes used the machine during this run: its real latencies "
-                  "are not the cluster's alone (rerun on an idle machine)")
-    print("all scored runs within target" if all_ok else "some scored figures miss the target (see MISS)")
+        mode_rows, calibration_speed_of[mode] = score(mode, out, base, seq, runs, real)
+        rows += mode_rows
+    report(rows, calibration_speed_of, args.repeats, time.monotonic() - t_start)
     return 0
 
 

@@ -53,7 +53,7 @@ class StepOverhead:
     jitter: float = 0.0  # log standard deviation of a step's time around the model
 
     def __post_init__(self) -> None:
-        if not self.scale > 0 or self.gap_s < 0 or self.gap_per_output_s < 0 or self.join_s < 0 or self.jitter < 0 or \
+        if not self.scale > 0 or min(self.gap_s, self.gap_per_output_s, self.join_s, self.jitter) < 0 or \
                 any(s is not None and not s > 0 for s in (self.scale_contended, self.prefill_scale)):
             raise ValueError(f"step overhead needs scales > 0 and gaps, join and jitter >= 0, got {self}")
 

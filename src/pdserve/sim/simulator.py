@@ -26,9 +26,9 @@ Two speed-ups, both measured against the plain mode (docs/sim.md):
 from __future__ import annotations
 
 import heapq
-import random
 import logging
 import math
+import random
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
