@@ -321,6 +321,16 @@ def test_a_message_that_waited_for_a_step_is_not_counted_as_idle():
     assert w.is_idle_between(0.99, 1.0)  # read by the iteration that then ran the step
 
 
+def _fit_one_colocated_worker(trace_dir, steps: list[dict], benches: list[dict]):
+    """``fit_live`` on one colocated worker's ``steps`` and a frontend with one submit per bench run (at
+    its clock origin), traced into ``trace_dir``."""
+    submits = [{"ev": "submit", "rid": f"r{i}", "t": b["clock_origin_s"], "n": 16} for i, b in enumerate(benches)]
+    for name, role, events in (("worker", "both", steps), ("frontend", "frontend", submits)):
+        lines = [{"ev": "start", "role": role, "t": 0.0}, *events]
+        (trace_dir / f"{name}.jsonl").write_text("\n".join(json.dumps(e) for e in lines) + "\n")
+    return fit_live(trace_dir, benches, CalibratedPerfModel([STEP_S, 0, 0, 0, 0]))
+
+
 def test_one_worker_over_several_windows_does_not_contend_with_itself(tmp_path):
     """A colocated worker traced over two calibration runs: one process, so no contention term."""
     steps, benches = [], []
@@ -329,12 +339,7 @@ def test_one_worker_over_several_windows_does_not_contend_with_itself(tmp_path):
                    "x": t0 + i * 0.02 + 0.012, "busy": True, "chunks": [[16 + i, 1, 1]], "n_out": 1} for i in range(5)]
         benches.append({"clock_origin_s": t0, "duration_s": 0.2,
                         "requests": [{"send_s": 0.0, "ttft_s": 0.01, "input_len": 16}]})
-    (tmp_path / "worker.jsonl").write_text("\n".join(json.dumps(e) for e in [{"ev": "start", "role": "both", "t": 0.0},
-                                                                              *steps]) + "\n")
-    (tmp_path / "frontend.jsonl").write_text("\n".join(json.dumps(e) for e in [
-        {"ev": "start", "role": "frontend", "t": 0.0}, {"ev": "submit", "rid": "a", "t": 100.0, "n": 16},
-        {"ev": "submit", "rid": "b", "t": 200.0, "n": 16}]) + "\n")
-    fit = fit_live(tmp_path, benches, CalibratedPerfModel([STEP_S, 0, 0, 0, 0]))
+    fit = _fit_one_colocated_worker(tmp_path, steps, benches)
     assert fit.overheads.steps["both"].scale_contended is None and fit.stats["contention"] == 0.0
     assert fit.stats["both_steps"]["count"] == 10 and fit.stats["both_steps"]["gap_ms"]["n"] == 8
 
@@ -353,12 +358,7 @@ def test_fit_live_measures_step_jitter_within_each_window(tmp_path):
             t += dt + 0.001
         benches.append({"clock_origin_s": t0, "duration_s": t - t0,
                         "requests": [{"send_s": 0.0, "ttft_s": 0.01, "input_len": 16}]})
-    (tmp_path / "worker.jsonl").write_text("\n".join(json.dumps(e) for e in [{"ev": "start", "role": "both", "t": 0.0},
-                                                                              *steps]) + "\n")
-    (tmp_path / "frontend.jsonl").write_text("\n".join(json.dumps(e) for e in [
-        {"ev": "start", "role": "frontend", "t": 0.0}, {"ev": "submit", "rid": "a", "t": 100.0, "n": 16},
-        {"ev": "submit", "rid": "b", "t": 200.0, "n": 16}]) + "\n")
-    fit = fit_live(tmp_path, benches, CalibratedPerfModel([STEP_S, 0, 0, 0, 0]))
+    fit = _fit_one_colocated_worker(tmp_path, steps, benches)
     assert fit.overheads.steps["both"].jitter == pytest.approx(0.12, rel=0.08)
 
 
