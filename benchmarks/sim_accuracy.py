@@ -270,8 +270,7 @@ def score(mode: str, out: Path, base: str, seq: list[str], runs: list[str], real
     profiled = CalibratedPerfModel.load(base)
     calibration_speed = step_speed(trace_dirs, calibrations, profiled)
 
-    def speed_factors(trace_dir: str, results: list[dict]) -> dict[str, float]:
-        speed = step_speed(trace_dir, results, profiled)
+    def relative(speed: dict[str, float]) -> dict[str, float]:
         return {role: speed[role] / calibration_speed[role] for role in calibration_speed if role in speed}
 
     # The in-sample row: every calibration chunk, against the simulation of each.
@@ -291,9 +290,9 @@ def score(mode: str, out: Path, base: str, seq: list[str], runs: list[str], real
             res["step_speed"] = step_speed(res["trace_dir"], [res], profiled)
             near = [r[n] for n in neighbours(seq, name) if n in r]  # none: an old run's later cluster
             res["local_speed"] = step_speed(res["trace_dir"], near, profiled) if near else calibration_speed
-            factors = speed_factors(res["trace_dir"], near) if near else {}
-            local.extend(simulate(mode, name, at_speed(live, factors, out / f"local-{mode}-{name}-{i}.json")))
-            own.extend(simulate(mode, name, at_speed(live, speed_factors(res["trace_dir"], [res]),
+            local.extend(simulate(mode, name, at_speed(live, relative(res["local_speed"]),
+                                                         out / f"local-{mode}-{name}-{i}.json")))
+            own.extend(simulate(mode, name, at_speed(live, relative(res["step_speed"]),
                                                        out / f"at-speed-{mode}-{name}-{i}.json")))
             results.append(res)
         sims["local"], sims["at_speed"] = pooled(local), pooled(own)
