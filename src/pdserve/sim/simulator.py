@@ -110,8 +110,6 @@ class Simulator:
         # Jittered steps are drawn one by one (each instance its own seeded stream).
         self._is_jittered = any(i.step_overhead is not None and i.step_overhead.jitter for i in self.instances)
         self._fast_forward = self.options.fast_forward and not self._is_contention_sensitive and not self._is_jittered
-        self._rngs = {id(inst): random.Random(f"{self.options.seed}/{inst.role}/{inst.index}")
-                      for inst in self.instances}
 
     # -- public ----------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -319,7 +317,7 @@ class Simulator:
             dt = inst.step_overhead.time_s(dt, shape.num_samples, self._is_contended(inst),
                                            inst.perf.prefill_part_s(shape) if shape.num_prefill_tokens else 0.0,
                                            sum(1 for c in out.chunks if _is_first_decode(c)),
-                                           inst.step_overhead.noise_factor(self._rngs[id(inst)]))
+                                           inst.step_overhead.noise_factor(inst.rng))
         inst.busy = True
         inst.step_start = now
         inst.num_steps += 1
@@ -470,6 +468,7 @@ class Simulator:
                           self.max_model_len) for i in range(pool.instances)]
         for inst in insts:
             inst.step_overhead = base.overheads.step(role) if base.overheads is not None else None
+            inst.rng = random.Random(f"{self.options.seed}/{role}/{inst.index}")  # its steps' jitter draws
         return insts
 
     def _kv_link_is_inter(self) -> bool:
