@@ -132,11 +132,11 @@ def test_fit_scales_recovers_contention():
         pred = rng.uniform(0.01, 0.5, 200)
         contended = (rng.random(200) < 0.5).astype(float)
         live = scale * pred * (1 + 0.3 * contended)
-        samples[role] = (live, pred, contended, pred * (role == "prefill"), False)
+        samples[role] = (live, pred, contended, pred * (role == "prefill"), np.zeros(200), False)
     c, scales = _fit_scales(samples)
     assert c == pytest.approx(0.3, abs=0.005)
-    assert scales["prefill"] == (pytest.approx(1.2, rel=0.01), None)
-    assert scales["decode"] == (pytest.approx(0.9, rel=0.01), None)
+    assert scales["prefill"] == (pytest.approx(1.2, rel=0.01), None, pytest.approx(0.0, abs=1e-6), 0.0)
+    assert scales["decode"] == (pytest.approx(0.9, rel=0.01), None, pytest.approx(0.0, abs=1e-6), 0.0)
 
 
 def test_colocated_steps_get_a_scale_for_their_prefill_part():
@@ -144,8 +144,8 @@ def test_colocated_steps_get_a_scale_for_their_prefill_part():
     rest = rng.uniform(0.03, 0.08, 300)
     prefill = np.where(rng.random(300) < 0.3, rng.uniform(0.05, 1.0, 300), 0.0)
     live = 0.9 * rest + 1.15 * prefill
-    c, scales = _fit_scales({"both": (live, rest + prefill, np.zeros(300), prefill, True)}, [0.0])
-    assert c == 0.0 and scales["both"] == (pytest.approx(0.9), pytest.approx(1.15))
+    c, scales = _fit_scales({"both": (live, rest + prefill, np.zeros(300), prefill, np.zeros(300), True)}, [0.0])
+    assert c == 0.0 and scales["both"] == (pytest.approx(0.9), pytest.approx(1.15), 0.0, 0.0)
     step = StepOverhead(0.9, 0.001, 0.0, prefill_scale=1.15)
     assert step.time_s(0.5, 1, prefill_part_s=0.3) == pytest.approx(0.9 * 0.2 + 1.15 * 0.3 + 0.001)
 
@@ -246,7 +246,7 @@ def test_a_request_first_decode_step_costs_its_join(tmp_path, cluster):
             assert joined["ttft_s"] == pytest.approx(plain["ttft_s"], abs=1e-12)
             assert joined["e2e_s"] == pytest.approx(plain["e2e_s"] + 0.003, abs=1e-12)
     assert runs[0.003, True] == runs[0.003, False]
-    with pytest.raises(ValueError, match="join and jitter >= 0"):
+    with pytest.raises(ValueError, match="join, jitter, fixed and cold >= 0"):
         StepOverhead(1.0, join_s=-1e-3)
 
 
@@ -379,3 +379,35 @@ def test_step_jitter_keeps_the_mean_and_is_seeded(tmp_path):
     assert a["tpot_s"]["max"] > plain["tpot_s"]["max"]
     with pytest.raises(ValueError, match="jitter"):
         StepOverhead(1.0, jitter=-0.1)
+
+
+def test_fit_scales_separates_a_fixed_and_a_cold_cost_where_the_steps_tell_them_apart():
+    """A prefill worker's steps of many sizes, cold and warm, give a scale, a fixed cost per step and a
+    cold cost; decode steps of nearly one size cannot tell a fixed cost from the scale: a scale alone
+    (the ratio of sums, so their total time is kept)."""
+    rng = np.random.default_rng(2)
+    pred = rng.uniform(0.04, 2.0, 300)
+    cold = (rng.random(300) < 0.6).astype(float)
+    prefill = (1.05 * pred + 0.012 + 0.015 * cold, pred, np.zeros(300), pred, cold, False)
+    dpred = rng.uniform(0.025, 0.04, 300)
+    decode = (1.1 * dpred + 0.005, dpred, np.zeros(300), np.zeros(300), np.zeros(300), False)
+    _, fits = _fit_scales({"prefill": prefill, "decode": decode}, [0.0])
+    assert fits["prefill"] == pytest.approx((1.05, None, 0.012, 0.015))
+    assert fits["decode"] == (pytest.approx(decode[0].sum() / dpred.sum()), None, 0.0, 0.0)
+
+
+def test_a_step_after_an_idle_spell_costs_cold_and_every_step_its_fixed_cost(tmp_path):
+    """``cold_s`` lands on the first step after the worker sat idle (each request's prompt here), not on
+    back-to-back steps; ``fixed_s`` on every step; with and without fast-forward."""
+    oh = Overheads(steps={"both": StepOverhead(1.0, fixed_s=0.002, cold_s=0.005)})
+    path = _model_file(tmp_path, oh)
+    items = [WorkItem(0, 0.0, 16, 3), WorkItem(1, 0.5, 16, 3)]
+    runs = [_by_index(Simulator(_colocated(), items, SimOptions(perf_model=path, num_blocks=64,
+                                                                fast_forward=ff)).run()) for ff in (False, True)]
+    assert runs[0] == runs[1]
+    for i in (0, 1):
+        assert runs[0][i]["ttft_s"] == pytest.approx(STEP_S + 0.002 + 0.005, abs=1e-12)
+        assert runs[0][i]["e2e_s"] == pytest.approx(STEP_S + 0.007 + 2 * (STEP_S + 0.002), abs=1e-12)
+    step = StepOverhead(1.0, join_s=0.003, cold_s=0.005)
+    assert step.time_s(STEP_S, 1, cold=True) == pytest.approx(STEP_S + 0.005)
+    assert step.time_s(STEP_S, 1, cold=True, num_joining=1) == pytest.approx(STEP_S + 0.003)  # join_s has it

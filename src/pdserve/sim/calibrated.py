@@ -113,7 +113,7 @@ def fit(shapes: list[BatchShape], times_s: list[float]) -> tuple[CalibratedPerfM
     best: tuple[float, int, np.ndarray] | None = None
     for knee in DECODE_KNEES:
         x = np.array([s.features(knee) for s in shapes], dtype=float)
-        coef = _nnls(x * w[:, None], y * w)
+        coef = nnls(x * w[:, None], y * w)
         err = float((((x @ coef) - y) * w) @ (((x @ coef) - y) * w))
         if best is None or err < best[0] * (1 - 1e-9):
             best = (err, knee, coef)
@@ -126,7 +126,7 @@ def fit(shapes: list[BatchShape], times_s: list[float]) -> tuple[CalibratedPerfM
     return CalibratedPerfModel(coef.tolist(), {"fit": stats}, decode_knee=knee), stats
 
 
-def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Least squares with coefficients >= 0 (active set: drop the most negative one, refit)."""
     active = list(range(x.shape[1]))
     coef = np.zeros(x.shape[1])

@@ -10,6 +10,7 @@ from pdserve.engine.kv_manager import KVCacheManager
 from pdserve.engine.scheduler import Scheduler
 from pdserve.sim.cluster import PoolSpec
 from pdserve.sim.hardware import Hardware
+from pdserve.sim.overheads import COLD_IDLE_S
 from pdserve.sim.perf_model import PerfModel
 from pdserve.sim.requests import SimRequest
 
@@ -40,6 +41,7 @@ class Instance:
         self.busy = False
         self.version = 0
         self.step_start = 0.0
+        self.idle_since = -float("inf")  # when the last step ended
         self.window: tuple[float, list[float], list[SimRequest]] | None = None
         self.window_limit = 8  # steps the next fast-forward window may cover
         self.link_free_s = 0.0
@@ -50,6 +52,10 @@ class Instance:
         self.num_steps = 0
         self.busy_s = 0.0
         self.prefill_busy_s = 0.0
+
+    def is_cold(self, now: float) -> bool:
+        """Whether a step starting at ``now`` follows an idle spell (``overheads.COLD_IDLE_S``)."""
+        return now - self.idle_since >= COLD_IDLE_S
 
     # -- the view routing policies read (as router.instances.InstanceView) ----------------------------
     @property

@@ -21,6 +21,12 @@ latencies add up in the simulator:
   cores share memory bandwidth and caches), chosen on a grid to minimise the squared error over every
   step of every role; for each candidate, ``scale[role]`` keeps the role's total live time (ratio of
   sums). With one worker, ``contention`` is 0. ``scale_contended`` = ``scale`` x (1 + ``contention``).
+  Where a role's steps tell them apart from the scale, two more terms join it, by non-negative least
+  squares: ``fixed_s`` per step (the steps' profiled times, 10th to 90th percentile, span
+  ``FIXED_MIN_SPAN``: a prefill worker serving prompts of many lengths) and ``cold_s`` per step that
+  starts ``overheads.COLD_IDLE_S`` or more after the worker's previous step (cold and warm steps each
+  at least ``COLD_MIN_SHARE`` of them; a step in which a request takes its first decode is not counted
+  cold: ``join_s`` has that case, as the simulator applies it).
   A role whose steps mix prefill and decode work (``both``), each at least ``MIN_PART`` of the profiled
   time, gets two scales instead, by least squares: ``prefill_scale`` for the prefill part of a step
   (``PerfModel.prefill_part_s``) and ``scale`` for the rest (a colocated worker's two threads are
@@ -45,11 +51,12 @@ from bisect import bisect_left, bisect_right
 from collections import namedtuple
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from pdserve.sim.calibrated import CalibratedPerfModel
-from pdserve.sim.overheads import ROLES, Overheads, StepOverhead
+from pdserve.sim.calibrated import CalibratedPerfModel, nnls
+from pdserve.sim.overheads import COLD_IDLE_S, ROLES, Overheads, StepOverhead
 from pdserve.sim.perf_model import BatchShape
 from pdserve.worker.trace import read_trace
 
@@ -57,6 +64,8 @@ _Chunk = namedtuple("_Chunk", "start num_tokens samples")
 MATCH_WINDOW_S = 1.0  # a client send and its frontend submit are at most this far apart
 CONTENTION_GRID = np.linspace(0.0, 1.0, 201)
 MIN_PART = 0.1  # share of profiled step time the prefill part and the rest each need for two scales
+FIXED_MIN_SPAN = 3.0  # a fixed cost per step is fitted where step sizes (10th-90th percentile) span this
+COLD_MIN_SHARE = 0.1  # and a cold-step cost where cold and warm steps are each this share of the steps
 
 
 @dataclass
@@ -158,7 +167,7 @@ def fit_live(trace_dirs: TraceDirs, bench_results: list[dict], base: CalibratedP
         ws = [w for w in workers if w.role == role]
         if not any(w.steps for w in ws):
             continue
-        live, pred, prefill, contended, gaps, outs, joins, segment = [], [], [], [], [], [], [], []
+        live, pred, prefill, contended, cold, gaps, outs, joins, segment = [], [], [], [], [], [], [], [], []
         for k, w in enumerate(ws):
             others = [o for o in workers if w.shares_host_with(o)]
             firsts = sorted(e["t"] for e in w.events if e["ev"] == "first")
@@ -171,12 +180,13 @@ def fit_live(trace_dirs: TraceDirs, bench_results: list[dict], base: CalibratedP
                 pred.append(base.step_time_s(shape))
                 prefill.append(base.prefill_part_s(shape))
                 contended.append(any(o.is_stepping_at(s["s"]) for o in others))
+                cold.append(s["s"] - after >= COLD_IDLE_S and not joins[-1])  # else join_s has it
                 nxt = w.steps[i + 1] if i + 1 < len(w.steps) else None
                 if nxt is not None and s.get("busy") and nxt["t"] >= s["x"]:
                     gaps.append(nxt["s"] - s["e"])
                     outs.append(shape.num_samples)
         samples[role] = (np.array(live), np.array(pred), np.array(contended, dtype=float), np.array(prefill),
-                         role == "both")
+                         np.array(cold, dtype=float), role == "both")
         join_counts[role] = np.array(joins, dtype=float)
         segments[role] = np.array(segment)
         gap_fits[role] = _fit_gap(outs, gaps)
@@ -184,7 +194,8 @@ def fit_live(trace_dirs: TraceDirs, bench_results: list[dict], base: CalibratedP
         stats[f"{role}_steps"] = {"count": len(live), "live_ms": _ms(live), "profiled_ms": _ms(pred),
                                   "num_contended": int(sum(contended)), "gap_ms": _ms(gaps),
                                   "busy_fraction": sum(live) / span if span else 0.0,
-                                  "num_joins": int(sum(joins)), "num_join_steps": sum(1 for j in joins if j)}
+                                  "num_joins": int(sum(joins)), "num_join_steps": sum(1 for j in joins if j),
+                                  "num_cold": int(sum(cold))}
     shared = any(w.shares_host_with(o) for w in workers for o in workers)  # a host with 2+ workers
     grid = CONTENTION_GRID if shared else [0.0]
     contention, scales = _fit_scales(samples, grid)
@@ -195,9 +206,10 @@ def fit_live(trace_dirs: TraceDirs, bench_results: list[dict], base: CalibratedP
     stats["contention"] = contention
     jitter = {role: _fit_jitter(samples[role], join_counts[role], segments[role], scales[role], contention, join[role])
               for role in samples}
-    steps = {role: StepOverhead(scales[role][0], *gap_fits[role],
-                                scales[role][0] * (1 + contention) if shared else None, scales[role][1],
-                                join[role], jitter[role])
+    steps = {role: StepOverhead(scales[role].scale, *gap_fits[role],
+                                scales[role].scale * (1 + contention) if shared else None,
+                                scales[role].prefill_scale, join[role], jitter[role], scales[role].fixed,
+                                scales[role].cold)
              for role in samples}
     reservation = _mean(forward) if forward else 2 * _mean(to_worker)
     overheads = Overheads(admission_s=admission, return_s=_mean(back), reservation_s=reservation,
@@ -259,6 +271,11 @@ def format_fit(fit: LiveFit) -> str:
         if s.scale_contended is not None:
             lines.append(f"{'  while another worker steps':<34}{'x' + format(s.scale_contended, '.3f'):>12}   "
                          f"n={r['num_contended']} (contention +{st['contention']:.1%})")
+        if s.fixed_s:
+            lines.append(f"{'  fixed, per step':<34}{s.fixed_s * 1e3:>9.2f} ms")
+        if s.cold_s:
+            lines.append(f"{'  per step after an idle spell':<34}{s.cold_s * 1e3:>9.2f} ms   "
+                         f"{r['num_cold']} cold steps")
         if s.join_s:
             lines.append(f"{'  per request joining (1st decode)':<34}{s.join_s * 1e3:>9.2f} ms   "
                          f"{r['num_joins']} joins in {r['num_join_steps']} steps")
@@ -356,42 +373,77 @@ def _shape(step: dict) -> BatchShape:
     return BatchShape.from_chunks(_Chunk(*c) for c in step["chunks"])
 
 
-def _fit_scales(samples: dict, grid=CONTENTION_GRID) -> tuple[float, dict[str, tuple[float, float | None]]]:
-    """(contention, (scale, prefill scale or None) per role): see the module doc. ``samples[role]``:
-    live and profiled step times, contended (0/1), the profiled prefill part, whether to split."""
+class _StepFit(NamedTuple):
+    """A role's fitted step model (before join and jitter): live ~ ``scale`` x rest + ``prefill_scale``
+    (None: ``scale``) x prefill part + ``fixed`` + ``cold`` if the step is cold."""
+
+    scale: float
+    prefill_scale: float | None = None
+    fixed: float = 0.0
+    cold: float = 0.0
+
+    def model(self, x: np.ndarray, xp: np.ndarray, cold: np.ndarray) -> np.ndarray:
+        """Modelled live step times of profiled times ``x``, their prefill parts ``xp``, cold flags."""
+        prefill_scale = self.scale if self.prefill_scale is None else self.prefill_scale
+        return self.scale * (x - xp) + prefill_scale * xp + self.fixed + self.cold * cold
+
+
+def _fit_scales(samples: dict, grid=CONTENTION_GRID) -> tuple[float, dict[str, _StepFit]]:
+    """(contention, ``_StepFit`` per role): see the module doc. ``samples[role]``: live and profiled step
+    times, contended (0/1), the profiled prefill part, cold (0/1), whether to split."""
     best = None
     for c in grid:
-        scales, sse = {}, 0.0
-        for role, (live, pred, contended, prefill, may_split) in samples.items():
+        fits, sse = {}, 0.0
+        for role, (live, pred, contended, prefill, cold, may_split) in samples.items():
             x, xp = _contended(pred, prefill, contended, c)
             split = may_split and MIN_PART <= xp.sum() / max(x.sum(), 1e-12) <= 1 - MIN_PART
             fit = _two_scales(live, x - xp, xp) if split else None
             if fit is None:
-                fit = (float(live.sum() / x.sum()) if x.sum() > 0 else 1.0, None)
-            scales[role] = fit
-            sse += float(((live - _scaled(x, xp, fit)) ** 2).sum())
+                fit = _scale_fixed_cold(live, x, cold)
+            fits[role] = fit
+            sse += float(((live - fit.model(x, xp, cold)) ** 2).sum())
         if best is None or sse < best[0]:
-            best = (sse, float(c), scales)
+            best = (sse, float(c), fits)
     return best[1], best[2]
 
 
-def _fit_join(sample: tuple, joins: np.ndarray, scale: tuple[float, float | None], contention: float) -> float:
+def _scale_fixed_cold(live: np.ndarray, x: np.ndarray, cold: np.ndarray) -> _StepFit:
+    """live ~ scale x ``x`` (+ fixed, + cold x ``cold``, each only where the steps can tell it from the
+    scale: sizes spanning ``FIXED_MIN_SPAN``, cold and warm steps each ``COLD_MIN_SHARE`` of them), by
+    non-negative least squares; with neither, the ratio of sums (the role's total time kept)."""
+    if not x.sum() > 0:
+        return _StepFit(1.0)
+    columns = {"scale": x}
+    lo, hi = np.percentile(x, [10, 90])
+    if lo > 0 and hi / lo >= FIXED_MIN_SPAN:
+        columns["fixed"] = np.ones_like(x)
+    if COLD_MIN_SHARE <= cold.mean() <= 1 - COLD_MIN_SHARE:
+        columns["cold"] = cold
+    if len(columns) == 1:
+        return _StepFit(float(live.sum() / x.sum()))
+    coef = dict(zip(columns, nnls(np.stack(list(columns.values()), axis=1), live), strict=True))
+    if not coef["scale"] > 0:
+        return _StepFit(float(live.sum() / x.sum()))
+    return _StepFit(float(coef["scale"]), None, float(coef.get("fixed", 0.0)), float(coef.get("cold", 0.0)))
+
+
+def _fit_join(sample: tuple, joins: np.ndarray, fit: _StepFit, contention: float) -> float:
     """Seconds per request taking its first decode in a step: least squares (with an intercept) of the
-    steps' residuals under ``scale`` and ``contention`` on the number of such requests, >= 0."""
-    live, pred, contended, prefill, _ = sample
+    steps' residuals under ``fit`` and ``contention`` on the number of such requests, >= 0."""
+    live, pred, contended, prefill, cold, _ = sample
     if not joins.any() or joins.all():
         return 0.0
-    residual = live - _scaled(*_contended(pred, prefill, contended, contention), scale)
+    residual = live - fit.model(*_contended(pred, prefill, contended, contention), cold)
     slope = np.linalg.lstsq(np.stack([np.ones_like(joins), joins], axis=1), residual, rcond=None)[0][1]
     return max(0.0, float(slope))
 
 
-def _fit_jitter(sample: tuple, joins: np.ndarray, segment: np.ndarray, scale: tuple[float, float | None],
+def _fit_jitter(sample: tuple, joins: np.ndarray, segment: np.ndarray, fit: _StepFit,
                 contention: float, join: float) -> float:
     """The standard deviation of log(live / modelled) step time, each worker window's mean taken out (the
     host's slower drift between runs is not a step's jitter)."""
-    live, pred, prefill, contended, _ = sample
-    model = _scaled(*_contended(pred, prefill, contended, contention), scale) + join * joins
+    live, pred, contended, prefill, cold, _ = sample
+    model = fit.model(*_contended(pred, prefill, contended, contention), cold) + join * joins
     ok = (live > 0) & (model > 0)
     r, seg = np.log(live[ok] / model[ok]), segment[ok]
     groups = np.unique(seg)
@@ -408,15 +460,10 @@ def _contended(pred: np.ndarray, prefill: np.ndarray, contended: np.ndarray, c: 
     return pred * factor, prefill * factor
 
 
-def _scaled(x: np.ndarray, xp: np.ndarray, scale: tuple[float, float | None]) -> np.ndarray:
-    """Modelled live step times: ``scale`` = (for the rest, for the prefill part or None: the same)."""
-    return scale[0] * (x - xp) + (scale[0] if scale[1] is None else scale[1]) * xp
-
-
-def _two_scales(live: np.ndarray, rest: np.ndarray, prefill: np.ndarray) -> tuple[float, float] | None:
+def _two_scales(live: np.ndarray, rest: np.ndarray, prefill: np.ndarray) -> _StepFit | None:
     """Least squares live ~ a x rest + b x prefill, both > 0; None if either comes out <= 0."""
     a, b = np.linalg.lstsq(np.stack([rest, prefill], axis=1), live, rcond=None)[0]
-    return (float(a), float(b)) if a > 0 and b > 0 else None
+    return _StepFit(float(a), float(b)) if a > 0 and b > 0 else None
 
 
 def _fit_kv(tokens: list[int], seconds: list[float]) -> tuple[float, float]:

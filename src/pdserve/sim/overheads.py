@@ -21,6 +21,11 @@ simulator applies them:
   prefill part of a step (``PerfModel.prefill_part_s``) may have its own ``prefill_scale``; and
   ``join_s`` per request that takes its first decode in the step (its first token has just gone to the
   frontend, whose work on it — and the client's — shares the cores with that step: measured here 3-6 ms);
+  ``fixed_s`` per step (time a live step spends beyond its profiled batch whatever its size; fitted only
+  where the calibration's steps span sizes enough to tell it from the scale) and ``cold_s`` per step that
+  starts after the worker sat idle for ``COLD_IDLE_S`` or more (caches and TLBs refilled after other
+  processes ran: measured in process, one core, a 100-300-token prefill after 1 s idle took 8-14 ms
+  more than back to back), unless a request takes its first decode in it (``join_s`` has that case);
   and ``jitter``: the spread of live step times around all that (the standard deviation of their
   logarithm; the host's hiccups, measured here 0.1-0.18): the simulator multiplies each step's time by
   a log-normal draw of mean 1 (seeded: ``SimOptions.seed``), so queueing tails see the spread that a
@@ -35,14 +40,15 @@ import random
 from dataclasses import asdict, dataclass, field
 
 ROLES = ("prefill", "decode", "both")
+COLD_IDLE_S = 0.05  # a step that starts this long or more after the worker's previous one ended is cold
 
 
 @dataclass(frozen=True)
 class StepOverhead:
     """One worker role's live step: ``scale`` (``scale_contended`` when another worker of the host is in
-    a step) x profiled + ``gap_s`` + ``gap_per_output_s`` x outputs + ``join_s`` x requests taking their
-    first decode; the step part (all but the gaps) times a log-normal factor of mean 1 and log standard
-    deviation ``jitter``."""
+    a step) x profiled + ``fixed_s`` + ``cold_s`` if the step is cold (see ``COLD_IDLE_S``) + ``join_s`` x
+    requests taking their first decode + ``gap_s`` + ``gap_per_output_s`` x outputs; the step part (all
+    but the gaps) times a log-normal factor of mean 1 and log standard deviation ``jitter``."""
 
     scale: float = 1.0
     gap_s: float = 0.0
@@ -51,25 +57,30 @@ class StepOverhead:
     prefill_scale: float | None = None  # for the prefill part of a step; None: as ``scale``
     join_s: float = 0.0  # per request whose first decode is in the step
     jitter: float = 0.0  # log standard deviation of a step's time around the model
+    fixed_s: float = 0.0  # per step
+    cold_s: float = 0.0  # per step after the worker sat idle (COLD_IDLE_S)
 
     def __post_init__(self) -> None:
-        if not self.scale > 0 or min(self.gap_s, self.gap_per_output_s, self.join_s, self.jitter) < 0 or \
+        if not self.scale > 0 or \
+                min(self.gap_s, self.gap_per_output_s, self.join_s, self.jitter, self.fixed_s, self.cold_s) < 0 or \
                 any(s is not None and not s > 0 for s in (self.scale_contended, self.prefill_scale)):
-            raise ValueError(f"step overhead needs scales > 0 and gaps, join and jitter >= 0, got {self}")
+            raise ValueError(f"step overhead needs scales > 0 and gaps, join, jitter, fixed and cold >= 0, "
+                             f"got {self}")
 
     @property
     def is_contention_sensitive(self) -> bool:
         return self.scale_contended is not None and self.scale_contended != self.scale
 
     def time_s(self, profiled_s: float, num_outputs: int, contended: bool = False, prefill_part_s: float = 0.0,
-               num_joining: int = 0, noise: float = 1.0) -> float:
+               num_joining: int = 0, noise: float = 1.0, cold: bool = False) -> float:
         """The live time of a (non-empty) step the profiled model gives ``profiled_s``, of which
         ``prefill_part_s`` for its prefill tokens, with ``num_joining`` requests taking their first decode;
-        ``noise``: this step's jitter factor (``noise_factor``)."""
+        ``noise``: this step's jitter factor (``noise_factor``); ``cold``: the worker was idle before it."""
         factor = self.scale_contended / self.scale if contended and self.scale_contended is not None else 1.0
         rest = self.scale * (profiled_s - prefill_part_s)
         prefill = (self.scale if self.prefill_scale is None else self.prefill_scale) * prefill_part_s
-        step = factor * (rest + prefill) + self.join_s * num_joining
+        cold_s = self.cold_s if cold and not num_joining else 0.0
+        step = factor * (rest + prefill) + self.fixed_s + cold_s + self.join_s * num_joining
         return noise * step + self.gap_s + self.gap_per_output_s * num_outputs
 
     def noise_factor(self, rng: random.Random) -> float:

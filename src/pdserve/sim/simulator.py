@@ -227,6 +227,7 @@ class Simulator:
                 self._push(now + delay, _MESSAGE, (flight.prefill, "reservation", rid))
             inst.outbox.clear()
         inst.busy = False
+        inst.idle_since = now
         if inst.inbox:
             inbox, inst.inbox = inst.inbox, []
             for kind, rid in inbox:
@@ -317,7 +318,7 @@ class Simulator:
             dt = inst.step_overhead.time_s(dt, shape.num_samples, self._is_contended(inst),
                                            inst.perf.prefill_part_s(shape) if shape.num_prefill_tokens else 0.0,
                                            sum(1 for c in out.chunks if _is_first_decode(c)),
-                                           inst.step_overhead.noise_factor(inst.rng))
+                                           inst.step_overhead.noise_factor(inst.rng), inst.is_cold(now))
         inst.busy = True
         inst.step_start = now
         inst.num_steps += 1
@@ -335,6 +336,8 @@ class Simulator:
         if inst.step_overhead is not None and inst.step_overhead.join_s and \
                 any(r.num_computed_tokens == r.num_prompt_tokens for r in running):
             return False  # a request's first decode costs a join: stepped on its own
+        if inst.step_overhead is not None and inst.step_overhead.cold_s and inst.is_cold(now):
+            return False  # so does the first step after an idle spell
         k = inst.window_limit  # adaptive: doubles after a full window, shrinks after a cut one
         ctx = longest = 0
         max_len = self.max_model_len
