@@ -6,7 +6,8 @@ For each mode (colocated, disaggregated):
    (disaggregated: one core each; colocated: one worker on all cores) — skipped with ``--perf-model``;
 2. ``pdserve up --trace-dir`` starts the real cluster (default model, dummy weights) with event traces;
 3. ``pdserve bench`` sends a warm-up, then, in turn, a *calibration chunk* (20 requests of its own
-   workload and seed) before each *scored* run (a Poisson run, a trace replay: a slice of the Azure code
+   workload and seed: prompts of 16-1,024 tokens in bursty arrivals, so that the fit sees lone and
+   back-to-back steps of every size) before each *scored* run (a Poisson run, a trace replay: a slice of the Azure code
    trace, lengths scaled) and one after the last: the calibration brackets the scored runs in time;
    2-3 again on a fresh cluster for each ``--repeats``;
 4. ``pdserve profile --live`` fits the live overheads (sim/overheads.py) from the calibration chunks'
@@ -32,9 +33,9 @@ is scored against the figure over the requests of all real runs, and each run's 
 beside it: the spread against which the simulator's errors should be read (about 6 minutes per mode
 and extra run; ~26 minutes in all with the defaults).
 
-``--rescore`` re-scores a finished out-dir in seconds with today's simulator and fit; out-dirs from
-before 2026-11-30 (one 60-request calibration run before the scored ones, on the first cluster or on
-each) are read as they are.
+``--rescore`` re-scores a finished out-dir in seconds with today's simulator and fit; out-dirs of older
+protocols (one 60-request calibration run before the scored ones, before 2026-11-30; chunks of 64-512
+tokens in Poisson arrivals, until 2026-11-30 11:00 UTC) are read as they are.
 
 Usage: python benchmarks/sim_accuracy.py [--modes colocated,disaggregated] [--out-dir DIR]
        [--perf-model MODE=FILE ...] [--runs poisson,trace] [--repeats 2] [--port 8123] [--rescore]
@@ -76,15 +77,24 @@ BUSY_NEIGHBOUR_CORES = 0.2  # other load above this: the real run measured a sha
 JITTER_SEEDS = range(4)  # simulations per workload when the live fit has step jitter
 
 # name -> pdserve bench workload flags. The calibration chunks differ from the scored runs in lengths,
-# rate and seed; only their traces are fitted. A cluster runs one chunk before each scored run and one
-# after the last (``sequence``): the calibration brackets every scored run in time.
-CALIBRATION = ["--dataset", "random", "--input-len-range", "64,512", "--output-len-range", "16,64",
-               "--rate", "0.4"]
+# arrivals and seed; only their traces are fitted. A cluster runs one chunk before each scored run and
+# one after the last (``sequence``): the calibration brackets every scored run in time. The chunks'
+# prompts span 16-1,024 tokens and arrive in bursts (gamma, shape 0.3), so a prefill worker's steps
+# range from one short prompt after an idle spell to batched prompts back to back: what the live fit
+# needs to tell a fixed and a cold cost per step from the scale (sim/live.py).
+CALIBRATION = ["--dataset", "random", "--input-len-range", "16,1024", "--output-len-range", "16,64",
+               "--rate", "0.4", "--burstiness", "0.3"]
+CHUNK = "calibration-wide"  # the chunks are CHUNK-1, CHUNK-2, ...
 CHUNK_REQUESTS = 20
+OLD_CALIBRATION = ["--dataset", "random", "--input-len-range", "64,512", "--output-len-range", "16,64",
+                   "--rate", "0.4"]
 RUNS = {
-    # before 2026-11-30: one calibration run of 60 requests before the scored runs (read by --rescore)
-    "calibration": [*CALIBRATION, "--num-requests", "60", "--seed", "100"],
-    **{f"calibration-{i}": [*CALIBRATION, "--num-requests", str(CHUNK_REQUESTS), "--seed", str(100 + i)]
+    **{f"{CHUNK}-{i}": [*CALIBRATION, "--num-requests", str(CHUNK_REQUESTS), "--seed", str(110 + i)]
+       for i in range(1, 5)},
+    # older protocols, read by --rescore: one calibration run of 60 requests before the scored runs
+    # (before 2026-11-30), then chunks of 64-512 tokens in Poisson arrivals (until 2026-11-30 11:00 UTC)
+    "calibration": [*OLD_CALIBRATION, "--num-requests", "60", "--seed", "100"],
+    **{f"calibration-{i}": [*OLD_CALIBRATION, "--num-requests", str(CHUNK_REQUESTS), "--seed", str(100 + i)]
        for i in range(1, 5)},
     "poisson": ["--dataset", "random", "--input-len", "256", "--output-len", "32", "--rate", "0.5",
                 "--num-requests", "60", "--seed", "1"],
@@ -245,9 +255,9 @@ def is_calibration(name: str) -> bool:
     return name.startswith("calibration")
 
 
-def sequence(runs: list[str]) -> list[str]:
+def sequence(runs: list[str], chunk: str = CHUNK) -> list[str]:
     """What one cluster runs, in order: a calibration chunk before each scored run and one after the last."""
-    return [n for i, run in enumerate(runs) for n in (f"calibration-{i + 1}", run)] + [f"calibration-{len(runs) + 1}"]
+    return [n for i, run in enumerate(runs) for n in (f"{chunk}-{i + 1}", run)] + [f"{chunk}-{len(runs) + 1}"]
 
 
 def neighbours(seq: list[str], name: str) -> list[str]:
@@ -379,7 +389,9 @@ def main() -> int:
                            stderr=subprocess.DEVNULL)
         tags = ["", *(f"-repeat{i}" for i in range(1, args.repeats))]
         seq = sequence(runs)
-        if args.rescore:  # out-dirs from before 2026-11-30: one calibration run, before the scored ones
+        if args.rescore:  # out-dirs of older protocols: their own calibration runs (see RUNS)
+            if not (out / f"bench-{mode}-{seq[0]}.json").exists():
+                seq = sequence(runs, "calibration")
             if not (out / f"bench-{mode}-{seq[0]}.json").exists():
                 seq = ["calibration", *runs]
             real = [load_live(mode, out, [n for n in seq if not is_calibration(n)
