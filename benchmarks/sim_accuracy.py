@@ -7,9 +7,9 @@ For each mode (colocated, disaggregated):
 2. ``pdserve up --trace-dir`` starts the real cluster (default model, dummy weights) with event traces;
 3. ``pdserve bench`` sends a warm-up, then, in turn, a *calibration chunk* (20 requests of its own
    workload and seed: prompts of 16-1,024 tokens in bursty arrivals, so that the fit sees lone and
-   back-to-back steps of every size) before each *scored* run (a Poisson run, a trace replay: a slice of the Azure code
-   trace, lengths scaled) and one after the last: the calibration brackets the scored runs in time;
-   2-3 again on a fresh cluster for each ``--repeats``;
+   back-to-back steps of every size) before each *scored* run (a Poisson run, a trace replay: a slice
+   of the Azure code trace, lengths scaled) and one after the last: the calibration brackets the scored
+   runs in time; 2-3 again on a fresh cluster for each ``--repeats``;
 4. ``pdserve profile --live`` fits the live overheads (sim/overheads.py) from the calibration chunks'
    traces only, all clusters' chunks pooled (the host's speed drifts over minutes: the chunks sample it
    over the same span as the scored runs), so the scored errors are prediction errors, not fits;
@@ -35,7 +35,7 @@ and extra run; ~26 minutes in all with the defaults).
 
 ``--rescore`` re-scores a finished out-dir in seconds with today's simulator and fit; out-dirs of older
 protocols (one 60-request calibration run before the scored ones, before 2026-11-30; chunks of 64-512
-tokens in Poisson arrivals, until 2026-11-30 11:00 UTC) are read as they are.
+tokens in Poisson arrivals, until 2026-11-30 09:47 UTC) are read as they are.
 
 Usage: python benchmarks/sim_accuracy.py [--modes colocated,disaggregated] [--out-dir DIR]
        [--perf-model MODE=FILE ...] [--runs poisson,trace] [--repeats 2] [--port 8123] [--rescore]
@@ -92,7 +92,7 @@ RUNS = {
     **{f"{CHUNK}-{i}": [*CALIBRATION, "--num-requests", str(CHUNK_REQUESTS), "--seed", str(110 + i)]
        for i in range(1, 5)},
     # older protocols, read by --rescore: one calibration run of 60 requests before the scored runs
-    # (before 2026-11-30), then chunks of 64-512 tokens in Poisson arrivals (until 2026-11-30 11:00 UTC)
+    # (before 2026-11-30), then chunks of 64-512 tokens in Poisson arrivals (until 2026-11-30 09:47 UTC)
     "calibration": [*OLD_CALIBRATION, "--num-requests", "60", "--seed", "100"],
     **{f"calibration-{i}": [*OLD_CALIBRATION, "--num-requests", str(CHUNK_REQUESTS), "--seed", str(100 + i)]
        for i in range(1, 5)},
