@@ -321,14 +321,15 @@ def test_a_message_that_waited_for_a_step_is_not_counted_as_idle():
     assert w.is_idle_between(0.99, 1.0)  # read by the iteration that then ran the step
 
 
-def _fit_one_colocated_worker(trace_dir, steps: list[dict], benches: list[dict]):
-    """``fit_live`` on one colocated worker's ``steps`` and a frontend with one submit per bench run (at
-    its clock origin), traced into ``trace_dir``."""
+def _fit_one_colocated_worker(trace_dir, steps: list[dict], benches: list[dict], role: str = "both",
+                              base: CalibratedPerfModel | None = None):
+    """``fit_live`` on one worker's ``steps`` (colocated unless ``role`` says otherwise) and a frontend
+    with one submit per bench run (at its clock origin), traced into ``trace_dir``."""
     submits = [{"ev": "submit", "rid": f"r{i}", "t": b["clock_origin_s"], "n": 16} for i, b in enumerate(benches)]
-    for name, role, events in (("worker", "both", steps), ("frontend", "frontend", submits)):
-        lines = [{"ev": "start", "role": role, "t": 0.0}, *events]
+    for name, r, events in (("worker", role, steps), ("frontend", "frontend", submits)):
+        lines = [{"ev": "start", "role": r, "t": 0.0}, *events]
         (trace_dir / f"{name}.jsonl").write_text("\n".join(json.dumps(e) for e in lines) + "\n")
-    return fit_live(trace_dir, benches, CalibratedPerfModel([STEP_S, 0, 0, 0, 0]))
+    return fit_live(trace_dir, benches, base or CalibratedPerfModel([STEP_S, 0, 0, 0, 0]))
 
 
 def test_one_worker_over_several_windows_does_not_contend_with_itself(tmp_path):
@@ -411,3 +412,25 @@ def test_a_step_after_an_idle_spell_costs_cold_and_every_step_its_fixed_cost(tmp
     step = StepOverhead(1.0, join_s=0.003, cold_s=0.005)
     assert step.time_s(STEP_S, 1, cold=True) == pytest.approx(STEP_S + 0.005)
     assert step.time_s(STEP_S, 1, cold=True, num_joining=1) == pytest.approx(STEP_S + 0.003)  # join_s has it
+
+
+def test_fit_live_finds_a_prefill_worker_s_fixed_and_cold_step_costs(tmp_path):
+    """Prompts of 16-1,000 tokens, every other step after a 1 s idle spell: the trace's steps take
+    1.1 x profiled + 8 ms, + 20 ms when cold, and the fit says so."""
+    base = CalibratedPerfModel([STEP_S, 1e-4, 0, 0, 0])
+    rng = np.random.default_rng(3)
+    steps, t = [], 100.0
+    for i in range(200):
+        n = int(rng.integers(16, 1000))
+        cold = i % 2 == 0
+        t += 1.0 if cold else 0.001
+        dt = 1.1 * (STEP_S + 1e-4 * n) + 0.008 + 0.02 * cold
+        steps.append({"ev": "step", "t": t, "s": t, "e": t + dt, "x": t + dt, "busy": not cold,
+                      "chunks": [[0, n, 1]], "n_out": 1})
+        t += dt
+    bench = {"clock_origin_s": 99.0, "duration_s": t - 99.0, "requests": [{"send_s": 0.0, "ttft_s": 0.01,
+                                                                           "input_len": 16}]}
+    fit = _fit_one_colocated_worker(tmp_path, steps, [bench], role="prefill", base=base)
+    step = fit.overheads.steps["prefill"]
+    assert (step.scale, step.fixed_s, step.cold_s) == pytest.approx((1.1, 0.008, 0.02))
+    assert fit.stats["prefill_steps"]["num_cold"] == 100
