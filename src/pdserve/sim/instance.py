@@ -48,7 +48,7 @@ class Instance:
         self.inbox: list[tuple[str, str]] = []  # (kind, request id) messages read at the next step boundary
         self.outbox: list[str] = []  # request ids whose reservations leave when the step ends
         self.step_overhead = None  # sim.overheads.StepOverhead of this role, from a live calibration
-        self.rng = None  # random.Random for the step jitter, seeded by the simulator
+        self.noise = None  # overheads.StepNoise: the step jitter, seeded by the simulator
         self.num_steps = 0
         self.busy_s = 0.0
         self.prefill_busy_s = 0.0

@@ -39,7 +39,9 @@ latencies add up in the simulator:
   back-to-back steps (one step's end to the next one's start, when work remained) on the outputs of
   the first;
 - ``jitter`` per role: the standard deviation of log(live / modelled) over the steps, each worker
-  window's mean taken out (drift between runs is the scales' business, not a step's spread).
+  window's mean taken out (drift between runs is the scales' business, not a step's spread); and its
+  memory, ``jitter_corr_share`` and ``jitter_corr_s``: the residuals' autocorrelation over the time
+  between two steps of one worker, fitted as share x exp(-dt / time constant) (``_fit_memory``).
 
 The fit also returns the measured breakdown (``LiveFit.stats``) that ``pdserve profile --live`` prints.
 """
@@ -66,6 +68,11 @@ CONTENTION_GRID = np.linspace(0.0, 1.0, 201)
 MIN_PART = 0.1  # share of profiled step time the prefill part and the rest each need for two scales
 FIXED_MIN_SPAN = 3.0  # a fixed cost per step is fitted where step sizes (10th-90th percentile) span this
 COLD_MIN_SHARE = 0.1  # and a cold-step cost where cold and warm steps are each this share of the steps
+MEMORY_MAX_LAG_S = 5.0  # the jitter's memory is measured over step pairs this close in time
+MEMORY_LAG_EDGES_S = np.array([0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, MEMORY_MAX_LAG_S])
+MEMORY_MIN_PAIRS = 30  # a lag bin with fewer step pairs is not used
+MEMORY_TIME_GRID_S = np.geomspace(0.01, 10.0, 61)
+MEMORY_MIN_SHARE = 0.05  # a smaller correlated share is no memory
 
 
 @dataclass
@@ -162,18 +169,20 @@ def fit_live(trace_dirs: TraceDirs, bench_results: list[dict], base: CalibratedP
     samples: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     join_counts: dict[str, np.ndarray] = {}
     segments: dict[str, np.ndarray] = {}  # which worker window each step is from
+    step_starts: dict[str, np.ndarray] = {}
     gap_fits: dict[str, tuple[float, float]] = {}
     for role in ROLES:
         ws = [w for w in workers if w.role == role]
         if not any(w.steps for w in ws):
             continue
-        live, pred, prefill, contended, cold, gaps, outs, joins, segment = [], [], [], [], [], [], [], [], []
+        live, pred, prefill, contended, cold, gaps, outs, joins, segment, starts = [], [], [], [], [], [], [], [], [], []
         for k, w in enumerate(ws):
             others = [o for o in workers if w.shares_host_with(o)]
             firsts = sorted(e["t"] for e in w.events if e["ev"] == "first")
             for i, s in enumerate(w.steps):
                 shape = _shape(s)
                 live.append(s["e"] - s["s"])
+                starts.append(s["s"])
                 segment.append(k)
                 after = w.steps[i - 1]["e"] if i else -math.inf
                 joins.append(bisect_right(firsts, s["s"]) - bisect_left(firsts, after))
@@ -189,6 +198,7 @@ def fit_live(trace_dirs: TraceDirs, bench_results: list[dict], base: CalibratedP
                          np.array(cold, dtype=float), role == "both")
         join_counts[role] = np.array(joins, dtype=float)
         segments[role] = np.array(segment)
+        step_starts[role] = np.array(starts)
         gap_fits[role] = _fit_gap(outs, gaps)
         span = sum(w.steps[-1]["x"] - w.steps[0]["t"] for w in ws if w.steps)
         stats[f"{role}_steps"] = {"count": len(live), "live_ms": _ms(live), "profiled_ms": _ms(pred),
@@ -204,12 +214,13 @@ def fit_live(trace_dirs: TraceDirs, bench_results: list[dict], base: CalibratedP
     contention, scales = _fit_scales(adjusted, grid)
     join = {role: _fit_join(samples[role], join_counts[role], scales[role], contention) for role in samples}
     stats["contention"] = contention
-    jitter = {role: _fit_jitter(samples[role], join_counts[role], segments[role], scales[role], contention, join[role])
+    jitter = {role: _fit_jitter(samples[role], join_counts[role], segments[role], step_starts[role], scales[role],
+                                contention, join[role])
               for role in samples}
     steps = {role: StepOverhead(scales[role].scale, *gap_fits[role],
                                 scales[role].scale * (1 + contention) if shared else None,
-                                scales[role].prefill_scale, join[role], jitter[role], scales[role].fixed,
-                                scales[role].cold)
+                                scales[role].prefill_scale, join[role], jitter[role].sd, jitter[role].corr_share,
+                                jitter[role].corr_s, scales[role].fixed, scales[role].cold)
              for role in samples}
     reservation = _mean(forward) if forward else 2 * _mean(to_worker)
     overheads = Overheads(admission_s=admission, return_s=_mean(back), reservation_s=reservation,
@@ -281,6 +292,9 @@ def format_fit(fit: LiveFit) -> str:
                          f"{r['num_joins']} joins in {r['num_join_steps']} steps")
         if s.jitter:
             lines.append(f"{'  jitter (log std. dev.)':<34}{s.jitter:>12.3f}")
+        if s.jitter_corr_share:
+            lines.append(f"{'  of which persists':<34}{s.jitter_corr_share:>12.0%}   "
+                         f"fading over {s.jitter_corr_s * 1e3:.0f} ms")
         row(f"{role} loop gap (+ per output)", f"{s.gap_s * 1e3:.2f}+{s.gap_per_output_s * 1e3:.3f} ms", None)
         m = r["gap_ms"]
         if m["n"]:
@@ -438,20 +452,62 @@ def _fit_join(sample: tuple, joins: np.ndarray, fit: _StepFit, contention: float
     return max(0.0, float(slope))
 
 
-def _fit_jitter(sample: tuple, joins: np.ndarray, segment: np.ndarray, fit: _StepFit,
-                contention: float, join: float) -> float:
+class _Jitter(NamedTuple):
+    sd: float = 0.0
+    corr_share: float = 0.0
+    corr_s: float = 0.0
+
+
+def _fit_jitter(sample: tuple, joins: np.ndarray, segment: np.ndarray, starts: np.ndarray, fit: _StepFit,
+                contention: float, join: float) -> _Jitter:
     """The standard deviation of log(live / modelled) step time, each worker window's mean taken out (the
-    host's slower drift between runs is not a step's jitter)."""
+    host's slower drift between runs is not a step's jitter), and its memory (``_fit_memory``)."""
     live, pred, contended, prefill, cold, _ = sample
     model = fit.model(*_contended(pred, prefill, contended, contention), cold) + join * joins
     ok = (live > 0) & (model > 0)
-    r, seg = np.log(live[ok] / model[ok]), segment[ok]
+    r, seg, t = np.log(live[ok] / model[ok]), segment[ok], starts[ok]
     groups = np.unique(seg)
     if len(r) <= len(groups):
-        return 0.0
+        return _Jitter()
     for g in groups:
         r[seg == g] -= r[seg == g].mean()
-    return float(np.sqrt((r ** 2).sum() / (len(r) - len(groups))))
+    var = float((r ** 2).sum() / (len(r) - len(groups)))
+    return _Jitter(math.sqrt(var), *_fit_memory([(t[seg == g], r[seg == g]) for g in groups], var))
+
+
+def _fit_memory(series: list[tuple[np.ndarray, np.ndarray]], var: float) -> tuple[float, float]:
+    """(share, time constant) of residuals' autocorrelation ~ share x exp(-dt / time constant): pairs of
+    steps of one worker ``dt`` apart (under ``MEMORY_MAX_LAG_S``) binned on ``MEMORY_LAG_EDGES_S``, each
+    bin's mean product over ``var``; least squares weighted by the pairs in each bin, the time constant on
+    ``MEMORY_TIME_GRID_S`` and the share in closed form, clipped to [0, 1]. (0, 0) without a share of
+    ``MEMORY_MIN_SHARE``: no memory."""
+    sums = np.zeros(len(MEMORY_LAG_EDGES_S) - 1)
+    lags, counts = np.zeros_like(sums), np.zeros_like(sums)
+    for t, r in series:
+        order = np.argsort(t, kind="stable")
+        t, r = t[order], r[order]
+        for k in range(1, len(t)):
+            dt = t[k:] - t[:-k]
+            near = dt < MEMORY_MAX_LAG_S
+            if not near.any():
+                break
+            bins = np.searchsorted(MEMORY_LAG_EDGES_S, dt[near], side="right") - 1
+            np.add.at(sums, bins, (r[k:] * r[:-k])[near])
+            np.add.at(lags, bins, dt[near])
+            np.add.at(counts, bins, 1)
+    used = counts >= MEMORY_MIN_PAIRS
+    if var <= 0 or not used.any():
+        return 0.0, 0.0
+    rho, dt, w = sums[used] / counts[used] / var, lags[used] / counts[used], counts[used]
+    best = (math.inf, 0.0, 0.0)
+    for tau in MEMORY_TIME_GRID_S:
+        e = np.exp(-dt / tau)
+        share = float(np.clip((w * rho * e).sum() / (w * e * e).sum(), 0.0, 1.0))
+        err = float((w * (rho - share * e) ** 2).sum())
+        if err < best[0]:
+            best = (err, share, float(tau))
+    _, share, tau = best
+    return (share, tau) if share >= MEMORY_MIN_SHARE else (0.0, 0.0)
 
 
 def _contended(pred: np.ndarray, prefill: np.ndarray, contended: np.ndarray, c: float):

@@ -27,9 +27,13 @@ simulator applies them:
   processes ran: measured in process, one core, a 100-300-token prefill after 1 s idle took 8-14 ms
   more than back to back), unless a request takes its first decode in it (``join_s`` has that case);
   and ``jitter``: the spread of live step times around all that (the standard deviation of their
-  logarithm; the host's hiccups, measured here 0.1-0.18): the simulator multiplies each step's time by
+  logarithm; the host's hiccups, measured here 0.08-0.15): the simulator multiplies each step's time by
   a log-normal draw of mean 1 (seeded: ``SimOptions.seed``), so queueing tails see the spread that a
-  deterministic step time hides.
+  deterministic step time hides. The spread has a memory: ``jitter_corr_share`` of its variance
+  persists from step to step, fading with ``exp(-dt / jitter_corr_s)`` over the time between them (an
+  Ornstein-Uhlenbeck process; measured here: 40-60% of it, over 0.25-0.5 s), the rest is drawn afresh
+  each step. A slow spell slows every step of the requests decoding through it, which widens the spread
+  of their TPOT four- to fivefold over independent draws (a request's 30 steps would average those out).
 
 All zero (scale 1) means "as profiled": the simulator then behaves exactly as without overheads.
 """
@@ -57,6 +61,8 @@ class StepOverhead:
     prefill_scale: float | None = None  # for the prefill part of a step; None: as ``scale``
     join_s: float = 0.0  # per request whose first decode is in the step
     jitter: float = 0.0  # log standard deviation of a step's time around the model
+    jitter_corr_share: float = 0.0  # of the jitter's variance: the share that persists between steps
+    jitter_corr_s: float = 0.0  # how long it persists: correlation exp(-dt / jitter_corr_s)
     fixed_s: float = 0.0  # per step
     cold_s: float = 0.0  # per step after the worker sat idle (COLD_IDLE_S)
 
@@ -66,6 +72,10 @@ class StepOverhead:
                 any(s is not None and not s > 0 for s in (self.scale_contended, self.prefill_scale)):
             raise ValueError(f"step overhead needs scales > 0 and gaps, join, jitter, fixed and cold >= 0, "
                              f"got {self}")
+        if not 0.0 <= self.jitter_corr_share <= 1.0 or self.jitter_corr_s < 0 or \
+                (self.jitter_corr_share > 0) != (self.jitter_corr_s > 0):
+            raise ValueError(f"step overhead needs 0 <= jitter_corr_share <= 1 and jitter_corr_s >= 0, both "
+                             f"zero or both positive, got {self}")
 
     @property
     def is_contention_sensitive(self) -> bool:
@@ -75,7 +85,7 @@ class StepOverhead:
                num_joining: int = 0, noise: float = 1.0, cold: bool = False) -> float:
         """The live time of a (non-empty) step the profiled model gives ``profiled_s``, of which
         ``prefill_part_s`` for its prefill tokens, with ``num_joining`` requests taking their first decode;
-        ``noise``: this step's jitter factor (``noise_factor``); ``cold``: the worker was idle before it."""
+        ``noise``: this step's jitter factor (``StepNoise.factor``); ``cold``: the worker was idle before it."""
         factor = self.scale_contended / self.scale if contended and self.scale_contended is not None else 1.0
         rest = self.scale * (profiled_s - prefill_part_s)
         prefill = (self.scale if self.prefill_scale is None else self.prefill_scale) * prefill_part_s
@@ -83,11 +93,33 @@ class StepOverhead:
         step = factor * (rest + prefill) + self.fixed_s + cold_s + self.join_s * num_joining
         return noise * step + self.gap_s + self.gap_per_output_s * num_outputs
 
-    def noise_factor(self, rng: random.Random) -> float:
-        """One step's jitter factor: log-normal, mean 1, log standard deviation ``jitter``."""
-        if not self.jitter:
+
+class StepNoise:
+    """One worker's step jitter factors (``StepOverhead.jitter``): log-normal, mean 1; the log is a fresh
+    draw plus a persistent part (``jitter_corr_share`` of the variance) that relaxes towards 0 with time
+    constant ``jitter_corr_s`` between the steps it is read at (exact Ornstein-Uhlenbeck updates, so the
+    draws do not depend on how steps are spaced). Seeded: the same seed gives the same factors."""
+
+    def __init__(self, overhead: StepOverhead | None, seed: str) -> None:
+        self.overhead = overhead
+        self.rng = random.Random(seed)
+        self.persistent = 0.0  # the persistent part of the log factor, as of ``self.at``
+        self.at: float | None = None
+
+    def factor(self, now: float) -> float:
+        """The jitter factor of a step that starts at ``now`` (non-decreasing from call to call)."""
+        o = self.overhead
+        if o is None or not o.jitter:
             return 1.0
-        return math.exp(rng.gauss(0.0, self.jitter) - self.jitter ** 2 / 2)
+        var = o.jitter ** 2
+        log = self.rng.gauss(0.0, math.sqrt((1.0 - o.jitter_corr_share) * var))
+        if o.jitter_corr_share:
+            keep = 0.0 if self.at is None else math.exp(-(now - self.at) / o.jitter_corr_s)
+            self.persistent = self.persistent * keep + \
+                self.rng.gauss(0.0, math.sqrt(o.jitter_corr_share * var * (1.0 - keep * keep)))
+            self.at = now
+            log += self.persistent
+        return math.exp(log - var / 2)
 
 
 @dataclass(frozen=True)

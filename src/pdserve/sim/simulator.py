@@ -28,7 +28,6 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-import random
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -38,7 +37,7 @@ from pdserve.sim.cluster import ClusterSpec, PoolSpec
 from pdserve.sim.hardware import Hardware, load_catalogue
 from pdserve.sim.instance import Instance, WorkItem
 from pdserve.sim.models import ModelSpec, get_model
-from pdserve.sim.overheads import Overheads
+from pdserve.sim.overheads import Overheads, StepNoise
 from pdserve.sim.perf_model import (AnalyticPerfModel, BatchShape, PerfModel, instance_kv_blocks,
                                     kv_transfer_s)
 from pdserve.sim.requests import DUMMY_TOKEN_ID, SimRequest
@@ -318,7 +317,7 @@ class Simulator:
             dt = inst.step_overhead.time_s(dt, shape.num_samples, self._is_contended(inst),
                                            inst.perf.prefill_part_s(shape) if shape.num_prefill_tokens else 0.0,
                                            sum(1 for c in out.chunks if _is_first_decode(c)),
-                                           inst.step_overhead.noise_factor(inst.rng), inst.is_cold(now))
+                                           inst.noise.factor(now), inst.is_cold(now))
         inst.busy = True
         inst.step_start = now
         inst.num_steps += 1
@@ -471,7 +470,7 @@ class Simulator:
                           self.max_model_len) for i in range(pool.instances)]
         for inst in insts:
             inst.step_overhead = base.overheads.step(role) if base.overheads is not None else None
-            inst.rng = random.Random(f"{self.options.seed}/{role}/{inst.index}")  # its steps' jitter draws
+            inst.noise = StepNoise(inst.step_overhead, f"{self.options.seed}/{role}/{inst.index}")
         return insts
 
     def _kv_link_is_inter(self) -> bool:
