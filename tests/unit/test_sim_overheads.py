@@ -1,6 +1,7 @@
 """Live overheads: applied by the simulator exactly where the real cluster spends them, stored in the
 calibration file, and fitted from traces of a live run (``pdserve profile --live``)."""
 import json
+import random
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from pdserve.sim.calibrated import CalibratedPerfModel
 from pdserve.sim.cluster import ClusterSpec, PoolSpec
 from pdserve.sim.live import _fit_scales, _Worker, fit_live, step_speed
-from pdserve.sim.overheads import Overheads, StepOverhead
+from pdserve.sim.overheads import Overheads, StepNoise, StepOverhead
 from pdserve.sim.simulator import SimOptions, Simulator, WorkItem
 from pdserve.sim.workload import work_items, workload_config
 
@@ -361,6 +362,82 @@ def test_fit_live_measures_step_jitter_within_each_window(tmp_path):
                         "requests": [{"send_s": 0.0, "ttft_s": 0.01, "input_len": 16}]})
     fit = _fit_one_colocated_worker(tmp_path, steps, benches)
     assert fit.overheads.steps["both"].jitter == pytest.approx(0.12, rel=0.08)
+
+
+def _jittered_steps(rng, t0: float, n: int, jitter: float, share: float, corr_s: float) -> list[dict]:
+    """``n`` back-to-back steps from ``t0``, each STEP_S x a log-normal factor (log std. dev. ``jitter``) of
+    which ``share`` of the variance persists with time constant ``corr_s`` (drawn here with numpy)."""
+    steps, t, persistent = [], t0, 0.0
+    for i in range(n):
+        keep = float(np.exp(-STEP_S / corr_s)) if i else 0.0
+        persistent = persistent * keep + rng.normal(0.0, np.sqrt(share * (1 - keep * keep))) * jitter
+        dt = STEP_S * float(np.exp(persistent + rng.normal(0.0, np.sqrt(1 - share)) * jitter))
+        steps.append({"ev": "step", "t": t, "s": t, "e": t + dt, "x": t + dt, "busy": False,
+                      "chunks": [[16, 1, 1]], "n_out": 1})
+        t += dt + 0.001
+    return steps
+
+
+def test_fit_live_measures_the_memory_of_the_jitter(tmp_path):
+    """Steps whose jitter keeps 60% of its variance over 0.2 s: the fit finds the spread, the share and
+    the time constant; independent draws have no memory."""
+    rng = np.random.default_rng(3)
+    for share, corr_s in ((0.6, 0.2), (0.0, 0.2)):
+        steps = _jittered_steps(rng, 100.0, 3000, 0.15, share, corr_s)
+        bench = {"clock_origin_s": 100.0, "duration_s": steps[-1]["x"] - 100.0,
+                 "requests": [{"send_s": 0.0, "ttft_s": 0.01, "input_len": 16}]}
+        step = _fit_one_colocated_worker(tmp_path, steps, [bench]).overheads.steps["both"]
+        assert step.jitter == pytest.approx(0.15, rel=0.1)
+        if share:
+            assert step.jitter_corr_share == pytest.approx(share, abs=0.12)
+            assert step.jitter_corr_s == pytest.approx(corr_s, rel=0.4)
+        else:
+            assert step.jitter_corr_share == 0.0 and step.jitter_corr_s == 0.0
+
+
+def test_step_noise_with_memory_keeps_its_mean_spread_and_correlation():
+    """``StepNoise``: mean 1 and the log spread asked, with or without memory; the persistent share's
+    correlation fades over the time between steps, not their number; seeded; no memory draws exactly
+    the plain log-normal factors."""
+    def logs(share, corr_s, seed="s", n=40000, dt=0.025):
+        noise = StepNoise(StepOverhead(1.0, jitter=0.2, jitter_corr_share=share, jitter_corr_s=corr_s), seed)
+        return np.log([noise.factor(i * dt) for i in range(n)])
+
+    def corr(x, lag):
+        return float(np.corrcoef(x[:-lag], x[lag:])[0, 1])
+
+    for share, corr_s in ((0.0, 0.0), (0.6, 0.5)):
+        x = logs(share, corr_s)
+        assert np.exp(x).mean() == pytest.approx(1.0, abs=0.02)
+        assert x.std() == pytest.approx(0.2, rel=0.05)
+    x = logs(0.6, 0.5)
+    assert corr(x, 2) == pytest.approx(0.6 * np.exp(-0.1), abs=0.05)  # 50 ms apart
+    assert corr(x, 40) == pytest.approx(0.6 * np.exp(-2.0), abs=0.05)  # 1 s apart
+    assert corr(logs(0.6, 0.5, dt=0.05), 20) == pytest.approx(corr(x, 40), abs=0.05)
+    assert corr(logs(0.0, 0.0), 1) == pytest.approx(0.0, abs=0.03)
+    assert np.array_equal(logs(0.6, 0.5, n=100), logs(0.6, 0.5, n=100))
+    assert not np.array_equal(logs(0.6, 0.5, n=100), logs(0.6, 0.5, seed="t", n=100))
+    plain = random.Random("s")
+    assert np.allclose(logs(0.0, 0.0, n=100), [plain.gauss(0.0, 0.2) - 0.02 for _ in range(100)])
+    for bad in ({"jitter_corr_share": 1.5, "jitter_corr_s": 1.0}, {"jitter_corr_share": 0.5},
+                {"jitter_corr_s": 1.0}, {"jitter_corr_share": 0.5, "jitter_corr_s": -1.0}):
+        with pytest.raises(ValueError, match="jitter_corr"):
+            StepOverhead(1.0, jitter=0.1, **bad)
+
+
+def test_jitter_with_memory_spreads_requests_tpot(tmp_path):
+    """The same step spread, with and without memory: each request's TPOT averages its steps' jitter, so
+    only jitter that persists over a request's decode spreads the requests' TPOT apart; the mean holds."""
+    items = work_items(workload_config(num_requests=300, input_len=64, output_len=32, rate=2.0, seed=1))
+
+    def tpot(share, corr_s):
+        step = StepOverhead(1.0, jitter=0.15, jitter_corr_share=share, jitter_corr_s=corr_s)
+        path = _model_file(tmp_path, Overheads(steps={"both": step}))
+        return Simulator(_colocated(), items, SimOptions(perf_model=path, num_blocks=1024)).run()["tpot_s"]
+
+    fresh, lasting = tpot(0.0, 0.0), tpot(0.6, 0.5)
+    assert lasting["mean"] == pytest.approx(fresh["mean"], rel=0.05)
+    assert lasting["p90"] / lasting["p50"] > 1.05 > fresh["p90"] / fresh["p50"]
 
 
 def test_step_jitter_keeps_the_mean_and_is_seeded(tmp_path):
