@@ -1,9 +1,13 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from pdserve.sim.calibrated import CalibratedPerfModel, fit
 from pdserve.sim.cluster import ClusterSpec, PoolSpec
 from pdserve.sim.perf_model import BatchShape
+from pdserve.sim.profile import median_of_passes
 from pdserve.sim.simulator import SimOptions, Simulator
 from pdserve.sim.workload import work_items, workload_config
 
@@ -71,3 +75,30 @@ def test_file_round_trip_and_use_in_sim(tmp_path):
         CalibratedPerfModel.load(tmp_path / "bad.json")
     with pytest.raises(ValueError):
         CalibratedPerfModel([1.0, -1.0, 0, 0, 0])
+
+
+def test_median_of_passes_takes_each_step_s_median_and_pools_passes_that_differ():
+    a, b = BatchShape(16, 136.0, 16, 0, 0, 1), BatchShape(num_decode=4, decode_ctx=256, num_samples=4)
+    shapes, times = median_of_passes([([a, b], [0.10, 0.030]), ([a, b], [0.50, 0.020]), ([a, b], [0.12, 0.025])])
+    assert shapes == [a, b] and times == [0.12, 0.025]  # the slow spell of pass 2 moved nothing
+    shapes, times = median_of_passes([([a, b], [0.1, 0.03]), ([a], [0.2])])
+    assert shapes == [a, b, a] and times == [0.1, 0.03, 0.2]
+
+
+def test_profile_command_measures_the_engine_in_passes(tmp_path):
+    """`pdserve profile` on the default model (dummy weights), the quick grid in two passes: one sample per
+    step of the grid (the medians), every shape the grid asks for, a fit that explains them."""
+    out = tmp_path / "pm.json"
+    run = subprocess.run([sys.executable, "-m", "pdserve.cli", "profile", "--quick", "--passes", "2", "--threads", "1",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    model = CalibratedPerfModel.load(out)
+    samples = model.meta["samples"]
+    prefills = sorted(s["shape"]["num_prefill_tokens"] for s in samples if not s["shape"]["num_decode"])
+    assert prefills == [16, 64, 256]  # the quick grid's lone prompts, once each
+    assert {s["shape"]["num_decode"] for s in samples} >= {1, 4, 16}
+    assert all(s["time_s"] > 0 for s in samples)
+    assert model.meta["fit"]["r2"] > 0.9
+    bad = subprocess.run([sys.executable, "-m", "pdserve.cli", "profile", "--quick", "--passes", "0", "--out",
+                          str(tmp_path / "x.json")], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "error: --passes must be >= 1" in bad.stderr

@@ -175,7 +175,7 @@ def fit_live(trace_dirs: TraceDirs, bench_results: list[dict], base: CalibratedP
         ws = [w for w in workers if w.role == role]
         if not any(w.steps for w in ws):
             continue
-        live, pred, prefill, contended, cold, gaps, outs, joins, segment, starts = [], [], [], [], [], [], [], [], [], []
+        live, pred, prefill, contended, cold, gaps, outs, joins, segment, starts = ([] for _ in range(10))
         for k, w in enumerate(ws):
             others = [o for o in workers if w.shares_host_with(o)]
             firsts = sorted(e["t"] for e in w.events if e["ev"] == "first")

@@ -36,6 +36,9 @@ def add_profile_args(p) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--hardware-name", default="cpu-this-machine", help="label stored in the file")
     p.add_argument("--quick", action="store_true", help="a smaller grid (tests)")
+    p.add_argument("--passes", type=int, default=3,
+                   help="run the grid this many times and keep each step's median (a noisy host's slow "
+                        "spells then move one pass, not the profile)")
     p.add_argument("--out", default="perf-model.json")
     g = p.add_argument_group("live calibration (fit overheads from a traced run instead of profiling)")
     g.add_argument("--live", nargs="+", default=None, metavar="TRACE_DIR",
@@ -48,8 +51,13 @@ def add_profile_args(p) -> None:
     add_cpu_args(p)  # profile as a worker runs: `pdserve up` pins each worker to one core
 
 
-def measure(engine, quick: bool = False) -> tuple[list[BatchShape], list[float]]:
-    """Run the grid on ``engine`` (an EngineCore); return the measured shapes and step seconds."""
+def measure(engine, quick: bool = False, passes: int = 1) -> tuple[list[BatchShape], list[float]]:
+    """Run the grid on ``engine`` (an EngineCore) ``passes`` times, one pass after another; return the
+    measured shapes and step seconds, each step's the median over the passes (a slow spell of the host,
+    seconds to a minute long here, then moves one pass of a point, not the point: a profile taken in one
+    pass on this machine once timed its 16-256-token prefills 1.2-1.5x slower than its longer ones)."""
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
     from pdserve.sampling_params import SamplingParams
     captured: list[BatchShape] = []
     schedule = engine.scheduler.schedule
@@ -87,14 +95,7 @@ def measure(engine, quick: bool = False) -> tuple[list[BatchShape], list[float]]
     budget = engine.config.scheduler.max_num_batched_tokens
     add(32, 1)  # warm-up
     drain()
-    for n in lens:
-        for batch in (1, *(() if quick else PREFILL_BATCH)):
-            if n * batch > budget:
-                continue
-            for _ in range(batch):
-                add(n, 1)
-            step()
-            drain()
+
     def decode_batch(ctxs: list[int]) -> None:
         for ctx in ctxs:
             add(ctx, DECODE_STEPS + 2)
@@ -108,13 +109,35 @@ def measure(engine, quick: bool = False) -> tuple[list[BatchShape], list[float]]
         step()
         drain()
 
-    for ctx in DECODE_CTX[:1] if quick else DECODE_CTX:
-        for b in DECODE_BATCH[:3] if quick else DECODE_BATCH:
-            decode_batch([ctx] * b)
-    for b in UNEVEN_BATCH[:1] if quick else UNEVEN_BATCH:
-        decode_batch([DECODE_CTX[-1]] + [DECODE_CTX[0]] * (b - 1))
+    runs = []
+    for _ in range(passes):
+        shapes.clear()
+        times.clear()
+        for n in lens:
+            for batch in (1, *(() if quick else PREFILL_BATCH)):
+                if n * batch > budget:
+                    continue
+                for _ in range(batch):
+                    add(n, 1)
+                step()
+                drain()
+        for ctx in DECODE_CTX[:1] if quick else DECODE_CTX:
+            for b in DECODE_BATCH[:3] if quick else DECODE_BATCH:
+                decode_batch([ctx] * b)
+        for b in UNEVEN_BATCH[:1] if quick else UNEVEN_BATCH:
+            decode_batch([DECODE_CTX[-1]] + [DECODE_CTX[0]] * (b - 1))
+        runs.append((list(shapes), list(times)))
     engine.scheduler.schedule = schedule
-    return shapes, times
+    return median_of_passes(runs)
+
+
+def median_of_passes(runs: list[tuple[list[BatchShape], list[float]]]) -> tuple[list[BatchShape], list[float]]:
+    """Passes of one grid: each step's median time over the passes where every pass ran the same shapes in
+    the same order (as it does: the grid and the scheduler are deterministic); else all steps pooled."""
+    if all(shapes == runs[0][0] for shapes, _ in runs):
+        return list(runs[0][0]), [statistics.median(ts) for ts in zip(*(times for _, times in runs), strict=True)]
+    logger.warning("profile passes ran different batches; pooling their steps instead of taking medians")
+    return [s for shapes, _ in runs for s in shapes], [t for _, times in runs for t in times]
 
 
 def run_profile_command(args) -> int:
@@ -122,6 +145,9 @@ def run_profile_command(args) -> int:
         return _run_live(args)
     from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from pdserve.sim.calibrated import fit
+    if args.passes < 1:
+        print(f"pdserve profile: error: --passes must be >= 1, got {args.passes}", file=sys.stderr)
+        return 2
     try:
         from pdserve.cluster.args import apply_cpu_args, freeze_startup_objects, keep_freed_memory
         from pdserve.engine.core import EngineCore
@@ -137,7 +163,7 @@ def run_profile_command(args) -> int:
         print(f"pdserve profile: error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    shapes, times = measure(engine, args.quick)
+    shapes, times = measure(engine, args.quick, args.passes)
     model, stats = fit(shapes, times)
     model.meta.update({"model": args.model, "hardware": args.hardware_name, "tp": 1, "device": str(engine.device),
                        "created_by": "pdserve profile",
