@@ -31,7 +31,7 @@ same 36 requests differed by up to 40% in a mean (a few steps slowed by the host
 batch; the host itself slows for seconds at a time), so the runs are 60-63 requests long, the simulator
 is scored against the figure over the requests of all real runs, and each run's own figure is printed
 beside it: the spread against which the simulator's errors should be read (about 6 minutes per mode
-and extra run; ~26 minutes in all with the defaults).
+and extra run; ~27 minutes in all with the defaults).
 
 ``--rescore`` re-scores a finished out-dir in seconds with today's simulator and fit; out-dirs of older
 protocols (one 60-request calibration run before the scored ones, before 2026-11-30; chunks of 64-512
