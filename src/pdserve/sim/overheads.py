@@ -31,9 +31,9 @@ simulator applies them:
   a log-normal draw of mean 1 (seeded: ``SimOptions.seed``), so queueing tails see the spread that a
   deterministic step time hides. The spread has a memory: ``jitter_corr_share`` of its variance
   persists from step to step, fading with ``exp(-dt / jitter_corr_s)`` over the time between them (an
-  Ornstein-Uhlenbeck process; measured here: 40-60% of it, over 0.25-0.5 s), the rest is drawn afresh
+  Ornstein-Uhlenbeck process; fitted here: 45-75% of it, over 0.3-0.7 s), the rest is drawn afresh
   each step. A slow spell slows every step of the requests decoding through it, which widens the spread
-  of their TPOT four- to fivefold over independent draws (a request's 30 steps would average those out).
+  of their TPOT severalfold over independent draws (a request's 30 steps would average those out).
 
 All zero (scale 1) means "as profiled": the simulator then behaves exactly as without overheads.
 """
