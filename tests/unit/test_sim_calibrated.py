@@ -101,4 +101,4 @@ def test_profile_command_measures_the_engine_in_passes(tmp_path):
     assert model.meta["fit"]["r2"] > 0.9
     bad = subprocess.run([sys.executable, "-m", "pdserve.cli", "profile", "--quick", "--passes", "0", "--out",
                           str(tmp_path / "x.json")], capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 2 and "error: --passes must be >= 1" in bad.stderr
+    assert bad.returncode == 2 and "error: argument --passes: must be >= 1, got 0" in bad.stderr

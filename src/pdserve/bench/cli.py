@@ -85,13 +85,13 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
         "dist:azure:FILE (lengths drawn from the trace, random prompts) (default: random)",
     )
     wl.add_argument(
-        "--num-requests", type=_positive_int, default=None, help="default: 100, or the whole trace"
+        "--num-requests", type=positive_int, default=None, help="default: 100, or the whole trace"
     )
     wl.add_argument(
-        "--input-len", type=_positive_int, default=1024, help="random: prompt tokens (default 1024)"
+        "--input-len", type=positive_int, default=1024, help="random: prompt tokens (default 1024)"
     )
     wl.add_argument(
-        "--output-len", type=_positive_int, default=128, help="random: output tokens (default 128)"
+        "--output-len", type=positive_int, default=128, help="random: output tokens (default 128)"
     )
     wl.add_argument(
         "--input-len-range", type=_int_range, default=None, metavar="LO,HI", help="random: uniform"
@@ -112,7 +112,7 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     wl.add_argument(
         "--output-len-scale", type=_positive_float, default=None, help="scale outputs by this instead"
     )
-    wl.add_argument("--vocab-size", type=_positive_int, default=49152, help="token ids in [1000, V-1000)")
+    wl.add_argument("--vocab-size", type=positive_int, default=49152, help="token ids in [1000, V-1000)")
     wl.add_argument("--seed", type=int, default=0)
 
     arr = parser.add_argument_group("arrivals (default: trace timestamps for trace replay, else all at once)")
@@ -122,7 +122,7 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     )
     rate.add_argument("--rates", type=_rate_list, default=None, metavar="R1,R2,...", help="rate sweep")
     rate.add_argument(
-        "--concurrency", type=_positive_int, default=None, help="closed loop: requests in flight"
+        "--concurrency", type=positive_int, default=None, help="closed loop: requests in flight"
     )
     arr.add_argument("--burstiness", type=_positive_float, default=1.0, help="gamma shape; 1 = Poisson")
     arr.add_argument("--time-scale", type=_nonnegative_float, default=None, help="multiply trace timestamps")
@@ -349,7 +349,7 @@ def _dataset(text: str) -> tuple[str, str | None, str | None]:
     return name, trace_format, rest
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -408,7 +408,7 @@ def _int_range(text: str) -> tuple[int, int]:
     parts = text.split(",")
     if len(parts) != 2:
         raise argparse.ArgumentTypeError(f"expected LO,HI, got {text!r}")
-    lo, hi = (_positive_int(p.strip()) for p in parts)
+    lo, hi = (positive_int(p.strip()) for p in parts)
     if lo > hi:
         raise argparse.ArgumentTypeError(f"LO must be <= HI, got {text!r}")
     return lo, hi
@@ -421,7 +421,7 @@ def _mix(text: str) -> tuple[tuple[int, int, float], ...]:
         if len(fields) not in (2, 3):
             raise argparse.ArgumentTypeError(f"mix component {part!r}: expected IN:OUT or IN:OUT:WEIGHT")
         weight = _positive_float(fields[2]) if len(fields) == 3 else 1.0
-        components.append((_positive_int(fields[0]), _positive_int(fields[1]), weight))
+        components.append((positive_int(fields[0]), positive_int(fields[1]), weight))
     return tuple(components)
 
 

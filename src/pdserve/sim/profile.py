@@ -36,7 +36,8 @@ def add_profile_args(p) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--hardware-name", default="cpu-this-machine", help="label stored in the file")
     p.add_argument("--quick", action="store_true", help="a smaller grid (tests)")
-    p.add_argument("--passes", type=int, default=3,
+    from pdserve.bench.cli import positive_int
+    p.add_argument("--passes", type=positive_int, default=3,
                    help="run the grid this many times and keep each step's median (a noisy host's slow "
                         "spells then move one pass, not the profile)")
     p.add_argument("--out", default="perf-model.json")
@@ -145,9 +146,6 @@ def run_profile_command(args) -> int:
         return _run_live(args)
     from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from pdserve.sim.calibrated import fit
-    if args.passes < 1:
-        print(f"pdserve profile: error: --passes must be >= 1, got {args.passes}", file=sys.stderr)
-        return 2
     try:
         from pdserve.cluster.args import apply_cpu_args, freeze_startup_objects, keep_freed_memory
         from pdserve.engine.core import EngineCore
