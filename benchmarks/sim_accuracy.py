@@ -21,7 +21,9 @@ For each mode (colocated, disaggregated):
 6. prints, per run, mean and p90 TTFT and TPOT, real vs simulated, the relative errors, and whether each
    is within the target (mean <= 10%, p90 <= 20%). The calibration chunks are shown too, in-sample.
    Beside them, each real run's engine steps against the profile (``sim.live.step_speed``: live step
-   time over profiled, same batches).
+   time over profiled, same batches). Last, the noise floor: how often one real run's figure misses the
+   target against the other real runs of the same requests (a rerun of the real system as the
+   predictor), beside how often the simulator misses against one real run alone.
 
 While a live run goes, the CPU time that processes other than the cluster and the load generator use
 is measured (``other load``): the machine is shared, and a busy neighbour shows up in the real latencies
@@ -322,6 +324,7 @@ def report(rows: list, calibration_speed_of: dict, repeats: int, elapsed_s: floa
     print(f"{'mode':<14}{'run':<13}{'metric':<11}{'real':>9}{'sim':>9}{'error':>9}{'(local)':>10}{'(profile)':>11}"
           f"{'(at speed)':>12}  {'runs':<22}target")
     all_ok = True
+    misses = {"score": 0, "sim vs one run": 0, "run vs the others": 0, "figures": 0, "single figures": 0}
     for mode, name, results, sims in rows:
         tag = " (in-sample)" if name == "calibration" else ""
         real = pooled(results)
@@ -333,6 +336,10 @@ def report(rows: list, calibration_speed_of: dict, repeats: int, elapsed_s: floa
                 ok = abs(e) <= TARGET[stat]
                 if name != "calibration":
                     all_ok &= ok
+                    misses["score"] += not ok
+                    misses["figures"] += 1
+                    if len(results) > 1:
+                        count_single_run_misses(misses, results, sims["live"], key, stat)
                 each = " ".join(f"{r[key][stat] * 1e3:.1f}" for r in results)
                 print(f"{mode:<14}{name:<13}{key[:4] + ' ' + stat:<11}{a * 1e3:>9.1f}"
                       f"{sims['live'][key][stat] * 1e3:>9.1f}{e:>+9.1%}{e_local:>+10.1%}{e_profile:>+11.1%}"
@@ -351,7 +358,24 @@ def report(rows: list, calibration_speed_of: dict, repeats: int, elapsed_s: floa
         if max(loads) > BUSY_NEIGHBOUR_CORES:
             print(f"{'':<27}WARNING: other processes used the machine during this run: its real latencies "
                   "are not the cluster's alone (rerun on an idle machine)")
+    if misses["single figures"]:
+        print(f"the real system against itself (the noise floor): a real run's figure against the other runs' "
+              f"pooled figure is outside the target in {misses['run vs the others']} of "
+              f"{misses['single figures']} cases; the simulator against each real run alone in "
+              f"{misses['sim vs one run']} of {misses['single figures']}; against all real runs pooled (the "
+              f"score) in {misses['score']} of {misses['figures']}")
     print("all scored runs within target" if all_ok else "some scored figures miss the target (see MISS)")
+
+
+def count_single_run_misses(misses: dict, results: list[dict], sim: dict, key: str, stat: str) -> None:
+    """Score single real runs, for the noise floor: each against the pooled figure of the other real runs of
+    the same requests (how well a rerun of the real system predicts it), and the simulator against each."""
+    for i, run in enumerate(results):
+        others = pooled(results[:i] + results[i + 1:])[key][stat]
+        own = run[key][stat]
+        misses["run vs the others"] += abs(own - others) / others > TARGET[stat]
+        misses["sim vs one run"] += abs(sim[key][stat] - own) / own > TARGET[stat]
+        misses["single figures"] += 1
 
 
 def main() -> int:
