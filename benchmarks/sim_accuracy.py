@@ -59,7 +59,7 @@ from pathlib import Path
 
 import psutil
 
-from pdserve.bench.cli import add_workload_arguments, workload_from_args
+from pdserve.bench.cli import add_workload_arguments, positive_int, workload_from_args
 from pdserve.bench.metrics import summarize
 from pdserve.cluster.local import wait_healthy
 from pdserve.model.loader import resolve_dtype
@@ -385,7 +385,7 @@ def main() -> int:
     ap.add_argument("--runs", default="poisson,trace", help="scored runs (of: poisson, trace)")
     ap.add_argument("--perf-model", action="append", default=[], metavar="MODE=FILE",
                     help="a `pdserve profile` file for a mode instead of profiling now")
-    ap.add_argument("--repeats", type=int, default=2,
+    ap.add_argument("--repeats", type=positive_int, default=2,
                     help="real runs of each scored workload, each on a fresh cluster (default %(default)s)")
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--out-dir", default="bench-results/sim-accuracy")
@@ -393,8 +393,6 @@ def main() -> int:
                     help="no real runs: score the current simulator (and live fit) against the real runs, "
                          "profiles and traces already in --out-dir (same --runs and --repeats)")
     args = ap.parse_args()
-    if args.repeats < 1:
-        ap.error("--repeats must be >= 1")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     modes = [m for m in args.modes.split(",") if m]
