@@ -34,7 +34,8 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None)
-    p.add_argument("--api-key", default=None)
+    from pdserve.server.main import add_api_args
+    add_api_args(p)  # the key: $PDSERVE_API_KEY or --api-key-file, handed to the frontend in its environment
     p.add_argument("--routing", choices=POLICIES, default="prefix_aware")
     p.add_argument("--min-remote-prefill-tokens", type=int, default=0)
     p.add_argument("--worker-timeout", type=float, default=30.0)

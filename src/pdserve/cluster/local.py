@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdserve.cluster.args import engine_args_to_argv
+from pdserve.server.main import frontend_api_argv, frontend_env
 
 logger = logging.getLogger(__name__)
 
@@ -132,13 +133,12 @@ class LocalCluster:
                 "--worker-timeout", str(a.worker_timeout)]
         if a.served_model_name:
             argv += ["--served-model-name", a.served_model_name]
-        if a.api_key:
-            argv += ["--api-key", a.api_key]
+        argv += frontend_api_argv(a)
         if a.enable_debug_endpoints:
             argv.append("--enable-debug-endpoints")
         if a.trace_dir:
             argv += ["--trace-file", str(Path(a.trace_dir) / "frontend.jsonl")]
-        self.children.append(Child("frontend", _spawn(argv)))
+        self.children.append(Child("frontend", _spawn(argv, frontend_env(a))))  # the API key: in its environment
 
     def _wait_ready(self, child: Child, deadline: float) -> None:
         while time.monotonic() < deadline:
@@ -166,7 +166,7 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         url = cluster.start()
         served = args.served_model_name or args.model
-        auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
+        auth = " -H 'Authorization: Bearer <API key>'" if frontend_env(args) else ""
         print(f"pdserve is ready at {url} (Ctrl-C stops it). Try:\n"
               f"curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
               f"-d '{{\"model\": \"{served}\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}}'",
@@ -179,8 +179,8 @@ def run_up(args: argparse.Namespace) -> int:
         cluster.stop()
 
 
-def _spawn(argv: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(argv, preexec_fn=_die_with_parent, stdout=subprocess.DEVNULL)
+def _spawn(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(argv, preexec_fn=_die_with_parent, stdout=subprocess.DEVNULL, env=env)
 
 
 def _die_with_parent() -> None:

@@ -1,27 +1,34 @@
-"""The FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
+"""The FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, /openapi.json,
+/docs (and /debug/kv_digests when asked for).
 
-Every error is OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 for bad input,
-401 for a missing or wrong API key, 429/503 with Retry-After under overload or without live workers.
-A streaming request waits for its first event before answering, so early errors keep their status;
-later errors arrive as an error chunk. A client that disconnects has its request aborted on every worker.
+Every error is OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 for bad input, 401
+for a missing or wrong API key, 404 for a model not served here or an unknown path, 429/503 with
+Retry-After under overload or without live workers. A streaming request waits for its first event before
+answering, so early errors keep their status; a later error arrives as an error chunk, and every stream
+ends with ``data: [DONE]``. A client that disconnects has its request aborted on every worker.
+Request bodies and prompts are never logged.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import math
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pdserve.cluster.args import freeze_startup_objects
 from pdserve.errors import InvalidRequestError, OverloadedError, PdserveError
 from pdserve.server import openai_protocol as op
+from pdserve.server import openapi
+from pdserve.server.api_types import DEFAULT_MAX_TOKENS_CAP, KVDigestsRequest, Limits, request_types
 from pdserve.server.client import FrontendClient
 from pdserve.server.metrics import Metrics
+from pdserve.server.security import ApiKeyGuard, QuietErrors, is_authorized
 from pdserve.server.serving import SSE_DONE, Serving, sse
 
 logger = logging.getLogger(__name__)
@@ -30,9 +37,10 @@ DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its cli
 
 
 def create_app(client: FrontendClient, served_model: str, tokenizer_loader, api_key: str | None = None,
-               enable_debug: bool = False) -> FastAPI:
+               enable_debug: bool = False, max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP) -> FastAPI:
     """``tokenizer_loader()`` returns the tokenizer (called once, at startup, after the workers answer)."""
     state: dict = {}
+    secured = bool(api_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -41,79 +49,85 @@ def create_app(client: FrontendClient, served_model: str, tokenizer_loader, api_
         metrics = Metrics(served_model, lambda: [c.stats for c in client.conns.values() if c.is_alive])
         client.metrics = metrics
         tokenizer = tokenizer_loader()
-        max_model_len = info.max_model_len if info else 2048
-        state["serving"] = Serving(client, tokenizer, served_model, max_model_len, metrics,
-                                   getattr(tokenizer, "vocab_size", None))
+        limits = Limits(served_model, info.max_model_len if info else 2048, max_tokens_cap,
+                        getattr(tokenizer, "vocab_size", None))
+        state["types"] = request_types(limits)
+        state["serving"] = Serving(client, tokenizer, limits, metrics)
         state["metrics"] = metrics
         state["created"] = int(time.time())
         freeze_startup_objects()  # the tokenizer and app are built: no full GC pass walks them mid-request
         yield
         await client.stop()
 
-    app = FastAPI(title="pdserve", lifespan=lifespan)
+    app = FastAPI(title="pdserve", version="1", lifespan=lifespan, openapi_url=None, docs_url=None,
+                  redoc_url=None, description="OpenAI-compatible API of a pdserve cluster")
+    app.add_middleware(ApiKeyGuard, api_key=api_key)
+    app.add_middleware(QuietErrors)  # added last: the outermost
+    _add_error_handlers(app)
 
-    def denied(request: Request) -> JSONResponse | None:
-        """401 unless the request carries the API key (a check per route, not an HTTP middleware: those
-        hide client disconnects from the routes)."""
-        if not api_key:
-            return None
-        given = request.headers.get("authorization", "").encode()
-        if hmac.compare_digest(given, f"Bearer {api_key}".encode()):
-            return None
-        return JSONResponse(op.error_body("Incorrect or missing API key (Authorization: Bearer ...)",
-                                          "invalid_request_error", None, "invalid_api_key"), 401)
-
-    @app.get("/v1/models")
-    async def models(request: Request):
-        if (refusal := denied(request)) is not None:
-            return refusal
-        info = client.model_info()
-        return {"object": "list", "data": [{
-            "id": served_model, "object": "model", "created": state.get("created", 0), "owned_by": "pdserve",
-            "max_model_len": info.max_model_len if info else None}]}
-
-    @app.get("/health")
-    async def health():
-        body = client.health()
-        return JSONResponse(body, 200 if body["status"] == "ok" else 503)
-
-    @app.get("/metrics")
-    async def metrics():
-        return Response(state["metrics"].render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **openapi.generation_route("Completion", "CompletionChunk", "CompletionRequest",
+                                                            secured))
     async def completions(request: Request):
-        if (refusal := denied(request)) is not None:
-            return refusal
         try:
-            req = op.parse_completion(await request.body())
-            _check_model(req.model, served_model)
+            req = op.parse_completion(await request.body(), state["types"][0])
             prompts = state["serving"].prepare_completion(req)
         except PdserveError as e:
             return _error_response(e)
         return await _respond(state["serving"], req, prompts, False, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **openapi.generation_route("ChatCompletion", "ChatCompletionChunk",
+                                                                 "ChatRequest", secured))
     async def chat_completions(request: Request):
-        if (refusal := denied(request)) is not None:
-            return refusal
         try:
-            req = op.parse_chat(await request.body())
-            _check_model(req.model, served_model)
+            req = op.parse_chat(await request.body(), state["types"][1])
             prompts = state["serving"].prepare_chat(req)
         except PdserveError as e:
             return _error_response(e)
         return await _respond(state["serving"], req, prompts, True, request)
 
+    @app.get("/v1/models", **openapi.json_route("ModelList", "The served model", secured))
+    async def models():
+        info = client.model_info()
+        return {"object": "list", "data": [{
+            "id": served_model, "object": "model", "created": state.get("created", 0), "owned_by": "pdserve",
+            "max_model_len": info.max_model_len if info else None}]}
+
+    @app.get("/health", **openapi.health_route(secured))
+    async def health(request: Request):
+        body = client.health()
+        status = 200 if body["status"] == "ok" else 503
+        if not is_authorized(api_key, request.headers.get("authorization")):
+            body = {"status": body["status"]}  # details (pids, hosts, addresses) only with the key
+        return JSONResponse(body, status)
+
+    @app.get("/metrics", response_class=PlainTextResponse, **openapi.metrics_route(secured))
+    async def metrics():
+        return Response(state["metrics"].render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_json():
+        if app.openapi_schema is None:
+            request_models = [*state["types"]] + ([KVDigestsRequest] if enable_debug else [])
+            app.openapi_schema = openapi.openapi_document(app, request_models, secured)
+        return JSONResponse(app.openapi_schema)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="pdserve API")
+
     if enable_debug:
-        @app.post("/debug/kv_digests")
+        @app.post("/debug/kv_digests", **openapi.json_route("KVDigests", "Digests of the cached blocks", secured,
+                                                            "KVDigestsRequest", (400,)))
         async def kv_digests(request: Request):
             """Per worker, a digest of each cached full block of the prompt (token ids) in the body."""
             from pdserve.hashing import hash_block_tokens
 
-            body = await request.json()
+            try:
+                body = op.parse_model(await request.body(), KVDigestsRequest)
+            except InvalidRequestError as e:
+                return _error_response(e)
             info = client.model_info()
-            hashes = hash_block_tokens(body["prompt_token_ids"], info.block_size if info else 16)
+            hashes = hash_block_tokens(body.prompt_token_ids, info.block_size if info else 16)
             return {"block_hashes": [str(h) for h in hashes], "workers": await client.kv_digests(hashes)}
 
     return app
@@ -151,6 +165,10 @@ async def _respond(serving: Serving, req, prompts, chat: bool, http_request: Req
                 yield sse(chunk)
         except PdserveError as e:
             yield sse(op.error_body(str(e), e.error_type, getattr(e, "param", None), e.http_status))
+        except Exception as e:  # a bug: the client still gets an error chunk and [DONE]
+            logger.error("stream failed: %s", type(e).__name__)
+            logger.debug("stream failure", exc_info=True)
+            yield sse(op.error_body("internal error", "internal_error", None, 500))
         finally:
             await chunks.aclose()  # client gone: aborts the request on every worker
         yield SSE_DONE
@@ -159,19 +177,21 @@ async def _respond(serving: Serving, req, prompts, chat: bool, http_request: Req
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _check_model(model: str, served_model: str) -> None:
-    if model != served_model:
-        raise InvalidRequestError(f"The model `{model}` does not exist; this server serves `{served_model}`",
-                                  "model")
+def _add_error_handlers(app: FastAPI) -> None:
+    """OpenAI's error body for what Starlette answers itself (unknown path, method not allowed)."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        message = f"Invalid URL ({request.method} {request.url.path})" if exc.status_code == 404 else str(exc.detail)
+        return JSONResponse(op.error_body(message), exc.status_code, headers=exc.headers)
 
 
 def _error_response(e: PdserveError) -> JSONResponse:
-    code = "model_not_found" if getattr(e, "param", None) == "model" else None
     headers = {}
     status = e.http_status
     if isinstance(e, OverloadedError) or status in (429, 503):
         headers["Retry-After"] = str(max(1, math.ceil(getattr(e, "retry_after_s", 1.0))))
     if status >= 500 and status != 503:
-        logger.error("request failed: %s", e)
-    return JSONResponse(op.error_body(str(e), e.error_type, getattr(e, "param", None), code), status,
-                        headers=headers)
+        logger.error("request failed: %s", e)  # our own message, which quotes no prompt
+    return JSONResponse(op.error_body(str(e), e.error_type, getattr(e, "param", None), getattr(e, "code", None)),
+                        status, headers=headers)
