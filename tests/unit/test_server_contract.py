@@ -11,7 +11,8 @@ from fastapi.testclient import TestClient
 
 from pdserve.errors import InvalidRequestError
 from pdserve.server import api_responses as r
-from pdserve.server.api_types import DEFAULT_MAX_TOKENS_CAP, Limits, request_types
+from pdserve.server.api_types import request_types
+from pdserve.server.limits import DEFAULT_MAX_TOKENS_CAP, Limits
 from pdserve.server.app import create_app
 from pdserve.server.client import RequestEvent
 from pdserve.worker.protocol import TokenOutput

@@ -169,7 +169,8 @@ def run_up(args: argparse.Namespace) -> int:
         auth = " -H 'Authorization: Bearer <API key>'" if frontend_env(args) else ""
         print(f"pdserve is ready at {url} (Ctrl-C stops it). Try:\n"
               f"curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
-              f"-d '{{\"model\": \"{served}\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}}'",
+              f"-d '{{\"model\": \"{served}\", \"prompt\": \"The capital of France is\", "
+              f"\"max_tokens\": {min(16, args.max_tokens_cap)}}}'",
               flush=True)
         return cluster.wait()
     except (RuntimeError, ValueError) as e:

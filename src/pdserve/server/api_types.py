@@ -2,8 +2,8 @@
 as their JSON schema in /openapi.json, so the validator and the document cannot drift.
 
 Types follow OpenAI's API reference: a field OpenAI marks nullable takes ``null`` and it means the
-field's default; integers follow JSON Schema, so ``5.0`` is the integer 5 (``5.5``, ``"5"`` and ``true``
-are not), as pydantic does for vLLM. A field pdserve does not implement is either absent (an unknown field
+field's default; integers follow JSON Schema, so ``5.0`` is the integer 5 as in vLLM, while ``5.5``, ``"5"``
+and ``true`` are not (vLLM's lax types take the last two). A field pdserve does not implement is either absent (an unknown field
 is a 400) or narrowed to the values it does implement (``echo``: only false; ``tools``: only empty), so the
 document says what this server accepts. vLLM's sampling extras (top_k, min_p, min_tokens, ...) are accepted.
 
@@ -12,7 +12,6 @@ vocabulary and the server's max_tokens cap become part of the type (and so of th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WrapValidator,
@@ -20,29 +19,12 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationI
 from pydantic_core import PydanticCustomError
 
 from pdserve.sampling_params import MAX_LOGPROBS
+from pdserve.server.limits import Limits
 
 MAX_N = 128
 MAX_STOP = 16
 MAX_CHAT_TOP_LOGPROBS = 20
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-DEFAULT_MAX_TOKENS = 16  # completions without max_tokens (OpenAI's and vLLM's default)
-DEFAULT_MAX_TOKENS_CAP = 4096  # the server's bound on any request's output tokens (--max-tokens-cap)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a deployment puts into its request types."""
-
-    served_model: str
-    max_model_len: int
-    max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP
-    vocab_size: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_tokens_cap < 1:
-            raise ValueError(f"max_tokens_cap must be >= 1, got {self.max_tokens_cap}")
-        if self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
 
 def _integral(value: Any) -> Any:

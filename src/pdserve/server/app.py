@@ -25,7 +25,8 @@ from pdserve.cluster.args import freeze_startup_objects
 from pdserve.errors import InvalidRequestError, OverloadedError, PdserveError
 from pdserve.server import openai_protocol as op
 from pdserve.server import openapi
-from pdserve.server.api_types import DEFAULT_MAX_TOKENS_CAP, KVDigestsRequest, Limits, request_types
+from pdserve.server.api_types import KVDigestsRequest, request_types
+from pdserve.server.limits import DEFAULT_MAX_TOKENS_CAP, Limits
 from pdserve.server.client import FrontendClient
 from pdserve.server.metrics import Metrics
 from pdserve.server.security import ApiKeyGuard, QuietErrors, is_authorized
@@ -156,6 +157,9 @@ async def _respond(serving: Serving, req, prompts, chat: bool, http_request: Req
     except PdserveError as e:
         await chunks.aclose()
         return _error_response(e)
+    except BaseException:  # a bug or a cancellation: end the request on the workers, then let it rise
+        await chunks.aclose()
+        raise
 
     async def body():
         try:

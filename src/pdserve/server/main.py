@@ -6,7 +6,7 @@ import logging
 import sys
 
 from pdserve.router.policies import POLICIES
-from pdserve.server.api_types import DEFAULT_MAX_TOKENS_CAP
+from pdserve.server.limits import DEFAULT_MAX_TOKENS_CAP
 from pdserve.server.security import API_KEY_ENV
 
 

@@ -14,8 +14,8 @@ from pydantic import ValidationError
 
 from pdserve.errors import InvalidRequestError, ModelNotFoundError
 from pdserve.sampling_params import SamplingParams
-from pdserve.server.api_types import (DEFAULT_MAX_TOKENS, AssistantMessage, ChatRequest, CompletionRequest,
-                                      Limits)
+from pdserve.server.api_types import AssistantMessage, ChatRequest, CompletionRequest
+from pdserve.server.limits import DEFAULT_MAX_TOKENS, Limits
 
 
 @dataclass

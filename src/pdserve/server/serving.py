@@ -18,7 +18,7 @@ from pdserve.engine.output_processor import TextState
 from pdserve.engine.outputs import EngineOutput, TokenLogprobs
 from pdserve.errors import InvalidRequestError, PdserveError
 from pdserve.server import openai_protocol as op
-from pdserve.server.api_types import Limits
+from pdserve.server.limits import Limits
 from pdserve.server.client import FrontendClient, RequestEvent
 from pdserve.server.metrics import Metrics
 from pdserve.worker.protocol import TokenOutput
