@@ -38,13 +38,21 @@ def _sse_events(resp) -> list[str]:
 
 # ---- OpenAI's nulls and integers ------------------------------------------------------------------------
 
-COMPLETION_NULLS = ["max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
-                    "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "echo", "best_of", "suffix",
-                    "user", "top_k", "min_p", "min_tokens", "ignore_eos", "repetition_penalty", "stop_token_ids",
-                    "skip_special_tokens", "include_stop_str_in_output", "return_tokens_as_token_ids"]
-CHAT_NULLS = [f for f in COMPLETION_NULLS if f not in ("logprobs", "echo", "best_of", "suffix")] + [
-    "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
-    "response_format", "add_generation_prompt"]
+# The fields OpenAI's OpenAPI document marks nullable (CreateCompletionRequest, CreateChatCompletionRequest)
+OPENAI_COMPLETION_NULLABLE = ["best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n",
+                              "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix",
+                              "temperature", "top_p"]  # and prompt, tested on its own
+OPENAI_CHAT_NULLABLE = ["audio", "frequency_penalty", "logit_bias", "logprobs", "max_completion_tokens",
+                        "max_tokens", "metadata", "modalities", "moderation", "n", "prediction", "presence_penalty",
+                        "prompt_cache_key", "prompt_cache_retention", "reasoning_effort", "safety_identifier",
+                        "seed", "service_tier", "stop", "store", "stream", "stream_options", "temperature",
+                        "top_logprobs", "top_p", "verbosity"]
+# and pdserve's own optional fields, vLLM's extras among them
+EXTRA_NULLABLE = ["user", "top_k", "min_p", "min_tokens", "ignore_eos", "repetition_penalty", "stop_token_ids",
+                  "skip_special_tokens", "include_stop_str_in_output", "return_tokens_as_token_ids"]
+COMPLETION_NULLS = OPENAI_COMPLETION_NULLABLE + EXTRA_NULLABLE
+CHAT_NULLS = OPENAI_CHAT_NULLABLE + EXTRA_NULLABLE + ["tools", "tool_choice", "parallel_tool_calls",
+                                                      "response_format", "add_generation_prompt"]
 
 
 def test_every_nullable_field_takes_null_as_its_default(http, fake):
@@ -87,7 +95,7 @@ def test_other_numbers_and_types_are_400(http, fake, value):
                                          ("user", 5), ("stop", 3)])
 def test_no_coercion_between_types(http, field, value):
     resp = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", field: value})
-    assert resp.status_code == 400 and resp.json()["error"]["param"] == field, resp.text
+    assert resp.status_code == 400 and resp.json()["error"]["param"].startswith(field), resp.text
 
 
 @pytest.mark.parametrize("field,value", [("echo", True), ("suffix", "x"), ("logit_bias", {"1": 2}),
@@ -95,6 +103,15 @@ def test_no_coercion_between_types(http, field, value):
 def test_unsupported_values_are_400_with_the_reason(http, field, value):
     err = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", field: value}).json()["error"]
     assert err["param"] == field and "not supported" in err["message"], err
+
+
+@pytest.mark.parametrize("field,value", [("store", True), ("metadata", {"a": "b"}), ("service_tier", "auto"),
+                                         ("tools", [{"type": "function"}]), ("tool_choice", "auto"),
+                                         ("response_format", {"type": "json_object"})])
+def test_unsupported_chat_values_are_400(http, field, value):
+    resp = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                   field: value})
+    assert resp.status_code == 400 and resp.json()["error"]["param"].startswith(field), resp.text
 
 
 def test_null_prompt_starts_a_document(http, fake):

@@ -138,6 +138,9 @@ def _example(**body: Any):
     return add
 
 
+_NULL_ONLY = "not supported: only null"
+
+
 class CompletionRequest(_Sampling):
     model_config = ConfigDict(json_schema_extra=_example(prompt="The capital of France is", temperature=0))
 
@@ -146,7 +149,7 @@ class CompletionRequest(_Sampling):
                                        description="alternatives per token besides the sampled one")
     echo: Union[only(False), None] = Field(False, description="not supported: only false")
     best_of: Union[integer(ge=1, le=MAX_N), None] = Field(None, description="supported only equal to n")
-    suffix: None = Field(None, description="not supported: only null")
+    suffix: None = Field(None, description=_NULL_ONLY)
 
 
 class TextPart(_Body):
@@ -209,6 +212,19 @@ class ChatRequest(_Sampling):
     parallel_tool_calls: Union[bool, None] = None
     response_format: Union[ResponseFormatText, None] = Field(None, description="only {'type': 'text'}")
     add_generation_prompt: Union[bool, None] = Field(True, description="vLLM's extra")
+    # OpenAI's nullable fields that pdserve does not implement: null (or their default) only
+    store: Union[only(False), None] = Field(False, description="not supported: only false or null")
+    audio: None = Field(None, description=_NULL_ONLY)
+    metadata: None = Field(None, description=_NULL_ONLY)
+    modalities: None = Field(None, description=_NULL_ONLY)
+    moderation: None = Field(None, description=_NULL_ONLY)
+    prediction: None = Field(None, description=_NULL_ONLY)
+    prompt_cache_key: None = Field(None, description=_NULL_ONLY)
+    prompt_cache_retention: None = Field(None, description=_NULL_ONLY)
+    reasoning_effort: None = Field(None, description=_NULL_ONLY)
+    safety_identifier: None = Field(None, description=_NULL_ONLY)
+    service_tier: None = Field(None, description=_NULL_ONLY)
+    verbosity: None = Field(None, description=_NULL_ONLY)
 
 
 def request_types(limits: Limits) -> tuple[type[CompletionRequest], type[ChatRequest]]:
