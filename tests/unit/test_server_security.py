@@ -125,6 +125,9 @@ def test_up_hands_the_key_to_its_frontend_through_the_environment(tmp_path, monk
     assert frontend_env(args)[API_KEY_ENV] == KEY
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     assert frontend_env(parser.parse_args([])) is None  # no key: the frontend inherits the environment
+    from_cluster_file = parser.parse_args([])
+    from_cluster_file.api_key = "from-yaml"  # a cluster file's api_key (cluster/config.py) travels the same way
+    assert frontend_env(from_cluster_file)[API_KEY_ENV] == "from-yaml"
 
 
 # ---- prompts and bodies stay out of the logs ------------------------------------------------------------
