@@ -6,6 +6,7 @@ import sys
 
 from pdserve.cluster.args import add_engine_args
 from pdserve.router.policies import POLICIES
+from pdserve.server.monitor_args import add_monitor_args
 
 
 def register(subparsers) -> None:
@@ -42,6 +43,7 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-debug-endpoints", action="store_true")
     p.add_argument("--trace-dir", default=None,
                    help="every process writes an event trace here (for `pdserve profile --live`)")
+    add_monitor_args(p)
     add_engine_args(p)
 
 

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdserve.cluster.args import engine_args_to_argv
+from pdserve.cluster.startup import StartupProgress, summary
+from pdserve.progress import PROGRESS_FILE_ENV
+from pdserve.server.monitor_args import monitor_args_to_argv, monitor_options_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class LocalCluster:
         self.children: list[Child] = []
         self.tmpdir = Path(tempfile.mkdtemp(prefix="pdserve-up-"))
         self._stopping = False
+        self.progress = StartupProgress()
 
     # -- public --------------------------------------------------------------------------------------
     def start(self, ready_timeout_s: float = 600.0) -> str:
@@ -58,6 +62,7 @@ class LocalCluster:
         self._start_frontend(addresses)
         url = f"http://{self.args.host}:{self.args.port}"
         self._wait_health(url, deadline)
+        self.progress.frontend_ready()
         return url
 
     def wait(self) -> int:
@@ -120,8 +125,10 @@ class LocalCluster:
         return ["prefill"] * a.prefill + ["decode"] * a.decode
 
     def _start_worker(self, i: int, role: str, cpus: str | None) -> None:
-        ready = self.tmpdir / f"worker-{i}.json"
-        self.children.append(Child(f"worker {role}-{i}", _spawn(self.worker_argv(i, role, cpus, ready)), ready))
+        ready, progress = self.tmpdir / f"worker-{i}.json", self.tmpdir / f"progress-{i}.jsonl"
+        self.progress.add_worker(f"{role}-{i}", progress, ready)
+        env = {**os.environ, PROGRESS_FILE_ENV: str(progress)}
+        self.children.append(Child(f"worker {role}-{i}", _spawn(self.worker_argv(i, role, cpus, ready), env), ready))
         logger.info("started worker %s-%d%s", role, i, f" on core {cpus}" if cpus is not None else "")
 
     def _start_frontend(self, addresses: str) -> None:
@@ -138,12 +145,14 @@ class LocalCluster:
             argv.append("--enable-debug-endpoints")
         if a.trace_dir:
             argv += ["--trace-file", str(Path(a.trace_dir) / "frontend.jsonl")]
+        argv += monitor_args_to_argv(a)
         self.children.append(Child("frontend", _spawn(argv)))
 
     def _wait_ready(self, child: Child, deadline: float) -> None:
         while time.monotonic() < deadline:
             if child.proc.poll() is not None:
                 raise RuntimeError(f"{child.name} exited with code {child.proc.returncode} while starting")
+            self.progress.poll()
             if child.ready_file.exists():
                 child.record = json.loads(child.ready_file.read_text())
                 return
@@ -164,23 +173,33 @@ def run_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     try:
+        monitor_options_from_args(args)  # bad prices or objectives fail before any worker starts
         url = cluster.start()
-        served = args.served_model_name or args.model
-        auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
-        print(f"pdserve is ready at {url} (Ctrl-C stops it). Try:\n"
-              f"curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
-              f"-d '{{\"model\": \"{served}\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}}'",
-              flush=True)
+        print(summary(url, _cluster_status(url, args.api_key), args.served_model_name or args.model,
+                      args.api_key), flush=True)
         return cluster.wait()
     except (RuntimeError, ValueError) as e:
         logger.error("%s", e)
         return 1
     finally:
+        cluster.progress.close()
         cluster.stop()
 
 
-def _spawn(argv: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(argv, preexec_fn=_die_with_parent, stdout=subprocess.DEVNULL)
+def _spawn(argv: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(argv, preexec_fn=_die_with_parent, stdout=subprocess.DEVNULL, env=env)
+
+
+def _cluster_status(url: str, api_key: str | None) -> dict | None:
+    """/v1/cluster of the cluster just started, for its summary (None if it cannot be read)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        return httpx.get(f"{url}/v1/cluster", headers=headers, timeout=10.0).raise_for_status().json()
+    except (httpx.HTTPError, ValueError) as e:
+        logger.warning("cannot read %s/v1/cluster for the summary: %s", url, e)
+        return None
 
 
 def _die_with_parent() -> None:

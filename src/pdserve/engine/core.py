@@ -75,6 +75,7 @@ class EngineCore:
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
         self._num_steps = 0
+        self.last_chunks: list = []  # the chunks of the last step (a worker meters its busy time by them)
         logger.info("engine ready in %.1fs: %s on %s (%s), KV cache %d blocks x %d tokens = %d tokens "
                     "(%.2f GiB), max_model_len %d", time.perf_counter() - start, self.arch.architecture,
                     self.device, str(self.dtype).removeprefix("torch."), self.num_blocks, self.block_size,
@@ -127,6 +128,7 @@ class EngineCore:
     def step(self) -> list[EngineOutput]:
         """Schedule, execute, update. Returns the per-request deltas of this step ([] when idle)."""
         sched = self.scheduler.schedule()
+        self.last_chunks = sched.chunks
         self._reservations.extend(sched.reservations)
         if sched.is_empty:
             return []

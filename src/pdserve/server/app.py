@@ -1,4 +1,5 @@
-"""The FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
+"""The FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics (and, from
+server/dashboard.py, /v1/cluster and /dashboard).
 
 Every error is OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 for bad input,
 401 for a missing or wrong API key, 429/503 with Retry-After under overload or without live workers.
@@ -21,6 +22,7 @@ from pdserve.cluster.args import freeze_startup_objects
 from pdserve.errors import InvalidRequestError, OverloadedError, PdserveError
 from pdserve.server import openai_protocol as op
 from pdserve.server.client import FrontendClient
+from pdserve.server.dashboard import dashboard_router
 from pdserve.server.metrics import Metrics
 from pdserve.server.serving import SSE_DONE, Serving, sse
 
@@ -30,7 +32,7 @@ DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its cli
 
 
 def create_app(client: FrontendClient, served_model: str, tokenizer_loader, api_key: str | None = None,
-               enable_debug: bool = False) -> FastAPI:
+               enable_debug: bool = False, monitor_options=None) -> FastAPI:
     """``tokenizer_loader()`` returns the tokenizer (called once, at startup, after the workers answer)."""
     state: dict = {}
 
@@ -62,6 +64,8 @@ def create_app(client: FrontendClient, served_model: str, tokenizer_loader, api_
             return None
         return JSONResponse(op.error_body("Incorrect or missing API key (Authorization: Bearer ...)",
                                           "invalid_request_error", None, "invalid_api_key"), 401)
+
+    app.include_router(dashboard_router(client, denied, monitor_options))  # /v1/cluster, /dashboard
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -6,6 +6,7 @@ import logging
 import sys
 
 from pdserve.router.policies import POLICIES
+from pdserve.server.monitor_args import add_monitor_args, monitor_options_from_args
 
 
 def add_frontend_args(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +29,7 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-debug-endpoints", action="store_true", help="POST /debug/kv_digests")
     parser.add_argument("--trace-file", default=None,
                         help="write an event trace (request submits, first tokens) here, for `pdserve profile --live`")
+    add_monitor_args(parser)
 
 
 def run_frontend(args: argparse.Namespace) -> int:
@@ -36,6 +38,11 @@ def run_frontend(args: argparse.Namespace) -> int:
     from pdserve.server.app import create_app
     from pdserve.server.client import FrontendClient, FrontendOptions
 
+    try:
+        monitor_options = monitor_options_from_args(args)
+    except ValueError as e:
+        print(f"pdserve frontend: error: {e}", file=sys.stderr)
+        return 2
     options = FrontendOptions(tuple(a.strip() for a in args.workers.split(",") if a.strip()),
                               routing=args.routing, prefix_load_weight=args.prefix_load_weight,
                               min_remote_prefill_tokens=args.min_remote_prefill_tokens,
@@ -52,7 +59,7 @@ def run_frontend(args: argparse.Namespace) -> int:
         return load_tokenizer(args.tokenizer or checkpoint_path(args.model), eos)
 
     app = create_app(client, args.served_model_name or args.model, load, api_key=args.api_key,
-                     enable_debug=args.enable_debug_endpoints)
+                     enable_debug=args.enable_debug_endpoints, monitor_options=monitor_options)
     uvicorn.run(app, host=args.host, port=args.port, log_level=getattr(args, "log_level", "info"),
                 access_log=False)
     return 0

@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.sim.cluster import ClusterSpec, PoolSpec
+from pdserve.sim.cost import step_prefill_share
 from pdserve.sim.hardware import Hardware, load_catalogue
 from pdserve.sim.instance import Instance, WorkItem
 from pdserve.sim.models import ModelSpec, get_model
@@ -323,7 +324,7 @@ class Simulator:
         inst.num_steps += 1
         inst.busy_s += dt
         if shape.num_prefill_tokens:
-            inst.prefill_busy_s += dt * _prefill_share(inst.perf, shape)
+            inst.prefill_busy_s += dt * step_prefill_share(inst.perf, shape)
         self._push(now + dt, _STEP_END, (inst, out))
 
     def _try_window(self, inst: Instance, now: float) -> bool:
@@ -502,15 +503,6 @@ def make_perf_model(kind: str, model: ModelSpec, hardware: Hardware, tp: int, pr
 def _is_first_decode(chunk) -> bool:
     """Whether ``chunk`` is its request's first decode (one token right after the whole prompt)."""
     return chunk.num_tokens == 1 and chunk.start == chunk.request.num_prompt_tokens
-
-
-def _prefill_share(perf: PerfModel, shape: BatchShape) -> float:
-    """Fraction of a mixed step's time spent on its prefill tokens (for cost attribution)."""
-    if not shape.num_decode:
-        return 1.0
-    t_p = perf.step_time_s(BatchShape(shape.num_prefill_tokens, shape.prefill_attn, shape.prefill_kv, 0, 0, 1))
-    t_d = perf.decode_step_time_s(shape.num_decode, shape.decode_ctx, shape.decode_max_ctx)
-    return t_p / (t_p + t_d) if t_p + t_d > 0 else 0.0
 
 
 def _sampling(spec: ClusterSpec, sample_instances: int | None):

@@ -26,6 +26,7 @@ from pdserve.kv.transfer import IncomingTransfer, KVReceiver, KVSender, bind_soc
     make_receiver, make_sender
 from pdserve.sampling_params import SamplingParams
 from pdserve.worker import protocol as p
+from pdserve.worker.busy import BusyMeter, device_info
 from pdserve.worker.trace import Tracer
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,9 @@ class Worker:
                 raise
         self.core = core
         self.kv_target = self.receiver.target() if self.receiver and self.receiver.cache is not None else None
+        self.device = device_info(core.device)
+        self._busy = BusyMeter.for_engine(core.arch, core.dtype, self.device.hardware)
+        self._start_s = time.monotonic()
         self._senders: dict[str, KVSender] = {}
         self._peers: set[bytes] = set()
         self._owner: dict[str, bytes] = {}  # request id -> frontend identity
@@ -139,7 +143,8 @@ class Worker:
         return p.WorkerInfo(self.worker_id, self.options.role, self.core.config.model.model, os.getpid(),
                             socket.gethostname(), self.core.block_size, self.core.num_blocks,
                             self.core.max_model_len, self.receiver.backend if self.receiver else "",
-                            list(self.core.arch.eos_token_ids))
+                            list(self.core.arch.eos_token_ids), self.device.device_type, self.device.device_name,
+                            self.device.num_cores, self.device.hardware)
 
     def ready_record(self) -> dict:
         """What the launcher reads: where to reach this worker."""
@@ -172,12 +177,11 @@ class Worker:
     def _step(self) -> list[EngineOutput]:
         if not self.core.has_unfinished_requests():
             return []
-        if not self._trace.enabled:
-            return self.core.step()
         s = time.monotonic()
         outputs = self.core.step()
         e = time.monotonic()
-        if self._scheduled:
+        self._busy.record(self.core.last_chunks, e - s)
+        if self._trace.enabled and self._scheduled:
             self._pending_step = (s, e, self._scheduled, len(outputs))
             self._scheduled = []
         return outputs
@@ -471,7 +475,8 @@ class Worker:
                         s.num_awaiting_kv, s.kv_usage, s.num_blocks, s.num_free_blocks, s.prefix_query_tokens,
                         s.prefix_hit_tokens, s.num_preemptions, s.num_prompt_tokens, s.num_generation_tokens,
                         len(self._held), self._counters.num_transfers, self._counters.num_failed_transfers,
-                        self._counters.kv_bytes, self._counters.transfer_s)
+                        self._counters.kv_bytes, self._counters.transfer_s, self._busy.busy_s,
+                        self._busy.prefill_busy_s, now - self._start_s)
         stored, evicted = self.core.take_kv_events()
         for peer in self._peers:
             self._send(peer, stats)

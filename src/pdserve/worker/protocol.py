@@ -137,6 +137,10 @@ class WorkerInfo(msgspec.Struct, tag=20, tag_field="t", omit_defaults=True):
     max_model_len: int
     kv_backend: str = ""
     eos_token_ids: list[int] = []
+    device: str = ""  # "cpu", "cuda", ... (worker/busy.py)
+    device_name: str = ""  # "NVIDIA H100 80GB HBM3", the CPU's model name
+    num_cores: int = 0  # a CPU worker: the cores it runs on
+    hardware: str = ""  # the hardware catalogue entry the device stands for (its price), "" if none
 
 
 class Outputs(msgspec.Struct, tag=21, tag_field="t"):
@@ -175,6 +179,9 @@ class Stats(msgspec.Struct, tag=23, tag_field="t", omit_defaults=True):
     num_failed_transfers: int = 0
     kv_transfer_bytes: int = 0
     kv_transfer_s: float = 0.0
+    busy_s: float = 0.0  # seconds inside engine steps
+    prefill_busy_s: float = 0.0  # the part of busy_s spent on prefill (sim/cost.py: step_prefill_share)
+    uptime_s: float = 0.0  # seconds since the worker's engine was ready (what its device is paid for)
 
 
 class KVEvents(msgspec.Struct, tag=24, tag_field="t"):
