@@ -79,7 +79,8 @@ def summary(url: str, status: dict | None, served_model: str, api_key: str | Non
     auth = " -H 'Authorization: Bearer $PDSERVE_API_KEY'" if api_key else ""
     lines = [f"pdserve is ready at {url} (Ctrl-C stops it)", ""]
     if status is not None:
-        workers = status.get("workers", [])
+        order = {"prefill": 0, "decode": 1, "both": 2}
+        workers = sorted(status.get("workers", []), key=lambda w: (order.get(w["role"], 3), w["worker_id"]))
         roles = [w["role"] for w in workers]
         layout = ", ".join(f"{roles.count(r)} {r}" for r in ("prefill", "decode", "both") if r in roles)
         lines.append(f"  model      {served_model}")

@@ -11,6 +11,8 @@ import sys
 import time
 from dataclasses import replace
 
+from pdserve.progress import on_terminal
+
 logger = logging.getLogger(__name__)
 
 
@@ -53,7 +55,9 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("objectives")
     g.add_argument("--slo-ttft", type=float, default=None, metavar="SECONDS")
     g.add_argument("--slo-tpot", type=float, default=None, metavar="SECONDS")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (the default when stderr is not a terminal)")
+    p.set_defaults(progress=on_terminal())
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:

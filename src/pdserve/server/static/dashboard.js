@@ -98,6 +98,8 @@
     const per = ((cost.windows || {}).total || {}).cost_per_million_tokens || {};
     $("cost").textContent = `${usd(per.input)} · ${usd(per.cached_input)} · ${usd(per.output)}`;
     $("spend").textContent = `${usd(cost.price_per_hour)}/h · ${usd(cost.cost_usd, 4)}`;
+    const tokens = ((cost.windows || {}).total || {}).tokens;
+    $("tokens").textContent = tokens ? `${tokens.input} · ${tokens.cached_input} · ${tokens.output}` : "-";
   }
 
   function renderWorkers(workers) {
