@@ -148,7 +148,8 @@ def test_dashboard_in_a_real_browser(cluster, tmp_path):
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(f"{url}/dashboard")
             page.wait_for_selector("#workers tbody tr[data-worker]", timeout=30_000)
-            shown = page.eval_on_selector_all("#workers tbody tr[data-worker]", "rows => rows.map(r => r.dataset.worker)")
+            shown = page.eval_on_selector_all("#workers tbody tr[data-worker]",
+                                              "rows => rows.map(r => r.dataset.worker)")
             assert sorted(shown) == sorted(w["worker_id"] for w in _status(url)["workers"])
             page.wait_for_function("document.getElementById('tokens').textContent !== '-'", timeout=30_000)
             before = page.inner_text("#tokens")

@@ -84,7 +84,8 @@ def test_windows_rates_and_attainment_over_snapshots():
     assert w["cost"]["input_time_share"] == pytest.approx(0.25)
     # the cost gauges on /metrics: every window, NaN where a kind has no tokens
     families = {f.name: f for f in text_string_to_metric_families(m.render().decode())}
-    gauge = {(s.labels["kind"], s.labels["window"]): s.value for s in families["pdserve:cost_per_million_tokens"].samples}
+    gauge = {(s.labels["kind"], s.labels["window"]): s.value
+             for s in families["pdserve:cost_per_million_tokens"].samples}
     assert set(gauge) == {(k, w) for k in ("input", "cached_input", "output") for w in ("1m", "5m", "total")}
     cpu_price = 0.08  # hardware.yaml, cpu-this-machine, two cores
     assert [s.value for s in families["pdserve:cost_usd"].samples] == [pytest.approx(cpu_price)]

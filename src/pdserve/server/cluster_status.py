@@ -2,8 +2,9 @@
 
 Built from the frontend client's connections (each worker's ``WorkerInfo`` and latest ``Stats``) and the
 monitor's windows (server/monitor.py), which read the same objects as /metrics. ``cluster_status``
-assembles named sections, each a function of (client, monitor, the snapshot of this moment, the figures
-of the last ``RATE_WINDOW_S``); a new part of the system adds its own section to ``SECTIONS``, and the dashboard shows what it knows and ignores the rest.
+assembles named sections, each a function of (client, monitor, the snapshot of this moment, the
+figures of the last ``RATE_WINDOW_S``); a new part of the system (the elastic controller's decisions, say)
+adds its own section to ``SECTIONS``, and the dashboard shows what it knows and ignores the rest.
 
 Sections: ``workers`` (role, device, cores, queue, running batch, KV use, prefix-cache hit rate, price),
 ``rates`` and ``latency`` (over the last ``RATE_WINDOW_S``), ``slo`` (objectives and attainment, when

@@ -115,7 +115,8 @@ def measure(engine, quick: bool = False, passes: int = 1) -> tuple[list[BatchSha
                       if n * batch <= budget]
     decode_points = [[ctx] * b for ctx in (DECODE_CTX[:1] if quick else DECODE_CTX)
                      for b in (DECODE_BATCH[:3] if quick else DECODE_BATCH)]
-    decode_points += [[DECODE_CTX[-1]] + [DECODE_CTX[0]] * (b - 1) for b in (UNEVEN_BATCH[:1] if quick else UNEVEN_BATCH)]
+    decode_points += [[DECODE_CTX[-1]] + [DECODE_CTX[0]] * (b - 1)
+                      for b in (UNEVEN_BATCH[:1] if quick else UNEVEN_BATCH)]
     progress = bar(passes * (len(prefill_points) + len(decode_points)), "profiling", unit="shape")
     runs = []
     for _ in range(passes):
