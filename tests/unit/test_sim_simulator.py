@@ -134,10 +134,14 @@ def test_cluster_file_round_trip(tmp_path):
     spec = _disagg(3, 5)
     path = spec.dump(tmp_path / "c.yaml")
     assert load_cluster(path) == spec
-    (tmp_path / "bad.yaml").write_text("model: x\nmode: colocated\ncolocated: 2\nhardware: h100-sxm\ngpus: 3\n")
+    (tmp_path / "bad.yaml").write_text("model: x\nserving: {mode: colocated, colocated: 2}\n"
+                                       "planning: {hardware: h100-sxm, gpus: 3}\n")
     with pytest.raises(ValueError, match="gpus"):
         load_cluster(tmp_path / "bad.yaml")
-    # The same file is a `pdserve up --config` file: its serving keys are the launcher's.
-    from pdserve.cluster.config import load_cluster_file
-    settings = load_cluster_file(path)
-    assert (settings["prefill"], settings["decode"], settings["colocated"]) == (3, 5, 0)
+    (tmp_path / "nohw.yaml").write_text("model: x\nserving: {mode: colocated, colocated: 2}\n")
+    with pytest.raises(ValueError, match="planning.hardware"):
+        load_cluster(tmp_path / "nohw.yaml")
+    # The same file is a `pdserve up --config` file: its serving section is the launcher's.
+    from pdserve import cluster_file
+    serving = cluster_file.load(path).serving
+    assert (serving.mode, serving.prefill, serving.decode) == ("disaggregated", 3, 5)

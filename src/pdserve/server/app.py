@@ -17,7 +17,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from pdserve.cluster.args import freeze_startup_objects
+from pdserve.runtime import freeze_startup_objects
 from pdserve.errors import InvalidRequestError, OverloadedError, PdserveError
 from pdserve.server import openai_protocol as op
 from pdserve.server.client import FrontendClient
@@ -39,6 +39,7 @@ def create_app(client: FrontendClient, served_model: str, tokenizer_loader, api_
         await client.start()
         info = client.model_info()
         metrics = Metrics(served_model, lambda: [c.stats for c in client.conns.values() if c.is_alive])
+        metrics.bind_attainment(client.attainment)
         client.metrics = metrics
         tokenizer = tokenizer_loader()
         max_model_len = info.max_model_len if info else 2048
@@ -76,6 +77,14 @@ def create_app(client: FrontendClient, served_model: str, tokenizer_loader, api_
     async def health():
         body = client.health()
         return JSONResponse(body, 200 if body["status"] == "ok" else 503)
+
+    @app.get("/v1/cluster")
+    async def cluster(request: Request):
+        """Every worker's role, cores, queue, batch, KV use and step target; the objectives' attainment over
+        the last window; the elastic controller's recent decisions and their reasons."""
+        if (refusal := denied(request)) is not None:
+            return refusal
+        return client.cluster_status()
 
     @app.get("/metrics")
     async def metrics():

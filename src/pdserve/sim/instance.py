@@ -8,11 +8,14 @@ from dataclasses import dataclass
 from pdserve.config import SchedulerConfig
 from pdserve.engine.kv_manager import KVCacheManager
 from pdserve.engine.scheduler import Scheduler
+from pdserve.flow.decode import DecodeSide
+from pdserve.flow.prefill import PrefillSide
+from pdserve.kv.base import RemotePrefill
 from pdserve.sim.cluster import PoolSpec
 from pdserve.sim.hardware import Hardware
-from pdserve.sim.overheads import COLD_IDLE_S
 from pdserve.sim.perf_model import PerfModel
 from pdserve.sim.requests import SimRequest
+from pdserve.sim.step_time import StepTime
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,14 @@ class Instance:
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         config = SchedulerConfig(max_num_batched_tokens=pool.max_num_batched_tokens, max_num_seqs=pool.max_num_seqs,
                                  enable_chunked_prefill=pool.enable_chunked_prefill, max_waiting=1 << 30)
-        self.scheduler = Scheduler(config, self.kv, max_model_len)
+        self.remote = RemotePrefill()  # the scheduler side of disaggregation, as a worker's engine has it
+        self.scheduler = Scheduler(config, self.kv, max_model_len, external=self.remote)
+        # The hand-off's worker sides (deadlines never pass in a simulation without failures).
+        self.decode_side = DecodeSide(transfer_timeout_s=1e18, writes_remotely=False)
+        self.prefill_side = PrefillSide(hold_timeout_s=1e18)
+        self.kv_target = None  # protocol.KVTarget: what this instance's reservations name
+        self.num_inflight = 0  # the frontend's count (the router reads the exact scheduler counts here)
+        self.is_alive = True
         self.block_size = block_size
         self.busy = False
         self.version = 0
@@ -45,22 +55,31 @@ class Instance:
         self.window: tuple[float, list[float], list[SimRequest]] | None = None
         self.window_limit = 8  # steps the next fast-forward window may cover
         self.link_free_s = 0.0
-        self.inbox: list[tuple[str, str]] = []  # (kind, request id) messages read at the next step boundary
-        self.outbox: list[str] = []  # request ids whose reservations leave when the step ends
-        self.step_overhead = None  # sim.overheads.StepOverhead of this role, from a live calibration
-        self.noise = None  # overheads.StepNoise: the step jitter, seeded by the simulator
+        self.inbox: list[tuple[str, object]] = []  # (kind, body) messages read at the next step boundary
+        self.outbox: list = []  # reservations (protocol.KVReservationMsg) that leave when the step ends
+        self.step_time = StepTime(perf)  # the simulator sets it with a live calibration's overheads, if any
         self.num_steps = 0
         self.busy_s = 0.0
         self.prefill_busy_s = 0.0
 
-    def is_cold(self, now: float) -> bool:
-        """Whether a step starting at ``now`` follows an idle spell (``overheads.COLD_IDLE_S``)."""
-        return now - self.idle_since >= COLD_IDLE_S
+    def add(self, request: SimRequest, remote_kv: bool = False, hold_kv: bool = False) -> None:
+        """What a worker does with ``AddRequest``: queue it; a remote prefill's KV, or a held prefill."""
+        self.scheduler.add_request(request)
+        if remote_kv:
+            self.remote.expect(request.request_id)
+            self.decode_side.add(request.request_id)
+        if hold_kv:
+            self.remote.hold(request.request_id)
+            self.prefill_side.add(request.request_id)
+
+    def release_kv(self, request_id: str) -> None:
+        self.scheduler.release_kv(request_id)
+        self.remote.forget([request_id])
 
     # -- the view routing policies read (as router.instances.InstanceView) ----------------------------
     @property
     def instance_id(self) -> str:
-        return str(self.index)
+        return f"{self.role}-{self.index}"
 
     @property
     def queue_len(self) -> int:
@@ -79,3 +98,17 @@ class Instance:
                 break
             n += 1
         return n
+
+
+class SimTracker:
+    """The router's instance tracker over simulated instances: the views are the instances themselves, whose
+    counts come straight from their schedulers (a live router's lag by a stats interval is not modelled)."""
+
+    def __init__(self, instances: Sequence[Instance]) -> None:
+        self.instances = {inst.instance_id: inst for inst in instances}
+
+    def views(self, roles: tuple[str, ...]) -> list[Instance]:
+        return [i for i in self.instances.values() if i.role in roles and i.is_alive]
+
+    def set_alive(self, instance_id: str, is_alive: bool) -> None:
+        self.instances[instance_id].is_alive = is_alive
