@@ -129,6 +129,12 @@ class Shutdown(msgspec.Struct, tag=7, tag_field="t"):
     pass
 
 
+class CheckIntegrity(msgspec.Struct, tag=9, tag_field="t"):
+    """Debug: run the engine's KV bookkeeping check (free + cached + used == total, reference counts)."""
+
+    query_id: str
+
+
 class Configure(msgspec.Struct, tag=8, tag_field="t", omit_defaults=True):
     """Frontend -> worker (the elastic controller): change the worker's role, cores or step target; fields
     left unset stay as they are. ``cpus`` empty parks the worker (nothing new is routed to it; what it runs
@@ -243,6 +249,12 @@ class KVDigestReply(msgspec.Struct, tag=27, tag_field="t"):
     digests: list[str]  # hex digest per hash, "" where the block is not cached
 
 
+class IntegrityReply(msgspec.Struct, tag=28, tag_field="t", omit_defaults=True):
+    worker_id: str
+    query_id: str
+    error: str = ""  # "" when the check passed
+
+
 # ---- prefill worker -> decode worker (KV data plane) ------------------------------------------------------
 
 
@@ -263,14 +275,16 @@ class KVTransferDone(msgspec.Struct, tag=40, tag_field="t", omit_defaults=True):
     error: str = ""
 
 
-ToWorker = Union[Hello, AddRequest, Abort, FailRemoteKV, ForwardReservation, KVDigestRequest, Shutdown, Configure]
+ToWorker = Union[Hello, AddRequest, Abort, FailRemoteKV, ForwardReservation, KVDigestRequest, Shutdown, Configure,
+                 CheckIntegrity]
 FromWorker = Union[WorkerInfo, Outputs, ErrorMsg, Stats, KVEvents, KVReservationMsg, PrefillDone,
-                   KVDigestReply]
+                   KVDigestReply, IntegrityReply]
 KVPlane = KVTransferDone
 
 MESSAGE_TYPES: tuple[type, ...] = (Hello, AddRequest, Abort, FailRemoteKV, ForwardReservation,
-                                   KVDigestRequest, Shutdown, Configure, WorkerInfo, Outputs, ErrorMsg, Stats,
-                                   KVEvents, KVReservationMsg, PrefillDone, KVDigestReply, KVTransferDone)
+                                   KVDigestRequest, Shutdown, Configure, CheckIntegrity, WorkerInfo, Outputs,
+                                   ErrorMsg, Stats, KVEvents, KVReservationMsg, PrefillDone, KVDigestReply,
+                                   IntegrityReply, KVTransferDone)
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(ToWorker)

@@ -23,6 +23,7 @@ TO_WORKER = [
     p.Shutdown(),
     p.Configure(role="prefill", cpus=[1], set_step_target=True, step_target_s=0.04),
     p.Configure(cpus=[], set_step_target=True),  # park, and no step target
+    p.CheckIntegrity("q2"),
 ]
 FROM_WORKER = [
     p.WorkerInfo("decode-1", "decode", "smollm2-135m", 123, "host", 16, 1000, 8192, "shm", [2]),
@@ -39,6 +40,8 @@ FROM_WORKER = [
     p.PrefillDone("r1", True, 7, 16, 4096, 0.002),
     p.PrefillDone("r2", False, error="reservation deadline passed"),
     p.KVDigestReply("decode-1", "q1", ["ab" * 32, ""]),
+    p.IntegrityReply("decode-1", "q2"),
+    p.IntegrityReply("decode-1", "q2", "AssertionError: (3, 4)"),
 ]
 KV_PLANE = [
     p.KVTransferDone("r1", True, [5, 6], 7, _LOGPROBS, 4096, 1),

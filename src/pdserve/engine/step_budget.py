@@ -83,12 +83,15 @@ class PrefillBudget:
     def tokens(self, costs: StepCosts, num_decodes: int, decode_ctx: int, step_budget: int) -> int:
         if self.target_step_s is None or num_decodes == 0 or costs.num_observed < self.min_observed:
             return step_budget
-        decode_s = costs.predict(num_decodes, decode_ctx)
-        per_token = costs.prefill_token_s()
-        if per_token <= 0:
+        return self.tokens_for(costs.predict(num_decodes, decode_ctx), costs.prefill_token_s(), step_budget)
+
+    def tokens_for(self, decode_s: float, per_token_s: float, step_budget: int) -> int:
+        """The budget beside decodes that alone take ``decode_s``, prefill tokens taking ``per_token_s`` each
+        (from ``StepCosts``, or from the simulator's performance model)."""
+        if self.target_step_s is None or per_token_s <= 0:
             return step_budget
         slack = max(self.target_step_s - decode_s, self.min_share * decode_s)
-        return max(self.min_tokens, min(step_budget, int(slack / per_token)))
+        return max(self.min_tokens, min(step_budget, int(slack / per_token_s)))
 
 
 def _nonnegative_solve(a: list[list[float]], b: list[float]) -> list[float]:

@@ -125,6 +125,28 @@ def create_app(client: FrontendClient, served_model: str, tokenizer_loader, api_
             hashes = hash_block_tokens(body["prompt_token_ids"], info.block_size if info else 16)
             return {"block_hashes": [str(h) for h in hashes], "workers": await client.kv_digests(hashes)}
 
+        @app.post("/debug/check_integrity")
+        async def check_integrity():
+            """Per worker, its KV bookkeeping check: "" when free + cached + used == total and every count
+            is consistent, else the failure."""
+            return {"workers": await client.check_integrity()}
+
+        @app.post("/debug/elastic")
+        async def elastic_decision(request: Request):
+            """Carry out one decision as the elastic controller would (``{"kind": "MoveCores", "src", "dst",
+            "src_cores", "dst_cores"}``, ``{"kind": "ChangeRole", "worker_id", "role"}``, ``{"kind":
+            "SetStepTarget", "worker_id", "step_target_s"}``)."""
+            from pdserve.server.elastic import carry_out, decision_from_json
+
+            try:
+                decision = decision_from_json(await request.json())
+            except ValueError as e:
+                return _error_response(InvalidRequestError(str(e)))
+            carry_out(client, [decision])
+            if client.elastic is not None:
+                client.elastic.controller.record(time.monotonic(), [decision])
+            return {"ok": True, "decision": decision.reason}
+
     return app
 
 

@@ -248,6 +248,13 @@ class FrontendClient:
 
     async def kv_digests(self, block_hashes: list[int], timeout_s: float = 10.0) -> dict[str, list[str]]:
         """Debug: per live worker, a digest of each cached block with these hashes ("" where absent)."""
+        return await self._ask_all(lambda qid: p.KVDigestRequest(qid, block_hashes), [], timeout_s)
+
+    async def check_integrity(self, timeout_s: float = 10.0) -> dict[str, str]:
+        """Debug: per live worker, its KV bookkeeping check ("" passed, else the failure; "timeout")."""
+        return await self._ask_all(p.CheckIntegrity, "timeout", timeout_s)
+
+    async def _ask_all(self, make, on_timeout, timeout_s: float) -> dict:
         futures = {}
         for wid, c in self.conns.items():
             if not c.is_alive:
@@ -256,13 +263,13 @@ class FrontendClient:
             fut = asyncio.get_running_loop().create_future()
             self._digests[qid] = fut
             futures[wid] = fut
-            await c.socket.send(p.encode(p.KVDigestRequest(qid, block_hashes)))
+            await c.socket.send(p.encode(make(qid)))
         out = {}
         for wid, fut in futures.items():
             try:
                 out[wid] = await asyncio.wait_for(fut, timeout_s)
             except asyncio.TimeoutError:
-                out[wid] = []
+                out[wid] = on_timeout
         return out
 
     def configure(self, worker_id: str, msg: p.Configure) -> None:
@@ -368,10 +375,10 @@ class FrontendClient:
                 self._execute(self.flow.on_error(wid, msg.request_id, _error_from_msg(msg)))
         elif isinstance(msg, p.WorkerInfo):
             self._on_info(conn, msg)
-        elif isinstance(msg, p.KVDigestReply):
+        elif isinstance(msg, (p.KVDigestReply, p.IntegrityReply)):
             fut = self._digests.pop(msg.query_id, None)
             if fut is not None and not fut.done():
-                fut.set_result(msg.digests)
+                fut.set_result(msg.digests if isinstance(msg, p.KVDigestReply) else msg.error)
 
     def _on_info(self, conn: WorkerConn, info: p.WorkerInfo) -> None:
         if conn.info is None:

@@ -85,22 +85,43 @@ class ElasticLoop:
         }
 
     def _carry_out(self, decisions: list[ctl.Decision]) -> None:
-        tracker = self.client.tracker
-        for d in decisions:
-            logger.info("elastic: %s", d.reason)
-            if isinstance(d, ctl.MoveCores):
-                self.client.configure(d.src, p.Configure(cpus=list(d.src_cores)))
-                self.client.configure(d.dst, p.Configure(cpus=list(d.dst_cores)))
-                for wid, cores in ((d.src, d.src_cores), (d.dst, d.dst_cores)):
-                    if wid in tracker.instances:
-                        tracker.instances[wid].cores = tuple(cores)
-            elif isinstance(d, ctl.ChangeRole):
-                self.client.configure(d.worker_id, p.Configure(role=d.role))
-                if d.worker_id in tracker.instances:
-                    tracker.instances[d.worker_id].role = d.role
-            elif isinstance(d, ctl.SetStepTarget):
-                self.client.configure(d.worker_id, p.Configure(set_step_target=True, step_target_s=d.step_target_s))
-                if d.worker_id in tracker.instances:
-                    tracker.instances[d.worker_id].step_target_s = d.step_target_s
-            if self.client.metrics is not None:
-                self.client.metrics.observe_decision(type(d).__name__)
+        carry_out(self.client, decisions)
+
+
+def carry_out(client, decisions: list[ctl.Decision]) -> None:
+    """Send each decision's ``Configure`` messages and make routing follow it at once."""
+    tracker = client.tracker
+    for d in decisions:
+        logger.info("elastic: %s", d.reason)
+        if isinstance(d, ctl.MoveCores):
+            client.configure(d.src, p.Configure(cpus=list(d.src_cores)))
+            client.configure(d.dst, p.Configure(cpus=list(d.dst_cores)))
+            for wid, cores in ((d.src, d.src_cores), (d.dst, d.dst_cores)):
+                if wid in tracker.instances:
+                    tracker.instances[wid].cores = tuple(cores)
+        elif isinstance(d, ctl.ChangeRole):
+            client.configure(d.worker_id, p.Configure(role=d.role))
+            if d.worker_id in tracker.instances:
+                tracker.instances[d.worker_id].role = d.role
+        elif isinstance(d, ctl.SetStepTarget):
+            client.configure(d.worker_id, p.Configure(set_step_target=True, step_target_s=d.step_target_s))
+            if d.worker_id in tracker.instances:
+                tracker.instances[d.worker_id].step_target_s = d.step_target_s
+        if client.metrics is not None:
+            client.metrics.observe_decision(type(d).__name__)
+
+
+def decision_from_json(body: dict) -> ctl.Decision:
+    """An operator's (or a test's) decision, as ``POST /debug/elastic`` takes it; ValueError when malformed."""
+    kinds = {"MoveCores": ctl.MoveCores, "ChangeRole": ctl.ChangeRole, "SetStepTarget": ctl.SetStepTarget}
+    kind = kinds.get(body.get("kind", ""))
+    if kind is None:
+        raise ValueError(f"kind must be one of {sorted(kinds)}")
+    fields = {k: v for k, v in body.items() if k != "kind"}
+    fields.setdefault("reason", "operator")
+    try:
+        if kind is ctl.MoveCores:
+            fields["src_cores"], fields["dst_cores"] = tuple(fields["src_cores"]), tuple(fields["dst_cores"])
+        return kind(**fields)
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"bad {kind.__name__}: {e}") from e

@@ -58,7 +58,8 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tp", type=int, default=1, help="cards per instance")
     g.add_argument("--parallelism", default="tp", choices=("tp", "ep"),
                    help="tp: tensor parallel; ep: MoE experts over the cards, attention data-parallel")
-    g.add_argument("--mode", default="colocated", choices=("colocated", "disaggregated"))
+    g.add_argument("--mode", default="colocated", choices=("colocated", "disaggregated", "auto"),
+                   help="auto: prefill and decode pools under the elastic controller, with path choice")
     g.add_argument("--instances", type=int, default=1, help="colocated instances")
     g.add_argument("--prefill", type=int, default=1, help="prefill instances (disaggregated)")
     g.add_argument("--decode", type=int, default=1, help="decode instances (disaggregated)")
@@ -89,7 +90,7 @@ def cluster_from_args(args: argparse.Namespace):
         if len(hw) != 1:
             raise ValueError("colocated mode takes one --hardware name")
         return ClusterSpec(args.model, "colocated", colocated=pool(hw[0], args.instances), **common)
-    return ClusterSpec(args.model, "disaggregated", prefill=pool(hw[0], args.prefill), decode=pool(hw[-1], args.decode),
+    return ClusterSpec(args.model, args.mode, prefill=pool(hw[0], args.prefill), decode=pool(hw[-1], args.decode),
                        **common)
 
 

@@ -15,7 +15,7 @@ from pdserve.cluster_file import ClusterFile
 from pdserve.router.policies import POLICIES
 from pdserve.sim.perf_model import BYTES_PER_PARAM
 
-MODES = ("colocated", "disaggregated")
+MODES = ("colocated", "disaggregated", "auto")  # auto: prefill and decode pools under the elastic controller
 KV_LINKS = ("auto", "intra", "inter")
 
 
@@ -68,8 +68,8 @@ class ClusterSpec:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "colocated" and self.colocated is None:
             raise ValueError("colocated mode needs a 'colocated' pool")
-        if self.mode == "disaggregated" and (self.prefill is None or self.decode is None):
-            raise ValueError("disaggregated mode needs 'prefill' and 'decode' pools")
+        if self.mode in ("disaggregated", "auto") and (self.prefill is None or self.decode is None):
+            raise ValueError(f"{self.mode} mode needs 'prefill' and 'decode' pools")
         if self.precision not in BYTES_PER_PARAM or self.kv_dtype not in BYTES_PER_PARAM:
             raise ValueError(f"precision and kv_dtype must be in {sorted(BYTES_PER_PARAM)}")
         if self.routing not in POLICIES or self.decode_routing not in POLICIES:
@@ -113,8 +113,6 @@ class ClusterSpec:
     def from_file(cls, f: ClusterFile) -> ClusterSpec:
         """The simulator's view of a cluster file (the planning section gives the hardware)."""
         pl = f.planning
-        if f.serving.mode == "auto":
-            raise ValueError("the simulator runs fixed layouts (serving.mode colocated or disaggregated)")
         if pl.hardware is None:
             raise ValueError("the cluster file gives no hardware for the simulator (planning.hardware)")
         pools = {}

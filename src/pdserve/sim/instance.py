@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from pdserve.config import SchedulerConfig
 from pdserve.engine.kv_manager import KVCacheManager
 from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.step_budget import PrefillBudget
 from pdserve.flow.decode import DecodeSide
 from pdserve.flow.prefill import PrefillSide
 from pdserve.kv.base import RemotePrefill
 from pdserve.sim.cluster import PoolSpec
 from pdserve.sim.hardware import Hardware
-from pdserve.sim.perf_model import PerfModel
+from pdserve.sim.perf_model import BatchShape, PerfModel
 from pdserve.sim.requests import SimRequest
 from pdserve.sim.step_time import StepTime
 
@@ -36,6 +37,7 @@ class Instance:
     def __init__(self, index: int, role: str, pool: PoolSpec, hardware: Hardware, perf: PerfModel,
                  num_blocks: int, block_size: int, enable_prefix_caching: bool, max_model_len: int) -> None:
         self.index, self.role, self.pool, self.hardware, self.perf = index, role, pool, hardware, perf
+        self.instance_id = f"{role}-{index}"  # stays when the elastic controller changes the role
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         config = SchedulerConfig(max_num_batched_tokens=pool.max_num_batched_tokens, max_num_seqs=pool.max_num_seqs,
                                  enable_chunked_prefill=pool.enable_chunked_prefill, max_waiting=1 << 30)
@@ -47,6 +49,10 @@ class Instance:
         self.kv_target = None  # protocol.KVTarget: what this instance's reservations name
         self.num_inflight = 0  # the frontend's count (the router reads the exact scheduler counts here)
         self.is_alive = True
+        self.is_parked = False
+        self.cores = None  # cards do not move between instances: the elastic controller changes roles
+        self.prefill_budget = PrefillBudget()  # stall-free chunking's target (the elastic controller's)
+        self._prefill_token_s: float | None = None
         self.block_size = block_size
         self.busy = False
         self.version = 0
@@ -76,10 +82,52 @@ class Instance:
         self.scheduler.release_kv(request_id)
         self.remote.forget([request_id])
 
-    # -- the view routing policies read (as router.instances.InstanceView) ----------------------------
+    def set_step_target(self, target_step_s: float | None) -> None:
+        """Bound the prefill tokens of steps with decodes (as ``EngineCore.set_step_target``), predicting
+        step times with the instance's own performance model."""
+        self.prefill_budget = PrefillBudget(target_step_s)
+        self.scheduler.prefill_budget_fn = None if target_step_s is None else self._prefill_tokens
+
+    def _prefill_tokens(self, num_decodes: int, decode_ctx: int) -> int:
+        decode_s = self.perf.decode_step_time_s(num_decodes, decode_ctx) if num_decodes else 0.0
+        return self.prefill_budget.tokens_for(decode_s, self.prefill_token_s, self.pool.max_num_batched_tokens)
+
+    # -- the view routing policies and path choice read (as router.instances.InstanceView) --------------
     @property
-    def instance_id(self) -> str:
-        return f"{self.role}-{self.index}"
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def step_target_s(self) -> float | None:
+        return self.prefill_budget.target_step_s
+
+    @property
+    def max_step_tokens(self) -> int:
+        return self.pool.max_num_batched_tokens
+
+    @property
+    def prefill_token_s(self) -> float:
+        """Seconds per prompt token of a 512-token prompt alone (the model's, computed once)."""
+        if self._prefill_token_s is None:
+            n = 512
+            self._prefill_token_s = self.perf.step_time_s(BatchShape(n, n * (n + 1) / 2, n, 0, 0, 1)) / n
+        return self._prefill_token_s
+
+    @property
+    def queued_prefill_tokens(self) -> int:
+        s = self.scheduler
+        queued = sum(r.num_tokens - r.num_computed_tokens for r in s.waiting if r.request_id not in s.awaiting_kv)
+        return queued + sum(r.num_tokens - r.num_computed_tokens for r in s.running
+                            if r.num_tokens - r.num_computed_tokens > 1)
+
+    @property
+    def decode_step_s(self) -> float:
+        decodes = [r for r in self.scheduler.running if r.num_tokens - r.num_computed_tokens == 1]
+        if not decodes:
+            return 0.0
+        return self.perf.decode_step_time_s(len(decodes), sum(r.num_computed_tokens + 1 for r in decodes))
+
+
 
     @property
     def queue_len(self) -> int:
@@ -108,7 +156,7 @@ class SimTracker:
         self.instances = {inst.instance_id: inst for inst in instances}
 
     def views(self, roles: tuple[str, ...]) -> list[Instance]:
-        return [i for i in self.instances.values() if i.role in roles and i.is_alive]
+        return [i for i in self.instances.values() if i.role in roles and i.is_alive and not i.is_parked]
 
     def set_alive(self, instance_id: str, is_alive: bool) -> None:
         self.instances[instance_id].is_alive = is_alive

@@ -36,6 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pdserve.engine.scheduler import SchedulerOutput
+from pdserve.control.attainment import Attainment, Objectives, Sample
+from pdserve.control.controller import ChangeRole, ElasticController, SetStepTarget, Signals, WorkerState
 from pdserve.errors import PdserveError
 from pdserve.flow import decode as fd
 from pdserve.flow import frontend as ff
@@ -43,6 +45,7 @@ from pdserve.flow import prefill as fp
 from pdserve.flow.frontend import FrontendFlow
 from pdserve.kv.base import LoadDone, SaveDone
 from pdserve.router.admission import Admission
+from pdserve.router.path import PathChooser
 from pdserve.router.policies import DecodePolicy, make_policy
 from pdserve.router.router import Router
 from pdserve.sim.cluster import ClusterSpec
@@ -57,7 +60,7 @@ from pdserve.sim.results import Recorder
 
 logger = logging.getLogger(__name__)
 
-_ARRIVAL, _STEP_END, _WINDOW_END, _RESUME, _TRANSFER_DONE, _MESSAGE = range(6)
+_ARRIVAL, _STEP_END, _WINDOW_END, _RESUME, _TRANSFER_DONE, _MESSAGE, _TICK = range(7)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ class SimOptions:
     num_blocks: int | None = None  # KV blocks per instance instead of sizing from memory (tests)
     seed: int = 0  # of the step-time jitter draws (live calibrations with jitter only)
     progress: bool = False
+    elastic_tick_s: float = 2.0  # auto mode: how often the elastic controller looks
+    attainment_window_s: float = 30.0
 
 
 class Simulator:
@@ -94,8 +99,13 @@ class Simulator:
             for name, pool in pools.items()}
         self.by_id = {inst.instance_id: inst for inst in self.instances}
         decode_policy = DecodePolicy() if spec.decode_routing == "least_loaded" else make_policy(spec.decode_routing)
+        self.objectives = Objectives(*slo)
+        is_auto = spec.mode == "auto"
+        # auto: the live frontend's path choice and elastic controller, run as they are
         self.router = Router(SimTracker(self.instances), make_policy(spec.routing), decode_policy,
-                             spec.min_remote_prefill_tokens)
+                             spec.min_remote_prefill_tokens, PathChooser() if is_auto else None)
+        self.attainment = Attainment(self.objectives, self.options.attainment_window_s)
+        self.controller = ElasticController(self.objectives) if is_auto else None
         # The frontend's hand-off as the live frontend runs it (routing, admission, reservations).
         self.flow = FrontendFlow(self.router, Admission(spec.max_inflight or 1 << 62,
                                                         spec.max_inflight_per_instance or 1 << 62))
@@ -126,7 +136,12 @@ class Simulator:
             for _ in range(min(self.concurrency, len(self.items))):
                 self._release_next(0.0)  # the first users send at once
         handlers = (self._on_arrival, self._on_step_end, self._on_window_end, self._on_resume, self._on_transfer_done,
-                    self._on_message)
+                    self._on_message, self._on_tick)
+        if self.controller is not None:
+            initial = self.controller.initial(self._worker_states())
+            self.controller.record(0.0, initial)
+            self._apply(initial, 0.0)
+            self._push(self.options.elastic_tick_s, _TICK, None)
         events = self._events
         done_before = 0
         now = 0.0
@@ -183,13 +198,13 @@ class Simulator:
         inst, out = payload
         sampled = {c.request.request_id: DUMMY_TOKEN_ID for c in out.chunks if c.samples}
         outputs = inst.scheduler.update_from_output(out, sampled)
-        if inst.role == "prefill":
-            for o in outputs:  # max_tokens=1: every output finishes, its KV held for the send
-                self._execute_prefill(inst, inst.prefill_side.computed(o.request_id, o.kv_block_ids or [],
-                                                                       DUMMY_TOKEN_ID, None, o.num_cached_tokens,
-                                                                       now), now)
-        else:
-            self._record_tokens(inst, outputs, now)
+        held = [o for o in outputs if o.request_id in inst.prefill_side]
+        for o in held:  # max_tokens=1: every output finishes, its KV held for the send
+            self._execute_prefill(inst, inst.prefill_side.computed(o.request_id, o.kv_block_ids or [], DUMMY_TOKEN_ID,
+                                                                   None, o.num_cached_tokens, now), now)
+        if len(held) < len(outputs):
+            self._record_tokens(inst, [o for o in outputs if o.request_id not in inst.prefill_side] if held
+                                else outputs, now)
         if self.options.check_integrity:
             inst.scheduler.check_integrity()
         self._boundary(inst, now)
@@ -395,6 +410,29 @@ class Simulator:
             inst.num_steps -= len(ends) - j
         inst.window = None
 
+    # -- the elastic controller (auto mode) -------------------------------------------------------------
+    def _on_tick(self, now: float, payload: None) -> None:
+        views = [i for i in self.instances if not i.is_parked]
+        wait = min((i.queued_prefill_tokens * i.prefill_token_s for i in views), default=0.0)
+        signals = Signals(now, self.attainment.window(now), wait)
+        self._apply(self.controller.tick(signals, self._worker_states()), now)
+        if self._events:  # the controller looks while anything else is still to happen
+            self._push(now + self.options.elastic_tick_s, _TICK, None)
+
+    def _worker_states(self) -> list[WorkerState]:
+        """Instances as the controller sees them: each on a host of its own (cards do not move)."""
+        return [WorkerState(i.instance_id, "prefill" if i.role == "prefill" else "decode", i.instance_id, (0,),
+                            i.step_target_s) for i in self.instances]
+
+    def _apply(self, decisions: list, now: float) -> None:
+        for d in decisions:
+            if isinstance(d, ChangeRole):
+                inst = self.by_id[d.worker_id]
+                inst.role = d.role  # its running requests finish where they are; routing follows the role
+                self._wake(inst, now)
+            elif isinstance(d, SetStepTarget):
+                self.by_id[d.worker_id].set_step_target(d.step_target_s)
+
     def _is_contended(self, inst: Instance) -> bool:
         """Whether another instance of the host is in a step (only asked of calibrated live models)."""
         return self._is_contention_sensitive and any(o.busy for o in self.instances if o is not inst)
@@ -433,6 +471,11 @@ class Simulator:
 
     def _complete(self, slot: int, now: float) -> None:
         self.recorder.finish(slot, now)
+        if self.controller is not None:
+            rec = self.recorder
+            n = rec.num_tokens[slot]
+            tpot = (now - rec.first_s[slot]) / (n - 1) if n > 1 else None
+            self.attainment.record(Sample(now, rec.first_s[slot] - rec.send_s[slot], tpot, 0.0))
         if self.concurrency is not None:  # the client sees the end return_s later, then sends
             self._release_next(now + self.overheads.return_s)
 

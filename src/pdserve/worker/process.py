@@ -191,6 +191,13 @@ class Worker:
             self._last_stats_s = 0.0
         elif isinstance(msg, p.KVDigestRequest):
             self._send(identity, p.KVDigestReply(self.worker_id, msg.query_id, self._digests(msg.block_hashes)))
+        elif isinstance(msg, p.CheckIntegrity):
+            try:
+                self.core.scheduler.check_integrity()
+                error = ""
+            except AssertionError as e:  # the report is the point: the worker goes on
+                error = f"AssertionError: {e}"
+            self._send(identity, p.IntegrityReply(self.worker_id, msg.query_id, error))
         elif isinstance(msg, p.Configure):
             self._configure(msg)
             self._send(identity, self.info())
