@@ -12,7 +12,7 @@ from pdserve.sim.cost import DEFAULT_CACHED_WEIGHT, cost_per_million, input_time
     step_prefill_share, token_costs
 from pdserve.sim.hardware import detect_hardware, load_catalogue
 from pdserve.sim.perf_model import BatchShape
-from pdserve.worker import protocol as p
+from pdserve import protocol as p
 from pdserve.worker.busy import BusyMeter
 
 
@@ -36,8 +36,10 @@ def _info(role, hardware="cpu-this-machine", num_cores=1):
                         num_cores=num_cores, hardware=hardware)
 
 
-def _stats(role, uptime_s, busy_s, prefill_busy_s):
-    return p.Stats(f"{role}-0", role, 0.0, uptime_s=uptime_s, busy_s=busy_s, prefill_busy_s=prefill_busy_s)
+def _stats(role, uptime_s, busy_s, prefill_busy_s, core_s=None, cpus=None):
+    """``core_s`` default: one core the whole uptime."""
+    return p.Stats(f"{role}-0", role, 0.0, uptime_s=uptime_s, busy_s=busy_s, prefill_busy_s=prefill_busy_s,
+                   core_s=uptime_s if core_s is None else core_s, cpus=cpus)
 
 
 def test_parse_prices():
@@ -65,7 +67,7 @@ def test_worker_price_from_catalogue_cores_and_overrides():
 
 def test_usage_and_window_match_a_hand_computation():
     conns = [Conn(_info("prefill"), _stats("prefill", 3600.0, 900.0, 0.0)),  # a prefill worker: all busy is prefill
-             Conn(_info("decode", num_cores=2), _stats("decode", 1800.0, 1200.0, 200.0)),
+             Conn(_info("decode", num_cores=2), _stats("decode", 1800.0, 1200.0, 200.0, core_s=3600.0)),
              Conn(_info("both"), None)]  # connected, no stats yet: costs nothing so far
     totals = RequestTotals(input=300_000, cached_input=100_000, output=50_000)
     prices = {"decode": 1.0}
@@ -85,13 +87,42 @@ def test_usage_and_window_match_a_hand_computation():
     assert w["cost_per_million_tokens"]["output"] == pytest.approx(out_cost / 50_000 * 1e6)
     # a window: only what happened between two usages
     later = live.usage([Conn(_info("prefill"), _stats("prefill", 7200.0, 1000.0, 0.0)),
-                        Conn(_info("decode", num_cores=2), _stats("decode", 5400.0, 1200.0, 200.0))],
+                        Conn(_info("decode", num_cores=2), _stats("decode", 5400.0, 1200.0, 200.0, core_s=10800.0))],
                        RequestTotals(input=400_000, cached_input=100_000, output=50_000), prices, time_s=3610.0)
     w = live.window(later, u)
     assert w["seconds"] == 3600.0 and w["tokens"] == {"input": 100_000, "cached_input": 0, "output": 0}
     assert w["input_time_share"] == pytest.approx(1.0)
     assert w["cost_per_million_tokens"]["output"] is None and w["cost_per_million_tokens"]["cached_input"] is None
     assert w["cost_per_million_tokens"]["input"] == pytest.approx((price_prefill + 1.0) / 100_000 * 1e6)
+
+
+def test_a_cpu_worker_pays_for_its_cores_over_time():
+    """The elastic controller moves cores: a CPU worker's cost follows its core-seconds, its price now its
+    cores now; a parked worker (no cores) costs nothing from then on. A given price is per worker-hour."""
+    cpu = load_catalogue()["cpu-this-machine"]
+    per_core_hour = cpu.price_per_hour / cpu.num_cores
+    # pinned to core 0 at start (WorkerInfo), parked since (Stats): one core for the first half hour
+    parked = Conn(p.WorkerInfo("prefill-0", "prefill", "m", 1, "h", 16, 100, 2048, cpus=[0], device="cpu",
+                               num_cores=2, hardware="cpu-this-machine"),
+                  _stats("prefill", 3600.0, 10.0, 10.0, core_s=1800.0, cpus=[]))
+    # one core for the first half hour, both since
+    grown = Conn(p.WorkerInfo("decode-0", "decode", "m", 1, "h", 16, 100, 2048, cpus=[1], device="cpu",
+                              num_cores=2, hardware="cpu-this-machine"),
+                 _stats("decode", 3600.0, 30.0, 0.0, core_s=1800.0 + 2 * 1800.0, cpus=[0, 1]))
+    assert live.current_cores(parked.info, parked.stats) == 0 and live.current_cores(grown.info) == 1
+    u = live.usage([parked, grown], RequestTotals(), {}, 0.0)
+    assert u.cost_usd == pytest.approx(per_core_hour * (0.5 + 1.5))
+    assert u.device_hours == pytest.approx({"prefill": 0.5 / 2, "decode": 1.5 / 2, "both": 0.0})
+    assert u.price_per_hour == pytest.approx(cpu.price_per_hour)  # both cores, on the decode worker
+    given = live.usage([parked, grown], RequestTotals(), {"*": 1.0}, 0.0)
+    assert given.cost_usd == pytest.approx(2.0) and given.price_per_hour == pytest.approx(2.0)
+
+
+def test_a_worker_that_changes_role_moves_its_totals_not_the_busy_time():
+    before = live.usage([Conn(_info("prefill"), _stats("prefill", 100.0, 40.0, 40.0))], RequestTotals(), {}, 0.0)
+    after = live.usage([Conn(_info("prefill"), _stats("decode", 200.0, 50.0, 40.0))], RequestTotals(), {}, 100.0)
+    w = live.window(after, before)
+    assert w["busy_s"] == pytest.approx(10.0) and w["prefill_busy_s"] == pytest.approx(0.0)
 
 
 def test_a_dead_worker_keeps_its_cost_but_not_its_price():
@@ -119,6 +150,11 @@ def test_busy_meter_splits_mixed_steps_as_the_planner_does():
     assert meter.busy_s == 3.5 and meter.prefill_busy_s == pytest.approx(1.0 + 2.0 * share)
     meter.record([], 1.0)  # an empty step is no step
     assert meter.busy_s == 3.5
+    # uptime and core-seconds: two cores for 10 s, parked for 5 s, one core for 2 s
+    clock = BusyMeter(num_cores=2, now_s=100.0)
+    clock.set_cores(0, now_s=110.0)
+    clock.set_cores(1, now_s=115.0)
+    assert clock.uptime_s(117.0) == 17.0 and clock.core_s(117.0) == pytest.approx(22.0)
     plain = BusyMeter()  # no catalogue entry: split by tokens
     plain.record([Chunk(0, 6), Chunk(9, 1), Chunk(9, 1)], 1.0)
     assert plain.prefill_busy_s == pytest.approx(0.75)

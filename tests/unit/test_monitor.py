@@ -3,39 +3,35 @@ snapshots, histogram percentiles, SLO attainment, and what /metrics and /v1/clus
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pdserve import protocol as p
+from pdserve.control.attainment import Objectives
+from pdserve.server.client import FrontendClient, FrontendOptions, WorkerConn
 from pdserve.server.cluster_status import cluster_status
 from pdserve.server.metrics import Metrics
 from pdserve.server.monitor import ClusterMonitor, MonitorOptions, _histogram_quantile
-from pdserve.worker import protocol as p
 
 
-@dataclass
-class Conn:  # the fields of server.client.WorkerConn that the monitor reads
-    address: str
-    info: p.WorkerInfo
-    stats: p.Stats | None = None
-    is_alive: bool = True
-    request_ids: set = field(default_factory=set)
+def _client(uptime_s=0.0, busy_s=0.0, prefill_busy_s=0.0, **options) -> FrontendClient:
+    """A frontend client that has heard from one colocated worker on two cores (no sockets: the messages go
+    through the client's own dispatch, as they come off the wire)."""
+    client = FrontendClient(FrontendOptions(("tcp://x",), **options))
+    conn = WorkerConn("tcp://x", None)
+    client._dispatch(conn, p.WorkerInfo("both-0", "both", "m", 1, "h", 16, 100, 2048, device="cpu",
+                                        device_name="AMD EPYC", num_cores=2, hardware="cpu-this-machine"))
+    _stats(client, uptime_s, busy_s, prefill_busy_s)
+    return client
 
 
-@dataclass
-class Client:  # the fields of server.client.FrontendClient that the monitor reads
-    conns: dict
-    mode: str = "colocated"
-    num_inflight: int = 0
-
-
-def _client(uptime_s=0.0, busy_s=0.0, prefill_busy_s=0.0):
-    info = p.WorkerInfo("both-0", "both", "m", 1, "h", 16, 100, 2048, device="cpu", device_name="AMD EPYC",
-                        num_cores=2, hardware="cpu-this-machine")
-    stats = p.Stats("both-0", "both", 0.0, num_running=3, num_waiting=1, kv_usage=0.25, uptime_s=uptime_s,
-                    busy_s=busy_s, prefill_busy_s=prefill_busy_s, prefix_query_tokens=10, prefix_hit_tokens=4)
-    return Client({"both-0": Conn("tcp://x", info, stats)})
+def _stats(client: FrontendClient, uptime_s: float, busy_s: float, prefill_busy_s: float, **fields) -> None:
+    fields.setdefault("core_s", 2 * uptime_s)
+    client._dispatch(client.conns["both-0"], p.Stats(
+        "both-0", "both", 0.0, num_running=3, num_waiting=1, kv_usage=0.25, num_blocks=100, num_free_blocks=75,
+        uptime_s=uptime_s, busy_s=busy_s, prefill_busy_s=prefill_busy_s, prefix_query_tokens=10,
+        prefix_hit_tokens=4, **fields))
 
 
 def test_histogram_quantile_interpolates_like_prometheus():
@@ -73,7 +69,7 @@ def test_windows_rates_and_attainment_over_snapshots():
     monitor.sample(time_s=100.0)
     for ttft in (0.3, 0.4, 2.0):
         m.observe_request(ttft, ttft + 0.45, 10, "length", num_prompt_tokens=20, num_cached_tokens=5)
-    client.conns["both-0"].stats = p.Stats("both-0", "both", 0.0, uptime_s=3600.0, busy_s=100.0, prefill_busy_s=25.0)
+    _stats(client, 3600.0, 100.0, 25.0)
     monitor.sample(time_s=110.0)
     w = monitor.window(60.0)
     assert w["seconds"] == 10.0
@@ -107,3 +103,41 @@ def test_cluster_status_carries_workers_cost_and_history():
     assert body["slo"] is None and len(body["history"]) == 1
     assert body["history"][0]["load"] == {"num_running": 3, "num_waiting": 1}
     assert cluster_status(client, monitor, history_since=body["history"][0]["unix_s"])["history"] == []
+    assert body["mode"] == "colocated" and body["elastic"] is None and body["path_choice"] is False
+    assert body["attainment"]["num_requests"] == 0
+
+
+def test_cluster_status_carries_the_routing_view_and_the_elastic_controller():
+    """What the elastic controller and path choice read and decide, beside the dashboard's figures."""
+    from pdserve.control.controller import SetStepTarget
+    from pdserve.server.elastic import carry_out
+
+    client = _client(objectives=Objectives(ttft_s=2.0, tpot_s=0.1), elastic=True, path_choice=True)
+    client.conns["both-0"].socket = _Sent()
+    _stats(client, 60.0, 1.0, 0.5, cpus=[0, 1], step_target_s=0.09, queued_prefill_tokens=512,
+           prefill_token_s=1e-3, decode_step_s=0.03, core_s=100.0)
+    decision = SetStepTarget("both-0", 0.08, reason="TPOT attainment 0.80 < 0.9")
+    carry_out(client, [decision])
+    client.elastic.controller.record(123.0, [decision])
+    monitor = ClusterMonitor(client)
+    body = cluster_status(client, monitor)
+    w = body["workers"][0]
+    assert (w["role"], w["cores"], w["is_parked"], w["num_cores"]) == ("both", [0, 1], False, 2)
+    assert (w["step_target_s"], w["queued_prefill_tokens"], w["prefill_token_s"], w["decode_step_s"]) == \
+        (0.08, 512, 1e-3, 0.03)
+    assert w["core_s"] == 100.0 and w["pid"] == 1 and w["num_free_blocks"] == 75
+    assert body["mode"] == "auto" and body["path_choice"] is True
+    assert body["elastic"]["objectives"]["tpot_s"] == 0.1
+    assert [(d["kind"], d["reason"]) for d in body["elastic"]["decisions"]] == \
+        [("SetStepTarget", "TPOT attainment 0.80 < 0.9")]
+    assert client.conns["both-0"].socket.sent  # the decision went to the worker
+
+
+class _Sent:
+    """A socket that keeps what is sent on it."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(data)

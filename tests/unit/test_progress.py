@@ -49,10 +49,26 @@ def test_summary_screen():
         {"worker_id": "decode-1", "role": "decode", "device": "cuda", "num_cores": 0, "num_blocks": 9000,
          "price_per_hour": 2.99}]}
     text = summary("http://127.0.0.1:8000", status, "smollm2-135m", api_key="secret")
-    assert "disaggregated: 1 prefill, 1 decode" in text and "cpu, 1 core" in text and "$2.990/h" in text
+    assert "disaggregated: 1 prefill, 1 decode" in text and "cpu, 1 core " in text and "$2.990/h" in text
     assert "http://127.0.0.1:8000/dashboard" in text and "curl http://127.0.0.1:8000/v1/completions" in text
     assert "secret" not in text and "$PDSERVE_API_KEY" in text
     assert "pdserve is ready at http://127.0.0.1:8000" in summary("http://127.0.0.1:8000", None, "m")
+
+
+def test_summary_screen_in_mode_auto():
+    """Mode auto: the controller parked the prefill worker and gave its cores to the decode worker."""
+    status = {"mode": "auto", "cost": {"price_per_hour": 0.08}, "elastic": {"objectives": {"ttft_s": 2.0,
+                                                                                           "tpot_s": 0.1}},
+              "workers": [
+                  {"worker_id": "prefill-0", "role": "prefill", "device": "cpu", "cores": [], "is_parked": True,
+                   "num_cores": 0, "num_blocks": 273, "price_per_hour": 0.0},
+                  {"worker_id": "decode-1", "role": "decode", "device": "cpu", "cores": [0, 1, 2, 5],
+                   "is_parked": False, "num_cores": 4, "num_blocks": 273, "price_per_hour": 0.08}]}
+    lines = summary("http://127.0.0.1:8000", status, "smollm2-135m").splitlines()
+    assert "auto: 1 prefill, 1 decode" in next(x for x in lines if x.startswith("  mode "))
+    assert "cpu, parked" in next(x for x in lines if "prefill-0" in x)
+    assert "cpu, cores 0-2,5" in next(x for x in lines if "decode-1" in x)
+    assert "TTFT 2.0 s, TPOT 0.1 s: the elastic controller" in next(x for x in lines if "objectives" in x)
 
 
 def test_bars_draw_on_a_terminal_only(monkeypatch):

@@ -33,8 +33,8 @@ from pdserve.bench.report import (
     write_json,
 )
 from pdserve.bench.workloads import PromptBuilder, WorkloadConfig, build_shapes, with_arrival
-from pdserve.cluster.args import freeze_startup_objects
 from pdserve.progress import on_terminal
+from pdserve.runtime import freeze_startup_objects
 
 logger = logging.getLogger(__name__)
 

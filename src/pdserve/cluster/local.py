@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pdserve.cluster.args import engine_args_to_argv
 from pdserve.cluster.startup import StartupProgress, summary
 from pdserve.progress import PROGRESS_FILE_ENV
 from pdserve.server.monitor_args import monitor_args_to_argv, monitor_options_from_args
+from pdserve.settings import engine_argv, engine_config_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +99,13 @@ class LocalCluster:
         self.tmpdir.rmdir()
 
     def worker_argv(self, i: int, role: str, cpus: str | None, ready_file: Path) -> list[str]:
-        """The command line of worker ``i``: the engine flags, with its pool's scheduler settings from a
-        cluster file (``args.pool_scheduler``: {prefill|decode|colocated: {dest: value}}) applied."""
+        """The command line of worker ``i``: the engine flags, with its pool's engine settings from a cluster
+        file (``args.pool_settings``: {prefill|decode|colocated: {setting: value}}) on top."""
         pool = "colocated" if role == "both" else role
-        overrides = (getattr(self.args, "pool_scheduler", None) or {}).get(pool, {})
-        engine = argparse.Namespace(**{**vars(self.args), **overrides})
+        overrides = (getattr(self.args, "pool_settings", None) or {}).get(pool, {})
         argv = [sys.executable, "-m", "pdserve.worker.main", "--role", role, "--host", self.args.host,
-                "--kv-transfer", self.args.kv_transfer, "--ready-file", str(ready_file),
-                "--worker-id", f"{role}-{i}", *engine_args_to_argv(engine)]
+                "--kv-connector", self.args.kv_connector, "--ready-file", str(ready_file),
+                "--worker-id", f"{role}-{i}", *engine_argv(engine_config_from_args(self.args, **overrides))]
         if cpus is not None:
             argv += ["--cpus", cpus]
         if getattr(self.args, "trace_dir", None):
@@ -114,6 +113,12 @@ class LocalCluster:
         return argv
 
     # -- private -------------------------------------------------------------------------------------
+    def initial_layout(self) -> str:
+        """Where ``--mode auto`` starts: colocated on one host (each phase gets every core when the other has
+        nothing to do; measured here, a prefill/decode split of two cores loses 2.5-4x in goodput at loose
+        objectives, docs/benchmarks.md); the controller splits when the objectives ask for it."""
+        return "colocated" if len(self._roles()) <= 2 else "split"
+
     def _roles(self) -> list[str]:
         a = self.args
         if a.colocated:
@@ -145,6 +150,17 @@ class LocalCluster:
             argv.append("--enable-debug-endpoints")
         if a.trace_dir:
             argv += ["--trace-file", str(Path(a.trace_dir) / "frontend.jsonl")]
+        for flag, value in (("--slo-ttft", a.slo_ttft), ("--slo-tpot", a.slo_tpot), ("--slo-itl-p99", a.slo_itl_p99)):
+            if value is not None:
+                argv += [flag, str(value)]
+        if a.mode == "auto":
+            argv += ["--elastic", "--path-choice", "--elastic-initial", self.initial_layout(),
+                     "--min-prefill-workers", str(a.min_prefill_workers), "--min-decode-workers",
+                     str(a.min_decode_workers), "--min-decode-cores", str(a.min_decode_cores)]
+            for flag, value in (("--max-prefill-workers", a.max_prefill_workers),
+                                ("--max-decode-workers", a.max_decode_workers)):
+                if value is not None:
+                    argv += [flag, str(value)]
         argv += monitor_args_to_argv(a)
         self.children.append(Child("frontend", _spawn(argv)))
 

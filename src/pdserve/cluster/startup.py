@@ -3,7 +3,8 @@
 ``StartupProgress`` follows each worker through its start-up stages (CPU kernels built, weights loaded,
 ready; the worker writes the first two with ``pdserve.progress.report_stage``, the third is its ready
 file) and the frontend: a bar on a terminal, one log line per stage otherwise. ``summary`` renders
-``GET /v1/cluster`` of the running cluster: URL, layout, workers, where to look, and a curl line to paste.
+``GET /v1/cluster`` of the running cluster: URL, mode and layout, workers (device, cores, KV blocks, price),
+the objectives, where to look, and a curl line to paste.
 """
 from __future__ import annotations
 
@@ -84,21 +85,47 @@ def summary(url: str, status: dict | None, served_model: str, api_key: str | Non
         roles = [w["role"] for w in workers]
         layout = ", ".join(f"{roles.count(r)} {r}" for r in ("prefill", "decode", "both") if r in roles)
         lines.append(f"  model      {served_model}")
-        lines.append(f"  layout     {status.get('mode')}: {layout}")
+        lines.append(f"  mode       {status.get('mode')}: {layout}")
         price = status.get("cost", {}).get("price_per_hour")
         for i, w in enumerate(workers):
-            device = w.get("device") or "?"
-            if w.get("num_cores"):
-                device += f", {w['num_cores']} core{'s' if w['num_cores'] != 1 else ''}"
-            lines.append(f"  {'workers' if i == 0 else '':<10} {w['worker_id']:<12} {w['role']:<8} {device:<14} "
+            lines.append(f"  {'workers' if i == 0 else '':<10} {w['worker_id']:<12} {w['role']:<8} {_device(w):<22} "
                          f"KV {w['num_blocks']} blocks  ${w.get('price_per_hour', 0):.3f}/h")
         if price is not None:
             lines.append(f"  cost       ${price:.3f}/h in all (prices: --price-per-hour, docs/monitoring.md)")
+        objectives = (status.get("elastic") or {}).get("objectives") or status.get("slo")
+        if objectives and (objectives.get("ttft_s") or objectives.get("tpot_s")):
+            steer = ": the elastic controller moves cores and roles to meet them" if status.get("elastic") else ""
+            lines.append(f"  objectives TTFT {objectives.get('ttft_s')} s, TPOT {objectives.get('tpot_s')} s{steer}")
     lines += [f"  dashboard  {url}/dashboard", f"  status     {url}/v1/cluster   metrics {url}/metrics", "",
               "Try:",
               f"curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
               f"-d '{{\"model\": \"{served_model}\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}}'"]
     return "\n".join(lines)
+
+
+def _device(w: dict) -> str:
+    """``cpu, cores 0-1``, ``cpu, parked``, ``cpu, 4 cores`` (not pinned), ``cuda``."""
+    device = w.get("device") or "?"
+    cores = w.get("cores")
+    if w.get("is_parked"):
+        return f"{device}, parked"
+    if cores:
+        return f"{device}, core{'s' if len(cores) != 1 else ''} {_ranges(cores)}"
+    if w.get("num_cores"):
+        return f"{device}, {w['num_cores']} core{'s' if w['num_cores'] != 1 else ''}"
+    return device
+
+
+def _ranges(cores: list[int]) -> str:
+    """[0, 1, 2, 5] -> ``0-2,5``."""
+    out, start = [], None
+    for i, c in enumerate(sorted(cores)):
+        if start is None:
+            start = c
+        if i + 1 == len(cores) or sorted(cores)[i + 1] != c + 1:
+            out.append(str(start) if start == c else f"{start}-{c}")
+            start = None
+    return ",".join(out)
 
 
 _WAITING = {"kernels": "building CPU kernels (once per machine)", "weights": "loading weights",

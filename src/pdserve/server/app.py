@@ -18,7 +18,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from pdserve.cluster.args import freeze_startup_objects
+from pdserve.runtime import freeze_startup_objects
 from pdserve.errors import InvalidRequestError, OverloadedError, PdserveError
 from pdserve.server import openai_protocol as op
 from pdserve.server.client import FrontendClient
@@ -41,6 +41,7 @@ def create_app(client: FrontendClient, served_model: str, tokenizer_loader, api_
         await client.start()
         info = client.model_info()
         metrics = Metrics(served_model, lambda: [c.stats for c in client.conns.values() if c.is_alive])
+        metrics.bind_attainment(client.attainment)
         client.metrics = metrics
         tokenizer = tokenizer_loader()
         max_model_len = info.max_model_len if info else 2048
@@ -119,6 +120,28 @@ def create_app(client: FrontendClient, served_model: str, tokenizer_loader, api_
             info = client.model_info()
             hashes = hash_block_tokens(body["prompt_token_ids"], info.block_size if info else 16)
             return {"block_hashes": [str(h) for h in hashes], "workers": await client.kv_digests(hashes)}
+
+        @app.post("/debug/check_integrity")
+        async def check_integrity():
+            """Per worker, its KV bookkeeping check: "" when free + cached + used == total and every count
+            is consistent, else the failure."""
+            return {"workers": await client.check_integrity()}
+
+        @app.post("/debug/elastic")
+        async def elastic_decision(request: Request):
+            """Carry out one decision as the elastic controller would (``{"kind": "MoveCores", "src", "dst",
+            "src_cores", "dst_cores"}``, ``{"kind": "ChangeRole", "worker_id", "role"}``, ``{"kind":
+            "SetStepTarget", "worker_id", "step_target_s"}``)."""
+            from pdserve.server.elastic import carry_out, decision_from_json
+
+            try:
+                decision = decision_from_json(await request.json())
+            except ValueError as e:
+                return _error_response(InvalidRequestError(str(e)))
+            carry_out(client, [decision])
+            if client.elastic is not None:
+                client.elastic.controller.record(time.monotonic(), [decision])
+            return {"ok": True, "decision": decision.reason}
 
     return app
 

@@ -1,9 +1,11 @@
 """Live cost: what the running cluster's devices cost, and per million tokens by kind, by the planner's rules.
 
-A worker's price per hour is the frontend's ``--price-per-hour`` for its pool (USD per worker-hour), else
-that of the hardware catalogue entry its device stands for (``WorkerInfo.hardware``; a CPU entry's price
-pays for ``num_cores`` cores, so a worker on k cores costs k / num_cores of it and counts as that many
-devices). Its hours are its ``uptime_s``, its busy and prefill seconds those of its latest ``Stats``.
+A worker's price per hour is the frontend's ``--price-per-hour`` for its pool (USD per worker-hour, for
+its ``uptime_s``), else that of the hardware catalogue entry its device stands for (``WorkerInfo.hardware``).
+A CPU entry's price pays for ``num_cores`` cores: a CPU worker pays for its core-seconds (``Stats.core_s``,
+its cores over time: the elastic controller moves cores between workers, and a parked worker holds none),
+so a worker on k cores costs k / num_cores of the entry and counts as that many devices. An accelerator's
+worker pays for its uptime. Its busy and prefill seconds are those of its latest ``Stats``.
 
 ``usage`` sums the workers and the frontend's token totals into a cumulative ``Usage``; ``window``
 turns two of them into the figures between (``then=None``: since start): cost, device-hours by role,
@@ -43,30 +45,46 @@ def parse_prices(values: list[str] | tuple[str, ...]) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class WorkerPrice:
-    price_per_hour: float  # USD per hour of this worker's device(s)
-    num_devices: float  # devices in the catalogue's unit (a CPU worker: its cores / the entry's num_cores)
+    price_per_hour: float  # USD per hour of this worker's device(s), now
+    num_devices: float  # devices in the catalogue's unit, now (a CPU worker: its cores / the entry's num_cores)
     source: str  # "--price-per-hour", "catalogue:<entry>" or "unknown"
+    core_hour_usd: float | None = None  # a CPU entry's price per core-hour (the worker pays for its core_s)
+    cores_per_device: int = 0  # that entry's num_cores
 
 
-def worker_price(info, prices: dict[str, float]) -> WorkerPrice:
-    """The price of the worker that ``info`` (a ``WorkerInfo``) describes."""
+def current_cores(info, stats=None) -> int:
+    """The cores a worker runs on now: those it is pinned to (latest ``Stats``, else its ``WorkerInfo``;
+    none while parked), else every core it may run on (``WorkerInfo.num_cores``; 0 for an accelerator)."""
+    cpus = stats.cpus if stats is not None and stats.cpus is not None else info.cpus
+    return len(cpus) if cpus is not None else info.num_cores
+
+
+def worker_price(info, prices: dict[str, float], num_cores: int | None = None, role: str | None = None
+                 ) -> WorkerPrice:
+    """The price of the worker that ``info`` (a ``WorkerInfo``) describes, on ``num_cores`` cores (default:
+    its ``WorkerInfo``'s) in ``role`` (default: its ``WorkerInfo``'s)."""
     from pdserve.sim.hardware import load_catalogue
 
     hw = load_catalogue().get(info.hardware) if info.hardware else None
-    devices = 1.0
-    if hw is not None and hw.num_cores and info.num_cores:
-        devices = info.num_cores / hw.num_cores
-    pool = POOLS.get(info.role, info.role)
+    cores = current_cores(info) if num_cores is None else num_cores
+    pool = POOLS.get(role or info.role, role or info.role)
+    per_core = hw is not None and hw.num_cores > 0 and info.device == "cpu"
+    devices = cores / hw.num_cores if per_core else 1.0
     if pool in prices or "*" in prices:
         return WorkerPrice(prices.get(pool, prices.get("*", 0.0)), devices, "--price-per-hour")
     if hw is None:
         return WorkerPrice(0.0, devices, "unknown")
-    return WorkerPrice(hw.price_per_hour * devices, devices, f"catalogue:{hw.name}")
+    if per_core:
+        return WorkerPrice(hw.price_per_hour * devices, devices, f"catalogue:{hw.name}",
+                           hw.price_per_hour / hw.num_cores, hw.num_cores)
+    return WorkerPrice(hw.price_per_hour, devices, f"catalogue:{hw.name}")
 
 
 @dataclass(frozen=True)
 class Usage:
-    """Cumulative figures of the whole cluster at one moment (``time_s``: the frontend's monotonic clock)."""
+    """Cumulative figures of the whole cluster at one moment (``time_s``: the frontend's monotonic clock).
+    By role: a worker's totals count under its role now (the elastic controller may change it), so a
+    window takes its busy and prefill seconds from the totals over every role."""
 
     time_s: float
     cost_usd: float = 0.0
@@ -75,6 +93,14 @@ class Usage:
     busy_s: dict[str, float] = field(default_factory=dict)  # by role
     prefill_busy_s: dict[str, float] = field(default_factory=dict)  # by role, prefill_time's rule applied
     tokens: dict[str, int] = field(default_factory=dict)  # by kind
+
+    @property
+    def total_busy_s(self) -> float:
+        return sum(self.busy_s.values())
+
+    @property
+    def total_prefill_busy_s(self) -> float:
+        return sum(self.prefill_busy_s.values())
 
 
 def usage(conns, totals, prices: dict[str, float], time_s: float) -> Usage:
@@ -88,14 +114,19 @@ def usage(conns, totals, prices: dict[str, float], time_s: float) -> Usage:
         info, stats = conn.info, conn.stats
         if info is None:
             continue
-        price = worker_price(info, prices)
+        role = stats.role if stats is not None else info.role
+        price = worker_price(info, prices, current_cores(info, stats), role)
         if conn.is_alive:
             price_now += price.price_per_hour
         if stats is None:
             continue
-        role = info.role if info.role in hours else "both"
-        cost += price.price_per_hour * stats.uptime_s / 3600.0
-        hours[role] += price.num_devices * stats.uptime_s / 3600.0
+        role = role if role in hours else "both"
+        if price.core_hour_usd is not None:  # a CPU worker: its cores over time
+            cost += price.core_hour_usd * stats.core_s / 3600.0
+            hours[role] += stats.core_s / price.cores_per_device / 3600.0
+        else:
+            cost += price.price_per_hour * stats.uptime_s / 3600.0
+            hours[role] += price.num_devices * stats.uptime_s / 3600.0
         busy[role] += stats.busy_s
         prefill[role] += prefill_time(role, stats.busy_s, stats.prefill_busy_s)
     tokens = {kind: getattr(totals, kind) for kind in KINDS}
@@ -112,8 +143,8 @@ def window(now: Usage, then: Usage | None, cached_weight: float = DEFAULT_CACHED
 
     cost = max(0.0, now.cost_usd - base.cost_usd)
     tokens = {k: int(v) for k, v in delta(now.tokens, base.tokens).items()}
-    busy = sum(delta(now.busy_s, base.busy_s).values())
-    prefill = sum(delta(now.prefill_busy_s, base.prefill_busy_s).values())
+    busy = max(0.0, now.total_busy_s - base.total_busy_s)
+    prefill = max(0.0, now.total_prefill_busy_s - base.total_prefill_busy_s)
     per_m = token_costs(cost, min(prefill, busy), busy, tokens["cached_input"], tokens["input"], tokens["output"],
                         cached_weight)
     figures = {"input": per_m.uncached_input, "cached_input": per_m.cached_input, "output": per_m.output}

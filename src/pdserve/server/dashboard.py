@@ -8,7 +8,8 @@ header on a navigation; the page asks for the key when /v1/cluster answers 401 a
 ``Authorization: Bearer`` from then on.
 
 The assets live in ``server/static`` (package data): plain HTML, CSS and JavaScript, no build step, no
-CDN. The frontend flags that configure the monitor are in server/monitor_args.py.
+CDN. The frontend flags that configure the monitor are in server/monitor_args.py (prices) and server/main.py
+(the objectives, shared with the elastic controller).
 """
 from __future__ import annotations
 
@@ -31,8 +32,12 @@ ASSETS = {"dashboard.js": "text/javascript; charset=utf-8", "dashboard.css": "te
 
 def dashboard_router(client, denied: Callable[[Request], Response | None],
                      options: MonitorOptions | None = None) -> APIRouter:
-    """``denied(request)``: the app's API-key check (a response to return, or None to go on)."""
-    monitor = ClusterMonitor(client, options or MonitorOptions())
+    """``denied(request)``: the app's API-key check (a response to return, or None to go on). Without
+    ``options``, the monitor judges requests against the client's objectives (``FrontendOptions.objectives``)."""
+    if options is None:
+        objectives = client.options.objectives
+        options = MonitorOptions(slo_ttft_s=objectives.ttft_s, slo_tpot_s=objectives.tpot_s)
+    monitor = ClusterMonitor(client, options)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -61,8 +61,24 @@ class Metrics:
         self.totals = RequestTotals()
         self.objectives: tuple[float | None, float | None] | None = None  # (TTFT s, TPOT s)
         self.registry.register(_TotalsCollector(self))
+        self.paths = Counter("pdserve:prefill_path", "Requests by where their prompt was computed",
+                             ["path"], registry=self.registry)
+        self.ttft_error = Histogram("pdserve:ttft_prediction_ratio", "Actual TTFT / the path choice's prediction",
+                                    ["path"], buckets=(0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0),
+                                    registry=self.registry)
+        self.decisions = Counter("pdserve:elastic_decisions", "Decisions of the elastic controller", ["kind"],
+                                 registry=self.registry)
         if worker_stats is not None:
             self.registry.register(_WorkerCollector(model_name, worker_stats))
+        self.attainment = None  # control.attainment.Attainment, set by the frontend: exported at scrape time
+
+    def observe_path(self, path: str, ttft_s: float, predicted_ttft_s: float | None) -> None:
+        self.paths.labels(path).inc()
+        if predicted_ttft_s:
+            self.ttft_error.labels(path).observe(ttft_s / predicted_ttft_s)
+
+    def observe_decision(self, kind: str) -> None:
+        self.decisions.labels(kind).inc()
 
     def set_objectives(self, ttft_s: float | None, tpot_s: float | None) -> None:
         """Judge every finished request against these objectives from now on (None: not judged on it)."""
@@ -98,6 +114,32 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def bind_attainment(self, attainment) -> None:
+        """Export the rolling SLO attainment (``pdserve:slo_attainment{phase}``, ``pdserve:itl_p99_seconds``)."""
+        self.registry.register(_AttainmentCollector(attainment))
+
+
+class _AttainmentCollector:
+    """The last window's attainment per phase, at scrape time."""
+
+    def __init__(self, attainment) -> None:
+        self.attainment = attainment
+
+    def collect(self) -> Iterator:
+        import time
+
+        a = self.attainment.window(time.monotonic())
+        family = GaugeMetricFamily("pdserve:slo_attainment", "Share of the window's requests meeting the objective",
+                                   labels=["phase"])
+        for phase, value in (("ttft", a.ttft), ("tpot", a.tpot), ("both", a.both)):
+            if value is not None:
+                family.add_metric([phase], value)
+        yield family
+        itl = GaugeMetricFamily("pdserve:itl_p99_seconds", "99th percentile of inter-token latency over the window")
+        if a.itl_p99_s is not None:
+            itl.add_metric([], a.itl_p99_s)
+        yield itl
 
 
 class _TotalsCollector:
@@ -138,6 +180,12 @@ class _WorkerCollector:
             "vllm:num_requests_running": ("Requests in the running batch", lambda s: s.num_running),
             "vllm:num_requests_waiting": ("Requests waiting", lambda s: s.num_waiting + s.num_awaiting_kv),
             "vllm:kv_cache_usage_perc": ("KV-cache usage (1 = full)", lambda s: s.kv_usage),
+            "pdserve:worker_cores": ("Cores the worker runs on (0: parked)",
+                                     lambda s: len(s.cpus) if s.cpus is not None else float("nan")),
+            "pdserve:worker_step_target_seconds": ("Stall-free chunking's step target (NaN: none)",
+                                                   lambda s: s.step_target_s if s.step_target_s else float("nan")),
+            "pdserve:worker_queued_prefill_tokens": ("Prompt tokens waiting for prefill",
+                                                     lambda s: s.queued_prefill_tokens),
         }
         counters = {
             "vllm:prefix_cache_queries": ("Prompt tokens looked up in the prefix cache",

@@ -1,7 +1,9 @@
-"""The frontend flags of the monitor (server/monitor.py): prices per pool and objectives.
+"""The frontend flags of the monitor (server/monitor.py): prices per pool. Its objectives are the frontend's
+one set of objective flags (``--slo-ttft``, ``--slo-tpot``: server/main.py ``add_objective_args``), which
+steer the elastic controller too.
 
 Kept apart from the routes so that building the ``pdserve`` command line imports no web framework.
-``pdserve up`` takes the same flags and hands them to its frontend (``monitor_args_to_argv``).
+``pdserve up`` takes the same flag and hands it to its frontend (``monitor_args_to_argv``).
 """
 from __future__ import annotations
 
@@ -9,17 +11,15 @@ import argparse
 
 
 def add_monitor_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("cost and objectives (/metrics, /v1/cluster, /dashboard)")
+    g = parser.add_argument_group("cost (/metrics, /v1/cluster, /dashboard)")
     g.add_argument("--price-per-hour", action="append", default=[], metavar="[POOL=]USD",
                    help="what one worker costs per hour, for every worker (USD) or a pool's (prefill=, decode=, "
                         "colocated=); repeatable; default: the hardware catalogue's price of its device")
-    g.add_argument("--slo-ttft", type=float, default=None, metavar="SECONDS",
-                   help="time-to-first-token objective: SLO attainment on /metrics and the dashboard")
-    g.add_argument("--slo-tpot", type=float, default=None, metavar="SECONDS", help="time-per-output-token objective")
 
 
 def monitor_options_from_args(args: argparse.Namespace):
-    """The ``MonitorOptions`` the flags describe; ValueError (with the flag's name) on bad values."""
+    """The ``MonitorOptions`` the flags describe (prices, and the objectives of ``add_objective_args``);
+    ValueError (with the flag's name) on bad values."""
     from pdserve.server.cost import parse_prices
     from pdserve.server.monitor import MonitorOptions
 
@@ -33,10 +33,9 @@ def monitor_options_from_args(args: argparse.Namespace):
 
 
 def monitor_args_to_argv(args: argparse.Namespace) -> list[str]:
+    """``--price-per-hour`` for the frontend ``pdserve up`` starts (the objectives are passed with the
+    controller's flags)."""
     argv = []
     for value in getattr(args, "price_per_hour", None) or []:
         argv += ["--price-per-hour", str(value)]
-    for name in ("slo_ttft", "slo_tpot"):
-        if getattr(args, name, None) is not None:
-            argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     return argv

@@ -17,7 +17,7 @@ from pdserve.errors import PdserveError
 from pdserve.server import openai_protocol as op
 from pdserve.server.client import FrontendClient
 from pdserve.server.metrics import Metrics
-from pdserve.worker.protocol import TokenOutput
+from pdserve.protocol import TokenOutput
 
 
 @dataclass

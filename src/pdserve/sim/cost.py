@@ -79,13 +79,13 @@ def prefill_time(role: str, busy_s: float, prefill_part_s: float) -> float:
 
 def step_prefill_share(perf, shape) -> float:
     """Fraction of a step's time spent on its prefill tokens: ``perf`` (a ``PerfModel``) times the prefill
-    part alone and the decodes alone; 1 for a step without decodes."""
+    part alone and the decodes alone; 1 for a step without decodes, 0 for one without prefill."""
     from pdserve.sim.perf_model import BatchShape
 
-    if not shape.num_decode:
-        return 1.0
     if not shape.num_prefill_tokens:
         return 0.0
+    if not shape.num_decode:
+        return 1.0
     t_p = perf.step_time_s(BatchShape(shape.num_prefill_tokens, shape.prefill_attn, shape.prefill_kv, 0, 0, 1))
     t_d = perf.decode_step_time_s(shape.num_decode, shape.decode_ctx, shape.decode_max_ctx)
     return t_p / (t_p + t_d) if t_p + t_d > 0 else 0.0

@@ -49,7 +49,7 @@ def add_profile_args(p) -> None:
     g.add_argument("--bench", nargs="+", default=[], metavar="RESULT.json",
                    help="the `pdserve bench --out` result(s) of that run")
     g.add_argument("--base", default=None, metavar="FILE", help="the profiled model to add the overheads to")
-    from pdserve.cluster.args import add_cpu_args
+    from pdserve.runtime import add_cpu_args
     add_cpu_args(p)  # profile as a worker runs: `pdserve up` pins each worker to one core
 
 
@@ -152,7 +152,7 @@ def run_profile_command(args) -> int:
     from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from pdserve.sim.calibrated import fit
     try:
-        from pdserve.cluster.args import apply_cpu_args, freeze_startup_objects, keep_freed_memory
+        from pdserve.runtime import apply_cpu_args, freeze_startup_objects, keep_freed_memory
         from pdserve.engine.core import EngineCore
         apply_cpu_args(args)
         keep_freed_memory()  # as a worker runs

@@ -1,17 +1,20 @@
-"""What a worker's device costs: which device it is, and how its time inside engine steps divides between
-prefill and decode (``sim/cost.py`` says how the frontend turns that into cost per token).
+"""What a worker's device costs: which device it is, how long it has held how many cores, and how its time
+inside engine steps divides between prefill and decode (``sim/cost.py`` says how the frontend turns that
+into cost per token).
 
 ``DeviceInfo`` names the device (type, model name, cores for a CPU) and the hardware catalogue entry it
 stands for (``sim.hardware.detect_hardware``). ``BusyMeter`` adds up the seconds of every step and, for a
 step that mixes prefill chunks and decodes, the prefill part by ``sim.cost.step_prefill_share`` with the
 analytic step-time model of that catalogue entry: the split the planner makes. Without a catalogue entry
-a mixed step is split by its tokens.
+a mixed step is split by its tokens. It also keeps the worker's uptime and core-seconds (its cores over
+time: the elastic controller moves cores between workers and parks some; ``set_cores``).
 """
 from __future__ import annotations
 
 import logging
 import os
 import platform
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,17 +53,22 @@ def device_info(device) -> DeviceInfo:
 class BusyMeter:
     """Seconds spent in engine steps, and the part of them spent on prefill (totals since start)."""
 
-    def __init__(self, perf: PerfModel | None = None) -> None:
+    def __init__(self, perf: PerfModel | None = None, num_cores: int = 0, now_s: float | None = None) -> None:
         self.perf = perf
         self.busy_s = 0.0
         self.prefill_busy_s = 0.0
+        self.start_s = time.monotonic() if now_s is None else now_s
+        self._num_cores = num_cores
+        self._core_s = 0.0  # up to _cores_since_s
+        self._cores_since_s = self.start_s
 
     @classmethod
-    def for_engine(cls, arch, dtype, hardware: str) -> BusyMeter:
+    def for_engine(cls, arch, dtype, hardware: str, num_cores: int = 0) -> BusyMeter:
         """A meter that splits mixed steps with the analytic model of ``hardware`` (a catalogue name)
-        for the model ``arch`` (``model.arch.ModelArch``) in ``dtype`` (a ``torch.dtype``)."""
+        for the model ``arch`` (``model.arch.ModelArch``) in ``dtype`` (a ``torch.dtype``); the worker
+        runs on ``num_cores`` cores from now."""
         if not hardware:
-            return cls()
+            return cls(num_cores=num_cores)
         from pdserve.sim.hardware import get_hardware
         from pdserve.sim.models import ModelSpec
         from pdserve.sim.perf_model import AnalyticPerfModel
@@ -69,7 +77,22 @@ class BusyMeter:
                          arch.head_dim, arch.intermediate_size, arch.vocab_size,
                          tie_embeddings=arch.tie_word_embeddings)
         precision = "fp32" if dtype.itemsize == 4 else "bf16"
-        return cls(AnalyticPerfModel(spec, get_hardware(hardware), precision=precision, kv_dtype=precision))
+        return cls(AnalyticPerfModel(spec, get_hardware(hardware), precision=precision, kv_dtype=precision),
+                   num_cores)
+
+    def set_cores(self, num_cores: int, now_s: float | None = None) -> None:
+        """From now on the worker runs on ``num_cores`` cores (0: parked, or an accelerator)."""
+        now = time.monotonic() if now_s is None else now_s
+        self._core_s = self.core_s(now)
+        self._cores_since_s, self._num_cores = now, num_cores
+
+    def uptime_s(self, now_s: float | None = None) -> float:
+        return (time.monotonic() if now_s is None else now_s) - self.start_s
+
+    def core_s(self, now_s: float | None = None) -> float:
+        """Core-seconds since start: each core the worker held, times how long it held it."""
+        now = time.monotonic() if now_s is None else now_s
+        return self._core_s + self._num_cores * max(0.0, now - self._cores_since_s)
 
     def record(self, chunks, seconds: float) -> None:
         """One step of ``seconds`` that ran ``chunks`` (the scheduler's chunks of that step)."""
