@@ -13,6 +13,8 @@ Format (YAML; docs/cluster.md has the reference)::
       kv_connector: shm            # shm | tcp | module:Class
       routing: prefix_aware        # round_robin | least_loaded | prefix_aware
       min_remote_prefill_tokens: 0
+      price_per_hour: 0.08         # USD per worker-hour, every worker or {prefill: 2.99, decode: 1.79}
+                                   #   (live cost, docs/monitoring.md; default: the hardware catalogue's)
       pools:                       # per-pool engine settings over `engine` (prefill | decode | colocated)
         prefill: {max_num_batched_tokens: 8192}
     planning:                      # what only the simulator and planner read
@@ -29,6 +31,7 @@ An unknown key anywhere is an error that names it (with its path), so a typo nev
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +52,21 @@ class Serving(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw
     port: int | None = None
     max_inflight: int | None = None
     pools: dict[Literal["prefill", "decode", "colocated"], dict[str, Any]] = {}
+    price_per_hour: float | dict[Literal["prefill", "decode", "colocated"], float] | None = None
+
+    def __post_init__(self) -> None:
+        prices = self.price_per_hour if isinstance(self.price_per_hour, dict) else {"": self.price_per_hour}
+        for pool, usd in prices.items():
+            if usd is not None and not (usd >= 0 and math.isfinite(usd)):
+                raise ValueError(f"serving.price_per_hour{'.' + pool if pool else ''}: expected USD >= 0, got {usd}")
+
+    def price_per_hour_flags(self) -> list[str] | None:
+        """``price_per_hour`` as ``--price-per-hour`` values (None: not given)."""
+        if self.price_per_hour is None:
+            return None
+        if isinstance(self.price_per_hour, dict):
+            return [f"{pool}={usd}" for pool, usd in self.price_per_hour.items()]
+        return [str(self.price_per_hour)]
 
 
 class Planning(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):

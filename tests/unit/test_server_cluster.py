@@ -69,12 +69,30 @@ def test_cluster_file_sets_up_and_flags_win(tmp_path):
     assert engine_config_from_args(args).scheduler.max_num_seqs == 7 and args.routing == "least_loaded"
 
 
+def test_cluster_file_prices_reach_the_frontend_and_flags_win(tmp_path):
+    """``serving.price_per_hour`` (live cost, docs/monitoring.md): every worker's or per pool; the frontend
+    of ``pdserve up`` gets them as ``--price-per-hour``, unless that flag is given."""
+    from pdserve.server.monitor_args import monitor_args_to_argv, monitor_options_from_args
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text("model: smollm2-135m\nserving: {price_per_hour: {prefill: 2.99, decode: 1.79}}\n")
+    args = _up_args(["--config", str(path)])
+    assert args.price_per_hour == ["prefill=2.99", "decode=1.79"]
+    assert dict(monitor_options_from_args(args).prices) == {"prefill": 2.99, "decode": 1.79}
+    assert monitor_args_to_argv(args) == ["--price-per-hour", "prefill=2.99", "--price-per-hour", "decode=1.79"]
+    path.write_text("model: smollm2-135m\nserving: {price_per_hour: 0.08}\n")
+    assert _up_args(["--config", str(path)]).price_per_hour == ["0.08"]
+    assert _up_args(["--config", str(path), "--price-per-hour", "1.5"]).price_per_hour == ["1.5"]
+
+
 def test_cluster_file_errors_name_the_key(tmp_path):
     for text, words in (("model: m\nserving: {mode: both}\n", "mode"),
                         ("model: m\nserving: {prefil: 1}\n", "prefil"),
                         ("model: m\nengine: {max_seqs: 1}\n", "max_seqs"),
                         ("model: m\nserving: {pools: {decode: {max_seqs: 3}}}\n", "serving.pools.decode"),
                         ("model: m\nplanning: {hardwre: h200}\n", "hardwre"),
+                        ("model: m\nserving: {price_per_hour: {gpu: 1}}\n", "price_per_hour"),
+                        ("model: m\nserving: {price_per_hour: -1}\n", "price_per_hour"),
                         ("model: m\nnotes: {}\n", "notes"),
                         ("engine: {}\n", "model")):
         path = tmp_path / "bad.yaml"

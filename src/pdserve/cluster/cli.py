@@ -87,7 +87,8 @@ def apply_up_config(args: argparse.Namespace) -> argparse.Namespace:
             {"colocated": 0, "prefill": s.prefill, "decode": s.decode}
         values = {"model": f.model, **f.engine, **layout, "mode": s.mode, "kv_connector": s.kv_connector,
                   "routing": s.routing,
-                  "min_remote_prefill_tokens": s.min_remote_prefill_tokens, "host": s.host, "port": s.port}
+                  "min_remote_prefill_tokens": s.min_remote_prefill_tokens, "host": s.host, "port": s.port,
+                  "price_per_hour": s.price_per_hour_flags()}
         for key, value in values.items():
             if key not in given and value is not None:
                 setattr(args, key, value)
