@@ -1,32 +1,28 @@
 """End to end: live cost, /v1/cluster, the Grafana board's metrics and the dashboard page in a real browser,
 on a disaggregated cluster (1 prefill + 1 decode worker) driven with the official ``openai`` client.
 
-The browser is Debian's chromium (the Makefile installs it) driven by Playwright; the screenshot goes to
-``$PDSERVE_DASHBOARD_SCREENSHOT`` when set, else into the test's tmp dir.
+The browser is Debian's chromium (the Makefile installs it) driven by Playwright (tests/e2e/dashboard_checks.py); the
+screenshot goes to ``$PDSERVE_DASHBOARD_SCREENSHOT`` when set, else into the test's tmp dir. The elastic
+controller's part of the dashboard and of the Grafana board is checked on a mode-auto cluster in
+test_e2e_auto.py.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 from openai import OpenAI
-from prometheus_client.parser import text_string_to_metric_families
 
 from cluster_helpers import MODEL, local_cluster, require_model, wait_idle
+from dashboard_checks import AUTO_ONLY_METRICS, dashboard_page, grafana_metric_names, metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 DECODE_PRICE = 0.5  # --price-per-hour decode=0.5; the prefill worker is priced from the catalogue
-GRAFANA = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "pdserve.json"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-first-run"]
 LONG = ("In a quiet valley between two mountains there was a village whose people kept bees, and every spring "
         "the bees flew over the meadows to gather nectar from the flowers that grew along the river. ")
 
@@ -65,14 +61,6 @@ def _status(url: str) -> dict:
     return httpx.get(f"{url}/v1/cluster", timeout=10).raise_for_status().json()
 
 
-def _metrics(url: str) -> dict[str, list]:
-    out: dict[str, list] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
-        for s in family.samples:
-            out.setdefault(s.name, []).append(s)
-    return out
-
-
 def test_cost_matches_a_hand_computation(cluster):
     from pdserve.sim.hardware import load_catalogue
 
@@ -92,10 +80,15 @@ def test_cost_matches_a_hand_computation(cluster):
         hw = catalogue[w["hardware"]]
         assert elapsed_min <= w["uptime_s"] <= elapsed_max
         assert 0 < w["busy_s"] <= w["uptime_s"] and 0 <= w["prefill_busy_s"] <= w["busy_s"]
+        # pinned to its cores from start to end (no elastic controller here): its core-seconds are those
+        assert w["core_s"] == pytest.approx(w["num_cores"] * w["uptime_s"], rel=1e-6)
         price = DECODE_PRICE if w["role"] == "decode" else hw.price_per_hour * w["num_cores"] / hw.num_cores
         assert w["price_per_hour"] == pytest.approx(price)
-        cost += price * w["uptime_s"] / 3600
-        hours[w["role"]] += w["num_cores"] / hw.num_cores * w["uptime_s"] / 3600
+        if w["role"] == "decode":  # a given price is per worker-hour
+            cost += price * w["uptime_s"] / 3600
+        else:  # a catalogue CPU entry's price, per core-hour
+            cost += hw.price_per_hour / hw.num_cores * w["core_s"] / 3600
+        hours[w["role"]] += w["core_s"] / hw.num_cores / 3600
         busy += w["busy_s"]
         prefill += w["busy_s"] if w["role"] == "prefill" else w["prefill_busy_s"]
     assert sorted(w["role"] for w in status["workers"]) == ["decode", "prefill"]
@@ -112,62 +105,46 @@ def test_cost_matches_a_hand_computation(cluster):
                 "output": cost * (1 - share) / output * 1e6}
     assert total["cost_per_million_tokens"] == pytest.approx(expected, rel=1e-9)
 
-    metrics = _metrics(url)
-    tokens = {s.labels["kind"]: s.value for s in metrics["pdserve:tokens_total"]}
+    exported = metrics(url)
+    tokens = {s.labels["kind"]: s.value for s in exported["pdserve:tokens_total"]}
     assert tokens == {"input": uncached, "cached_input": cached, "output": output}
-    per_m = {(s.labels["kind"], s.labels["window"]): s.value for s in metrics["pdserve:cost_per_million_tokens"]}
+    per_m = {(s.labels["kind"], s.labels["window"]): s.value for s in exported["pdserve:cost_per_million_tokens"]}
     assert per_m[("output", "total")] > 0 and math.isfinite(per_m[("input", "total")])
-    judged = metrics["pdserve:slo_requests_total"][0].value
+    judged = exported["pdserve:slo_requests_total"][0].value
     assert judged == 5 and status["slo"]["attainment_total"]["num_requests"] == 5
 
 
 def test_every_grafana_metric_exists(cluster):
-    board = json.loads(GRAFANA.read_text())
-    queries = [t["expr"] for panel in board["panels"] for t in panel.get("targets", [])]
-    queries += [v["definition"] for v in board["templating"]["list"] if v.get("definition")]
-    names = {n for q in queries for n in re.findall(r"\b(?:vllm|pdserve):[A-Za-z0-9_:]+", q)}
-    assert len(names) >= 15
+    names = grafana_metric_names()
+    assert len(names) >= 15 and AUTO_ONLY_METRICS <= names
     _send(cluster["url"], ["The capital of France is"])  # every histogram and counter has samples
-    exported = set(_metrics(cluster["url"]))
-    missing = sorted(names - exported)
+    exported = set(metrics(cluster["url"]))
+    missing = sorted(names - exported - AUTO_ONLY_METRICS)
     assert not missing, f"the Grafana board queries metrics that /metrics does not export: {missing}"
 
 
 def test_dashboard_in_a_real_browser(cluster, tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    assert os.access(CHROMIUM, os.X_OK), f"{CHROMIUM} missing: `make test` installs it (apt-get install chromium)"
     url = cluster["url"]
     shot = Path(os.environ.get("PDSERVE_DASHBOARD_SCREENSHOT") or tmp_path / "dashboard.png")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            errors: list[str] = []
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(f"{url}/dashboard")
-            page.wait_for_selector("#workers tbody tr[data-worker]", timeout=30_000)
-            shown = page.eval_on_selector_all("#workers tbody tr[data-worker]",
-                                              "rows => rows.map(r => r.dataset.worker)")
-            assert sorted(shown) == sorted(w["worker_id"] for w in _status(url)["workers"])
-            page.wait_for_function("document.getElementById('tokens').textContent !== '-'", timeout=30_000)
-            before = page.inner_text("#tokens")
+    with dashboard_page(url) as (page, errors):
+        shown = page.eval_on_selector_all("#workers tbody tr[data-worker]", "rows => rows.map(r => r.dataset.worker)")
+        assert sorted(shown) == sorted(w["worker_id"] for w in _status(url)["workers"])
+        page.wait_for_function("document.getElementById('tokens').textContent !== '-'", timeout=30_000)
+        before = page.inner_text("#tokens")
 
-            _send(url, [LONG, "Name three colors.", "The capital of France is"])
-            wait_idle(url)
-            totals = _status(url)["cost"]["windows"]["total"]["tokens"]
-            expected = f"{totals['input']} · {totals['cached_input']} · {totals['output']}"
-            assert expected != before
-            page.wait_for_function("t => document.getElementById('tokens').textContent === t", arg=expected,
-                                   timeout=30_000)
-            page.wait_for_function("document.getElementById('ttft').textContent !== '-'", timeout=30_000)
-            page.wait_for_function("document.querySelectorAll('#chart-rates path.series').length > 0", timeout=30_000)
-            assert page.inner_text("#decisions") == "none yet"
-            assert "disaggregated" in page.inner_text("#mode")
-            page.screenshot(path=str(shot), full_page=True)
-        finally:
-            browser.close()
+        _send(url, [LONG, "Name three colors.", "The capital of France is"])
+        wait_idle(url)
+        totals = _status(url)["cost"]["windows"]["total"]["tokens"]
+        expected = f"{totals['input']} · {totals['cached_input']} · {totals['output']}"
+        assert expected != before
+        page.wait_for_function("t => document.getElementById('tokens').textContent === t", arg=expected,
+                               timeout=30_000)
+        page.wait_for_function("document.getElementById('ttft').textContent !== '-'", timeout=30_000)
+        page.wait_for_function("document.querySelectorAll('#chart-rates path.series').length > 0", timeout=30_000)
+        assert "elastic controller is off" in page.inner_text("#decisions")
+        assert "disaggregated" in page.inner_text("#mode")
+        assert all(" · core" in page.inner_text(f"#workers tr[data-worker='{w}']") for w in shown)  # pinned
+        page.screenshot(path=str(shot), full_page=True)
     assert not errors, f"console errors on the dashboard: {errors}"
     assert shot.stat().st_size > 10_000
     print(f"dashboard screenshot: {shot}")

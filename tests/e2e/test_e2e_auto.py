@@ -2,7 +2,8 @@
 controller. Cores move and roles change in the middle of a load of concurrent requests (through the
 controller's own decision path, ``POST /debug/elastic``): no request is lost, every greedy output equals
 the offline engine's (float32), every block comes back and the pools' bookkeeping holds. A worker killed
-right after its role change: every request ends, with tokens or a clear error, nothing hangs."""
+right after its role change: every request ends, with tokens or a clear error, nothing hangs. The dashboard
+shows the controller's decisions and the parked worker, whose core-seconds (its cost) stop growing."""
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ import pytest
 import e2e_checks as checks
 from cluster_helpers import MAX_TOKENS, MODEL, health, local_cluster, offline_reference, require_model, \
     token_ids_from_logprobs, wait_idle
+from dashboard_checks import AUTO_ONLY_METRICS, dashboard_page, grafana_metric_names, metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -57,6 +59,33 @@ def test_starts_colocated_with_a_step_target(url):
     assert w["decode"]["step_target_s"] == pytest.approx(0.45)
     kinds = [d["kind"] for d in c["elastic"]["decisions"]]
     assert "SetStepTarget" in kinds
+
+
+def test_dashboard_shows_the_controller_and_a_parked_worker_costs_nothing(url):
+    checks.client(url).completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4,
+                                          temperature=0)  # a path-choice prediction, a busy decode worker
+    cores = sorted(os.sched_getaffinity(0))
+    _wait(lambda: _workers(url)["prefill"]["core_s"] > 0 and _workers(url)["prefill"].get("is_parked"),
+          "the prefill worker did not report being parked")
+    parked = _workers(url)["prefill"]
+    assert parked["num_cores"] == 0 and parked["price_per_hour"] == 0.0 and parked["device"] == "cpu"
+    decode = _workers(url)["decode"]
+    assert decode["num_cores"] == len(cores) and decode["price_per_hour"] > 0
+    # the parked worker's core-seconds stay as they were while the decode worker's grow
+    _wait(lambda: _workers(url)["decode"]["uptime_s"] > decode["uptime_s"] + 1.0, "no fresh stats")
+    later = _workers(url)
+    assert later["prefill"]["uptime_s"] > parked["uptime_s"] and later["prefill"]["core_s"] == parked["core_s"]
+    assert later["decode"]["core_s"] > decode["core_s"]
+    c = _cluster(url)
+    assert c["cost"]["price_per_hour"] == pytest.approx(decode["price_per_hour"])
+    assert c["elastic"]["decisions"] and c["attainment"]["num_requests"] >= 1
+    assert "pdserve:elastic_decisions_total" in metrics(url)  # a Grafana panel's (the rest: next test)
+    with dashboard_page(url) as (page, errors):
+        assert "auto" in page.inner_text("#mode")
+        page.wait_for_selector("#decisions li[data-kind='SetStepTarget']", timeout=30_000)
+        assert "objectives TTFT" in page.inner_text("#elastic-status")
+        assert "parked" in page.inner_text(f"#workers tr[data-worker='{parked['worker_id']}']")
+    assert not errors, f"console errors on the dashboard: {errors}"
 
 
 def test_cores_and_roles_move_under_load_and_nothing_is_lost(url):
@@ -103,6 +132,9 @@ def test_cores_and_roles_move_under_load_and_nothing_is_lost(url):
     assert checks_ and all(v == "" for v in checks_.values()), checks_
     kinds = [d["kind"] for d in _cluster(url)["elastic"]["decisions"]]
     assert {"MoveCores", "ChangeRole", "SetStepTarget"} <= set(kinds)
+    # with a prefill worker on a core, path choice predicted TTFTs: every Grafana metric exists here
+    missing = (grafana_metric_names() & AUTO_ONLY_METRICS) - set(metrics(url))
+    assert not missing, missing
 
 
 def test_a_worker_killed_during_a_role_change(url):  # last: it kills a worker

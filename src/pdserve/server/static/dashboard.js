@@ -76,7 +76,7 @@
     $("updated").textContent = `updated ${new Date(body.unix_s * 1000).toLocaleTimeString()}`;
     renderCards(body);
     renderWorkers(body.workers || []);
-    renderDecisions(body.controller);
+    renderElastic(body.elastic);
     renderCharts(body);
   }
 
@@ -107,15 +107,13 @@
     tbody.replaceChildren();
     for (const w of workers) {
       const tr = document.createElement("tr");
-      tr.dataset.worker = w.worker_id;
+      tr.dataset.worker = w.worker_id || w.address;
       if (!w.alive) tr.className = "dead";
-      let device = w.device || "?";
-      if (w.num_cores) device += ` · ${w.num_cores} core${w.num_cores === 1 ? "" : "s"}`;
-      if (w.device_name) device += ` · ${w.device_name}`;
       const tiers = Object.entries(w.tier_hit_rates || {}).map(([k, v]) => `${k} ${pct(v)}`).join(", ");
-      const cells = [w.worker_id, w.role, device, String(w.num_waiting + w.num_awaiting_kv),
-                     String(w.num_running), null, pct(w.prefix_cache_hit_rate), tiers || "-",
-                     pct(w.busy_fraction), usd(w.price_per_hour)];
+      const cells = [w.worker_id || w.address, w.role || "-", device(w),
+                     String((w.num_waiting || 0) + (w.num_awaiting_kv || 0)), String(w.num_running || 0), null,
+                     pct(w.prefix_cache_hit_rate), tiers || "-", secs(w.step_target_s), pct(w.busy_fraction),
+                     usd(w.price_per_hour)];
       for (const text of cells) {
         const td = document.createElement("td");
         if (text === null) {
@@ -135,7 +133,7 @@
     if (!workers.length) {
       const tr = document.createElement("tr");
       const td = document.createElement("td");
-      td.colSpan = 10;
+      td.colSpan = 11;
       td.className = "muted";
       td.textContent = "no worker has connected yet";
       tr.appendChild(td);
@@ -143,22 +141,62 @@
     }
   }
 
-  function renderDecisions(controller) {
+  // "cpu · cores 0-1 · AMD EPYC", "cpu · parked", "cuda · NVIDIA H100 80GB HBM3"
+  function device(w) {
+    let text = w.device || "?";
+    if (w.is_parked) text += " · parked";
+    else if (Array.isArray(w.cores) && w.cores.length) text += ` · core${w.cores.length === 1 ? "" : "s"} ${ranges(w.cores)}`;
+    else if (w.num_cores) text += ` · ${w.num_cores} core${w.num_cores === 1 ? "" : "s"}`;
+    if (w.device_name) text += ` · ${w.device_name}`;
+    return text;
+  }
+
+  function ranges(cores) {
+    const sorted = [...cores].sort((a, b) => a - b);
+    const out = [];
+    let start = sorted[0];
+    sorted.forEach((c, i) => {
+      if (i + 1 === sorted.length || sorted[i + 1] !== c + 1) {
+        out.push(start === c ? String(c) : `${start}-${c}`);
+        start = sorted[i + 1];
+      }
+    });
+    return out.join(",");
+  }
+
+  // The elastic controller (/v1/cluster's "elastic"): its objectives, the window it judges, its decisions.
+  function renderElastic(elastic) {
     const list = $("decisions");
-    const decisions = (controller && controller.decisions) || [];
     list.replaceChildren();
-    if (!decisions.length) {
+    const muted = (text) => {
       const li = document.createElement("li");
       li.className = "muted";
-      li.textContent = "none yet";
+      li.textContent = text;
       list.appendChild(li);
+    };
+    if (!elastic) {
+      $("elastic-status").textContent = "";
+      muted("the elastic controller is off (pdserve up --mode auto runs it)");
+      return;
+    }
+    const o = elastic.objectives || {};
+    const win = elastic.window || {};
+    const parts = [`objectives TTFT ${secs(o.ttft_s)}, TPOT ${secs(o.tpot_s)}`];
+    if (isNum(o.itl_p99_s)) parts.push(`ITL p99 ${secs(o.itl_p99_s)}`);
+    parts.push(win.num_requests ? `last window: ${pct(win.slo_attainment)} of ${win.num_requests} requests met both`
+                                : "no finished request in the last window");
+    if (elastic.starving) parts.push(`starving: ${elastic.starving}`);
+    $("elastic-status").textContent = parts.join(" · ");
+    const decisions = elastic.decisions || [];
+    if (!decisions.length) {
+      muted("none yet");
       return;
     }
     for (const d of decisions.slice(-20).reverse()) {
       const li = document.createElement("li");
+      li.dataset.kind = d.kind || "";
       const when = isNum(d.unix_s) ? new Date(d.unix_s * 1000).toLocaleTimeString() + " " : "";
-      const what = d.action || d.kind || "";
-      li.textContent = `${when}${what}${d.reason ? `: ${d.reason}` : ""}` || JSON.stringify(d);
+      li.textContent = `${when}${d.kind || ""}${d.reason ? `: ${d.reason}` : ""}`;
       list.appendChild(li);
     }
   }
