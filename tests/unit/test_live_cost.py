@@ -66,7 +66,8 @@ def test_worker_price_from_catalogue_cores_and_overrides():
 
 
 def test_usage_and_window_match_a_hand_computation():
-    conns = [Conn(_info("prefill"), _stats("prefill", 3600.0, 900.0, 0.0)),  # a prefill worker: all busy is prefill
+    # a prefill worker: all its busy time is prefill (its busy meter applies prefill_time)
+    conns = [Conn(_info("prefill"), _stats("prefill", 3600.0, 900.0, 900.0)),
              Conn(_info("decode", num_cores=2), _stats("decode", 1800.0, 1200.0, 200.0, core_s=3600.0)),
              Conn(_info("both"), None)]  # connected, no stats yet: costs nothing so far
     totals = RequestTotals(input=300_000, cached_input=100_000, output=50_000)
@@ -86,7 +87,7 @@ def test_usage_and_window_match_a_hand_computation():
     assert w["cost_per_million_tokens"]["cached_input"] == pytest.approx(per_uncached * DEFAULT_CACHED_WEIGHT * 1e6)
     assert w["cost_per_million_tokens"]["output"] == pytest.approx(out_cost / 50_000 * 1e6)
     # a window: only what happened between two usages
-    later = live.usage([Conn(_info("prefill"), _stats("prefill", 7200.0, 1000.0, 0.0)),
+    later = live.usage([Conn(_info("prefill"), _stats("prefill", 7200.0, 1000.0, 1000.0)),
                         Conn(_info("decode", num_cores=2), _stats("decode", 5400.0, 1200.0, 200.0, core_s=10800.0))],
                        RequestTotals(input=400_000, cached_input=100_000, output=50_000), prices, time_s=3610.0)
     w = live.window(later, u)
@@ -150,6 +151,8 @@ def test_busy_meter_splits_mixed_steps_as_the_planner_does():
     assert meter.busy_s == 3.5 and meter.prefill_busy_s == pytest.approx(1.0 + 2.0 * share)
     meter.record([], 1.0)  # an empty step is no step
     assert meter.busy_s == 3.5
+    meter.record(mixed, 2.0, role="prefill")  # a prefill-role worker's step is all prefill (prefill_time)
+    assert meter.prefill_busy_s == pytest.approx(1.0 + 2.0 * share + 2.0)
     # uptime and core-seconds: two cores for 10 s, parked for 5 s, one core for 2 s
     clock = BusyMeter(num_cores=2, now_s=100.0)
     clock.set_cores(0, now_s=110.0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from pdserve.sim.cost import DEFAULT_CACHED_WEIGHT, prefill_time, token_costs
+from pdserve.sim.cost import DEFAULT_CACHED_WEIGHT, token_costs
 
 POOLS = {"prefill": "prefill", "decode": "decode", "both": "colocated"}  # worker role -> pool name
 ROLES = tuple(POOLS)
@@ -91,7 +91,7 @@ class Usage:
     price_per_hour: float = 0.0  # of the live workers, now
     device_hours: dict[str, float] = field(default_factory=dict)  # by role
     busy_s: dict[str, float] = field(default_factory=dict)  # by role
-    prefill_busy_s: dict[str, float] = field(default_factory=dict)  # by role, prefill_time's rule applied
+    prefill_busy_s: dict[str, float] = field(default_factory=dict)  # by role (the worker applies prefill_time)
     tokens: dict[str, int] = field(default_factory=dict)  # by kind
 
     @property
@@ -128,7 +128,7 @@ def usage(conns, totals, prices: dict[str, float], time_s: float) -> Usage:
             cost += price.price_per_hour * stats.uptime_s / 3600.0
             hours[role] += price.num_devices * stats.uptime_s / 3600.0
         busy[role] += stats.busy_s
-        prefill[role] += prefill_time(role, stats.busy_s, stats.prefill_busy_s)
+        prefill[role] += min(stats.prefill_busy_s, stats.busy_s)
     tokens = {kind: getattr(totals, kind) for kind in KINDS}
     return Usage(time_s, cost, price_now, hours, busy, prefill, tokens)
 

@@ -8,7 +8,7 @@ How device time is apportioned (the one place; the planner's ``run_cost`` and th
    model gives its prefill part alone, over that plus its decodes alone (the simulator uses its perf
    model; a worker uses the analytic model of its hardware, ``worker/busy.py``).
 2. A worker's prefill time is ``prefill_time``: all of its busy time for a prefill-role worker, else the
-   prefill parts of its steps.
+   prefill parts of its steps (a live worker applies it step by step, with the role it has at that step).
 3. A fleet's cost over a period (every device's price times the period, idle time included) is split
    between input and output by the share of busy time that went to prefill (``input_time_share``): idle
    time is shared out in the same proportion.

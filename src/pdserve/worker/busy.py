@@ -5,8 +5,9 @@ into cost per token).
 ``DeviceInfo`` names the device (type, model name, cores for a CPU) and the hardware catalogue entry it
 stands for (``sim.hardware.detect_hardware``). ``BusyMeter`` adds up the seconds of every step and, for a
 step that mixes prefill chunks and decodes, the prefill part by ``sim.cost.step_prefill_share`` with the
-analytic step-time model of that catalogue entry: the split the planner makes. Without a catalogue entry
-a mixed step is split by its tokens. It also keeps the worker's uptime and core-seconds (its cores over
+analytic step-time model of that catalogue entry: the split the planner makes; a step of a prefill-role
+worker is all prefill (``sim.cost.prefill_time``). Without a catalogue entry a mixed step is split by its
+tokens. It also keeps the worker's uptime and core-seconds (its cores over
 time: the elastic controller moves cores between workers and parks some; ``set_cores``).
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pdserve.sim.cost import step_prefill_share
+from pdserve.sim.cost import prefill_time, step_prefill_share
 from pdserve.sim.perf_model import BatchShape, PerfModel
 
 logger = logging.getLogger(__name__)
@@ -94,19 +95,18 @@ class BusyMeter:
         now = time.monotonic() if now_s is None else now_s
         return self._core_s + self._num_cores * max(0.0, now - self._cores_since_s)
 
-    def record(self, chunks, seconds: float) -> None:
-        """One step of ``seconds`` that ran ``chunks`` (the scheduler's chunks of that step)."""
+    def record(self, chunks, seconds: float, role: str = "both") -> None:
+        """One step of ``seconds`` that ran ``chunks`` (the scheduler's chunks of that step) on a worker in
+        ``role`` (``sim.cost.prefill_time``'s rule, applied step by step: the role may change)."""
         if seconds <= 0 or not chunks:
             return
         self.busy_s += seconds
         shape = BatchShape.from_chunks(chunks)
-        if not shape.num_prefill_tokens:
-            return
-        if self.perf is not None:
-            share = step_prefill_share(self.perf, shape)
-        else:
-            share = shape.num_prefill_tokens / shape.num_tokens
-        self.prefill_busy_s += seconds * share
+        share = 0.0
+        if shape.num_prefill_tokens:
+            share = step_prefill_share(self.perf, shape) if self.perf is not None else \
+                shape.num_prefill_tokens / shape.num_tokens
+        self.prefill_busy_s += prefill_time(role, seconds, seconds * share)
 
 
 def _cpu_model_name() -> str:

@@ -157,7 +157,7 @@ class Worker:
             return []
         start = time.monotonic()
         outputs = self.core.step()
-        self.busy.record(self.core.last_chunks, time.monotonic() - start)
+        self.busy.record(self.core.last_chunks, time.monotonic() - start, self.role)
         return outputs
 
     def _num_cores(self) -> int:
