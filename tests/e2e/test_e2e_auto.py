@@ -103,6 +103,14 @@ def test_cores_and_roles_move_under_load_and_nothing_is_lost(url):
     assert checks_ and all(v == "" for v in checks_.values()), checks_
     kinds = [d["kind"] for d in _cluster(url)["elastic"]["decisions"]]
     assert {"MoveCores", "ChangeRole", "SetStepTarget"} <= set(kinds)
+    # the path choice reports its choices and how far its predictions were from the TTFTs that came
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    paths = {line.split("\"")[1]: float(line.split()[-1]) for line in metrics.splitlines()
+             if line.startswith("pdserve:prefill_path_total{")}
+    assert sum(paths.values()) >= 18, paths
+    ratios = [float(line.split()[-1]) for line in metrics.splitlines()
+              if line.startswith("pdserve:ttft_prediction_ratio_count")]
+    assert sum(ratios) >= 1, metrics[:2000]
 
 
 def test_a_worker_killed_during_a_role_change(url):  # last: it kills a worker
