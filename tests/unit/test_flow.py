@@ -161,3 +161,18 @@ def test_decode_failure_before_the_reservation_and_remote_writers():
     tcp.add("t")
     tcp.reserved(KVReservation("t", [1], 0, 16), TARGET, 0.0)
     assert tcp.abort("t") == [fd.AbortNow("t")]  # nobody writes remotely: free at once
+
+
+def test_admission_refuses_requests_predicted_to_miss_their_ttft_by_far():
+    flow = _flow()
+    flow.admission = Admission(8, 8, ttft_slo_s=2.0)
+    views = flow.router.tracker.instances
+    assert flow.submit("cold", 1000, [], 16)  # workers that have not measured their steps: admitted
+    views["p0"].prefill_token_s = 1e-3
+    views["p0"].queued_prefill_tokens = 500
+    assert flow.submit("ok", 1000, [], 16)  # (500 + 1000) x 1 ms = 1.5 s: within 2 s
+    views["p0"].queued_prefill_tokens = 4000
+    with pytest.raises(OverloadedError) as e:
+        flow.submit("late", 1000, [], 16)  # 5 s predicted
+    assert e.value.retry_after_s == pytest.approx(3.0, rel=0.01) and "late" not in flow.requests
+    assert flow.admission.num_refused == 1

@@ -20,8 +20,11 @@ from dataclasses import dataclass, field
 
 from pdserve.errors import DeadlineExceededError, PdserveError, WorkerDeadError
 from pdserve.router.admission import Admission
-from pdserve.router.path import PathPrediction
+from pdserve.router.path import PathChooser, PathPrediction
 from pdserve.router.router import Router
+
+
+_DEFAULT_CHOOSER = PathChooser()  # predicts routes' TTFT for admission when the router makes no path choice
 
 
 @dataclass(frozen=True)
@@ -225,6 +228,8 @@ class FrontendFlow:
         if route is None:
             raise WorkerDeadError("no live worker can serve requests")
         self.admission.check(self.num_inflight, len(self.inflight.get(route.decode_id, ())))
+        if f.attempt == 0:  # a moved request was admitted already
+            self.admission.check_predicted(self._predicted_ttft_s(f, route))
         f.decode_id, f.prefill_id, f.prediction = route.decode_id, route.prefill_id, route.prediction
         self.requests[f.request_id] = f
         self._count(route.decode_id, f.request_id, add=True)
@@ -233,6 +238,26 @@ class FrontendFlow:
             self._count(route.prefill_id, f.request_id, add=True)
             actions.append(AddToWorker(route.prefill_id, f.request_id, hold_kv=True))
         return actions
+
+    def _predicted_ttft_s(self, f: Flight, route) -> float | None:
+        """The route's predicted TTFT, from workers that have measured their steps (None: no estimate)."""
+        if self.admission.ttft_slo_s is None:
+            return None
+        if route.prediction is not None:
+            return route.prediction.ttft_s
+        views = self.router.tracker.instances
+        chooser = self._predictor
+        decode = views[route.decode_id]
+        if route.prefill_id is None:
+            return chooser.local_ttft_s(f.num_prompt_tokens, f.block_hashes, f.block_size, decode) \
+                if decode.prefill_token_s > 0 else None
+        prefill = views[route.prefill_id]
+        return chooser.remote_ttft_s(f.num_prompt_tokens, f.block_hashes, f.block_size, prefill, decode) \
+            if prefill.prefill_token_s > 0 else None
+
+    @property
+    def _predictor(self) -> PathChooser:
+        return self.router.path_chooser or _DEFAULT_CHOOSER
 
     def _fail_remote(self, f: Flight, reason: str) -> list[FrontendAction]:
         return [FailRemote(f.decode_id, f.request_id, reason)] if self._is_alive(f.decode_id) else []
