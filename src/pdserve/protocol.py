@@ -281,6 +281,7 @@ class KVTransferDone(msgspec.Struct, tag=40, tag_field="t", omit_defaults=True):
     kv_bytes: int = 0
     num_frames: int = 0
     error: str = ""
+    checksum: Union[int, None] = None  # of the blocks' data as sent (kv/faults.py: verification is opt-in)
 
 
 ToWorker = Union[Hello, AddRequest, Abort, FailRemoteKV, ForwardReservation, KVDigestRequest, Shutdown, Configure,

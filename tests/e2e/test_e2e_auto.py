@@ -132,6 +132,14 @@ def test_cores_and_roles_move_under_load_and_nothing_is_lost(url):
     assert checks_ and all(v == "" for v in checks_.values()), checks_
     kinds = [d["kind"] for d in _cluster(url)["elastic"]["decisions"]]
     assert {"MoveCores", "ChangeRole", "SetStepTarget"} <= set(kinds)
+    # the path choice reports its choices and how far its predictions were from the TTFTs that came
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    paths = {line.split("\"")[1]: float(line.split()[-1]) for line in text.splitlines()
+             if line.startswith("pdserve:prefill_path_total{")}
+    assert sum(paths.values()) >= 18, paths
+    ratios = [float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith("pdserve:ttft_prediction_ratio_count")]
+    assert sum(ratios) >= 1, text[:2000]
     # with a prefill worker on a core, path choice predicted TTFTs: every Grafana metric exists here
     missing = (grafana_metric_names() & AUTO_ONLY_METRICS) - set(metrics(url))
     assert not missing, missing

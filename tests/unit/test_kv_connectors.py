@@ -181,3 +181,44 @@ def test_block_runs_and_copy_blocks():
     dst = torch.zeros(SHAPE)
     copy_blocks(dst, [4, 5, 9], src, [1, 2, 3])
     assert torch.equal(dst[:, :, [4, 5, 9]], src[:, :, [1, 2, 3]])
+
+
+@pytest.mark.parametrize("name", ["shm", "tcp"])
+def test_injected_corruption_is_caught_by_the_checksum(name, monkeypatch):
+    monkeypatch.setenv("PDSERVE_FAULTS", "kv_corrupt=1")
+    target, cache = _target(name)
+    try:
+        done = _save(name, _reservation(target))
+        assert done.ok  # the sender cannot tell ...
+        [load] = _loads(target)
+        assert not load.ok and "checksum" in load.error  # ... the target can
+    finally:
+        target.close()
+
+
+def test_checksums_pass_on_good_data_and_drops_leave_the_target_waiting(monkeypatch):
+    monkeypatch.setenv("PDSERVE_KV_VERIFY", "1")
+    target, cache = _target("tcp")
+    try:
+        assert _save("tcp", _reservation(target)).ok
+        [load] = _loads(target)
+        assert load.ok
+        _check_blocks(cache, _source_cache())
+        monkeypatch.setenv("PDSERVE_FAULTS", "kv_drop=1")
+        assert _save("tcp", _reservation(target, rid="r1")).ok
+        time.sleep(0.3)
+        assert target.poll_loads() == []  # nothing came: the worker's deadline handles it
+    finally:
+        target.close()
+
+
+def test_fault_plan_errors():
+    import os
+
+    from pdserve.kv.faults import KVFaults
+    os.environ["PDSERVE_FAULTS"] = "kv_explode=1"
+    try:
+        with pytest.raises(ValueError, match="kv_explode"):
+            KVFaults.from_env()
+    finally:
+        del os.environ["PDSERVE_FAULTS"]

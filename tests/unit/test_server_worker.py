@@ -274,3 +274,27 @@ def test_configure_changes_role_cores_and_step_target_between_steps(tiny_dir, co
         assert "role must be one of" in w.recv_type(p.ErrorMsg).message
     finally:
         w.close()
+
+
+@pytest.mark.parametrize("fault", ["kv_drop=1", "kv_corrupt=1", "kv_delay_s=0.5"])
+def test_faulty_transfers_fall_back_with_the_right_tokens_and_no_leak(tiny_dir, colocated_tokens, fault, monkeypatch):
+    """Dropped, corrupted and delayed transfers (kv/faults.py): the decode worker computes the prompt itself
+    when the KV does not arrive or fails its checksum; the tokens are the colocated ones; every block is free."""
+    monkeypatch.setenv("PDSERVE_FAULTS", fault)
+    prefill = Running(tiny_dir, "prefill")  # its connectors read the fault plan
+    monkeypatch.delenv("PDSERVE_FAULTS")
+    if "corrupt" in fault:
+        monkeypatch.setenv("PDSERVE_KV_VERIFY", "1")  # the decode side verifies what the sender checksummed
+    decode = Running(tiny_dir, "decode", "tcp", transfer_timeout_s=1.0)
+    try:
+        decode.send(p.AddRequest("f", PROMPT, GREEDY, remote_kv=True))
+        prefill.send(p.AddRequest("f", PROMPT, p.WireSamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),
+                                  hold_kv=True))
+        prefill.send(p.ForwardReservation(decode.recv_type(p.KVReservationMsg)))
+        ids, reason = decode.tokens("f")
+        assert ids == colocated_tokens and reason == "length"
+        for w in (prefill, decode):
+            w.wait_stats(lambda s: s.num_free_blocks == s.num_blocks and s.num_held_kv == 0 and s.num_awaiting_kv == 0)
+    finally:
+        prefill.close()
+        decode.close()

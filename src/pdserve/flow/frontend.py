@@ -5,7 +5,10 @@ when its prompt is computed remotely) and sent to both at once, so the prompt co
 worker reserves blocks. The decode worker's reservation is forwarded to the prefill worker; the prefill
 worker reports ``PrefillDone``; the decode worker streams every token, the first included. Whenever the
 prefill side fails (refusal, failed send, death) the decode worker is told to compute the prompt itself; a
-dead decode worker's requests without tokens are routed again, the others end with an error.
+dead decode worker's requests without tokens are routed again, the others migrate (``Migrate``: the caller
+submits the prompt and the tokens so far to another decode worker, and the stream goes on) or, past
+``max_attempts``, end with an error. A request past its deadline is aborted everywhere and ends with a
+clear error (``expire``).
 
 Pure: the caller (``server/client.py``, ``sim/simulator.py``) carries out the actions in order; the actions
 of one call are ordered (an abort of an old route goes out before the retry's requests).
@@ -15,10 +18,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pdserve.errors import PdserveError, WorkerDeadError
+from pdserve.errors import DeadlineExceededError, PdserveError, WorkerDeadError
 from pdserve.router.admission import Admission
-from pdserve.router.path import PathPrediction
+from pdserve.router.path import PathChooser, PathPrediction
 from pdserve.router.router import Router
+
+
+_DEFAULT_CHOOSER = PathChooser()  # predicts routes' TTFT for admission when the router makes no path choice
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,19 @@ class Fail:
     error: PdserveError
 
 
-FrontendAction = AddToWorker | Forward | FailRemote | AbortOn | Fail
+@dataclass(frozen=True)
+class Migrate:
+    """The request's decode worker died after ``num_tokens`` tokens: submit it again (``submit`` with
+    ``attempt``) with its prompt followed by those tokens, for the rest of its output, so the client's
+    stream goes on where it stopped."""
+
+    request_id: str
+    num_tokens: int
+    attempt: int
+    deadline_s: float | None
+
+
+FrontendAction = AddToWorker | Forward | FailRemote | AbortOn | Fail | Migrate
 
 
 @dataclass
@@ -81,6 +99,8 @@ class Flight:
     num_tokens: int = 0
     is_prefill_done: bool = False
     prediction: PathPrediction | None = None  # the path choice's, when it made one
+    deadline_s: float | None = None  # (the caller's clock) it is aborted everywhere at this time
+    attempt: int = 0  # how many times it moved to another decode worker
 
     @property
     def worker_ids(self) -> list[str]:
@@ -92,6 +112,8 @@ class FrontendFlow:
     router: Router
     admission: Admission
     retry_dead_worker: bool = True  # route again a request whose decode worker died before any token
+    migrate: bool = False  # ... and move one that had tokens already (``Migrate``; the caller must handle it)
+    max_attempts: int = 3  # moves per request before it fails with the worker's death
     requests: dict[str, Flight] = field(default_factory=dict)
     inflight: dict[str, set[str]] = field(default_factory=dict)  # worker id -> request ids sent there
 
@@ -99,11 +121,19 @@ class FrontendFlow:
     def num_inflight(self) -> int:
         return len(self.requests)
 
-    def submit(self, request_id: str, num_prompt_tokens: int, block_hashes: Sequence[int],
-               block_size: int) -> list[FrontendAction]:
-        """Admit and route a new request. Raises ``OverloadedError`` (admission) or ``WorkerDeadError`` (no
-        live worker can serve it); nothing is registered then."""
-        return self._route(Flight(request_id, num_prompt_tokens, block_hashes, block_size))
+    def submit(self, request_id: str, num_prompt_tokens: int, block_hashes: Sequence[int], block_size: int,
+               deadline_s: float | None = None, attempt: int = 0) -> list[FrontendAction]:
+        """Admit and route a new request (or a migrated one: ``attempt`` > 0). Raises ``OverloadedError``
+        (admission) or ``WorkerDeadError`` (no live worker can serve it); nothing is registered then."""
+        return self._route(Flight(request_id, num_prompt_tokens, block_hashes, block_size, deadline_s=deadline_s,
+                                  attempt=attempt))
+
+    def expire(self, now: float) -> list[FrontendAction]:
+        """Requests past their deadline: aborted on every worker, their streams end with a clear error."""
+        late = [f for f in self.requests.values() if f.deadline_s is not None and now >= f.deadline_s]
+        actions = self.end([f.request_id for f in late])
+        return actions + [Fail(f.request_id, DeadlineExceededError(
+            f"the request did not finish within its deadline ({f.num_tokens} tokens sent)")) for f in late]
 
     def on_reservation(self, worker_id: str, request_id: str, reservation: object) -> list[FrontendAction]:
         """A decode worker reserved blocks for the request's prompt."""
@@ -162,11 +192,15 @@ class FrontendFlow:
             actions += [AbortOn(w, [rid]) for w in f.worker_ids if w != worker_id]
             if self.retry_dead_worker and f.num_tokens == 0:
                 try:
-                    actions += self._route(Flight(rid, f.num_prompt_tokens, f.block_hashes, f.block_size))
+                    actions += self._route(Flight(rid, f.num_prompt_tokens, f.block_hashes, f.block_size,
+                                                  deadline_s=f.deadline_s, attempt=f.attempt))
                     continue
                 except PdserveError as e:
                     actions.append(Fail(rid, e))
                     continue
+            if self.migrate and f.attempt < self.max_attempts and self.router.tracker.views(("decode", "both")):
+                actions.append(Migrate(rid, f.num_tokens, f.attempt + 1, f.deadline_s))
+                continue
             actions.append(Fail(rid, WorkerDeadError(f"worker {worker_id} died while serving this request")))
         self.inflight.pop(worker_id, None)
         return actions
@@ -194,6 +228,8 @@ class FrontendFlow:
         if route is None:
             raise WorkerDeadError("no live worker can serve requests")
         self.admission.check(self.num_inflight, len(self.inflight.get(route.decode_id, ())))
+        if f.attempt == 0:  # a moved request was admitted already
+            self.admission.check_predicted(self._predicted_ttft_s(f, route))
         f.decode_id, f.prefill_id, f.prediction = route.decode_id, route.prefill_id, route.prediction
         self.requests[f.request_id] = f
         self._count(route.decode_id, f.request_id, add=True)
@@ -202,6 +238,26 @@ class FrontendFlow:
             self._count(route.prefill_id, f.request_id, add=True)
             actions.append(AddToWorker(route.prefill_id, f.request_id, hold_kv=True))
         return actions
+
+    def _predicted_ttft_s(self, f: Flight, route) -> float | None:
+        """The route's predicted TTFT, from workers that have measured their steps (None: no estimate)."""
+        if self.admission.ttft_slo_s is None:
+            return None
+        if route.prediction is not None:
+            return route.prediction.ttft_s
+        views = self.router.tracker.instances
+        chooser = self._predictor
+        decode = views[route.decode_id]
+        if route.prefill_id is None:
+            return chooser.local_ttft_s(f.num_prompt_tokens, f.block_hashes, f.block_size, decode) \
+                if decode.prefill_token_s > 0 else None
+        prefill = views[route.prefill_id]
+        return chooser.remote_ttft_s(f.num_prompt_tokens, f.block_hashes, f.block_size, prefill, decode) \
+            if prefill.prefill_token_s > 0 else None
+
+    @property
+    def _predictor(self) -> PathChooser:
+        return self.router.path_chooser or _DEFAULT_CHOOSER
 
     def _fail_remote(self, f: Flight, reason: str) -> list[FrontendAction]:
         return [FailRemote(f.decode_id, f.request_id, reason)] if self._is_alive(f.decode_id) else []

@@ -79,6 +79,21 @@ def check_layout(cache: torch.Tensor, shape: list[int], dtype: str) -> None:
         raise ValueError(f"cache shapes differ: local {tuple(cache.shape)}, remote {tuple(shape)}")
 
 
+def blocks_checksum(cache: torch.Tensor, block_ids: list[int]) -> int:
+    """A sum of the blocks' bytes (as 16-bit words, position-free): it changes when any byte does, at one
+    pass over the data (transfers' optional integrity check, kv/faults.py)."""
+    total = 0
+    for s, _, n in block_runs(block_ids, block_ids):
+        # (num_layers, 2, n, block_size, num_kv_heads, head_dim) as 16-bit words
+        total += int(torch.sum(cache[:, :, s:s + n].contiguous().view(torch.int16), dtype=torch.int64))
+    return total
+
+
+def flip_a_byte(cache: torch.Tensor, block_id: int) -> None:
+    """Corrupt one byte of a block (fault injection)."""
+    cache[0, 0, block_id].view(-1).view(torch.uint8)[0] ^= 0xFF
+
+
 def block_digest(cache: torch.Tensor, block_id: int) -> str:
     """SHA-256 of one block's bytes over all layers, keys and values (KV integrity checks)."""
     data = cache[:, :, block_id].contiguous()  # (num_layers, 2, block_size, num_kv_heads, head_dim)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pdserve.kv.base import ConnectorCapabilities
-from pdserve.kv.blocks import DTYPE_NAMES, check_layout, copy_blocks
+from pdserve.kv.blocks import DTYPE_NAMES, check_layout, copy_blocks, flip_a_byte
 from pdserve.kv.connector import ConnectorConfig
 from pdserve.kv.zmq_connector import ZmqConnector
 from pdserve.protocol import KVTarget
@@ -64,6 +64,9 @@ class ShmConnector(ZmqConnector):
         check_layout(cache, list(remote.shape), target.dtype)
         copy_blocks(remote, dst, cache, src)
         return []
+
+    def _corrupt_target_block(self, target: KVTarget, block_id: int) -> None:
+        flip_a_byte(self._map(target), block_id)
 
     def _read(self, dst: list[int], frames: list) -> None:
         if frames:

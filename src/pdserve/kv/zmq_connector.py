@@ -17,8 +17,9 @@ import torch
 import zmq
 
 from pdserve.kv.base import LoadDone, SaveDone
-from pdserve.kv.blocks import block_bytes, dtype_name
+from pdserve.kv.blocks import block_bytes, blocks_checksum, dtype_name
 from pdserve.kv.connector import ConnectorConfig, KVConnector, SaveJob, ThreadedSaves
+from pdserve.kv.faults import KVFaults
 from pdserve.protocol import KVReservationMsg, KVTarget, KVTransferDone, decode_kv_plane, encode
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class ZmqConnector(KVConnector):
         self._expected: dict[str, KVReservationMsg] = {}
         self._saves: ThreadedSaves | None = None
         self._push: dict[str, zmq.Socket] = {}  # source side, used on the save thread only
+        self.faults = KVFaults.from_env()  # test-only fault injection; off unless PDSERVE_FAULTS is set
 
     # -- target side ----------------------------------------------------------------------------------------
     def listen(self) -> None:
@@ -99,6 +101,17 @@ class ZmqConnector(KVConnector):
             self.socket.close(0)
             self.socket = None
 
+    def _corrupt(self, frames: list, dst: list[int], target: KVTarget) -> None:
+        """Fault injection: flip a byte of what was sent (the frames, or the target's block written)."""
+        logger.warning("fault injection: a byte of the KV sent to %s is flipped", target.worker_id)
+        if frames:
+            frames[0][0] ^= 0xFF  # a numpy view of the gathered blocks
+        elif dst:
+            self._corrupt_target_block(target, dst[0])
+
+    def _corrupt_target_block(self, target: KVTarget, block_id: int) -> None:
+        raise NotImplementedError
+
     # -- what subclasses provide -------------------------------------------------------------------------------
     def _target_params(self) -> dict[str, str]:
         return {}
@@ -134,7 +147,17 @@ class ZmqConnector(KVConnector):
             if self.capabilities.same_host_only and r.target.host and r.target.host != socket.gethostname():
                 raise ValueError(f"{self.name} moves KV within one host; the target is on {r.target.host}")
             notice.kv_bytes = len(src) * block_bytes(cache)
+            if self.faults.kv_delay_s:
+                time.sleep(self.faults.kv_delay_s)
+            if self.faults.verify:
+                notice.checksum = blocks_checksum(cache, src)
             frames = self._write(cache, src, dst, r.target)
+            if self.faults.corrupts():
+                self._corrupt(frames, dst, r.target)
+            if self.faults.drops():
+                logger.warning("fault injection: the notice of %s is dropped", job.request_id)
+                return SaveDone(job.request_id, True, notice.kv_bytes, num_blocks=len(dst),
+                                target_worker_id=r.target.worker_id)
             self._notify(r.target.address, notice, frames)
             return SaveDone(job.request_id, True, notice.kv_bytes, num_blocks=len(dst),
                             target_worker_id=r.target.worker_id)
@@ -181,6 +204,8 @@ class ZmqConnector(KVConnector):
             return load
         try:
             self._read(notice.dst_block_ids, [f.buffer for f in frames])
+            if notice.checksum is not None and blocks_checksum(self.cache, notice.dst_block_ids) != notice.checksum:
+                raise ValueError("the blocks' checksum does not match the sender's")
         except (ValueError, RuntimeError) as e:
             load.ok, load.error = False, f"bad KV data: {e}"
         return load
