@@ -87,7 +87,21 @@ class KVTarget(msgspec.Struct, omit_defaults=True):
 
 
 class Hello(msgspec.Struct, tag=1, tag_field="t", omit_defaults=True):
+    """``heartbeat_address``: where the worker pushes ``Heartbeat``s from a thread of their own (a long step
+    does not delay them; a stopped or dead process sends none)."""
+
     frontend_id: str
+    heartbeat_address: str = ""
+
+
+class Heartbeat(msgspec.Struct, tag=29, tag_field="t"):
+    """Worker -> frontend, on the heartbeat channel, every ``HEARTBEAT_S``."""
+
+    worker_id: str
+    time_s: float
+
+
+HEARTBEAT_S = 0.5
 
 
 class AddRequest(msgspec.Struct, tag=2, tag_field="t", omit_defaults=True):
@@ -289,11 +303,12 @@ ToWorker = Union[Hello, AddRequest, Abort, FailRemoteKV, ForwardReservation, KVD
 FromWorker = Union[WorkerInfo, Outputs, ErrorMsg, Stats, KVEvents, KVReservationMsg, PrefillDone,
                    KVDigestReply, IntegrityReply]
 KVPlane = KVTransferDone
+_heartbeat = msgspec.msgpack.Decoder(Heartbeat)
 
 MESSAGE_TYPES: tuple[type, ...] = (Hello, AddRequest, Abort, FailRemoteKV, ForwardReservation,
                                    KVDigestRequest, Shutdown, Configure, CheckIntegrity, WorkerInfo, Outputs,
                                    ErrorMsg, Stats, KVEvents, KVReservationMsg, PrefillDone, KVDigestReply,
-                                   IntegrityReply, KVTransferDone)
+                                   IntegrityReply, Heartbeat, KVTransferDone)
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(ToWorker)
@@ -312,6 +327,10 @@ def decode_to_worker(data: bytes | memoryview) -> ToWorker:
 
 def decode_from_worker(data: bytes | memoryview) -> FromWorker:
     return _from_worker.decode(data)
+
+
+def decode_heartbeat(data: bytes | memoryview) -> Heartbeat:
+    return _heartbeat.decode(data)
 
 
 def decode_kv_plane(data: bytes | memoryview) -> KVPlane:

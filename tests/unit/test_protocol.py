@@ -69,8 +69,15 @@ def test_kv_plane_round_trip(msg):
     assert p.decode_kv_plane(p.encode(msg)) == msg
 
 
+def test_heartbeat_round_trip():
+    beat = p.Heartbeat("decode-1", 1234.5)
+    assert p.decode_heartbeat(p.encode(beat)) == beat
+    hello = p.Hello("fe", "tcp://127.0.0.1:5555")
+    assert p.decode_to_worker(p.encode(hello)) == hello
+
+
 def test_every_message_type_is_covered_with_a_unique_one_byte_tag():
-    covered = {type(m) for m in TO_WORKER + FROM_WORKER + KV_PLANE}
+    covered = {type(m) for m in TO_WORKER + FROM_WORKER + KV_PLANE} | {p.Heartbeat}
     assert covered == set(p.MESSAGE_TYPES)
     tags = [t.__struct_config__.tag for t in p.MESSAGE_TYPES]
     assert len(set(tags)) == len(tags)

@@ -43,7 +43,15 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-connector", "--kv-transfer", dest="kv_connector", default="shm",
                    help="how KV moves from prefill to decode workers: shm (default: same host), tcp, or "
                         "module:Class for an out-of-tree connector (kv/registry.py)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="the HTTP API's interface (default %(default)s)")
+    p.add_argument("--internal-host", default="127.0.0.1",
+                   help="the interface of the workers' and frontend's internal sockets (default %(default)s: "
+                        "loopback; elsewhere they require the cluster's keys, docs/cluster.md)")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="every request's deadline, seconds: aborted everywhere then, the client told")
+    p.add_argument("--admission-ttft-slack", type=float, default=2.0,
+                   help="refuse up front (429, Retry-After) a request predicted to take over this many times the "
+                        "TTFT objective to its first token (default %(default)s; 0: never)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--api-key", default=None)

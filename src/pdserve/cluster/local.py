@@ -18,10 +18,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdserve.cluster.startup import StartupProgress, summary
+from pdserve.kv.shm import remove_stale_files
 from pdserve.progress import PROGRESS_FILE_ENV
 from pdserve.server.monitor_args import monitor_args_to_argv, monitor_options_from_args
 from pdserve.settings import engine_argv, engine_config_from_args
@@ -31,12 +32,21 @@ logger = logging.getLogger(__name__)
 STOP_GRACE_S = 10.0
 
 
+RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0)  # after the 1st, 2nd, ... crash in a row
+CRASH_LOOP = (5, 120.0)  # this many crashes within this many seconds: not restarted again
+
+
 @dataclass
 class Child:
     name: str
     proc: subprocess.Popen
     ready_file: Path | None = None
     record: dict | None = None
+    argv: list[str] | None = None  # a worker's command line (restarts reuse it, on the same ports)
+    env: dict | None = None
+    crashes: list[float] = field(default_factory=list)  # when it exited on its own
+    restart_at: float | None = None
+    gave_up: bool = False
 
 
 class LocalCluster:
@@ -74,11 +84,44 @@ class LocalCluster:
                 logger.error("the frontend exited with code %s", code)
                 return code or 1
             for child in self.children[:-1]:
-                if child.proc.poll() is not None and child.record is not None:
-                    logger.error("%s exited with code %s", child.name, child.proc.returncode)
-                    child.record = None  # report once; the frontend routes around it
+                self._supervise(child)
             time.sleep(0.2)
         return 0
+
+    def _supervise(self, child: Child) -> None:
+        """A worker that exited on its own is started again on the same ports (the frontend reconnects and
+        re-admits it), after a backoff; one that keeps crashing is left down, with a clear message."""
+        now = time.monotonic()
+        if child.gave_up or child.argv is None:
+            return
+        if child.restart_at is None:
+            if child.proc.poll() is None:
+                return
+            child.crashes = [t for t in child.crashes if now - t < CRASH_LOOP[1]] + [now]
+            remove_stale_files()  # its KV cache file in /dev/shm
+            if len(child.crashes) >= CRASH_LOOP[0]:
+                child.gave_up = True
+                logger.error("%s crashed %d times within %.0f s (last exit code %s); not restarting it: the "
+                             "cluster serves without it (see its log above)", child.name, len(child.crashes),
+                             CRASH_LOOP[1], child.proc.returncode)
+                return
+            delay = RESTART_BACKOFF_S[min(len(child.crashes), len(RESTART_BACKOFF_S)) - 1]
+            logger.error("%s exited with code %s; restarting it in %.0f s", child.name, child.proc.returncode, delay)
+            child.restart_at = now + delay
+        elif now >= child.restart_at:
+            child.restart_at = None
+            child.proc = _spawn(self._restart_argv(child), child.env)
+            logger.info("restarted %s (pid %d)", child.name, child.proc.pid)
+
+    def _restart_argv(self, child: Child) -> list[str]:
+        """The worker's command line on the ports it had (its record), so addresses stay valid."""
+        argv = list(child.argv)
+        record = child.record or {}
+        for flag, key in (("--port", "address"), ("--kv-port", "kv_address")):
+            address = record.get(key)
+            if address:
+                argv += [flag, address.rsplit(":", 1)[1]]
+        return argv
 
     def stop(self) -> None:
         """SIGTERM every child, wait up to STOP_GRACE_S, SIGKILL the rest; idempotent."""
@@ -94,6 +137,7 @@ class LocalCluster:
                 logger.warning("%s did not stop in %.0fs; killing it", child.name, STOP_GRACE_S)
                 child.proc.kill()
                 child.proc.wait()
+        remove_stale_files()  # KV cache files of workers that were killed
         for f in self.tmpdir.glob("*"):
             f.unlink(missing_ok=True)
         self.tmpdir.rmdir()
@@ -103,7 +147,7 @@ class LocalCluster:
         file (``args.pool_settings``: {prefill|decode|colocated: {setting: value}}) on top."""
         pool = "colocated" if role == "both" else role
         overrides = (getattr(self.args, "pool_settings", None) or {}).get(pool, {})
-        argv = [sys.executable, "-m", "pdserve.worker.main", "--role", role, "--host", self.args.host,
+        argv = [sys.executable, "-m", "pdserve.worker.main", "--role", role, "--host", self.args.internal_host,
                 "--kv-connector", self.args.kv_connector, "--ready-file", str(ready_file),
                 "--worker-id", f"{role}-{i}", *engine_argv(engine_config_from_args(self.args, **overrides))]
         if cpus is not None:
@@ -133,7 +177,8 @@ class LocalCluster:
         ready, progress = self.tmpdir / f"worker-{i}.json", self.tmpdir / f"progress-{i}.jsonl"
         self.progress.add_worker(f"{role}-{i}", progress, ready)
         env = {**os.environ, PROGRESS_FILE_ENV: str(progress)}
-        self.children.append(Child(f"worker {role}-{i}", _spawn(self.worker_argv(i, role, cpus, ready), env), ready))
+        argv = self.worker_argv(i, role, cpus, ready)
+        self.children.append(Child(f"worker {role}-{i}", _spawn(argv, env), ready, argv=argv, env=env))
         logger.info("started worker %s-%d%s", role, i, f" on core {cpus}" if cpus is not None else "")
 
     def _start_frontend(self, addresses: str) -> None:
@@ -141,7 +186,10 @@ class LocalCluster:
         argv = [sys.executable, "-m", "pdserve.server.main", "--workers", addresses, "--model", a.model,
                 "--host", a.host, "--port", str(a.port), "--routing", a.routing,
                 "--min-remote-prefill-tokens", str(a.min_remote_prefill_tokens),
-                "--worker-timeout", str(a.worker_timeout)]
+                "--worker-timeout", str(a.worker_timeout), "--internal-host", a.internal_host,
+                "--request-timeout", str(a.request_timeout)]
+        if a.admission_ttft_slack:
+            argv += ["--admission-ttft-slack", str(a.admission_ttft_slack)]
         if a.served_model_name:
             argv += ["--served-model-name", a.served_model_name]
         if a.api_key:

@@ -37,6 +37,7 @@ from pdserve.tracing import Tracer
 logger = logging.getLogger(__name__)
 
 MAX_ITLS = 64  # gaps between tokens kept per request for the ITL percentile
+MAX_ORPHANS = 4096  # requests remembered per dead worker, to abort there if it comes back
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,10 @@ class FrontendOptions:
     elastic_tick_s: float = 2.0
     elastic_initial: str = "split"  # server/elastic.py INITIAL_LAYOUTS
     bounds: Bounds = Bounds()
+    request_timeout_s: float | None = 600.0  # every request's deadline (aborted everywhere then; None: none)
+    migrate: bool = True  # a dead decode worker's streaming requests go on on another one
+    internal_host: str = "127.0.0.1"  # where workers reach this frontend (heartbeats)
+    admission_ttft_slack: float | None = None  # refuse requests predicted over slack x the TTFT objective
 
 
 @dataclass
@@ -98,6 +103,9 @@ class _Tracked:
     itls: list[float] = field(default_factory=list)  # gaps between tokens (the first MAX_ITLS)
     predicted_ttft_s: float | None = None
     is_remote: bool | None = None
+    deadline_s: float | None = None
+    num_original_prompt: int = 0
+    generated: list[int] = field(default_factory=list)  # its tokens so far (a migration resends them)
 
 
 class FrontendClient:
@@ -113,8 +121,11 @@ class FrontendClient:
         self.attainment = Attainment(options.objectives, options.attainment_window_s)
         self.elastic = ElasticLoop(self, ElasticController(options.objectives, options.bounds),
                                    options.elastic_tick_s, options.elastic_initial) if options.elastic else None
-        self.flow = FrontendFlow(self.router, Admission(options.max_inflight, options.max_inflight_per_instance),
-                                 options.retry_dead_worker)
+        slack = options.admission_ttft_slack
+        admission = Admission(options.max_inflight, options.max_inflight_per_instance,
+                              options.objectives.ttft_s if slack is not None else None, slack or 1.0)
+        self.flow = FrontendFlow(self.router, admission, options.retry_dead_worker, options.migrate)
+        self._orphans: dict[str, list[str]] = {}  # a worker presumed dead -> the requests it had then
         self.conns: dict[str, WorkerConn] = {}  # worker id -> connection (after its WorkerInfo)
         self._pending: list[WorkerConn] = []
         self._tracked: dict[str, _Tracked] = {}
@@ -127,11 +138,17 @@ class FrontendClient:
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
         """Connect to every worker and wait (up to connect_timeout_s) until each has introduced itself."""
+        self._heartbeat = self.context.socket(zmq.PULL)
+        self._heartbeat.setsockopt(zmq.LINGER, 0)
+        port = self._heartbeat.bind_to_random_port(f"tcp://{self.options.internal_host}")
+        self.heartbeat_address = f"tcp://{self.options.internal_host}:{port}"
+        self._tasks.append(asyncio.create_task(self._heartbeat_reader()))
         for address in self.options.worker_addresses:
             sock = self.context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues for a worker that is not connected
             sock.connect(address)
             conn = WorkerConn(address, sock)
             self._pending.append(conn)
@@ -141,7 +158,7 @@ class FrontendClient:
         while any(c.info is None for c in self._pending) and time.monotonic() < deadline:
             for conn in self._pending:
                 if conn.info is None:
-                    await conn.socket.send(p.encode(p.Hello(self.frontend_id)))
+                    self._hello(conn)
             await asyncio.sleep(0.5)
         missing = [c.address for c in self._pending if c.info is None]
         if missing:
@@ -155,6 +172,7 @@ class FrontendClient:
         await asyncio.gather(*self._tasks, return_exceptions=True)  # wait until every task has ended
         for conn in self._pending:
             conn.socket.close(0)
+        self._heartbeat.close(0)
         self._trace.close()
 
     # -- queries -------------------------------------------------------------------------------------
@@ -259,13 +277,22 @@ class FrontendClient:
         self._send(worker_id, msg)
 
     # -- private: the flow's actions -----------------------------------------------------------------
-    def _submit(self, t: _Tracked) -> None:
+    def _submit(self, t: _Tracked, attempt: int = 0) -> None:
         if not self.can_serve():
             raise WorkerDeadError("no live worker can serve requests")
         info = self.model_info()
         block_size = info.block_size if info else 16
+        if attempt == 0:
+            t.num_original_prompt = len(t.prompt_token_ids)
+            timeout = self.options.request_timeout_s
+            t.deadline_s = time.monotonic() + timeout if timeout else None
         actions = self.flow.submit(t.request_id, len(t.prompt_token_ids),
-                                   hash_block_tokens(t.prompt_token_ids, block_size), block_size)
+                                   hash_block_tokens(t.prompt_token_ids, block_size), block_size, t.deadline_s,
+                                   attempt)
+        if attempt:
+            self._tracked[t.request_id] = t
+            self._execute(actions)
+            return
         t.submitted_s = time.monotonic()
         self._trace.emit("submit", rid=t.request_id, t=round(t.submitted_s, 6), n=len(t.prompt_token_ids))
         flight = self.flow.requests[t.request_id]
@@ -296,6 +323,29 @@ class FrontendClient:
                 if t is not None:
                     t.is_finished = True
                     t.queue.put_nowait(RequestEvent(t.index, t.request_id, error=a.error))
+            elif isinstance(a, ff.Migrate):
+                self._migrate(a)
+
+    def _migrate(self, a: ff.Migrate) -> None:
+        """Its decode worker died mid-stream: the prompt and the tokens so far go to another decode worker
+        for the rest of the output; the stream goes on (greedy: the same text as without the death)."""
+        t = self._tracked.get(a.request_id)
+        if t is None:
+            return
+        n = len(t.generated)
+        t.prompt_token_ids = t.prompt_token_ids[:t.num_original_prompt] + t.generated
+        w = t.params
+        t.params = msgspec.structs.replace(w, max_tokens=None if w.max_tokens is None else max(1, w.max_tokens - n),
+                                           min_tokens=max(0, w.min_tokens - n))
+        logger.info("request %s: moved after %d tokens (attempt %d)", t.request_id, n, a.attempt)
+        if self.metrics is not None:
+            self.metrics.migrations.inc()
+        try:
+            self._submit(t, a.attempt)
+        except PdserveError as e:
+            self._tracked.pop(t.request_id, None)
+            t.is_finished = True
+            t.queue.put_nowait(RequestEvent(t.index, t.request_id, error=e))
 
     def _send(self, worker_id: str, msg) -> None:
         conn = self.conns.get(worker_id)
@@ -327,6 +377,10 @@ class FrontendClient:
                     continue
                 if out.new_token_ids:
                     self._on_tokens(t, len(out.new_token_ids))
+                    t.generated.extend(out.new_token_ids)
+                if len(t.prompt_token_ids) != t.num_original_prompt:  # a moved request: its own prompt
+                    out.num_prompt_tokens = t.num_original_prompt
+                    out.num_cached_tokens = min(out.num_cached_tokens, t.num_original_prompt)
                 if out.finish_reason is not None:
                     t.is_finished = True
                     self._tracked.pop(out.request_id, None)
@@ -365,6 +419,14 @@ class FrontendClient:
     def _on_info(self, conn: WorkerConn, info: p.WorkerInfo) -> None:
         if conn.info is None:
             logger.info("worker %s (%s, pid %d on %s) connected", info.worker_id, info.role, info.pid, info.host)
+        elif not conn.is_alive:
+            # back (a restart on the same address, or the end of a stall): re-admitted; whatever it still
+            # runs of before is aborted (those requests were moved or ended when it was presumed dead)
+            orphans = self._orphans.pop(info.worker_id, [])
+            logger.warning("worker %s (pid %d) is back; re-admitted, %d orphaned requests aborted there",
+                           info.worker_id, info.pid, len(orphans))
+            if orphans:
+                conn.socket.send(p.encode(p.Abort(orphans)))
         conn.info = info
         conn.is_alive = True
         self.conns[info.worker_id] = conn
@@ -397,9 +459,11 @@ class FrontendClient:
 
     # -- private: liveness ---------------------------------------------------------------------------
     async def _watchdog(self) -> None:
+        last_hello = 0.0
         while True:
             await asyncio.sleep(0.25)
             now = time.monotonic()
+            self._execute(self.flow.expire(now))  # deadlines
             for wid, conn in list(self.conns.items()):
                 if not conn.is_alive:
                     continue
@@ -407,11 +471,44 @@ class FrontendClient:
                 silent = now - conn.last_seen_s > self.options.worker_timeout_s
                 if gone or silent:
                     self._on_worker_dead(wid, conn, "process exited" if gone else "stopped answering")
+            if now - last_hello >= 1.0:  # a dead worker that comes back answers and is re-admitted
+                last_hello = now
+                for conn in self.conns.values():
+                    if not conn.is_alive:
+                        self._hello(conn)
+
+    def _hello(self, conn: WorkerConn) -> None:
+        """Introduce this frontend (and its heartbeat address); dropped while the worker is not connected."""
+        sent = conn.socket.send(p.encode(p.Hello(self.frontend_id, self.heartbeat_address)), zmq.NOBLOCK)
+        sent.add_done_callback(_ignore_not_connected)
+
+    async def _heartbeat_reader(self) -> None:
+        while True:
+            data = await self._heartbeat.recv()
+            try:
+                beat = p.decode_heartbeat(data)
+            except ValueError:
+                continue
+            conn = self.conns.get(beat.worker_id)
+            if conn is not None:
+                conn.last_seen_s = time.monotonic()
+                if not conn.is_alive:
+                    self._hello(conn)  # it beats again: its WorkerInfo re-admits it
 
     def _on_worker_dead(self, wid: str, conn: WorkerConn, why: str) -> None:
-        logger.error("worker %s %s; %d requests affected", wid, why, len(self.flow.inflight.get(wid, ())))
+        affected = sorted(self.flow.inflight.get(wid, ()))
+        logger.error("worker %s %s; %d requests affected", wid, why, len(affected))
         conn.is_alive = False
+        conn.stats = None  # /health shows the truth, not its last stats
+        self._orphans[wid] = affected[-MAX_ORPHANS:]
         self._execute(self.flow.on_worker_dead(wid))
+
+
+def _ignore_not_connected(sent: asyncio.Future) -> None:
+    """A Hello to a worker that is not connected is dropped (zmq.IMMEDIATE): nothing to do."""
+    error = None if sent.cancelled() else sent.exception()
+    if error is not None and not isinstance(error, zmq.Again):
+        logger.warning("cannot send Hello: %s", error)
 
 
 def _wire_params(sp: SamplingParams) -> p.WireSamplingParams:

@@ -18,7 +18,14 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="model (for the tokenizer)")
     parser.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="the HTTP API's interface (default %(default)s)")
+    parser.add_argument("--internal-host", default="127.0.0.1",
+                        help="where workers reach this frontend's internal sockets (heartbeats)")
+    parser.add_argument("--request-timeout", type=float, default=600.0,
+                        help="every request's deadline, seconds (0: none): aborted everywhere then")
+    parser.add_argument("--admission-ttft-slack", type=float, default=None,
+                        help="refuse (429) a request predicted to take over this many times the TTFT objective "
+                             "to its first token (default: no such check)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     parser.add_argument("--routing", choices=POLICIES, default="prefix_aware")
@@ -102,7 +109,9 @@ def run_frontend(args: argparse.Namespace) -> int:
                               worker_timeout_s=args.worker_timeout, max_inflight=args.max_inflight,
                               trace_path=args.trace_file, objectives=objectives_from_args(args),
                               path_choice=args.path_choice, elastic=args.elastic, elastic_tick_s=args.elastic_tick,
-                              elastic_initial=args.elastic_initial, bounds=bounds_from_args(args))
+                              elastic_initial=args.elastic_initial, bounds=bounds_from_args(args),
+                              internal_host=args.internal_host, request_timeout_s=args.request_timeout or None,
+                              admission_ttft_slack=args.admission_ttft_slack)
     client = FrontendClient(options)
 
     def load():

@@ -68,6 +68,8 @@ class Metrics:
                                     registry=self.registry)
         self.decisions = Counter("pdserve:elastic_decisions", "Decisions of the elastic controller", ["kind"],
                                  registry=self.registry)
+        self.migrations = Counter("pdserve:request_migrations", "Requests moved to another decode worker after "
+                                  "theirs died mid-stream", registry=self.registry)
         if worker_stats is not None:
             self.registry.register(_WorkerCollector(model_name, worker_stats))
         self.attainment = None  # control.attainment.Attainment, set by the frontend: exported at scrape time

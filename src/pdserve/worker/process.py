@@ -37,6 +37,7 @@ from pdserve.kv.zmq_connector import bind_socket
 from pdserve.runtime import move_to_cores
 from pdserve.sampling_params import SamplingParams
 from pdserve.worker.busy import BusyMeter, device_info
+from pdserve.worker.heartbeat import Heartbeats
 from pdserve.worker.stats import WorkerStats
 from pdserve.worker.trace import WorkerTracer
 from pdserve.worker.wire import logprobs_from_wire, logprobs_to_wire, output_to_wire
@@ -107,6 +108,7 @@ class Worker:
         self.prefill = PrefillSide(options.hold_timeout_s)
         self._sources: dict[str, KVConnector] = {self.connector.name: self.connector}
         self._peers: set[bytes] = set()
+        self.heartbeats = Heartbeats(self.worker_id)
         self._owner: dict[str, bytes] = {}  # request id -> frontend identity
         self._stop = False
         self.stats = WorkerStats(self.worker_id, options.role, options.log_stats_interval_s)
@@ -166,6 +168,7 @@ class Worker:
             self.device.num_cores
 
     def close(self) -> None:
+        self.heartbeats.close()
         self._trace.close()
         for connector in self._sources.values():
             connector.close()
@@ -205,6 +208,7 @@ class Worker:
             self._execute_decode(self.decode.prefill_failed(msg.request_id, msg.reason))
         elif isinstance(msg, p.Hello):
             self._peers.add(identity)
+            self.heartbeats.add(msg.heartbeat_address)
             self._send(identity, self.info())
             self._last_stats_s = 0.0
         elif isinstance(msg, p.KVDigestRequest):
