@@ -28,6 +28,19 @@ def register(subparsers) -> None:
     add_frontend_args(p)
     p.set_defaults(func=run_frontend)
 
+    p = subparsers.add_parser("keys", help="print a fresh set of cluster keys (CURVE) for internal sockets",
+                              description="Print a cluster's keys as the value of PDSERVE_CLUSTER_KEYS: give every "
+                                          "worker and frontend of one cluster the same value in its environment when "
+                                          "their internal sockets are not on loopback (pdserve up does it itself).")
+    p.set_defaults(func=_print_keys)
+
+
+def _print_keys(args: argparse.Namespace) -> int:
+    from pdserve.security import ClusterKeys
+
+    print(ClusterKeys.generate().to_env())
+    return 0
+
 
 def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None,

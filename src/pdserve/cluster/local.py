@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pdserve import security
 from pdserve.cluster.startup import StartupProgress, summary
 from pdserve.kv.shm import remove_stale_files
 from pdserve.progress import PROGRESS_FILE_ENV
@@ -56,6 +57,11 @@ class LocalCluster:
         self.tmpdir = Path(tempfile.mkdtemp(prefix="pdserve-up-"))
         self._stopping = False
         self.progress = StartupProgress()
+        # Beyond loopback every internal socket needs the cluster's keys: made here, handed down in the
+        # environment (security.py)
+        self.env = dict(os.environ)
+        if not security.is_loopback(getattr(args, "internal_host", "127.0.0.1")) and security.ENV not in self.env:
+            self.env[security.ENV] = security.ClusterKeys.generate().to_env()
 
     # -- public --------------------------------------------------------------------------------------
     def start(self, ready_timeout_s: float = 600.0) -> str:
@@ -176,7 +182,7 @@ class LocalCluster:
     def _start_worker(self, i: int, role: str, cpus: str | None) -> None:
         ready, progress = self.tmpdir / f"worker-{i}.json", self.tmpdir / f"progress-{i}.jsonl"
         self.progress.add_worker(f"{role}-{i}", progress, ready)
-        env = {**os.environ, PROGRESS_FILE_ENV: str(progress)}
+        env = {**self.env, PROGRESS_FILE_ENV: str(progress)}
         argv = self.worker_argv(i, role, cpus, ready)
         self.children.append(Child(f"worker {role}-{i}", _spawn(argv, env), ready, argv=argv, env=env))
         logger.info("started worker %s-%d%s", role, i, f" on core {cpus}" if cpus is not None else "")
@@ -210,7 +216,7 @@ class LocalCluster:
                 if value is not None:
                     argv += [flag, str(value)]
         argv += monitor_args_to_argv(a)
-        self.children.append(Child("frontend", _spawn(argv)))
+        self.children.append(Child("frontend", _spawn(argv, self.env)))
 
     def _wait_ready(self, child: Child, deadline: float) -> None:
         while time.monotonic() < deadline:

@@ -20,6 +20,7 @@ from pdserve.kv.base import LoadDone, SaveDone
 from pdserve.kv.blocks import block_bytes, blocks_checksum, dtype_name
 from pdserve.kv.connector import ConnectorConfig, KVConnector, SaveJob, ThreadedSaves
 from pdserve.kv.faults import KVFaults
+from pdserve import security
 from pdserve.protocol import KVReservationMsg, KVTarget, KVTransferDone, decode_kv_plane, encode
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class ZmqConnector(KVConnector):
         self.socket = self.context.socket(zmq.PULL)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.RCVHWM, 0)
-        self.address = bind_socket(self.socket, self.config.host, self.config.port)
+        self.address = security.bind(self.socket, self.config.host, self.config.port)
 
     def target(self) -> KVTarget:
         assert self.cache is not None and self.socket is not None, "listen() and register_cache() first"
@@ -174,7 +175,7 @@ class ZmqConnector(KVConnector):
             sock.setsockopt(zmq.LINGER, 2000)  # close() still delivers queued notices
             sock.setsockopt(zmq.SNDTIMEO, 5000)
             sock.setsockopt(zmq.SNDHWM, 0)
-            sock.connect(address)
+            security.connect(sock, address)
             self._push[address] = sock
         notice.num_frames = len(frames)
         if not frames:
@@ -209,14 +210,3 @@ class ZmqConnector(KVConnector):
         except (ValueError, RuntimeError) as e:
             load.ok, load.error = False, f"bad KV data: {e}"
         return load
-
-
-def bind_socket(sock: zmq.Socket, host: str, port: int = 0) -> str:
-    """Bind to ``host:port`` (port 0: one the OS picks); return the address peers should connect to."""
-    if port:
-        sock.bind(f"tcp://{host}:{port}")
-    else:
-        port = sock.bind_to_random_port(f"tcp://{host}")
-    if host in ("0.0.0.0", "*", "::"):
-        host = socket.gethostname()
-    return f"tcp://{host}:{port}"

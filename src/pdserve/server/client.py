@@ -21,6 +21,7 @@ import zmq
 import zmq.asyncio
 
 from pdserve import protocol as p
+from pdserve import security
 from pdserve.control.attainment import Attainment, Objectives, Sample
 from pdserve.control.controller import Bounds, ElasticController
 from pdserve.errors import InvalidRequestError, OverloadedError, PdserveError, WorkerDeadError
@@ -140,8 +141,7 @@ class FrontendClient:
         """Connect to every worker and wait (up to connect_timeout_s) until each has introduced itself."""
         self._heartbeat = self.context.socket(zmq.PULL)
         self._heartbeat.setsockopt(zmq.LINGER, 0)
-        port = self._heartbeat.bind_to_random_port(f"tcp://{self.options.internal_host}")
-        self.heartbeat_address = f"tcp://{self.options.internal_host}:{port}"
+        self.heartbeat_address = security.bind(self._heartbeat, self.options.internal_host)
         self._tasks.append(asyncio.create_task(self._heartbeat_reader()))
         for address in self.options.worker_addresses:
             sock = self.context.socket(zmq.DEALER)
@@ -149,7 +149,7 @@ class FrontendClient:
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues for a worker that is not connected
-            sock.connect(address)
+            security.connect(sock, address)
             conn = WorkerConn(address, sock)
             self._pending.append(conn)
             self._tasks.append(asyncio.create_task(self._reader(conn)))

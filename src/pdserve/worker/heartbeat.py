@@ -9,6 +9,7 @@ import time
 import zmq
 
 from pdserve import protocol as p
+from pdserve import security
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class Heartbeats:
                         sock.setsockopt(zmq.LINGER, 0)
                         sock.setsockopt(zmq.SNDHWM, 2)  # a stale beat is worthless: never queue many
                         sock.setsockopt(zmq.IMMEDIATE, 1)
-                        sock.connect(address)
+                        security.connect(sock, address)
                     try:
                         sock.send(beat, zmq.NOBLOCK)
                     except zmq.Again:

@@ -23,6 +23,7 @@ import msgspec
 import zmq
 
 from pdserve import protocol as p
+from pdserve import security
 from pdserve.engine.core import EngineCore
 from pdserve.engine.outputs import EngineOutput
 from pdserve.errors import InvalidRequestError, PdserveError
@@ -33,7 +34,6 @@ from pdserve.flow.prefill import PrefillSide
 from pdserve.kv.blocks import block_digest
 from pdserve.kv.connector import ConnectorConfig, KVConnector, SaveJob
 from pdserve.kv.registry import make_connector
-from pdserve.kv.zmq_connector import bind_socket
 from pdserve.runtime import move_to_cores
 from pdserve.sampling_params import SamplingParams
 from pdserve.worker.busy import BusyMeter, device_info
@@ -79,7 +79,7 @@ class Worker:
         self.control = self.context.socket(zmq.ROUTER)
         for opt in (zmq.LINGER, zmq.SNDHWM, zmq.RCVHWM, zmq.ROUTER_MANDATORY):
             self.control.setsockopt(opt, 0)
-        self.address = bind_socket(self.control, options.host, options.port)
+        self.address = security.bind(self.control, options.host, options.port)
         self.worker_id = options.worker_id or f"{options.role}@{self.address.removeprefix('tcp://')}"
         self.connector = make_connector(options.kv_connector,
                                         ConnectorConfig(self.worker_id, options.host, options.kv_port))
