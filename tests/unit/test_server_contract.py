@@ -15,7 +15,7 @@ from pdserve.server.api_types import request_types
 from pdserve.server.limits import DEFAULT_MAX_TOKENS_CAP, Limits
 from pdserve.server.app import create_app
 from pdserve.server.client import RequestEvent
-from pdserve.worker.protocol import TokenOutput
+from pdserve.protocol import TokenOutput
 from test_server_api import MAX_MODEL_LEN, MODEL, CharTokenizer, FakeClient
 
 CAP = 32

@@ -1,5 +1,6 @@
 """The FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, /openapi.json,
-/docs (and /debug/kv_digests when asked for).
+/docs, from server/dashboard.py /v1/cluster and /dashboard, and /debug/kv_digests, /debug/check_integrity and
+/debug/elastic when asked for. Which of them need the API key: server/auth.py.
 
 Every error is OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 for bad input, 401
 for a missing or wrong API key, 404 for a model not served here or an unknown path, 429/503 with
@@ -21,15 +22,16 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pdserve.cluster.args import freeze_startup_objects
+from pdserve.runtime import freeze_startup_objects
 from pdserve.errors import InvalidRequestError, OverloadedError, PdserveError
 from pdserve.server import openai_protocol as op
 from pdserve.server import openapi
 from pdserve.server.api_types import KVDigestsRequest, request_types
 from pdserve.server.limits import DEFAULT_MAX_TOKENS_CAP, Limits
 from pdserve.server.client import FrontendClient
+from pdserve.server.dashboard import dashboard_router
 from pdserve.server.metrics import Metrics
-from pdserve.server.security import ApiKeyGuard, QuietErrors, is_authorized
+from pdserve.server.auth import ApiKeyGuard, QuietErrors, is_authorized
 from pdserve.server.serving import SSE_DONE, Serving, sse
 
 logger = logging.getLogger(__name__)
@@ -38,7 +40,8 @@ DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its cli
 
 
 def create_app(client: FrontendClient, served_model: str, tokenizer_loader, api_key: str | None = None,
-               enable_debug: bool = False, max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP) -> FastAPI:
+               enable_debug: bool = False, monitor_options=None,
+               max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP) -> FastAPI:
     """``tokenizer_loader()`` returns the tokenizer (called once, at startup, after the workers answer)."""
     state: dict = {}
     secured = bool(api_key)
@@ -48,6 +51,7 @@ def create_app(client: FrontendClient, served_model: str, tokenizer_loader, api_
         await client.start()
         info = client.model_info()
         metrics = Metrics(served_model, lambda: [c.stats for c in client.conns.values() if c.is_alive])
+        metrics.bind_attainment(client.attainment)
         client.metrics = metrics
         tokenizer = tokenizer_loader()
         limits = Limits(served_model, info.max_model_len if info else 2048, max_tokens_cap,
@@ -65,6 +69,8 @@ def create_app(client: FrontendClient, served_model: str, tokenizer_loader, api_
     app.add_middleware(ApiKeyGuard, api_key=api_key)
     app.add_middleware(QuietErrors)  # added last: the outermost
     _add_error_handlers(app)
+
+    app.include_router(dashboard_router(client, monitor_options))  # /v1/cluster, /dashboard
 
     @app.post("/v1/completions", **openapi.generation_route("Completion", "CompletionChunk", "CompletionRequest",
                                                             secured))
@@ -130,6 +136,28 @@ def create_app(client: FrontendClient, served_model: str, tokenizer_loader, api_
             info = client.model_info()
             hashes = hash_block_tokens(body.prompt_token_ids, info.block_size if info else 16)
             return {"block_hashes": [str(h) for h in hashes], "workers": await client.kv_digests(hashes)}
+
+        @app.post("/debug/check_integrity")
+        async def check_integrity():
+            """Per worker, its KV bookkeeping check: "" when free + cached + used == total and every count
+            is consistent, else the failure."""
+            return {"workers": await client.check_integrity()}
+
+        @app.post("/debug/elastic")
+        async def elastic_decision(request: Request):
+            """Carry out one decision as the elastic controller would (``{"kind": "MoveCores", "src", "dst",
+            "src_cores", "dst_cores"}``, ``{"kind": "ChangeRole", "worker_id", "role"}``, ``{"kind":
+            "SetStepTarget", "worker_id", "step_target_s"}``)."""
+            from pdserve.server.elastic import carry_out, decision_from_json
+
+            try:
+                decision = decision_from_json(await request.json())
+            except ValueError as e:
+                return _error_response(InvalidRequestError(str(e)))
+            carry_out(client, [decision])
+            if client.elastic is not None:
+                client.elastic.controller.record(time.monotonic(), [decision])
+            return {"ok": True, "decision": decision.reason}
 
     return app
 

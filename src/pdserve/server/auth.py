@@ -1,11 +1,18 @@
-"""The HTTP surface's security policy: where the API key comes from and what it guards.
+"""The HTTP surface's security policy: where the API key comes from and what it guards. (The internal
+sockets between workers and frontend have their own keys: pdserve/security.py.)
 
 The key comes from the environment (``PDSERVE_API_KEY``) or a file (``--api-key-file``), never from a
 command line, where ``ps`` and shell histories would show it. When a key is set, every route requires
-``Authorization: Bearer <key>`` (compared in constant time) except ``/health``, which answers everyone
-with ``{"status": ...}`` and its status code (load balancers need no key) and adds its details (workers,
-pids, hosts, addresses) only for a caller with the key. Unknown paths are refused too, so a route added
-later is guarded without a line of its own. ``/debug/*`` routes exist only with --enable-debug-endpoints.
+``Authorization: Bearer <key>`` (compared in constant time) except the public ones:
+
+- ``/health`` answers everyone with ``{"status": ...}`` and its status code (load balancers need no key) and
+  adds its details (workers, pids, hosts, addresses) only for a caller with the key;
+- ``/dashboard`` and its assets (``/dashboard/*``): a static page that holds no data (a browser cannot put
+  a Bearer header on a navigation); it asks the user for the key when ``/v1/cluster`` answers 401.
+
+``/v1/cluster`` (the data behind the dashboard), ``/metrics``, ``/openapi.json``, ``/docs`` and ``/debug/*``
+need the key. Unknown paths are refused too, so a route added later is guarded without a line of its own.
+``/debug/*`` routes exist only with --enable-debug-endpoints.
 
 The guard is a plain ASGI middleware: it passes ``receive`` and ``send`` through untouched, so routes
 still see a client's disconnect (Starlette's BaseHTTPMiddleware would hide it).
@@ -22,7 +29,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "PDSERVE_API_KEY"
-PUBLIC_PATHS = frozenset({"/health"})  # answered without the key (details only with it)
+PUBLIC_PATHS = frozenset({"/health", "/dashboard"})  # answered without the key (/health's details need it)
+PUBLIC_PREFIXES = ("/dashboard/",)  # the dashboard's static assets
 
 
 def load_api_key(api_key_file: str | None = None, environ: Mapping[str, str] | None = None) -> str | None:
@@ -46,6 +54,11 @@ def load_api_key(api_key_file: str | None = None, environ: Mapping[str, str] | N
     return key.strip()
 
 
+def is_public(path: str) -> bool:
+    """Whether ``path`` is answered without the key."""
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
 def is_authorized(api_key: str | None, authorization: bytes | str | None) -> bool:
     """Whether an Authorization header carries the key (constant-time comparison); True without a key."""
     if not api_key:
@@ -64,7 +77,7 @@ class ApiKeyGuard:
         self.api_key = api_key
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not self.api_key or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http" or not self.api_key or is_public(scope["path"]):
             await self.app(scope, receive, send)
             return
         authorization = next((v for k, v in scope["headers"] if k == b"authorization"), None)

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from pdserve.cluster.cli import add_up_args
 from pdserve.server.app import create_app
 from pdserve.server.main import add_frontend_args, frontend_api_argv, frontend_env
-from pdserve.server.security import API_KEY_ENV, load_api_key
+from pdserve.server.auth import API_KEY_ENV, load_api_key
 from test_server_api import MODEL, CharTokenizer, FakeClient
 
 KEY = "s3cret-key"
@@ -122,12 +122,10 @@ def test_up_hands_the_key_to_its_frontend_through_the_environment(tmp_path, monk
     args = parser.parse_args(["--api-key-file", str(f), "--max-tokens-cap", "64"])
     argv = frontend_api_argv(args)
     assert KEY not in " ".join(argv) and argv == ["--max-tokens-cap", "64"]
-    assert frontend_env(args)[API_KEY_ENV] == KEY
-    monkeypatch.delenv(API_KEY_ENV, raising=False)
-    assert frontend_env(parser.parse_args([])) is None  # no key: the frontend inherits the environment
-    from_cluster_file = parser.parse_args([])
-    from_cluster_file.api_key = "from-yaml"  # a cluster file's api_key (cluster/config.py) travels the same way
-    assert frontend_env(from_cluster_file)[API_KEY_ENV] == "from-yaml"
+    assert frontend_env(args, {}) == {API_KEY_ENV: KEY}
+    assert frontend_env(args, {API_KEY_ENV: "other"}) == {API_KEY_ENV: KEY}  # the file wins
+    assert frontend_env(parser.parse_args([]), {API_KEY_ENV: " from-env "}) == {API_KEY_ENV: "from-env"}
+    assert frontend_env(parser.parse_args([]), {}) == {}  # no key
 
 
 # ---- prompts and bodies stay out of the logs ------------------------------------------------------------
