@@ -307,19 +307,25 @@ def test_openapi_responses_errors_and_media_types(http):
     for path, ok, chunk in (("/v1/completions", "Completion", "CompletionChunk"),
                             ("/v1/chat/completions", "ChatCompletion", "ChatCompletionChunk")):
         responses = doc["paths"][path]["post"]["responses"]
-        assert set(responses) == {"200", "400", "404", "429", "503"}  # no key set: no 401
+        assert set(responses) == {"200", "400", "404", "429", "503", "504"}  # no key set: no 401
         content = responses["200"]["content"]
         assert content["application/json"]["schema"]["$ref"].endswith(f"/{ok}")
         data = content["text/event-stream"]["schema"]["properties"]["data"]
         refs = [s["$ref"] for s in data["else"]["contentSchema"]["anyOf"]]
         assert refs == [f"#/components/schemas/{chunk}", "#/components/schemas/ErrorResponse"]
-        for code in ("400", "404", "429", "503"):
+        for code in ("400", "404", "429", "503", "504"):
             assert responses[code]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
         assert responses["429"]["headers"]["Retry-After"]["required"] is True
     assert list(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
     assert doc["paths"]["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"][
         "$ref"].endswith("/ModelList")
     assert set(doc["paths"]["/health"]["get"]["responses"]) == {"200", "503"}
+    cluster = doc["paths"]["/v1/cluster"]["get"]
+    assert cluster["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ClusterStatus")
+    assert [(q["name"], q["schema"]["type"]) for q in cluster["parameters"]] == [("history_since", "number")]
+    assert list(doc["paths"]["/dashboard"]["get"]["responses"]["200"]["content"]) == ["text/html"]
+    assert not any(path.startswith("/dashboard/") for path in doc["paths"])  # the page's assets: no API
+    assert not any("422" in op["responses"] for ops in doc["paths"].values() for op in ops.values())
     refs = _refs(doc)
     assert refs and all(ref.rsplit("/", 1)[1] in doc["components"]["schemas"] for ref in refs)
 
@@ -334,9 +340,16 @@ def test_openapi_with_a_key_documents_the_bearer_scheme_and_401(fake):
         for op in ops.values():
             if path == "/health":
                 assert op["security"] == [{}, {"bearerAuth": []}] and "401" not in op["responses"]
+            elif path == "/dashboard":  # the page is open to all: it asks for the key itself
+                assert op["security"] == [] and "401" not in op["responses"]
             else:
                 assert op["security"] == [{"bearerAuth": []}] and "401" in op["responses"], path
-    assert "/debug/kv_digests" in doc["paths"]
+    assert {"/debug/kv_digests", "/debug/check_integrity", "/debug/elastic", "/v1/cluster"} <= set(doc["paths"])
+    decision = _resolve(doc, doc["paths"]["/debug/elastic"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"]["$ref"])
+    assert decision["discriminator"]["propertyName"] == "kind"
+    assert {ref.rsplit("/", 1)[1] for ref in decision["discriminator"]["mapping"].values()} == {
+        "MoveCores", "ChangeRole", "SetStepTarget"}
 
 
 def _refs(node) -> list[str]:
@@ -345,3 +358,56 @@ def _refs(node) -> list[str]:
     if isinstance(node, list):
         return [x for v in node for x in _refs(v)]
     return []
+
+
+# ---- the debug routes (--enable-debug-endpoints) -------------------------------------------------------
+
+
+class ElasticFake(FakeClient):
+    """Records the Configure messages of /debug/elastic's decisions; answers /debug/check_integrity."""
+
+    def __init__(self):
+        super().__init__()
+        self.configured: list = []
+        self.tracker = type("Tracker", (), {"instances": {}})()
+        self.elastic = None
+
+    def configure(self, worker_id, msg):
+        self.configured.append((worker_id, msg))
+
+    async def check_integrity(self):
+        return {"w0": ""}
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"kind": "Bogus"}, "kind"), ({"worker_id": "w0"}, "kind"), ({"kind": "ChangeRole", "worker_id": "w0"}, "role"),
+    ({"kind": "ChangeRole", "worker_id": "w0", "role": "boss"}, "role"),
+    ({"kind": "SetStepTarget", "worker_id": "w0", "step_target_s": -1}, "step_target_s"),
+    ({"kind": "MoveCores", "src": "a", "dst": "b", "src_cores": [-1], "dst_cores": []}, "src_cores[0]"),
+    ({"kind": "SetStepTarget", "worker_id": "w0", "step_target_s": None, "extra": 1}, "extra"),
+])
+def test_debug_elastic_refuses_bad_decisions_naming_the_field(body, param):
+    fake = ElasticFake()
+    with TestClient(create_app(fake, MODEL, CharTokenizer, enable_debug=True)) as c:
+        resp = c.post("/debug/elastic", json=body)
+    assert resp.status_code == 400 and r.ErrorResponse.model_validate(resp.json()).error.param == param, resp.text
+    assert fake.configured == []
+
+
+def test_debug_routes_answer_their_documented_bodies():
+    fake = ElasticFake()
+    with TestClient(create_app(fake, MODEL, CharTokenizer, enable_debug=True)) as c:
+        resp = c.post("/debug/elastic", json={"kind": "ChangeRole", "worker_id": "w0", "role": "decode"})
+        assert resp.status_code == 200 and r.ElasticResult.model_validate(resp.json()).decision == "operator"
+        resp = c.post("/debug/elastic", json={"kind": "SetStepTarget", "worker_id": "w0", "step_target_s": None,
+                                              "reason": "test"})
+        assert resp.status_code == 200 and resp.json()["decision"] == "test"
+        assert r.IntegrityReport.model_validate(c.post("/debug/check_integrity").json()).workers == {"w0": ""}
+        assert c.post("/debug/elastic", content=b"[1]").status_code == 400
+    assert [(w, m.role, m.step_target_s) for w, m in fake.configured] == [("w0", "decode", None), ("w0", None, None)]
+
+
+def test_bad_query_parameter_is_400_naming_it():
+    with TestClient(create_app(FakeClient(), MODEL, CharTokenizer)) as c:
+        err = r.ErrorResponse.model_validate(c.get("/v1/cluster", params={"history_since": "soon"}).json()).error
+    assert err.param == "history_since" and err.type == "invalid_request_error"

@@ -7,7 +7,7 @@ added here fails the tests.
 """
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -203,3 +203,90 @@ class KVDigests(_Out):
 
     block_hashes: list[str]
     workers: dict[str, list[str]]
+
+
+# ---- the cluster's state: GET /v1/cluster ---------------------------------------------------------------
+
+
+class _Open(BaseModel):
+    """A part of /v1/cluster: the fields listed here always, and a later part of the system may add its own
+    (the dashboard shows what it knows and ignores the rest, server/cluster_status.py)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class WorkerStatus(WorkerHealth):
+    """One worker in /v1/cluster: its /health entry, the router's view of it (role, cores, parked, step
+    target, the step costs path choice reads), its device, busy time and price."""
+
+    model_config = ConfigDict(extra="allow")
+    cores: Union[list[int], None] = Field(None, description="the cores it runs on ([] parked; null: not pinned)")
+    is_parked: Union[bool, None] = None
+    step_target_s: Union[float, None] = None
+    queued_prefill_tokens: Union[int, None] = None
+    prefill_token_s: Union[float, None] = None
+    decode_step_s: Union[float, None] = None
+    device: Union[str, None] = None
+    device_name: Union[str, None] = None
+    num_cores: Union[int, None] = None
+    hardware: Union[str, None] = None
+    prefix_cache_hit_rate: Union[float, None] = None
+    tier_hit_rates: Union[dict[str, float], None] = None
+    num_prompt_tokens: Union[int, None] = None
+    num_generation_tokens: Union[int, None] = None
+    uptime_s: Union[float, None] = None
+    busy_s: Union[float, None] = None
+    prefill_busy_s: Union[float, None] = None
+    core_s: Union[float, None] = None
+    busy_fraction: Union[float, None] = None
+    price_per_hour: Union[float, None] = None
+    price_source: Union[str, None] = Field(None, description='"--price-per-hour", "catalogue:<entry>" or "unknown"')
+    num_devices: Union[float, None] = Field(None, description="devices in the price catalogue's unit")
+
+
+class ElasticDecisionRecord(_Open):
+    unix_s: float
+    kind: Literal["MoveCores", "ChangeRole", "SetStepTarget"]
+    reason: str
+
+
+class ElasticStatus(_Open):
+    """The elastic controller (mode auto): its objectives, the last window and its recent decisions."""
+
+    objectives: dict[str, Union[float, None]]
+    window: dict[str, Union[float, int, None]]
+    starving: Union[str, None] = Field(None, description="the phase missing its objective while the other has slack")
+    decisions: list[ElasticDecisionRecord]
+
+
+class ClusterStatus(_Open):
+    """GET /v1/cluster: the cluster's state as one document (docs/monitoring.md has each part)."""
+
+    object: Literal["cluster"]
+    unix_s: float
+    mode: Union[Literal["auto", "colocated", "disaggregated"], None] = Field(
+        description="null before any worker answered")
+    num_inflight: int
+    path_choice: bool = Field(description="whether each request's prefill place is chosen by predicted TTFT")
+    workers: list[WorkerStatus]
+    rates: dict[str, Any] = Field(description="requests and tokens per second over the last window")
+    latency: dict[str, Any] = Field(description="TTFT and TPOT quantiles over the last window")
+    attainment: dict[str, Any] = Field(description="the frontend's rolling SLO attainment, per phase")
+    slo: Union[dict[str, Any], None] = Field(description="objectives and attainment; null without objectives")
+    cost: dict[str, Any] = Field(description="price now, cost in total and over the rolling windows")
+    elastic: Union[ElasticStatus, None] = Field(description="null when the controller is off")
+    history: list[dict[str, Any]] = Field(description="a point every few seconds (?history_since: newer only)")
+
+
+# ---- debug routes (--enable-debug-endpoints) ------------------------------------------------------------
+
+
+class IntegrityReport(_Out):
+    """Per worker, its KV bookkeeping check: "" when consistent, else the failure."""
+
+    workers: dict[str, str]
+
+
+class ElasticResult(_Out):
+    ok: Literal[True]
+    decision: str = Field(description="the decision's reason")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WrapValidator,
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, RootModel, ValidationInfo, WrapValidator,
                       create_model, model_validator)
 from pydantic_core import PydanticCustomError
 
@@ -248,3 +248,38 @@ class KVDigestsRequest(_Body):
     """POST /debug/kv_digests (only with --enable-debug-endpoints)."""
 
     prompt_token_ids: Annotated[list[integer(ge=0, le=INT64_MAX)], Field(max_length=1 << 20)]
+
+
+class _Decision(_Body):
+    reason: str = Field("operator", description="logged, and shown in /v1/cluster's elastic decisions")
+
+
+class MoveCores(_Decision):
+    """Give cores from one worker to another: each keeps the listed cores ([] parks a worker)."""
+
+    kind: Literal["MoveCores"]
+    src: str = Field(description="the giving worker's id")
+    dst: str = Field(description="the receiving worker's id")
+    src_cores: Annotated[list[integer(ge=0, le=65535)], Field(max_length=4096)]
+    dst_cores: Annotated[list[integer(ge=0, le=65535)], Field(max_length=4096)]
+
+
+class ChangeRole(_Decision):
+    """What the router sends a worker from now on (the requests running there finish there)."""
+
+    kind: Literal["ChangeRole"]
+    worker_id: str
+    role: Literal["prefill", "decode", "both"]
+
+
+class SetStepTarget(_Decision):
+    """A worker's step-time target, seconds (null: none)."""
+
+    kind: Literal["SetStepTarget"]
+    worker_id: str
+    step_target_s: Union[Annotated[float, Field(gt=0)], None]
+
+
+class ElasticDecision(RootModel[Annotated[Union[MoveCores, ChangeRole, SetStepTarget], Field(discriminator="kind")]]):
+    """POST /debug/elastic (only with --enable-debug-endpoints): one decision, carried out as the elastic
+    controller carries out its own."""

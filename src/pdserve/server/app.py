@@ -18,6 +18,7 @@ import math
 import time
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -26,7 +27,7 @@ from pdserve.runtime import freeze_startup_objects
 from pdserve.errors import InvalidRequestError, OverloadedError, PdserveError
 from pdserve.server import openai_protocol as op
 from pdserve.server import openapi
-from pdserve.server.api_types import KVDigestsRequest, request_types
+from pdserve.server.api_types import ElasticDecision, KVDigestsRequest, request_types
 from pdserve.server.limits import DEFAULT_MAX_TOKENS_CAP, Limits
 from pdserve.server.client import FrontendClient
 from pdserve.server.dashboard import dashboard_router
@@ -70,7 +71,7 @@ def create_app(client: FrontendClient, served_model: str, tokenizer_loader, api_
     app.add_middleware(QuietErrors)  # added last: the outermost
     _add_error_handlers(app)
 
-    app.include_router(dashboard_router(client, monitor_options))  # /v1/cluster, /dashboard
+    app.include_router(dashboard_router(client, monitor_options, secured))  # /v1/cluster, /dashboard
 
     @app.post("/v1/completions", **openapi.generation_route("Completion", "CompletionChunk", "CompletionRequest",
                                                             secured))
@@ -114,7 +115,7 @@ def create_app(client: FrontendClient, served_model: str, tokenizer_loader, api_
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi_json():
         if app.openapi_schema is None:
-            request_models = [*state["types"]] + ([KVDigestsRequest] if enable_debug else [])
+            request_models = [*state["types"]] + ([KVDigestsRequest, ElasticDecision] if enable_debug else [])
             app.openapi_schema = openapi.openapi_document(app, request_models, secured)
         return JSONResponse(app.openapi_schema)
 
@@ -137,13 +138,15 @@ def create_app(client: FrontendClient, served_model: str, tokenizer_loader, api_
             hashes = hash_block_tokens(body.prompt_token_ids, info.block_size if info else 16)
             return {"block_hashes": [str(h) for h in hashes], "workers": await client.kv_digests(hashes)}
 
-        @app.post("/debug/check_integrity")
+        @app.post("/debug/check_integrity", **openapi.json_route("IntegrityReport", "Each worker's KV check",
+                                                                  secured))
         async def check_integrity():
             """Per worker, its KV bookkeeping check: "" when free + cached + used == total and every count
             is consistent, else the failure."""
             return {"workers": await client.check_integrity()}
 
-        @app.post("/debug/elastic")
+        @app.post("/debug/elastic", **openapi.json_route("ElasticResult", "The decision, carried out", secured,
+                                                          "ElasticDecision", (400,)))
         async def elastic_decision(request: Request):
             """Carry out one decision as the elastic controller would (``{"kind": "MoveCores", "src", "dst",
             "src_cores", "dst_cores"}``, ``{"kind": "ChangeRole", "worker_id", "role"}``, ``{"kind":
@@ -151,7 +154,10 @@ def create_app(client: FrontendClient, served_model: str, tokenizer_loader, api_
             from pdserve.server.elastic import carry_out, decision_from_json
 
             try:
-                decision = decision_from_json(await request.json())
+                body = op.parse_model(await request.body(), ElasticDecision)
+                decision = decision_from_json(body.root.model_dump())
+            except InvalidRequestError as e:
+                return _error_response(e)
             except ValueError as e:
                 return _error_response(InvalidRequestError(str(e)))
             carry_out(client, [decision])
@@ -210,7 +216,15 @@ async def _respond(serving: Serving, req, prompts, chat: bool, http_request: Req
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    """OpenAI's error body for what Starlette answers itself (unknown path, method not allowed)."""
+    """OpenAI's error body for what Starlette answers itself (unknown path, method not allowed) and for a
+    bad query parameter (FastAPI's 422 otherwise; e.g. /v1/cluster's history_since): a 400 naming it."""
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(request: Request, exc: RequestValidationError):
+        err = exc.errors()[0] if exc.errors() else {}
+        param = str(err.get("loc", ("", ""))[-1]) or None
+        return JSONResponse(op.error_body(f"{param}: {err.get('msg', 'invalid')}", "invalid_request_error", param),
+                            400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

@@ -18,9 +18,10 @@ import contextlib
 import logging
 from importlib import resources
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from pdserve.server import openapi
 from pdserve.server.cluster_status import cluster_status
 from pdserve.server.monitor import ClusterMonitor, MonitorOptions
 
@@ -29,9 +30,9 @@ logger = logging.getLogger(__name__)
 ASSETS = {"dashboard.js": "text/javascript; charset=utf-8", "dashboard.css": "text/css; charset=utf-8"}
 
 
-def dashboard_router(client, options: MonitorOptions | None = None) -> APIRouter:
+def dashboard_router(client, options: MonitorOptions | None = None, secured: bool = False) -> APIRouter:
     """Without ``options``, the monitor judges requests against the client's objectives
-    (``FrontendOptions.objectives``)."""
+    (``FrontendOptions.objectives``). ``secured``: an API key is set (for the OpenAPI document)."""
     if options is None:
         objectives = client.options.objectives
         options = MonitorOptions(slo_ttft_s=objectives.ttft_s, slo_tpot_s=objectives.tpot_s)
@@ -51,15 +52,15 @@ def dashboard_router(client, options: MonitorOptions | None = None) -> APIRouter
     router = APIRouter(lifespan=lifespan)
     router.monitor = monitor  # for tests and for the parts that extend /v1/cluster
 
-    @router.get("/v1/cluster")
-    async def cluster(history_since: float | None = None):
+    @router.get("/v1/cluster", **openapi.json_route("ClusterStatus", "The cluster's state", secured, None, (400,)))
+    async def cluster(history_since: float = Query(None, description="only history points after this Unix time")):
         return JSONResponse(_finite(cluster_status(client, monitor, history_since)))
 
-    @router.get("/dashboard", response_class=HTMLResponse)
+    @router.get("/dashboard", response_class=HTMLResponse, **openapi.page_route("The dashboard (asks for the key)"))
     async def dashboard():
         return HTMLResponse(_asset("dashboard.html"), headers={"Cache-Control": "no-cache"})
 
-    @router.get("/dashboard/{name}")
+    @router.get("/dashboard/{name}", include_in_schema=False)
     async def asset(name: str):
         if name not in ASSETS:
             return JSONResponse({"error": {"message": f"no asset {name!r}", "type": "not_found_error",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import RootModel, ValidationError
 
 from pdserve.errors import InvalidRequestError, ModelNotFoundError
 from pdserve.sampling_params import SamplingParams
@@ -152,9 +152,13 @@ def _request_error(e: ValidationError, cls: type) -> InvalidRequestError:
             served = err.get("ctx", {}).get("expected", "")
             return ModelNotFoundError(f"The model `{err['input']}` does not exist; this server serves {served}")
     err = errors[0]
-    kind, param = err["type"], _param(err["loc"])
-    if kind == "union_tag_invalid":  # a message's role
-        param += ".role"
+    loc = err["loc"]
+    tagged = issubclass(cls, RootModel)  # a tagged union (ElasticDecision): the location starts with the tag
+    if tagged:
+        loc = loc[1:]
+    kind, param = err["type"], _param(loc)
+    if kind in ("union_tag_invalid", "union_tag_not_found"):  # a message's role, or the union's tag field
+        param = "kind" if tagged else param + ".role"
     if kind == "json_invalid":
         return InvalidRequestError(f"the body is not valid JSON: {err['msg']}")
     if kind in ("model_type", "model_attributes_type") and not param:
@@ -164,7 +168,7 @@ def _request_error(e: ValidationError, cls: type) -> InvalidRequestError:
     if kind == "missing":
         return InvalidRequestError(f"{param} is required", param)
     message = err["msg"]
-    field = cls.model_fields.get(err["loc"][0]) if err["loc"] else None
+    field = None if tagged or not loc else cls.model_fields.get(loc[0])
     if field is not None and (field.description or "").startswith(("not supported", "only ")):
         message = field.description  # a field pdserve takes only in part
     return InvalidRequestError(f"{param}: {message}" if param else message, param or None)

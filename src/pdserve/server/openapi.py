@@ -4,7 +4,8 @@ errors, with every schema generated from the pydantic models that parse requests
 
 Streams are ``text/event-stream``; as OpenAPI 3.1 reads it there, the media type's schema is one event:
 its ``data`` is a JSON chunk (or an error body, after which the stream ends) or the final ``[DONE]``.
-Errors are OpenAI's body; 429 and 503 carry Retry-After. /metrics is Prometheus text.
+Errors are OpenAI's body; 429 and 503 carry Retry-After. /metrics is Prometheus text, /dashboard a page
+(``text/html``) open to all; the dashboard's assets are left out (static files, no API).
 """
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ from pdserve.server import api_responses as r
 SECURITY_SCHEME = "bearerAuth"
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     r.ErrorResponse, r.Completion, r.CompletionChunk, r.ChatCompletion, r.ChatCompletionChunk, r.ModelList,
-    r.Health, r.KVDigests)
+    r.Health, r.KVDigests, r.ClusterStatus, r.IntegrityReport, r.ElasticResult)
 _ERRORS = {
     400: "Invalid request: OpenAI's error body, `param` names the field at fault",
     401: "Missing or wrong API key",
     404: "The request names a model this server does not serve (code model_not_found)",
     429: "Overloaded: retry after Retry-After seconds",
     503: "No live worker can serve the request: retry after Retry-After seconds",
+    504: "The request's deadline (--request-timeout) passed: it was aborted on every worker",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "required": True,
                                 "schema": {"type": "integer", "minimum": 1}}}
@@ -37,7 +39,7 @@ def generation_route(response: str, chunk: str, request: str, secured: bool) -> 
     ok = {"description": f"A {response}; with stream: true, server-sent events of {chunk} ending with "
                          "`data: [DONE]` (an error after the first event comes as an error body, then [DONE])",
           "content": {"application/json": {"schema": _ref(response)}, "text/event-stream": _sse(chunk)}}
-    return _route({200: ok, **_errors(400, 404, 429, 503)}, secured, request)
+    return _route({200: ok, **_errors(400, 404, 429, 503, 504)}, secured, request)
 
 
 def json_route(model: str, description: str, secured: bool, request: str | None = None,
@@ -58,6 +60,12 @@ def health_route(secured: bool) -> dict[str, Any]:
     return route
 
 
+def page_route(description: str) -> dict[str, Any]:
+    """A page for a browser (/dashboard), open to all even with a key: it holds no data."""
+    ok = {"description": description, "content": {"text/html": {"schema": {"type": "string"}}}}
+    return {"responses": {200: ok}, "openapi_extra": {"security": []}}
+
+
 def metrics_route(secured: bool) -> dict[str, Any]:
     ok = {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
     return _route({200: ok}, secured, None)
@@ -66,6 +74,9 @@ def metrics_route(secured: bool) -> dict[str, Any]:
 def openapi_document(app: FastAPI, request_models: list[type[BaseModel]], secured: bool) -> dict[str, Any]:
     """The whole document: paths from the app's routes, schemas from the models."""
     doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for operations in doc["paths"].values():
+        for operation in operations.values():
+            operation["responses"].pop("422", None)  # FastAPI's own: this app answers 400 (app.py)
     _, defs = models_json_schema([(m, "validation") for m in (*request_models, *RESPONSE_MODELS)],
                                  ref_template="#/components/schemas/{model}")
     components = doc.setdefault("components", {})
