@@ -33,7 +33,8 @@ def secured():
 
 GUARDED = [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
            ("GET", "/metrics"), ("GET", "/openapi.json"), ("GET", "/docs"), ("POST", "/debug/kv_digests"),
-           ("GET", "/no/such/route")]
+           ("POST", "/debug/check_integrity"), ("POST", "/debug/elastic"), ("GET", "/v1/cluster"),
+           ("GET", "/no/such/route"), ("GET", "/dashboardx"), ("GET", "/health/x")]
 
 
 @pytest.mark.parametrize("method,path", GUARDED)
@@ -50,6 +51,18 @@ def test_every_route_but_health_needs_the_key(secured, method, path, headers):
     ("GET", "/no/such/route", 404), ("POST", "/debug/kv_digests", 400)])
 def test_with_the_key(secured, method, path, status):
     assert secured.request(method, path, headers=AUTH, json={}).status_code == status
+
+
+def test_the_dashboard_page_is_open_and_its_data_is_not(secured):
+    """The page and its assets hold no data: a browser loads them without a key, and the page asks for the key
+    when /v1/cluster answers 401 (docs/monitoring.md)."""
+    page = secured.get("/dashboard")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "/v1/cluster" in secured.get("/dashboard/dashboard.js").text
+    assert secured.get("/dashboard/dashboard.css").status_code == 200
+    assert secured.get("/dashboard/secrets.json").status_code == 404  # only the assets
+    assert secured.get("/v1/cluster").status_code == 401
+    assert secured.get("/dashboard/../v1/cluster").status_code in (401, 404)
 
 
 def test_metrics_is_prometheus_text(secured):
