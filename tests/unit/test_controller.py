@@ -30,30 +30,38 @@ def _run(ctrl, workers, signals):
     return workers, log
 
 
-def test_moves_a_core_to_the_starving_prefill_phase_after_the_hysteresis():
+def test_hysteresis_then_time_then_cores_then_roles():
     ctrl = ElasticController(OBJ, hysteresis=3, cooldown_s=0)
     workers, log = _run(ctrl, _host(), [_signals(t, ttft=0.5, tpot=1.0) for t in range(3)])
-    assert [type(d) for _, d in log] == [MoveCores] and log[0][0] == 2  # on the third tick in a row
+    # prompts starve: on the third tick in a row, first more of each step for them
+    assert [type(d) for _, d in log] == [SetStepTarget] and log[0][0] == 2
+    assert log[0][1].step_target_s == pytest.approx(0.045 * 1.25)
+    ctrl = ElasticController(OBJ, hysteresis=1, cooldown_s=0)
+    workers, log = _run(ctrl, workers, [_signals(t, ttft=0.5, tpot=1.0) for t in range(3, 10)])
+    kinds = [type(d).__name__ for _, d in log]
+    # widened past 2x the TPOT objective: no limit at all; then a core goes to the prefill worker; then
+    # nothing more (one decode worker with one core is the minimum, no role may change)
+    assert kinds == ["SetStepTarget", "SetStepTarget", "SetStepTarget", "MoveCores"], kinds
+    assert log[2][1].step_target_s is None
     assert {w.worker_id: w.cores for w in workers} == {"d0": (0,), "p0": (1,)}
-    # decodes now starve: the core goes back, the prefill worker is parked again
-    workers, log = _run(ctrl, workers, [_signals(10 + t, ttft=1.0, tpot=0.4) for t in range(3)])
-    assert isinstance(log[0][1], MoveCores) and {w.worker_id: w.cores for w in workers} == {"d0": (0, 1), "p0": ()}
+    # now decodes starve: narrower steps first (down to half the TPOT objective), then the core comes back
+    # (the prefill worker is parked again: a parked worker's role does not matter)
+    workers, log = _run(ctrl, workers, [_signals(20 + t, ttft=1.0, tpot=0.4) for t in range(8)])
+    kinds = [type(d).__name__ for _, d in log]
+    assert kinds[:4] == ["SetStepTarget"] * 4 and log[3][1].step_target_s == pytest.approx(0.025)
+    assert kinds[4:] == ["MoveCores"], kinds
+    assert {w.worker_id: (w.role, w.cores) for w in workers} == {"d0": ("decode", (0, 1)), "p0": ("prefill", ())}
 
 
-def test_respects_bounds_then_uses_the_step_target():
+def test_respects_bounds():
     ctrl = ElasticController(OBJ, Bounds(min_decode_cores=2), hysteresis=1, cooldown_s=0)
-    workers, log = _run(ctrl, _host(), [_signals(0, ttft=0.5, tpot=1.0)])
-    # no core may leave the decode worker, no role may change (one decode worker is the minimum):
-    # prefill work on it gets more of each step instead
-    assert [d for _, d in log] == [SetStepTarget("d0", pytest.approx(0.045 * 1.25), log[0][1].reason)]
-    workers, log = _run(ctrl, workers, [_signals(t, ttft=0.5, tpot=1.0) for t in range(1, 5)])
-    assert log[-1][1].step_target_s is None  # widened past 2x TPOT: no limit at all
-    workers, log = _run(ctrl, workers, [_signals(9, ttft=1.0, tpot=0.3)])
-    assert log[0][1].step_target_s == pytest.approx(0.05 / 1.25)  # decode starves: narrowed from the objective
+    host = [WorkerState("d0", "decode", "h", (0, 1), None), WorkerState("p0", "prefill", "h", ())]
+    _, log = _run(ctrl, host, [_signals(0, ttft=0.5, tpot=1.0)])
+    assert log == []  # no step target to widen, no core may leave, no role may change
 
 
 def test_changes_whole_roles_across_hosts():
-    workers = [WorkerState(f"w{i}", "decode", f"h{i}", (0,), 0.045) for i in range(3)] + \
+    workers = [WorkerState(f"w{i}", "decode", f"h{i}", (0,), None) for i in range(3)] + \
         [WorkerState("w3", "prefill", "h3", (0,))]
     ctrl = ElasticController(OBJ, Bounds(max_prefill_workers=2), hysteresis=1, cooldown_s=0)
     workers, log = _run(ctrl, workers, [_signals(t, ttft=0.3, tpot=1.0) for t in range(3)])
@@ -82,7 +90,7 @@ def test_does_not_flap_under_noise_and_is_deterministic():
 def test_queue_pressure_counts_before_requests_finish():
     ctrl = ElasticController(OBJ, hysteresis=2, cooldown_s=0)
     _, log = _run(ctrl, _host(), [_signals(t, ttft=1.0, tpot=1.0, n=0, wait=5.0) for t in range(2)])
-    assert isinstance(log[0][1], MoveCores)
+    assert isinstance(log[0][1], SetStepTarget) and log[0][1].reason.startswith("prefill starves")
 
 
 def test_initial_step_targets_follow_the_tpot_objective():

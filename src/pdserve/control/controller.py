@@ -5,13 +5,14 @@ pressure the router predicts, decides which phase starves, and, once the same ph
 ``hysteresis`` ticks in a row and no decision was taken in the last ``cooldown_s``, moves one unit of
 capacity toward it, within the operator's bounds:
 
-1. cores between workers of one host (a worker's thread count and affinity; a prefill worker may be
+1. time inside the decode workers' steps: the step target of stall-free chunking (``engine.step_budget``)
+   grows (up to no limit) when prefills starve and shrinks (down to ``min_step_target_share`` of the TPOT
+   objective) when decodes starve: no drain, nothing moves;
+2. else cores between workers of one host (a worker's thread count and affinity; a prefill worker may be
    parked at zero cores, its decode neighbour then prefilling locally: colocated);
-2. else the role of a whole worker (prefill <-> decode; on GPUs, where cores do not move, this is the
-   only unit); a worker changes role by draining: its running requests finish where they are, new ones
-   follow the new role, so nothing is lost and no block leaks;
-3. else time inside the decode workers' steps: the step target of stall-free chunking
-   (``engine.step_budget``) shrinks when decodes starve and grows (up to no limit) when prefills starve.
+3. else the role of a whole worker (prefill <-> decode; on GPUs, where cores do not move, this is the
+   unit beyond time); a worker changes role by draining: its running requests finish where they are, new
+   ones follow the new role, so nothing is lost and no block leaks.
 
 The step target starts at ``step_target_margin`` x the TPOT objective on every worker that runs decodes
 (and none when there is no TPOT objective). Decisions are deterministic: the same signals give the same
@@ -104,6 +105,7 @@ class ElasticController:
     min_samples: int = 8  # requests a window needs before its attainment counts
     step_target_margin: float = 0.9  # the initial step target, as a share of the TPOT objective
     step_target_factor: float = 1.25  # how much one decision widens or narrows it
+    min_step_target_share: float = 0.5  # the narrowest step target, as a share of the TPOT objective
     _streak: tuple[str | None, int] = (None, 0)
     _last_decision_s: float = float("-inf")
     history: list[tuple[float, Decision]] = field(default_factory=list)
@@ -157,8 +159,9 @@ class ElasticController:
 
     # -- private -----------------------------------------------------------------------------------------
     def _toward(self, phase: str, workers: list[WorkerState]) -> list[Decision]:
-        return self._move_core(phase, workers) or self._change_role(phase, workers) or \
-            self._retarget(phase, workers)
+        """Time first (no drain, no cache lost), then cores, then whole workers."""
+        return self._retarget(phase, workers) or self._move_core(phase, workers) or \
+            self._change_role(phase, workers)
 
     def _move_core(self, phase: str, workers: list[WorkerState]) -> list[Decision]:
         """One core from a worker of the other role to one of ``phase``'s, on the same host."""
@@ -206,9 +209,9 @@ class ElasticController:
                 new = None if tpot is not None and new > 2 * tpot else new
             else:
                 base = t if t is not None else (tpot if tpot is not None else None)
-                if base is None:
-                    continue
-                new = base / self.step_target_factor
+                if base is None or tpot is None or base <= self.min_step_target_share * tpot:
+                    continue  # no narrower: below this the decodes alone fill the step (cores help instead)
+                new = max(base / self.step_target_factor, self.min_step_target_share * tpot)
             out.append(SetStepTarget(w.worker_id, new, f"{phase} starves: step target of {w.worker_id} "
                                                         f"{_fmt(t)} -> {_fmt(new)}"))
         return out

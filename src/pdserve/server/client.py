@@ -2,19 +2,17 @@
 
 Runs inside the frontend's asyncio loop. One DEALER socket per worker; one reader task per socket turns
 worker messages into events of ``flow.frontend.FrontendFlow`` (the hand-off: routing, reservations, fall
-back, retry) and carries out its actions; a watchdog marks workers dead (process gone on this host, or
-silent for ``worker_timeout_s``) so that no client waits forever.
+back, retry, migration, deadlines) and carries out its actions; ``server/liveness.py`` tells which workers
+are alive, so that no client waits forever.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import msgspec
 import zmq
@@ -22,9 +20,9 @@ import zmq.asyncio
 
 from pdserve import protocol as p
 from pdserve import security
-from pdserve.control.attainment import Attainment, Objectives, Sample
-from pdserve.control.controller import Bounds, ElasticController
-from pdserve.errors import InvalidRequestError, OverloadedError, PdserveError, WorkerDeadError
+from pdserve.control.attainment import Attainment, Sample
+from pdserve.control.controller import ElasticController
+from pdserve.errors import PdserveError, WorkerDeadError
 from pdserve.flow import frontend as ff
 from pdserve.flow.frontend import FrontendFlow
 from pdserve.hashing import hash_block_tokens
@@ -33,81 +31,12 @@ from pdserve.router.admission import Admission
 from pdserve.router.path import PathChooser
 from pdserve.sampling_params import SamplingParams
 from pdserve.server.elastic import ElasticLoop
+from pdserve.server.liveness import Liveness
+from pdserve.server.requests import (MAX_ITLS, FrontendOptions, RequestEvent, Tracked, WorkerConn, error_from_msg,
+                                     prefill_params, wire_params)
 from pdserve.tracing import Tracer
 
 logger = logging.getLogger(__name__)
-
-MAX_ITLS = 64  # gaps between tokens kept per request for the ITL percentile
-MAX_ORPHANS = 4096  # requests remembered per dead worker, to abort there if it comes back
-
-
-@dataclass(frozen=True)
-class FrontendOptions:
-    worker_addresses: tuple[str, ...]
-    routing: str = "prefix_aware"
-    prefix_load_weight: float = 1.0
-    min_remote_prefill_tokens: int = 0
-    worker_timeout_s: float = 30.0  # a worker silent this long is dead (its process is checked sooner)
-    connect_timeout_s: float = 600.0  # how long start() waits for every worker's first answer
-    max_inflight: int = 1024
-    max_inflight_per_instance: int = 256
-    retry_dead_worker: bool = True  # re-send a request that has produced no token yet to another worker
-    trace_path: str | None = None  # event trace (tracing.py): submits and first tokens
-    objectives: Objectives = Objectives()  # SLOs: their rolling attainment is kept (and exported)
-    attainment_window_s: float = 30.0
-    path_choice: bool = False  # per request, remote or local prefill by predicted TTFT (router/path.py)
-    elastic: bool = False  # run the elastic controller (control/controller.py) on the workers
-    elastic_tick_s: float = 2.0
-    elastic_initial: str = "split"  # server/elastic.py INITIAL_LAYOUTS
-    bounds: Bounds = Bounds()
-    request_timeout_s: float | None = 600.0  # every request's deadline (aborted everywhere then; None: none)
-    migrate: bool = True  # a dead decode worker's streaming requests go on on another one
-    internal_host: str = "127.0.0.1"  # where workers reach this frontend (heartbeats)
-    admission_ttft_slack: float | None = None  # refuse requests predicted over slack x the TTFT objective
-
-
-@dataclass
-class WorkerConn:
-    address: str
-    socket: zmq.asyncio.Socket
-    info: p.WorkerInfo | None = None
-    stats: p.Stats | None = None
-    last_seen_s: float = 0.0
-    is_alive: bool = False
-
-
-@dataclass
-class RequestEvent:
-    """A delta for one sub-request (``output``), or its error."""
-
-    index: int
-    request_id: str
-    output: p.TokenOutput | None = None
-    error: PdserveError | None = None
-
-
-@dataclass
-class _Tracked:
-    """What the frontend keeps of a request to build worker messages and feed its stream."""
-
-    request_id: str
-    index: int
-    prompt_token_ids: list[int]
-    params: p.WireSamplingParams
-    queue: asyncio.Queue
-    is_finished: bool = False
-    has_first_token: bool = False
-    submitted_s: float = 0.0
-    first_s: float = 0.0
-    last_s: float = 0.0
-    num_tokens: int = 0
-    itls: list[float] = field(default_factory=list)  # gaps between tokens (the first MAX_ITLS)
-    predicted_ttft_s: float | None = None
-    is_remote: bool | None = None
-    deadline_s: float | None = None
-    num_original_prompt: int = 0
-    generated: list[int] = field(default_factory=list)  # its tokens so far (a migration resends them)
-
 
 class FrontendClient:
     def __init__(self, options: FrontendOptions, metrics=None) -> None:
@@ -126,23 +55,19 @@ class FrontendClient:
         admission = Admission(options.max_inflight, options.max_inflight_per_instance,
                               options.objectives.ttft_s if slack is not None else None, slack or 1.0)
         self.flow = FrontendFlow(self.router, admission, options.retry_dead_worker, options.migrate)
-        self._orphans: dict[str, list[str]] = {}  # a worker presumed dead -> the requests it had then
+        self.liveness = Liveness(self)
         self.conns: dict[str, WorkerConn] = {}  # worker id -> connection (after its WorkerInfo)
         self._pending: list[WorkerConn] = []
-        self._tracked: dict[str, _Tracked] = {}
+        self._tracked: dict[str, Tracked] = {}
         self._digests: dict[str, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
         self._ids = itertools.count()
-        self._host = socket.gethostname()
         self._trace = Tracer(options.trace_path, "frontend", role="frontend")
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
         """Connect to every worker and wait (up to connect_timeout_s) until each has introduced itself."""
-        self._heartbeat = self.context.socket(zmq.PULL)
-        self._heartbeat.setsockopt(zmq.LINGER, 0)
-        self.heartbeat_address = security.bind(self._heartbeat, self.options.internal_host)
-        self._tasks.append(asyncio.create_task(self._heartbeat_reader()))
+        self._tasks += self.liveness.start()
         for address in self.options.worker_addresses:
             sock = self.context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
@@ -153,12 +78,11 @@ class FrontendClient:
             conn = WorkerConn(address, sock)
             self._pending.append(conn)
             self._tasks.append(asyncio.create_task(self._reader(conn)))
-        self._tasks.append(asyncio.create_task(self._watchdog()))
         deadline = time.monotonic() + self.options.connect_timeout_s
         while any(c.info is None for c in self._pending) and time.monotonic() < deadline:
             for conn in self._pending:
                 if conn.info is None:
-                    self._hello(conn)
+                    self.liveness.hello(conn)
             await asyncio.sleep(0.5)
         missing = [c.address for c in self._pending if c.info is None]
         if missing:
@@ -172,7 +96,7 @@ class FrontendClient:
         await asyncio.gather(*self._tasks, return_exceptions=True)  # wait until every task has ended
         for conn in self._pending:
             conn.socket.close(0)
-        self._heartbeat.close(0)
+        self.liveness.close()
         self._trace.close()
 
     # -- queries -------------------------------------------------------------------------------------
@@ -224,7 +148,7 @@ class FrontendClient:
         tracked = []
         try:
             for i, sp in enumerate(params):
-                t = _Tracked(f"{parent}-{i}", i, list(prompt_token_ids), _wire_params(sp), queue)
+                t = Tracked(f"{parent}-{i}", i, list(prompt_token_ids), wire_params(sp), queue)
                 self._submit(t)  # raises for the first sub-request: nothing sent for the rest
                 tracked.append(t)
             remaining = len(tracked)
@@ -238,13 +162,13 @@ class FrontendClient:
             for rid in live:
                 self._tracked.pop(rid, None)
             if live:
-                self._execute(self.flow.end(live))
+                self.execute(self.flow.end(live))
 
     def abort_nowait(self, request_ids: list[str]) -> None:
         """Abort sub-requests (e.g. a stop string was seen here): their streams end with no more events."""
         live = [rid for rid in request_ids if self._tracked.pop(rid, None) is not None]
         if live:
-            self._execute(self.flow.end(live))
+            self.execute(self.flow.end(live))
 
     async def kv_digests(self, block_hashes: list[int], timeout_s: float = 10.0) -> dict[str, list[str]]:
         """Debug: per live worker, a digest of each cached block with these hashes ("" where absent)."""
@@ -277,7 +201,7 @@ class FrontendClient:
         self._send(worker_id, msg)
 
     # -- private: the flow's actions -----------------------------------------------------------------
-    def _submit(self, t: _Tracked, attempt: int = 0) -> None:
+    def _submit(self, t: Tracked, attempt: int = 0) -> None:
         if not self.can_serve():
             raise WorkerDeadError("no live worker can serve requests")
         info = self.model_info()
@@ -291,7 +215,7 @@ class FrontendClient:
                                    attempt)
         if attempt:
             self._tracked[t.request_id] = t
-            self._execute(actions)
+            self.execute(actions)
             return
         t.submitted_s = time.monotonic()
         self._trace.emit("submit", rid=t.request_id, t=round(t.submitted_s, 6), n=len(t.prompt_token_ids))
@@ -300,16 +224,16 @@ class FrontendClient:
         if flight.prediction is not None:
             t.predicted_ttft_s = flight.prediction.ttft_s
         self._tracked[t.request_id] = t
-        self._execute(actions)
+        self.execute(actions)
 
-    def _execute(self, actions: list) -> None:
+    def execute(self, actions: list) -> None:
         """Carry out the flow's actions in order (sends are queued by ZMQ at once, never awaited)."""
         for a in actions:
             if isinstance(a, ff.AddToWorker):
                 t = self._tracked.get(a.request_id)
                 if t is None:
                     continue
-                params = _prefill_params(t.params) if a.hold_kv else t.params
+                params = prefill_params(t.params) if a.hold_kv else t.params
                 self._send(a.worker_id, p.AddRequest(a.request_id, t.prompt_token_ids, params,
                                                      remote_kv=a.remote_kv, hold_kv=a.hold_kv))
             elif isinstance(a, ff.Forward):
@@ -399,16 +323,16 @@ class FrontendClient:
         elif isinstance(msg, p.KVEvents):
             self.tracker.apply_kv_events(msg.worker_id, msg.stored, msg.evicted)
         elif isinstance(msg, p.KVReservationMsg):
-            self._execute(self.flow.on_reservation(wid, msg.request_id, msg))
+            self.execute(self.flow.on_reservation(wid, msg.request_id, msg))
         elif isinstance(msg, p.PrefillDone):
             if self.metrics is not None and msg.ok:
                 self.metrics.observe_transfer("prefill", msg.kv_bytes, msg.transfer_s)
-            self._execute(self.flow.on_prefill_done(msg.request_id, msg.ok, msg.error))
+            self.execute(self.flow.on_prefill_done(msg.request_id, msg.ok, msg.error))
         elif isinstance(msg, p.ErrorMsg):
             if msg.request_id is None:
                 logger.warning("worker %s: %s", conn.address, msg.message)
             else:
-                self._execute(self.flow.on_error(wid, msg.request_id, _error_from_msg(msg)))
+                self.execute(self.flow.on_error(wid, msg.request_id, error_from_msg(msg)))
         elif isinstance(msg, p.WorkerInfo):
             self._on_info(conn, msg)
         elif isinstance(msg, (p.KVDigestReply, p.IntegrityReply)):
@@ -420,13 +344,7 @@ class FrontendClient:
         if conn.info is None:
             logger.info("worker %s (%s, pid %d on %s) connected", info.worker_id, info.role, info.pid, info.host)
         elif not conn.is_alive:
-            # back (a restart on the same address, or the end of a stall): re-admitted; whatever it still
-            # runs of before is aborted (those requests were moved or ended when it was presumed dead)
-            orphans = self._orphans.pop(info.worker_id, [])
-            logger.warning("worker %s (pid %d) is back; re-admitted, %d orphaned requests aborted there",
-                           info.worker_id, info.pid, len(orphans))
-            if orphans:
-                conn.socket.send(p.encode(p.Abort(orphans)))
+            self.liveness.readmit(conn, info)
         conn.info = info
         conn.is_alive = True
         self.conns[info.worker_id] = conn
@@ -438,7 +356,7 @@ class FrontendClient:
         view.cores = None if info.cpus is None else tuple(info.cpus)
         self.flow.on_worker_alive(info.worker_id)
 
-    def _on_tokens(self, t: _Tracked, n: int) -> None:
+    def _on_tokens(self, t: Tracked, n: int) -> None:
         now = time.monotonic()
         if not t.has_first_token:
             t.has_first_token, t.first_s = True, now
@@ -448,7 +366,7 @@ class FrontendClient:
         t.last_s = now
         t.num_tokens += n
 
-    def _on_finished(self, t: _Tracked) -> None:
+    def _on_finished(self, t: Tracked) -> None:
         if not t.has_first_token:
             return
         ttft = t.first_s - t.submitted_s
@@ -456,90 +374,3 @@ class FrontendClient:
         self.attainment.record(Sample(t.last_s, ttft, tpot, max(t.itls, default=0.0), tuple(t.itls)))
         if self.metrics is not None and t.is_remote is not None:
             self.metrics.observe_path("remote" if t.is_remote else "local", ttft, t.predicted_ttft_s)
-
-    # -- private: liveness ---------------------------------------------------------------------------
-    async def _watchdog(self) -> None:
-        last_hello = 0.0
-        while True:
-            await asyncio.sleep(0.25)
-            now = time.monotonic()
-            self._execute(self.flow.expire(now))  # deadlines
-            for wid, conn in list(self.conns.items()):
-                if not conn.is_alive:
-                    continue
-                gone = conn.info.host == self._host and not _pid_running(conn.info.pid)
-                silent = now - conn.last_seen_s > self.options.worker_timeout_s
-                if gone or silent:
-                    self._on_worker_dead(wid, conn, "process exited" if gone else "stopped answering")
-            if now - last_hello >= 1.0:  # a dead worker that comes back answers and is re-admitted
-                last_hello = now
-                for conn in self.conns.values():
-                    if not conn.is_alive:
-                        self._hello(conn)
-
-    def _hello(self, conn: WorkerConn) -> None:
-        """Introduce this frontend (and its heartbeat address); dropped while the worker is not connected."""
-        sent = conn.socket.send(p.encode(p.Hello(self.frontend_id, self.heartbeat_address)), zmq.NOBLOCK)
-        sent.add_done_callback(_ignore_not_connected)
-
-    async def _heartbeat_reader(self) -> None:
-        while True:
-            data = await self._heartbeat.recv()
-            try:
-                beat = p.decode_heartbeat(data)
-            except ValueError:
-                continue
-            conn = self.conns.get(beat.worker_id)
-            if conn is not None:
-                conn.last_seen_s = time.monotonic()
-                if not conn.is_alive:
-                    self._hello(conn)  # it beats again: its WorkerInfo re-admits it
-
-    def _on_worker_dead(self, wid: str, conn: WorkerConn, why: str) -> None:
-        affected = sorted(self.flow.inflight.get(wid, ()))
-        logger.error("worker %s %s; %d requests affected", wid, why, len(affected))
-        conn.is_alive = False
-        conn.stats = None  # /health shows the truth, not its last stats
-        self._orphans[wid] = affected[-MAX_ORPHANS:]
-        self._execute(self.flow.on_worker_dead(wid))
-
-
-def _ignore_not_connected(sent: asyncio.Future) -> None:
-    """A Hello to a worker that is not connected is dropped (zmq.IMMEDIATE): nothing to do."""
-    error = None if sent.cancelled() else sent.exception()
-    if error is not None and not isinstance(error, zmq.Again):
-        logger.warning("cannot send Hello: %s", error)
-
-
-def _wire_params(sp: SamplingParams) -> p.WireSamplingParams:
-    return p.WireSamplingParams(sp.temperature, sp.top_p, sp.top_k, sp.min_p, sp.seed, sp.repetition_penalty,
-                                sp.frequency_penalty, sp.presence_penalty, sp.max_tokens, sp.min_tokens,
-                                list(sp.stop_token_ids), sp.ignore_eos, sp.logprobs)
-
-
-def _prefill_params(w: p.WireSamplingParams) -> p.WireSamplingParams:
-    """The prefill worker samples only the first token."""
-    return msgspec.structs.replace(w, max_tokens=1, min_tokens=min(w.min_tokens, 1))
-
-
-def _error_from_msg(msg: p.ErrorMsg) -> PdserveError:
-    if msg.http_status == 400:
-        return InvalidRequestError(msg.message, msg.param)
-    if msg.http_status in (429, 503) and msg.error_type == "overloaded":
-        return OverloadedError(msg.message)
-    err = PdserveError(msg.message)
-    err.http_status = msg.http_status
-    err.error_type = msg.error_type
-    return err
-
-
-def _pid_running(pid: int) -> bool:
-    """Whether a process of this host still runs (a zombie, killed but not yet reaped, does not)."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True

@@ -77,6 +77,7 @@ class SimOptions:
     seed: int = 0  # of the step-time jitter draws (live calibrations with jitter only)
     progress: bool = False
     elastic_tick_s: float = 2.0  # auto mode: how often the elastic controller looks
+    elastic_cooldown_s: float = 15.0  # ... and how long it waits between two decisions
     attainment_window_s: float = 30.0
 
 
@@ -105,7 +106,9 @@ class Simulator:
         self.router = Router(SimTracker(self.instances), make_policy(spec.routing), decode_policy,
                              spec.min_remote_prefill_tokens, PathChooser() if is_auto else None)
         self.attainment = Attainment(self.objectives, self.options.attainment_window_s)
-        self.controller = ElasticController(self.objectives) if is_auto else None
+        self.controller = ElasticController(self.objectives, cooldown_s=self.options.elastic_cooldown_s) \
+            if is_auto else None
+        self.path_counts = {"remote": 0, "local": 0}  # auto: where the path choice sent each prompt
         # The frontend's hand-off as the live frontend runs it (routing, admission, reservations).
         self.flow = FrontendFlow(self.router, Admission(spec.max_inflight or 1 << 62,
                                                         spec.max_inflight_per_instance or 1 << 62))
@@ -182,6 +185,8 @@ class Simulator:
         except PdserveError as e:  # admission: the live frontend answers 429 (or 503 without workers)
             self._fail(slot, now, f"{e.http_status}: {e}")
             return
+        if self.controller is not None:
+            self.path_counts["remote" if self.flow.requests[rid].prefill_id else "local"] += 1
         woken = []
         for a in actions:
             assert isinstance(a, ff.AddToWorker), a
