@@ -3,9 +3,10 @@ as their JSON schema in /openapi.json, so the validator and the document cannot 
 
 Types follow OpenAI's API reference: a field OpenAI marks nullable takes ``null`` and it means the
 field's default; integers follow JSON Schema, so ``5.0`` is the integer 5 as in vLLM, while ``5.5``, ``"5"``
-and ``true`` are not (vLLM's lax types take the last two). A field pdserve does not implement is either absent (an unknown field
-is a 400) or narrowed to the values it does implement (``echo``: only false; ``tools``: only empty), so the
-document says what this server accepts. vLLM's sampling extras (top_k, min_p, min_tokens, ...) are accepted.
+and ``true`` are not (vLLM's lax types take the last two). A field pdserve does not implement is either
+absent (an unknown field is a 400) or narrowed to the values it does implement (``echo``: only false;
+``tools``: only empty), so the document says what this server accepts. vLLM's sampling extras (top_k,
+min_p, min_tokens, ...) are accepted.
 
 ``request_types(limits)`` makes the two request types of one deployment: the served model's name, the
 vocabulary and the server's max_tokens cap become part of the type (and so of the document).

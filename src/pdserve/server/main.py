@@ -100,9 +100,9 @@ def bounds_from_args(args: argparse.Namespace) -> Bounds:
 def add_api_args(parser: argparse.ArgumentParser) -> None:
     """The HTTP API's settings that ``pdserve frontend`` and ``pdserve up`` share."""
     parser.add_argument("--api-key-file", default=None,
-                        help=f"file whose first line is the API key: every route but /health then needs "
-                             f"'Authorization: Bearer KEY'. Without it the key comes from ${API_KEY_ENV} "
-                             f"(never from a command line, which `ps` shows)")
+                        help=f"file whose first line is the API key: every route but /health and the "
+                             f"/dashboard page then needs 'Authorization: Bearer KEY'. Without it the key comes "
+                             f"from ${API_KEY_ENV} (never from a command line, which `ps` shows)")
     parser.add_argument("--api-key", action=_RefuseKeyOnCommandLine, help=argparse.SUPPRESS)
     parser.add_argument("--max-tokens-cap", type=_positive_int, default=DEFAULT_MAX_TOKENS_CAP,
                         help="most output tokens one request may ask for (a larger max_tokens is a 400), and "
