@@ -56,6 +56,12 @@ def test_summary_screen():
     from_file = summary("http://127.0.0.1:8000", None, "m", "secret", max_tokens=4, api_key_file="/run/my key")
     assert "Bearer $(head -n1 '/run/my key')" in from_file and '"max_tokens": 4}' in from_file
     assert "secret" not in from_file and "Authorization" not in summary("http://127.0.0.1:8000", None, "m")
+    assert "planned" not in text
+    status["cost"]["planned"] = {"cost_per_million_tokens": {"input": 0.036, "cached_input": 0.0036, "output": 0.057,
+                                                             "blended": 0.039},
+                                 "price_per_hour": 0.08, "goodput_rps": 4.4, "planned_by": "pdserve plan"}
+    text = summary("http://127.0.0.1:8000", status, "smollm2-135m")
+    assert "planned    input $0.0360, output $0.0570 per million tokens at 4.40 req/s (pdserve plan)" in text
 
 
 def test_summary_screen_in_mode_auto():

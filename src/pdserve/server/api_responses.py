@@ -273,7 +273,8 @@ class ClusterStatus(_Open):
     latency: dict[str, Any] = Field(description="TTFT and TPOT quantiles over the last window")
     attainment: dict[str, Any] = Field(description="the frontend's rolling SLO attainment, per phase")
     slo: Union[dict[str, Any], None] = Field(description="objectives and attainment; null without objectives")
-    cost: dict[str, Any] = Field(description="price now, cost in total and over the rolling windows")
+    cost: dict[str, Any] = Field(description="price now, cost in total and over the rolling windows, and the "
+                                 "planner's figures for this layout (planned; null when none)")
     elastic: Union[ElasticStatus, None] = Field(description="null when the controller is off")
     history: list[dict[str, Any]] = Field(description="a point every few seconds (?history_since: newer only)")
 
