@@ -20,6 +20,16 @@ class InvalidRequestError(PdserveError, ValueError):
         self.param = param
 
 
+class ModelNotFoundError(InvalidRequestError):
+    """The request names a model this server does not serve: HTTP 404, as OpenAI answers."""
+
+    http_status = 404
+    code = "model_not_found"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "model")
+
+
 class ModelLoadError(PdserveError, ValueError):
     """A checkpoint cannot be found, parsed or matched to the architecture."""
 

@@ -45,15 +45,16 @@ def require_model() -> None:
 
 
 @contextmanager
-def local_cluster(*flags: str, timeout_s: float = 300.0):
-    """Run ``pdserve up`` with ``flags``; yield (base_url, process); SIGTERM it afterwards and check that
-    no child is left behind."""
+def local_cluster(*flags: str, timeout_s: float = 300.0, env: dict[str, str] | None = None):
+    """Run ``pdserve up`` with ``flags`` (later flags win over the defaults here) and ``env`` (default:
+    this process's); yield (base_url, process); SIGTERM it afterwards and check that no child is left
+    behind. Its output goes to ``log_path(base_url)``."""
     port = free_port()
-    log = Path(os.environ.get("PDSERVE_E2E_LOG_DIR", "/tmp")) / f"pdserve-e2e-{port}.log"
+    log = log_path(f"http://127.0.0.1:{port}")
     argv = [sys.executable, "-m", "pdserve.cli", "up", "--port", str(port), "--kv-cache-memory", KV_CACHE,
             "--dtype", DTYPE, "--enable-debug-endpoints", "--worker-timeout", "10", *flags]
     with open(log, "w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         try:
@@ -75,6 +76,12 @@ def local_cluster(*flags: str, timeout_s: float = 300.0):
         if left:
             os.killpg(proc.pid, signal.SIGKILL)
         assert not left, f"orphaned children {left}; see {log}"
+
+
+def log_path(url: str) -> Path:
+    """Where ``local_cluster`` writes the output of the cluster at ``url``."""
+    port = url.rsplit(":", 1)[1]
+    return Path(os.environ.get("PDSERVE_E2E_LOG_DIR", "/tmp")) / f"pdserve-e2e-{port}.log"
 
 
 def health(url: str) -> dict:

@@ -58,8 +58,8 @@ def check_bad_input_then_served(url: str) -> None:
                      timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
     c = client(url)
-    for kwargs in ({"max_tokens": -1}, {"n": 0}, {"model": "not-this-one"}, {"extra_body": {"bogus": 1}},
-                   {"prompt": [[1, 2], "x"]}, {"prompt": "x" * 40000}):
+    for kwargs in ({"max_tokens": -1}, {"n": 0}, {"extra_body": {"bogus": 1}}, {"prompt": [[1, 2], "x"]},
+                   {"prompt": "x" * 40000}, {"prompt": ["Hello", ""]}, {"prompt": ["Hello", ""], "stream": True}):
         args = {"model": MODEL, "prompt": "hello", "max_tokens": 4, **kwargs}
         try:
             c.completions.create(**args)
@@ -67,6 +67,12 @@ def check_bad_input_then_served(url: str) -> None:
             assert e.status_code == 400 and e.body["type"] == "invalid_request_error"
         else:
             raise AssertionError(f"{kwargs} was accepted")
+    try:
+        c.completions.create(model="not-this-one", prompt="hello", max_tokens=4)
+    except openai.NotFoundError as e:  # as OpenAI answers
+        assert e.status_code == 404 and e.body["code"] == "model_not_found"
+    else:
+        raise AssertionError("an unknown model was accepted")
     r = c.completions.create(model=MODEL, prompt="hello", max_tokens=4, temperature=0)
     assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens >= 1
 

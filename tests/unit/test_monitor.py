@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve import protocol as p
 from pdserve.control.attainment import Objectives
+from pdserve.server.api_responses import ClusterStatus
 from pdserve.server.client import FrontendClient, FrontendOptions, WorkerConn
 from pdserve.server.cluster_status import cluster_status
 from pdserve.server.metrics import Metrics
@@ -105,6 +106,7 @@ def test_cluster_status_carries_workers_cost_and_history():
     assert cluster_status(client, monitor, history_since=body["history"][0]["unix_s"])["history"] == []
     assert body["mode"] == "colocated" and body["elastic"] is None and body["path_choice"] is False
     assert body["attainment"]["num_requests"] == 0
+    ClusterStatus.model_validate(body)  # the body the OpenAPI document describes
 
 
 def test_cluster_status_carries_the_routing_view_and_the_elastic_controller():
@@ -131,6 +133,7 @@ def test_cluster_status_carries_the_routing_view_and_the_elastic_controller():
     assert [(d["kind"], d["reason"]) for d in body["elastic"]["decisions"]] == \
         [("SetStepTarget", "TPOT attainment 0.80 < 0.9")]
     assert client.conns["both-0"].socket.sent  # the decision went to the worker
+    ClusterStatus.model_validate(body)
 
 
 class _Sent:

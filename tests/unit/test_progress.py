@@ -53,6 +53,9 @@ def test_summary_screen():
     assert "http://127.0.0.1:8000/dashboard" in text and "curl http://127.0.0.1:8000/v1/completions" in text
     assert "secret" not in text and "$PDSERVE_API_KEY" in text
     assert "pdserve is ready at http://127.0.0.1:8000" in summary("http://127.0.0.1:8000", None, "m")
+    from_file = summary("http://127.0.0.1:8000", None, "m", "secret", max_tokens=4, api_key_file="/run/my key")
+    assert "Bearer $(head -n1 '/run/my key')" in from_file and '"max_tokens": 4}' in from_file
+    assert "secret" not in from_file and "Authorization" not in summary("http://127.0.0.1:8000", None, "m")
     assert "planned" not in text
     status["cost"]["planned"] = {"cost_per_million_tokens": {"input": 0.036, "cached_input": 0.0036, "output": 0.057,
                                                              "blended": 0.039},

@@ -6,7 +6,7 @@ import sys
 
 from pdserve.settings import add_engine_flags
 from pdserve.router.policies import POLICIES
-from pdserve.server.main import DEFAULT_OBJECTIVES, add_elastic_bounds_args, add_objective_args
+from pdserve.server.main import DEFAULT_OBJECTIVES, add_api_args, add_elastic_bounds_args, add_objective_args
 from pdserve.server.monitor_args import add_monitor_args
 
 MODES = ("auto", "colocated", "disaggregated")
@@ -67,7 +67,7 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
                         "TTFT objective to its first token (default %(default)s; 0: never)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None)
-    p.add_argument("--api-key", default=None)
+    add_api_args(p)  # the key: $PDSERVE_API_KEY or --api-key-file, handed to the frontend in its environment
     p.add_argument("--routing", choices=POLICIES, default="prefix_aware")
     p.add_argument("--min-remote-prefill-tokens", type=int, default=0)
     p.add_argument("--worker-timeout", type=float, default=30.0)

@@ -25,6 +25,8 @@ from pdserve import security
 from pdserve.cluster.startup import StartupProgress, summary
 from pdserve.kv.shm import remove_stale_files
 from pdserve.progress import PROGRESS_FILE_ENV
+from pdserve.server.auth import API_KEY_ENV
+from pdserve.server.main import frontend_api_argv, frontend_env
 from pdserve.server.monitor_args import monitor_args_to_argv, monitor_options_from_args
 from pdserve.settings import engine_argv, engine_config_from_args
 
@@ -53,13 +55,14 @@ class Child:
 class LocalCluster:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        self.frontend_env = frontend_env(args)  # the API key, for the frontend only (ValueError: a bad key file)
         self.children: list[Child] = []
         self.tmpdir = Path(tempfile.mkdtemp(prefix="pdserve-up-"))
         self._stopping = False
         self.progress = StartupProgress()
         # Beyond loopback every internal socket needs the cluster's keys: made here, handed down in the
         # environment (security.py)
-        self.env = dict(os.environ)
+        self.env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}  # workers need no API key
         if not security.is_loopback(getattr(args, "internal_host", "127.0.0.1")) and security.ENV not in self.env:
             self.env[security.ENV] = security.ClusterKeys.generate().to_env()
 
@@ -198,8 +201,7 @@ class LocalCluster:
             argv += ["--admission-ttft-slack", str(a.admission_ttft_slack)]
         if a.served_model_name:
             argv += ["--served-model-name", a.served_model_name]
-        if a.api_key:
-            argv += ["--api-key", a.api_key]
+        argv += frontend_api_argv(a)
         if a.enable_debug_endpoints:
             argv.append("--enable-debug-endpoints")
         if a.trace_dir:
@@ -216,7 +218,7 @@ class LocalCluster:
                 if value is not None:
                     argv += [flag, str(value)]
         argv += monitor_args_to_argv(a)
-        self.children.append(Child("frontend", _spawn(argv, self.env)))
+        self.children.append(Child("frontend", _spawn(argv, {**self.env, **self.frontend_env})))
 
     def _wait_ready(self, child: Child, deadline: float) -> None:
         while time.monotonic() < deadline:
@@ -235,7 +237,11 @@ class LocalCluster:
 
 def run_up(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per health probe
-    cluster = LocalCluster(args)
+    try:
+        cluster = LocalCluster(args)
+    except ValueError as e:  # a bad API key file
+        logger.error("%s", e)
+        return 1
 
     def _on_signal(signum, frame):
         cluster._stopping = True
@@ -245,8 +251,9 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         monitor_options_from_args(args)  # bad prices or objectives fail before any worker starts
         url = cluster.start()
-        print(summary(url, _cluster_status(url, args.api_key), args.served_model_name or args.model,
-                      args.api_key), flush=True)
+        api_key = cluster.frontend_env.get(API_KEY_ENV)
+        print(summary(url, _cluster_status(url, api_key), args.served_model_name or args.model, api_key,
+                      max_tokens=min(16, args.max_tokens_cap), api_key_file=args.api_key_file), flush=True)
         return cluster.wait()
     except (RuntimeError, ValueError) as e:
         logger.error("%s", e)

@@ -9,6 +9,7 @@ the objectives, where to look, and a curl line to paste.
 from __future__ import annotations
 
 import logging
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,9 +76,12 @@ class StartupProgress:
             logger.info("%s", line)
 
 
-def summary(url: str, status: dict | None, served_model: str, api_key: str | None = None) -> str:
-    """The screen ``pdserve up`` prints once ready; ``status`` is /v1/cluster's body (None: unknown)."""
-    auth = " -H 'Authorization: Bearer $PDSERVE_API_KEY'" if api_key else ""
+def summary(url: str, status: dict | None, served_model: str, api_key: str | None = None, max_tokens: int = 16,
+            api_key_file: str | None = None) -> str:
+    """The screen ``pdserve up`` prints once ready; ``status`` is /v1/cluster's body (None: unknown). The curl
+    line names where the API key is (``api_key_file`` or ``$PDSERVE_API_KEY``), never the key itself."""
+    source = f"$(head -n1 {shlex.quote(api_key_file)})" if api_key_file else "$PDSERVE_API_KEY"
+    auth = f' -H "Authorization: Bearer {source}"' if api_key else ""
     lines = [f"pdserve is ready at {url} (Ctrl-C stops it)", ""]
     if status is not None:
         order = {"prefill": 0, "decode": 1, "both": 2}
@@ -106,7 +110,8 @@ def summary(url: str, status: dict | None, served_model: str, api_key: str | Non
     lines += [f"  dashboard  {url}/dashboard", f"  status     {url}/v1/cluster   metrics {url}/metrics", "",
               "Try:",
               f"curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
-              f"-d '{{\"model\": \"{served_model}\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}}'"]
+              f"-d '{{\"model\": \"{served_model}\", \"prompt\": \"The capital of France is\", "
+              f"\"max_tokens\": {max_tokens}}}'"]
     return "\n".join(lines)
 
 

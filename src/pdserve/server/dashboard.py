@@ -2,10 +2,10 @@
 
 ``dashboard_router`` returns an ``APIRouter`` the app includes; its lifespan attaches a ``ClusterMonitor``
 to the app's ``Metrics`` (``client.metrics``, set by the app's own lifespan, which runs first) and samples
-it in the background. ``/v1/cluster`` takes the same API key as every data route (the app's ``denied``
-check). The page and its assets hold no data and are served without a key: a browser cannot put a Bearer
-header on a navigation; the page asks for the key when /v1/cluster answers 401 and sends it as
-``Authorization: Bearer`` from then on.
+it in the background. ``/v1/cluster`` takes the same API key as every data route (the app's guard,
+server/auth.py). The page and its assets hold no data and are served without a key (auth.py's public
+paths): a browser cannot put a Bearer header on a navigation; the page asks for the key when /v1/cluster
+answers 401 and sends it as ``Authorization: Bearer`` from then on.
 
 The assets live in ``server/static`` (package data): plain HTML, CSS and JavaScript, no build step, no
 CDN. The frontend flags that configure the monitor are in server/monitor_args.py (prices) and server/main.py
@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from importlib import resources
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from pdserve.server import openapi
 from pdserve.server.cluster_status import cluster_status
 from pdserve.server.monitor import ClusterMonitor, MonitorOptions
 
@@ -30,10 +30,9 @@ logger = logging.getLogger(__name__)
 ASSETS = {"dashboard.js": "text/javascript; charset=utf-8", "dashboard.css": "text/css; charset=utf-8"}
 
 
-def dashboard_router(client, denied: Callable[[Request], Response | None],
-                     options: MonitorOptions | None = None) -> APIRouter:
-    """``denied(request)``: the app's API-key check (a response to return, or None to go on). Without
-    ``options``, the monitor judges requests against the client's objectives (``FrontendOptions.objectives``)."""
+def dashboard_router(client, options: MonitorOptions | None = None, secured: bool = False) -> APIRouter:
+    """Without ``options``, the monitor judges requests against the client's objectives
+    (``FrontendOptions.objectives``). ``secured``: an API key is set (for the OpenAPI document)."""
     if options is None:
         objectives = client.options.objectives
         options = MonitorOptions(slo_ttft_s=objectives.ttft_s, slo_tpot_s=objectives.tpot_s)
@@ -53,17 +52,15 @@ def dashboard_router(client, denied: Callable[[Request], Response | None],
     router = APIRouter(lifespan=lifespan)
     router.monitor = monitor  # for tests and for the parts that extend /v1/cluster
 
-    @router.get("/v1/cluster")
-    async def cluster(request: Request, history_since: float | None = None):
-        if (refusal := denied(request)) is not None:
-            return refusal
+    @router.get("/v1/cluster", **openapi.json_route("ClusterStatus", "The cluster's state", secured, None, (400,)))
+    async def cluster(history_since: float = Query(None, description="only history points after this Unix time")):
         return JSONResponse(_finite(cluster_status(client, monitor, history_since)))
 
-    @router.get("/dashboard", response_class=HTMLResponse)
+    @router.get("/dashboard", response_class=HTMLResponse, **openapi.page_route("The dashboard (asks for the key)"))
     async def dashboard():
         return HTMLResponse(_asset("dashboard.html"), headers={"Cache-Control": "no-cache"})
 
-    @router.get("/dashboard/{name}")
+    @router.get("/dashboard/{name}", include_in_schema=False)
     async def asset(name: str):
         if name not in ASSETS:
             return JSONResponse({"error": {"message": f"no asset {name!r}", "type": "not_found_error",

@@ -4,11 +4,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Mapping
 
 from pdserve.control.attainment import Objectives
 from pdserve.control.controller import Bounds
 from pdserve.router.policies import POLICIES
+from pdserve.server.auth import API_KEY_ENV
 from pdserve.server.elastic import INITIAL_LAYOUTS
+from pdserve.server.limits import DEFAULT_MAX_TOKENS_CAP
 from pdserve.server.monitor_args import add_monitor_args, monitor_options_from_args
 
 
@@ -27,7 +30,7 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
                         help="refuse (429) a request predicted to take over this many times the TTFT objective "
                              "to its first token (default: no such check)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    add_api_args(parser)
     parser.add_argument("--routing", choices=POLICIES, default="prefix_aware")
     parser.add_argument("--prefix-load-weight", type=float, default=1.0,
                         help="prefix_aware: cached blocks one queued request is worth")
@@ -36,7 +39,9 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-timeout", type=float, default=30.0,
                         help="seconds of silence after which a worker is dead (local pids are watched too)")
     parser.add_argument("--max-inflight", type=int, default=1024, help="admission bound (429 beyond it)")
-    parser.add_argument("--enable-debug-endpoints", action="store_true", help="POST /debug/kv_digests")
+    parser.add_argument("--enable-debug-endpoints", action="store_true",
+                        help="POST /debug/kv_digests, /debug/check_integrity, /debug/elastic "
+                             "(they need the API key when one is set)")
     parser.add_argument("--trace-file", default=None,
                         help="write an event trace (request submits, first tokens) here, for `pdserve profile --live`")
     add_objective_args(parser)
@@ -92,11 +97,46 @@ def bounds_from_args(args: argparse.Namespace) -> Bounds:
                   args.max_decode_workers or big, args.min_decode_cores)
 
 
+def add_api_args(parser: argparse.ArgumentParser) -> None:
+    """The HTTP API's settings that ``pdserve frontend`` and ``pdserve up`` share."""
+    parser.add_argument("--api-key-file", default=None,
+                        help=f"file whose first line is the API key: every route but /health and the "
+                             f"/dashboard page then needs 'Authorization: Bearer KEY'. Without it the key comes "
+                             f"from ${API_KEY_ENV} (never from a command line, which `ps` shows)")
+    parser.add_argument("--api-key", action=_RefuseKeyOnCommandLine, help=argparse.SUPPRESS)
+    parser.add_argument("--max-tokens-cap", type=_positive_int, default=DEFAULT_MAX_TOKENS_CAP,
+                        help="most output tokens one request may ask for (a larger max_tokens is a 400), and "
+                             "chat's default max_tokens when the context leaves more room")
+
+
+def frontend_env(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """For a launcher (``pdserve up``): what its frontend's environment adds to the launcher's, the API key
+    from ``--api-key-file`` or ``$PDSERVE_API_KEY`` (``{}`` without a key; ValueError for a bad key file or
+    an empty key)."""
+    from pdserve.server.auth import load_api_key
+
+    key = load_api_key(getattr(args, "api_key_file", None), environ)
+    return {API_KEY_ENV: key} if key else {}
+
+
+def frontend_api_argv(args: argparse.Namespace) -> list[str]:
+    """For a launcher: the frontend flags of ``add_api_args`` but the key file (the key goes by
+    ``frontend_env``)."""
+    return ["--max-tokens-cap", str(args.max_tokens_cap)]
+
+
 def run_frontend(args: argparse.Namespace) -> int:
     import uvicorn
 
     from pdserve.server.app import create_app
     from pdserve.server.client import FrontendClient, FrontendOptions
+    from pdserve.server.auth import load_api_key
+
+    try:
+        api_key = load_api_key(args.api_key_file)
+    except ValueError as e:
+        print(f"pdserve frontend: {e}", file=sys.stderr)
+        return 2
 
     try:
         monitor_options = monitor_options_from_args(args)
@@ -122,8 +162,9 @@ def run_frontend(args: argparse.Namespace) -> int:
         eos = tuple(info.eos_token_ids) if info else ()
         return load_tokenizer(args.tokenizer or checkpoint_path(args.model), eos)
 
-    app = create_app(client, args.served_model_name or args.model, load, api_key=args.api_key,
-                     enable_debug=args.enable_debug_endpoints, monitor_options=monitor_options)
+    app = create_app(client, args.served_model_name or args.model, load, api_key=api_key,
+                     enable_debug=args.enable_debug_endpoints, monitor_options=monitor_options,
+                     max_tokens_cap=args.max_tokens_cap)
     uvicorn.run(app, host=args.host, port=args.port, log_level=getattr(args, "log_level", "info"),
                 access_log=False)
     return 0
@@ -137,6 +178,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     return run_frontend(args)
+
+
+class _RefuseKeyOnCommandLine(argparse.Action):
+    """``--api-key`` (once accepted) is an error that does not echo the key; without it argparse would read
+    ``--api-key KEY`` as an abbreviation of ``--api-key-file``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is not accepted: a key on a command line is visible to every user of "
+                     f"the machine (ps). Set ${API_KEY_ENV} or give --api-key-file")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 if __name__ == "__main__":

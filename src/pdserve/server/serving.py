@@ -5,17 +5,21 @@ ends the choice at once and aborts its request on the workers.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import jinja2
+
 from pdserve.engine.output_processor import TextState
 from pdserve.engine.outputs import EngineOutput, TokenLogprobs
-from pdserve.errors import PdserveError
+from pdserve.errors import InvalidRequestError, PdserveError
 from pdserve.server import openai_protocol as op
-from pdserve.server.client import FrontendClient
+from pdserve.server.limits import Limits
+from pdserve.server.client import FrontendClient, RequestEvent
 from pdserve.server.metrics import Metrics
 from pdserve.protocol import TokenOutput
 
@@ -34,28 +38,31 @@ class Choice:
 
 
 class Serving:
-    def __init__(self, client: FrontendClient, tokenizer, model_name: str, max_model_len: int,
-                 metrics: Metrics | None = None, vocab_size: int | None = None) -> None:
+    def __init__(self, client: FrontendClient, tokenizer, limits: Limits, metrics: Metrics | None = None) -> None:
         self.client = client
         self.tokenizer = tokenizer
-        self.model_name = model_name
-        self.max_model_len = max_model_len
+        self.limits = limits
+        self.model_name = limits.served_model
         self.metrics = metrics
-        self.vocab_size = vocab_size
 
     # -- entry points --------------------------------------------------------------------------------
     def prepare_completion(self, req: op.CompletionRequest) -> list[op.Prompt]:
-        """Validate what needs the tokenizer and the model (raises InvalidRequestError)."""
-        prompts = op.prompts(req, self.tokenizer, self.vocab_size)
-        for pr in prompts:
-            op.check_length(len(pr.token_ids), req.max_tokens, self.max_model_len)
-        op.sampling_params(req, req.logprobs)  # validates ranges
+        """Validate what needs the tokenizer and the model (raises InvalidRequestError); settles
+        ``req.max_tokens``."""
+        prompts = op.prompts(req, self.tokenizer)
+        req.max_tokens = max(op.resolve_max_tokens(req, len(pr.token_ids), self.limits, chat=False)
+                             for pr in prompts)
+        op.sampling_params(req, req.logprobs, req.max_tokens)  # validates what depends on max_tokens
         return prompts
 
     def prepare_chat(self, req: op.ChatRequest) -> list[op.Prompt]:
-        ids = self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=req.add_generation_prompt)
-        op.check_length(len(ids), req.max_tokens, self.max_model_len)
-        op.sampling_params(req, _chat_logprobs(req))
+        try:
+            ids = self.tokenizer.apply_chat_template(op.chat_messages(req),
+                                                     add_generation_prompt=req.add_generation_prompt)
+        except jinja2.TemplateError as e:  # the model's template refuses these messages (e.g. their order)
+            raise InvalidRequestError(f"the chat template refused the messages: {e}", "messages") from None
+        req.max_tokens = op.resolve_max_tokens(req, len(ids), self.limits, chat=True)
+        op.sampling_params(req, _chat_logprobs(req), req.max_tokens)
         return [op.Prompt(list(ids))]
 
     async def stream(self, req: op.CompletionRequest | op.ChatRequest, prompts: list[op.Prompt], chat: bool,
@@ -134,7 +141,7 @@ class Serving:
         """Yields ``(choice, delta_text, new_logprob_tokens, finished)``; raises PdserveError when a
         choice fails (the caller turns it into an HTTP error or an error chunk)."""
         num_logprobs = _chat_logprobs(req) if chat else req.logprobs
-        base = op.sampling_params(req, num_logprobs)
+        base = op.sampling_params(req, num_logprobs, req.max_tokens)
         start = time.monotonic()
         streams = []
         for pi, pr in enumerate(prompts):
@@ -149,11 +156,11 @@ class Serving:
         try:
             remaining = len(choices)
             async for pi, event in merged:
+                if event.error is not None:
+                    raise event.error
                 choice = choices[pi * req.n + event.index]
                 if choice.state.finished:
                     continue
-                if event.error is not None:
-                    raise event.error
                 out = event.output
                 if choice.first_token_s is None and out.new_token_ids:
                     choice.first_token_s = time.monotonic()
@@ -222,23 +229,10 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 async def _merge(streams: list) -> AsyncIterator:
-    """Interleave several async generators as ``(stream_index, item)``; closing this closes them all."""
-    import asyncio
-
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(i, gen):
-        try:
-            async for item in gen:
-                await queue.put((i, item))
-        except PdserveError as e:
-            from pdserve.server.client import RequestEvent
-
-            await queue.put((i, RequestEvent(0, "", error=e)))
-        finally:
-            await queue.put((i, done))
-
+    """Interleave several async generators as ``(stream_index, item)``; a generator's PdserveError comes as
+    an item ``RequestEvent(error=...)``. Closing this closes them all, and returns only once each has run
+    its own cleanup (the aborts it sends): each generator is iterated and closed by one task of its own,
+    never by this one, since a generator cannot be closed while another task runs it."""
     if len(streams) == 1:  # the common case: no tasks
         try:
             async for item in streams[0]:
@@ -246,6 +240,19 @@ async def _merge(streams: list) -> AsyncIterator:
         finally:
             await streams[0].aclose()
         return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, gen) -> None:
+        try:
+            async for item in gen:
+                queue.put_nowait((i, item))
+        except PdserveError as e:
+            queue.put_nowait((i, RequestEvent(0, "", error=e)))
+        finally:
+            await gen.aclose()  # a no-op when the loop ended; runs its cleanup when cancelled mid-way
+            queue.put_nowait((i, done))
+
     tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(streams)]
     try:
         live = len(tasks)
@@ -258,8 +265,7 @@ async def _merge(streams: list) -> AsyncIterator:
     finally:
         for t in tasks:
             t.cancel()
-        for g in streams:
-            await g.aclose()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _engine_output(out: TokenOutput) -> EngineOutput:
