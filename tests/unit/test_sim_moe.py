@@ -1,0 +1,79 @@
+"""MoE and expert parallelism in the performance model: tokens conserved, all-to-all bytes, MLA."""
+import pytest
+
+from pdserve.sim import moe
+from pdserve.sim.hardware import get_hardware
+from pdserve.sim.models import get_model
+from pdserve.sim.perf_model import AnalyticPerfModel, BatchShape, instance_kv_blocks
+
+
+def _decode(b, ctx):
+    return BatchShape(num_decode=b, decode_ctx=b * ctx, num_samples=b)
+
+
+@pytest.mark.parametrize("name", ["qwen3-235b-a22b", "deepseek-v3"])
+@pytest.mark.parametrize("imbalance", [1.0, 1.3, 2.0])
+def test_routed_tokens_are_conserved_across_ranks_and_experts(name, imbalance):
+    m = get_model(name)
+    for n in (1, 7, 128, 4096):
+        for ep in (1, 8, 32):
+            loads = moe.rank_loads(n, m, ep, imbalance)
+            assert len(loads) == ep and sum(loads) == pytest.approx(n * m.num_experts_per_token)
+            assert loads[0] == max(loads)
+            busiest = moe.busiest_rank(n, m, ep, imbalance)
+            assert busiest.assignments == loads[0]
+            assert busiest.touched * busiest.tokens_per_expert == pytest.approx(busiest.assignments)
+            assert busiest.touched <= m.num_experts / ep + 1e-9
+    loads = moe.rank_loads(4096, m, 8, 1.5)
+    assert loads[0] == pytest.approx(1.5 * 4096 * m.num_experts_per_token / 8)
+
+
+def test_simulated_ep_step_computes_every_routed_copy():
+    m = get_model("deepseek-v3")
+    pm = AnalyticPerfModel(m, get_hardware("h800"), tp=32, precision="fp8", parallelism="ep")
+    shape = _decode(32 * 64, 4000)  # 64 requests per card
+    load = moe.busiest_rank(shape.num_tokens, m, 32)
+    assert load.assignments == pytest.approx(shape.num_tokens * m.num_experts_per_token / 32)
+    experts = next(op for op in pm.trace(shape) if op.group == "gemm experts")
+    up = pm.timer.gemm(load.tokens_per_expert, 2 * m.moe_intermediate_size, m.hidden_size, "fp8").seconds
+    down = pm.timer.gemm(load.tokens_per_expert, m.hidden_size, m.moe_intermediate_size, "fp8").seconds
+    assert experts.seconds == pytest.approx(m.num_moe_layers * load.touched * (up + down))
+
+
+def test_all_to_all_bytes_match_the_formula():
+    m = get_model("deepseek-v3")
+    dispatch, combine = moe.all_to_all_bytes(128, m)
+    assert dispatch == 128 * 8 * 7168 * 1.0  # FP8 out: DeepEP's 128-token low-latency case
+    assert combine == 128 * 8 * 7168 * 2.0  # BF16 back
+    pm = AnalyticPerfModel(m, get_hardware("h800"), tp=32, precision="fp8", parallelism="ep")
+    ops = {op.group: op for op in pm.trace(_decode(32 * 128, 1000))}  # 128 tokens per rank
+    assert ops["all-to-all dispatch"].kind == "table" and "DeepEP" in ops["all-to-all dispatch"].source
+    assert ops["all-to-all dispatch"].seconds == pytest.approx(58 * 155e-6)  # 58 MoE layers x the measured 155 us
+    assert ops["all-to-all combine"].seconds == pytest.approx(58 * 273e-6)
+
+
+def test_imbalance_slows_the_step_and_ep_spreads_the_experts():
+    m, hw = get_model("qwen3-235b-a22b"), get_hardware("h100-sxm")
+    even = AnalyticPerfModel(m, hw, tp=8, precision="fp8", parallelism="ep")
+    skewed = AnalyticPerfModel(m, hw, tp=8, precision="fp8", parallelism="ep", moe_imbalance=1.5)
+    shape = BatchShape(8192, 8192 * 1024.5, 8192, 0, 0, 8, 0, 8)  # 8 prompts of 1024
+    assert skewed.step_time_s(shape) > even.step_time_s(shape)
+    with pytest.raises(ValueError, match="moe_imbalance"):
+        AnalyticPerfModel(m, hw, tp=8, parallelism="ep", moe_imbalance=0.9)
+    assert moe.ep_options(m, 64) == [2, 4, 8, 16, 32, 64]
+
+
+def test_mla_kv_bytes_and_attention_cost():
+    m = get_model("deepseek-v3")
+    assert m.kv_bytes_per_token(2.0) == 61 * (512 + 64) * 2  # latent + rope key, every layer
+    hw = get_hardware("h800")
+    pm = AnalyticPerfModel(m, hw, tp=8, precision="fp8")
+    ops = {op.group: op for op in pm.trace(_decode(64, 4096))}
+    att = ops["attention decode"]
+    assert att.kind == "table" and "FlashMLA" in att.source
+    kv = 64 * 4096 * 576 * 2.0  # the latent is replicated on every TP rank
+    flops = 64 * 4096 * 2.0 * (128 // 8) * (2 * 512 + 64)
+    assert att.seconds == pytest.approx(61 * max(kv / 3000e9, flops / 660e12))
+    # EP: each card keeps whole-token latents of its own requests, 8x the blocks of one card
+    h200 = get_hardware("h200")
+    assert instance_kv_blocks(m, h200, 8, "fp8", 64, parallelism="ep") > instance_kv_blocks(m, h200, 8, "fp8", 64)
