@@ -34,7 +34,8 @@ def test_every_table_has_a_source_and_is_exact_and_monotone(name):
                 vals = [table.time(m, shape, roof, "x").seconds for m in grid]
                 assert _between(vals, t0, t1)
                 assert all(b >= a - 1e-15 for a, b in zip(vals, vals[1:]))
-    for _, curve in list(tables.attention_decode.values()) + list(tables.all_reduce.values()):
+    curves = [c for _, c, _ in tables.attention_decode.values()] + [c for _, c in tables.all_reduce.values()]
+    for curve in curves:
         for x, t in zip(curve.xs, curve.ts):
             assert lookup(curve, x, lambda v: v, "").seconds == t
         xs = np.linspace(curve.xs[0], curve.xs[-1], 200)
@@ -84,6 +85,15 @@ def test_shapes_outside_every_table_fall_back_to_the_roofline_and_say_so():
     assert beyond.seconds == pytest.approx(edge.seconds * 4, rel=0.02)  # compute-bound at the edge efficiency
     assert h100.all_reduce(1e6, 8, inter_node=True).kind == "roofline"  # NVLink tables: one node only
     assert h100.all_reduce(1e6, 16, inter_node=False).kind == "roofline"  # no 16-card table
+
+
+def test_decode_attention_beyond_the_table_costs_each_further_byte_at_the_measured_ceiling():
+    timer = OpTimer(get_hardware("h100-sxm"))
+    last = timer.decode_attention(33554432)
+    assert last.kind == "table" and last.seconds == pytest.approx(25.1e-6)
+    far = timer.decode_attention(33554432 + 3e9)
+    assert far.kind == "table-edge" and far.seconds == pytest.approx(25.1e-6 + 1e-3)  # 3 GB at 3000 GB/s
+    assert timer.decode_attention(1e6).kind == "table-clamped"
 
 
 def test_another_cards_tables_are_scaled_by_its_rooflines():

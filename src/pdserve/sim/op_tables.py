@@ -161,7 +161,7 @@ class OpTables:
     gemm: dict[str, ShapeTable]
     elementwise: dict[str, ShapeTable]
     attention_prefill: dict[str, tuple[Source, Curve]]  # x: mean context per query token; t: TFLOP/s
-    attention_decode: dict[str, tuple[Source, Curve]]  # x: KV bytes read per layer; t: seconds
+    attention_decode: dict[str, tuple[Source, Curve, float | None]]  # x: KV bytes per layer; t: s; ceiling B/s
     mla_decode: tuple[Source, float, float] | None  # achieved memory B/s, achieved FLOP/s
     all_reduce: dict[int, tuple[Source, Curve]]  # group size -> x: bytes; t: seconds (NVLink, one node)
     all_to_all: dict[int, tuple[Source, float, float, float]]  # EP -> (source, bytes, dispatch s, combine s)
@@ -175,7 +175,7 @@ class OpTables:
             out[f"elementwise/{dtype}"] = t.source.short()
         for dtype, (s, _) in self.attention_prefill.items():
             out[f"attention_prefill/{dtype}"] = s.short()
-        for dtype, (s, _) in self.attention_decode.items():
+        for dtype, (s, _, _) in self.attention_decode.items():
             out[f"attention_decode/{dtype}"] = s.short()
         if self.mla_decode:
             out["mla_decode"] = self.mla_decode[0].short()
@@ -231,18 +231,24 @@ def _parse(name: str, data: dict) -> OpTables:
     elementwise = {dtype: _shapes(d, elementwise_size) for dtype, d in (data.get("elementwise") or {}).items()}
     prefill = {dtype: (_source(d), Curve(tuple(float(x) for x in d["context"]), tuple(float(t) for t in d["tflops"])))
                for dtype, d in (data.get("attention_prefill") or {}).items()}
-    decode = {dtype: (_source(d), Curve(tuple(float(x) for x in d["kv_bytes"]),
-                                        tuple(float(u) * 1e-6 for u in d["us"])))
-              for dtype, d in (data.get("attention_decode") or {}).items()}
+    decode = {}
+    for dtype, d in (data.get("attention_decode") or {}).items():
+        curve = Curve(tuple(float(x) for x in d["kv_bytes"]), tuple(float(u) * 1e-6 for u in d["us"]))
+        ceiling = d.get("ceiling")
+        source = _source(d)
+        if ceiling:
+            source = Source(source.document + "; beyond: " + _source(ceiling).document, source.url,
+                            source.date, source.notes)
+        decode[dtype] = (source, curve, float(ceiling["memory_gbs"]) * 1e9 if ceiling else None)
     mla = data.get("mla_decode")
     mla_decode = (_source(mla), float(mla["memory_gbs"]) * 1e9, float(mla["tflops"]) * 1e12) if mla else None
-    all_reduce = {}
-    ar = data.get("all_reduce")
-    if ar:
-        src = _source(ar)
-        for g, d in ar["groups"].items():
+    all_reduce: dict[int, tuple[Source, Curve]] = {}
+    ar = data.get("all_reduce") or []
+    for table in ar if isinstance(ar, list) else [ar]:  # in order of preference
+        src = _source(table)
+        for g, d in table["groups"].items():
             curve = Curve(tuple(float(b) for b in d["bytes"]), tuple(float(u) * 1e-6 for u in d["us"]))
-            all_reduce[int(g)] = (src, curve)
+            all_reduce.setdefault(int(g), (src, curve))
     all_to_all = {}
     a2a = data.get("all_to_all")
     if a2a:

@@ -160,8 +160,12 @@ class OpTimer:
             entry = tables.attention_decode.get("bf16")
             if entry is None:
                 continue
-            source, curve = entry
-            t = lookup(curve, kv_bytes, lambda x: x / src.memory_bw, f"attention_decode/bf16: {source.short()}")
+            source, curve, ceiling = entry
+            label = f"attention_decode/bf16: {source.short()}"
+            if ceiling and curve.where(kv_bytes) > 0:  # the last measured time + further bytes at the ceiling
+                t = Timing(curve.ts[-1] + (kv_bytes - curve.xs[-1]) / ceiling, "table-edge", label)
+            else:
+                t = lookup(curve, kv_bytes, lambda x: x / src.memory_bw, label)
             if not scaled:
                 return t
             return Timing(t.seconds * src.memory_bw / self.peaks.memory_bw, t.kind + "+scaled", t.source)
