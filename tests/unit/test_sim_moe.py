@@ -77,3 +77,19 @@ def test_mla_kv_bytes_and_attention_cost():
     # EP: each card keeps whole-token latents of its own requests, 8x the blocks of one card
     h200 = get_hardware("h200")
     assert instance_kv_blocks(m, h200, 8, "fp8", 64, parallelism="ep") > instance_kv_blocks(m, h200, 8, "fp8", 64)
+
+
+def test_tp_ep_dp_layouts_for_the_planner():
+    m, hw = get_model("deepseek-v3"), get_hardware("h200")
+    found = moe.layouts(m, hw, "fp8", 32)
+    assert moe.Layout(8, 1) in found and moe.Layout(16, 8) in found
+    assert all(lay.cards % lay.attn_tp == 0 and lay.ep == lay.cards for lay in found)
+    assert moe.Layout(2, 1) not in found  # 671 GB of fp8 weights on two cards: no room
+    # attention TP shards the dense weights and the heads: fewer dense bytes per card, an all-reduce appears
+    dp8 = AnalyticPerfModel(m, hw, tp=8, precision="fp8", parallelism="ep", attn_tp=1)
+    tp8 = AnalyticPerfModel(m, hw, tp=8, precision="fp8", parallelism="ep", attn_tp=8)
+    shape = _decode(64, 2000)
+    groups = {op.group for op in tp8.trace(shape)}
+    assert "all-reduce" in groups and "all-reduce" not in {op.group for op in dp8.trace(shape)}
+    with pytest.raises(ValueError, match="attn_tp"):
+        AnalyticPerfModel(m, hw, tp=8, precision="fp8", parallelism="ep", attn_tp=3)

@@ -11,19 +11,24 @@ GPU_MEMORY_UTILIZATION = 0.9  # fraction of card memory the engine may use (vLLM
 
 def instance_kv_blocks(model: ModelSpec, hardware: Hardware, tp: int, precision: str, block_size: int,
                        max_num_batched_tokens: int = 2048, kv_dtype: str = "bf16",
-                       memory_utilization: float = GPU_MEMORY_UTILIZATION, parallelism: str = "tp") -> int:
+                       memory_utilization: float = GPU_MEMORY_UTILIZATION, parallelism: str = "tp",
+                       attn_tp: int = 1) -> int:
     """KV blocks one instance holds: per rank, ``memory_utilization`` of the card minus the weight shard
     minus an activation reserve (1.5 GB + the step's activations), divided by the rank's KV bytes per
-    block (``ep``: dense weights replicated, experts split, every card a whole-token KV cache of its own,
-    so the instance holds ``tp`` times one card's blocks). ValueError when the weights do not fit."""
+    block (``ep``: dense weights split over ``attn_tp`` cards and replicated across the ``tp / attn_tp``
+    data-parallel groups, experts split over all ``tp`` cards, each attention group a KV cache of its own
+    requests, so the instance holds ``tp / attn_tp`` times one group's blocks). ValueError when the
+    weights do not fit."""
     wb = BYTES_PER_PARAM[precision]
     reserve = 1.5e9 + max_num_batched_tokens * (8 * model.hidden_size + 2 * model.intermediate_size / tp) * 2
     kv_token = model.kv_bytes_per_token(BYTES_PER_PARAM[kv_dtype])
     if parallelism == "ep":
+        if attn_tp < 1 or tp % attn_tp:
+            raise ValueError(f"attention TP {attn_tp} must divide the instance's {tp} cards")
         routed = model.num_moe_layers * model.num_experts * model.expert_params
         eb = min(wb, model.expert_weight_bytes or wb)
-        weights = (model.num_params - routed) * wb + routed * eb / tp
-        per_block = kv_token * block_size / tp  # tp cards, each a full-token cache
+        weights = (model.num_params - routed) * wb / attn_tp + routed * eb / tp
+        per_block = kv_token * model.kv_shard_factor(attn_tp) * block_size * attn_tp / tp
     else:
         weights = model.weight_bytes(wb) / tp
         per_block = kv_token * model.kv_shard_factor(tp) * block_size

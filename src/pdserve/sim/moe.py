@@ -73,3 +73,40 @@ def ep_options(model: ModelSpec, max_cards: int) -> list[int]:
             out.append(ep)
         ep *= 2
     return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one MoE instance's ``cards`` split the model: experts over all of them (EP = cards),
+    attention and dense layers tensor-parallel over ``attn_tp`` cards, in cards / attn_tp data-parallel
+    groups (TP x EP x DP; ``AnalyticPerfModel(..., tp=cards, parallelism="ep", attn_tp=...)``)."""
+
+    cards: int
+    attn_tp: int
+
+    @property
+    def ep(self) -> int:
+        return self.cards
+
+    @property
+    def dp(self) -> int:
+        return self.cards // self.attn_tp
+
+
+def layouts(model: ModelSpec, hardware, precision: str, max_cards: int, block_size: int = 16) -> list[Layout]:
+    """Every TP x EP x DP layout of at most ``max_cards`` cards whose weights leave room for KV: EP a
+    power of two dividing the expert count, attention TP a power of two up to one node dividing it."""
+    from pdserve.sim.kv_sizing import instance_kv_blocks
+
+    out = []
+    for cards in ep_options(model, max_cards):
+        attn_tp = 1
+        while attn_tp <= min(cards, hardware.node_size):
+            try:
+                instance_kv_blocks(model, hardware, cards, precision, block_size, parallelism="ep", attn_tp=attn_tp)
+            except ValueError:
+                pass  # does not fit: not a layout
+            else:
+                out.append(Layout(cards, attn_tp))
+            attn_tp *= 2
+    return out

@@ -142,12 +142,14 @@ class AnalyticPerfModel(PerfModel):
 
     ``parallelism`` says how the instance's ``tp`` cards split the model: ``tp`` (tensor parallel: every
     weight and KV head split, two activation all-reduces per layer) or ``ep`` (MoE models, DeepSeek's
-    layout: attention and dense layers data-parallel, each card with its own requests and KV cache;
-    routed experts spread over the cards; a dispatch and a combine all-to-all per MoE layer, the step
-    waiting for the busiest rank, ``moe_imbalance`` x the mean load)."""
+    layout: attention and dense layers in ``tp / attn_tp`` data-parallel groups of ``attn_tp``
+    tensor-parallel cards, each group with its own requests and KV cache; routed experts spread over all
+    the cards; a dispatch and a combine all-to-all per MoE layer, the step waiting for the busiest rank,
+    ``moe_imbalance`` x the mean load): TP x EP x DP."""
 
     def __init__(self, model: ModelSpec, hardware: Hardware, tp: int = 1, precision: str = "bf16",
-                 kv_dtype: str = "bf16", parallelism: str = "tp", moe_imbalance: float = 1.0) -> None:
+                 kv_dtype: str = "bf16", parallelism: str = "tp", moe_imbalance: float = 1.0,
+                 attn_tp: int = 1) -> None:
         if parallelism not in PARALLELISMS:
             raise ValueError(f"parallelism must be one of {PARALLELISMS}, got {parallelism!r}")
         if parallelism == "ep" and not model.is_moe:
@@ -158,14 +160,16 @@ class AnalyticPerfModel(PerfModel):
             raise ValueError(f"tp must be >= 1, got {tp}")
         if moe_imbalance < 1.0:
             raise ValueError(f"moe_imbalance must be >= 1, got {moe_imbalance}")
+        if attn_tp < 1 or tp % attn_tp or (parallelism == "tp" and attn_tp != 1):
+            raise ValueError(f"attn_tp must divide tp under ep (and be 1 under tp), got {attn_tp} of {tp}")
         self.model, self.hardware, self.tp, self.precision, self.kv_dtype = model, hardware, tp, precision, kv_dtype
-        self.parallelism, self.moe_imbalance = parallelism, moe_imbalance
+        self.parallelism, self.moe_imbalance, self.attn_tp = parallelism, moe_imbalance, attn_tp
         self.timer = OpTimer(hardware)
         self._ep = tp if parallelism == "ep" else 1
-        split = 1 if parallelism == "ep" else tp  # how far weights and heads split over the cards
+        self._dp = tp // attn_tp if parallelism == "ep" else 1  # data-parallel attention groups
+        split = attn_tp if parallelism == "ep" else tp  # how far dense weights and heads split
         self._split = split
         self._gemms = _dense_gemms(model, split)
-        self._inter = tp > hardware.node_size
         m = model
         self._expert_dtype = "fp4" if (m.expert_weight_bytes or 2.0) <= 0.55 else precision
         heads = max(1, m.num_heads // split)
@@ -210,14 +214,14 @@ class AnalyticPerfModel(PerfModel):
         used = {name: {op.group: op.kind for op in self.trace(s)} for name, s in probes.items()}
         return {"kind": "analytic", "model": self.model.name, "hardware": self.hardware.name, "tp": self.tp,
                 "precision": self.precision, "kv_dtype": self.kv_dtype, "parallelism": self.parallelism,
-                "moe_imbalance": self.moe_imbalance, "op_sources": used, "tables": self.timer.sources()}
+                "moe_imbalance": self.moe_imbalance, "attn_tp": self.attn_tp, "op_sources": used, "tables": self.timer.sources()}
 
     # -- parts ----------------------------------------------------------------------------------------
     def _token_ops(self, n: int, samples: int) -> list[OpTime]:
         """Everything whose time depends only on the step's token and sample counts."""
         m, timer, dt = self.model, self.timer, self.precision
-        ep = self._ep
-        n_card = n / ep  # tokens through one card's dense layers
+        dp = self._dp
+        n_card = n / dp  # tokens through one attention group's dense layers
         ops: list[OpTime] = []
         for name, rows, cols, layers in self._gemms:
             ops.append(_op(f"gemm {name}", timer.gemm(n_card, rows, cols, dt), layers))
@@ -225,17 +229,18 @@ class AnalyticPerfModel(PerfModel):
         if m.is_moe:
             ops += self._expert_ops(n)
         if samples:
-            ops.append(_op("gemm lm_head", timer.gemm(samples / ep, max(1, m.vocab_size // self._split), m.hidden_size,
+            ops.append(_op("gemm lm_head", timer.gemm(samples / dp, max(1, m.vocab_size // self._split), m.hidden_size,
                                                       dt), 1))
         if self._split > 1:
-            ar = timer.all_reduce(n * m.hidden_size * 2.0, self._split, self._inter)
+            inter_node = self._split > self.hardware.node_size
+            ar = timer.all_reduce(n_card * m.hidden_size * 2.0, self._split, inter_node)
             ops.append(_op("all-reduce", ar, 2 * m.num_layers))
         return ops
 
     def _expert_ops(self, n: int) -> list[OpTime]:
         m, timer, dt = self.model, self.timer, self._expert_dtype
         layers, h, inter = m.num_moe_layers, m.hidden_size, m.moe_intermediate_size
-        ops = [_op("gemm router", timer.gemm(n / self._ep, m.num_experts, h, self.precision), layers)]
+        ops = [_op("gemm router", timer.gemm(n / self._dp, m.num_experts, h, self.precision), layers)]
         if self.parallelism == "ep":
             load = moe.busiest_rank(n, m, self._ep, self.moe_imbalance)
             up = timer.gemm(load.tokens_per_expert, 2 * inter, h, dt)
@@ -256,17 +261,17 @@ class AnalyticPerfModel(PerfModel):
         return ops
 
     def _attention_ops(self, shape: BatchShape) -> list[OpTime]:
-        m, timer, ep, layers = self.model, self.timer, self._ep, self.model.num_layers
+        m, timer, dp, layers = self.model, self.timer, self._dp, self.model.num_layers
         ops: list[OpTime] = []
         if shape.num_prefill_tokens:
-            flops = shape.prefill_attn / ep * self._prefill_pair_flops
+            flops = shape.prefill_attn / dp * self._prefill_pair_flops
             mean_ctx = shape.prefill_attn / shape.num_prefill_tokens
-            kv = shape.prefill_kv / ep * self._kv_layer
+            kv = shape.prefill_kv / dp * self._kv_layer
             ops.append(_op("attention prefill", timer.prefill_attention(flops, mean_ctx, kv), layers))
         if shape.num_decode:
-            kv = shape.decode_ctx / ep * self._kv_layer
+            kv = shape.decode_ctx / dp * self._kv_layer
             if m.is_mla:
-                timing = timer.mla_decode(shape.decode_ctx / ep * self._decode_pair_flops, kv)
+                timing = timer.mla_decode(shape.decode_ctx / dp * self._decode_pair_flops, kv)
             else:
                 timing = timer.decode_attention(kv)
             ops.append(_op("attention decode", timing, layers))
@@ -274,7 +279,7 @@ class AnalyticPerfModel(PerfModel):
 
     def _overhead_s(self, shape: BatchShape) -> float:
         hw = self.hardware
-        return hw.step_overhead_ms * 1e-3 + hw.step_overhead_per_seq_us * 1e-6 * shape.num_seqs / self._ep
+        return hw.step_overhead_ms * 1e-3 + hw.step_overhead_per_seq_us * 1e-6 * shape.num_seqs / self._dp
 
 
 def _op(group: str, timing: Timing, count: float, extra: Timing | None = None) -> OpTime:
