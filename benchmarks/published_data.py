@@ -33,8 +33,21 @@ SOURCES = {
         "NVIDIA NIM for LLMs benchmarking guide, Performance: Llama-3.3-70B-Instruct NIM 1.8.0, 2 x H100 80G, "
         "fp8, TP2", "https://docs.nvidia.com/nim/benchmarking/llm/1.0.0/performance.md", "2025", "nim",
         "AIPerf/genai-perf closed loop at each concurrency; mean TTFT, mean ITL, output tokens/s"),
+    "deepseek": Source(
+        "DeepSeek-V3/R1 inference system overview (open-infra-index, day 6): per-H800-node throughput",
+        "https://github.com/deepseek-ai/open-infra-index/blob/main/202502OpenSourceWeek/"
+        "day_6_one_more_thing_deepseekV3R1_inference_system_overview.md", "2025-03-01", "deepseek",
+        "decode EP144 at 20-22 tok/s per user, mean KV length 4989: 14.8k output tok/s per node; prefill EP32, "
+        "56.3% of input tokens cache hits: 73.7k input tok/s per node (incl. hits); FP8 GEMMs and dispatch, "
+        "two micro-batches overlapping communication; MTP not modelled here"),
 }
 HELD_OUT = "nim"
+
+# DeepSeek's published per-node figures (H800 nodes of 8): computed from the perf model alone (the
+# step that meets the per-user speed, or the published prefill layout), no simulation run
+DEEPSEEK = {"decode": {"ep": 144, "context": 4989, "tpot_s": 1 / 21, "published_tps_node": 14800},
+            "prefill": {"ep": 32, "prompt": 4096, "hit": 0.563, "prompts_per_card": 16,
+                        "published_tps_node": 73700}}
 
 
 @dataclass(frozen=True)

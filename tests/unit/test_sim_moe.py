@@ -93,3 +93,16 @@ def test_tp_ep_dp_layouts_for_the_planner():
     assert "all-reduce" in groups and "all-reduce" not in {op.group for op in dp8.trace(shape)}
     with pytest.raises(ValueError, match="attn_tp"):
         AnalyticPerfModel(m, hw, tp=8, precision="fp8", parallelism="ep", attn_tp=3)
+
+
+def test_two_micro_batch_overlap_hides_the_all_to_alls_behind_computation():
+    m, hw = get_model("deepseek-v3"), get_hardware("h800")
+    shape = _decode(32 * 64, 4000)
+    plain = AnalyticPerfModel(m, hw, tp=32, precision="fp8", parallelism="ep")
+    overlapped = AnalyticPerfModel(m, hw, tp=32, precision="fp8", parallelism="ep", ep_overlap=True)
+    ops = {op.group: op.seconds for op in plain.trace(shape)}
+    comm = ops["all-to-all dispatch"] + ops["all-to-all combine"]
+    rest = sum(ops.values()) - comm - ops["engine overhead"]
+    assert overlapped.step_time_s(shape) == pytest.approx(max(comm, rest) + ops["engine overhead"])
+    assert sum(op.seconds for op in overlapped.trace(shape)) == pytest.approx(overlapped.step_time_s(shape))
+    assert plain.step_time_s(shape) == pytest.approx(sum(ops.values()))

@@ -145,11 +145,13 @@ class AnalyticPerfModel(PerfModel):
     layout: attention and dense layers in ``tp / attn_tp`` data-parallel groups of ``attn_tp``
     tensor-parallel cards, each group with its own requests and KV cache; routed experts spread over all
     the cards; a dispatch and a combine all-to-all per MoE layer, the step waiting for the busiest rank,
-    ``moe_imbalance`` x the mean load): TP x EP x DP."""
+    ``moe_imbalance`` x the mean load): TP x EP x DP. ``ep_overlap``: the engine runs each step as two
+    micro-batches whose all-to-alls overlap the other's computation (DeepSeek's and SGLang's two-batch
+    overlap): the step costs the larger of the two instead of their sum."""
 
     def __init__(self, model: ModelSpec, hardware: Hardware, tp: int = 1, precision: str = "bf16",
                  kv_dtype: str = "bf16", parallelism: str = "tp", moe_imbalance: float = 1.0,
-                 attn_tp: int = 1) -> None:
+                 attn_tp: int = 1, ep_overlap: bool = False) -> None:
         if parallelism not in PARALLELISMS:
             raise ValueError(f"parallelism must be one of {PARALLELISMS}, got {parallelism!r}")
         if parallelism == "ep" and not model.is_moe:
@@ -164,6 +166,7 @@ class AnalyticPerfModel(PerfModel):
             raise ValueError(f"attn_tp must divide tp under ep (and be 1 under tp), got {attn_tp} of {tp}")
         self.model, self.hardware, self.tp, self.precision, self.kv_dtype = model, hardware, tp, precision, kv_dtype
         self.parallelism, self.moe_imbalance, self.attn_tp = parallelism, moe_imbalance, attn_tp
+        self.ep_overlap = ep_overlap
         self.timer = OpTimer(hardware)
         self._ep = tp if parallelism == "ep" else 1
         self._dp = tp // attn_tp if parallelism == "ep" else 1  # data-parallel attention groups
@@ -192,18 +195,27 @@ class AnalyticPerfModel(PerfModel):
         if n == 0:
             return 0.0
         key = (n, shape.num_samples)
-        t = self._cache.get(key)
-        if t is None:
+        parts = self._cache.get(key)
+        if parts is None:
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()
-            t = self._cache[key] = sum(op.seconds for op in self._token_ops(n, shape.num_samples))
-        return t + sum(op.seconds for op in self._attention_ops(shape)) + self._overhead_s(shape)
+            ops = self._token_ops(n, shape.num_samples)
+            comm = sum(op.seconds for op in ops if op.group.startswith("all-to-all"))
+            parts = self._cache[key] = (sum(op.seconds for op in ops) - comm, comm)
+        compute = parts[0] + sum(op.seconds for op in self._attention_ops(shape))
+        return _combine(compute, parts[1], self.ep_overlap) + self._overhead_s(shape)
 
     def trace(self, shape: BatchShape) -> list[OpTime]:
-        """Every operation group of the step, its time and what timed it (sums to ``step_time_s``)."""
+        """Every operation group of the step, its time and what timed it (sums to ``step_time_s``; with
+        ``ep_overlap``, an ``overlap`` entry takes back the all-to-all time hidden behind computation)."""
         if shape.num_tokens == 0:
             return []
         ops = self._token_ops(shape.num_tokens, shape.num_samples) + self._attention_ops(shape)
+        comm = sum(op.seconds for op in ops if op.group.startswith("all-to-all"))
+        compute = sum(op.seconds for op in ops) - comm
+        hidden = compute + comm - _combine(compute, comm, self.ep_overlap)
+        if hidden:
+            ops.append(OpTime("overlap", -hidden, "model", "two micro-batches: all-to-all behind computation"))
         return ops + [OpTime("engine overhead", self._overhead_s(shape), "catalogue",
                              f"{self.hardware.name}: step_overhead_ms, step_overhead_per_seq_us")]
 
@@ -214,7 +226,8 @@ class AnalyticPerfModel(PerfModel):
         used = {name: {op.group: op.kind for op in self.trace(s)} for name, s in probes.items()}
         return {"kind": "analytic", "model": self.model.name, "hardware": self.hardware.name, "tp": self.tp,
                 "precision": self.precision, "kv_dtype": self.kv_dtype, "parallelism": self.parallelism,
-                "moe_imbalance": self.moe_imbalance, "attn_tp": self.attn_tp, "op_sources": used, "tables": self.timer.sources()}
+                "moe_imbalance": self.moe_imbalance, "attn_tp": self.attn_tp, "ep_overlap": self.ep_overlap,
+                "op_sources": used, "tables": self.timer.sources()}
 
     # -- parts ----------------------------------------------------------------------------------------
     def _token_ops(self, n: int, samples: int) -> list[OpTime]:
@@ -280,6 +293,10 @@ class AnalyticPerfModel(PerfModel):
     def _overhead_s(self, shape: BatchShape) -> float:
         hw = self.hardware
         return hw.step_overhead_ms * 1e-3 + hw.step_overhead_per_seq_us * 1e-6 * shape.num_seqs / self._dp
+
+
+def _combine(compute: float, comm: float, overlap: bool) -> float:
+    return max(compute, comm) if overlap else compute + comm
 
 
 def _op(group: str, timing: Timing, count: float, extra: Timing | None = None) -> OpTime:
