@@ -208,7 +208,7 @@ def main() -> int:
     for key in sorted(wanted):
         s = SOURCES[key]
         print(f"[{key}]{' (held out)' if key == HELD_OUT else ''} {s.name} -- {s.url} ({s.date})")
-    print(f"\n{'source':<7}{'model':<15}{'card':<10}{'tp':>3}{'prec':>5}{'ISL/OSL':>11}{'load':>7}"
+    print(f"\n{'source':<9}{'model':<15}{'card':<10}{'tp':>3}{'prec':>5}{'ISL/OSL':>11}{'load':>7}"
           f"{'metric':>11}{'published':>11}{'simulated':>11}{'error':>8}{'roofline':>10}{'wall s':>7}")
     rows = []
     for case in CASES:
@@ -227,7 +227,7 @@ def main() -> int:
                          "concurrency": case.concurrency, "metric": metric, "published": published,
                          "simulated": sim[metric], "error": err, "roofline_error": base_err})
             base_text = f"{base_err:>+10.1%}" if base else f"{'-':>10}"
-            print(f"{case.source:<7}{case.model:<15}{case.card:<10}{case.tp:>3}{case.precision:>5}"
+            print(f"{case.source:<9}{case.model:<15}{case.card:<10}{case.tp:>3}{case.precision:>5}"
                   f"{f'{case.isl}/{case.osl}':>11}{load:>7}{metric:>11}{published:>11.1f}{sim[metric]:>11.1f}"
                   f"{err:>+8.1%}{base_text}{wall:>7.1f}", flush=True)
     if "deepseek" in wanted:
@@ -240,7 +240,7 @@ def main() -> int:
                          "precision": "fp8", "metric": "output_tps", "phase": phase, "published": published,
                          "simulated": sim[phase], "error": err, "roofline_error": base_err})
             base_text = f"{base_err:>+10.1%}" if base else f"{'-':>10}"
-            print(f"{'deepseek':<7}{'deepseek-v3':<15}{'h800':<10}{DEEPSEEK[phase]['ep']:>3}{'fp8':>5}{phase:>11}"
+            print(f"{'deepseek':<9}{'deepseek-v3':<15}{'h800':<10}{DEEPSEEK[phase]['ep']:>3}{'fp8':>5}{phase:>11}"
                   f"{'node':>7}{'tok/s':>11}{published:>11.1f}{sim[phase]:>11.1f}{err:>+8.1%}{base_text}{0:>7.1f}")
     for field, title in (("error", "operator tables"), ("roofline_error", "roofline only (baseline, same run)")):
         if field == "roofline_error" and baseline is None:
