@@ -187,7 +187,7 @@ class AnalyticPerfModel(PerfModel):
         inter_width = m.intermediate_size if m.num_dense_layers else \
             m.moe_intermediate_size * (m.num_experts_per_token + m.num_shared_experts)
         self._elementwise_width = max(1, inter_width // split)
-        self._cache: dict[tuple[int, int], float] = {}
+        self._cache: dict[tuple[int, int], tuple[float, float]] = {}  # (tokens, samples) -> (compute, all-to-all)
 
     # -- the step -------------------------------------------------------------------------------------
     def step_time_s(self, shape: BatchShape) -> float:
