@@ -16,6 +16,7 @@ from pdserve.model.gguf_loader import gguf_arch, iter_gguf_weights, open_gguf
 from pdserve.model.hf_loader import hf_arch, iter_safetensors_weights
 from pdserve.model.llama import LlamaForCausalLM
 from pdserve.model.registry import KNOWN_MODELS, checkpoint_path, resolve_model_path
+from pdserve.progress import report_stage
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ def load_model(model_config: ModelConfig, max_model_len: int | None = None
     dtype = resolve_dtype(model_config.dtype, device)
     max_len = max_model_len or model_config.max_model_len
     fmt = detect_format(model_config)
+    if device.type == "cpu":
+        _prepare_cpu_kernels()
     start = time.perf_counter()
     if fmt == "dummy":
         arch = dummy_arch(model_config.model)
@@ -103,6 +106,18 @@ def load_model(model_config: ModelConfig, max_model_len: int | None = None
     if max_len and max_len > arch.max_position_embeddings:
         logger.warning("max_model_len %d exceeds the model's context length %d", max_len,
                        arch.max_position_embeddings)
+    seconds = time.perf_counter() - start
     logger.info("loaded %s (%s, %s, %.1fM params, %s on %s) in %.2f s", model_config.model, fmt,
-                arch.architecture, arch.num_params() / 1e6, dtype, device, time.perf_counter() - start)
+                arch.architecture, arch.num_params() / 1e6, dtype, device, seconds)
+    report_stage("weights", seconds=round(seconds, 2), num_params=arch.num_params())
     return model.eval(), arch
+
+
+def _prepare_cpu_kernels() -> None:
+    """Build (or load the cached build of) the CPU kernels now, not inside the first request's step: a
+    build takes up to a minute, and a worker in the middle of one cannot answer its frontend."""
+    from pdserve.kernels import cpu_ops
+
+    start = time.perf_counter()
+    ok = cpu_ops() is not None
+    report_stage("kernels", ok=ok, seconds=round(time.perf_counter() - start, 2))
