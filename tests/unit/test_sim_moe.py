@@ -106,3 +106,33 @@ def test_two_micro_batch_overlap_hides_the_all_to_alls_behind_computation():
     assert overlapped.step_time_s(shape) == pytest.approx(max(comm, rest) + ops["engine overhead"])
     assert sum(op.seconds for op in overlapped.trace(shape)) == pytest.approx(overlapped.step_time_s(shape))
     assert plain.step_time_s(shape) == pytest.approx(sum(ops.values()))
+
+
+def test_a_pools_moe_layout_reaches_the_simulated_instances(tmp_path):
+    """PoolSpec's attn_tp / moe_imbalance / ep_overlap and engine overheads go through the cluster file to
+    the instances' perf model and KV sizing, and the result file names the model's tables."""
+    from pdserve.sim.cluster import ClusterSpec, PoolSpec, load_cluster
+    from pdserve.sim.simulator import SimOptions, Simulator
+    from pdserve.sim.workload import work_items, workload_config
+    m, hw = get_model("deepseek-v3"), get_hardware("h200")
+    pool = PoolSpec("h200", 1, 8, parallelism="ep", attn_tp=4, moe_imbalance=1.3, ep_overlap=True,
+                    step_overhead_ms=2.5, step_overhead_per_seq_us=20.0)
+    spec = ClusterSpec("deepseek-v3", "colocated", colocated=pool, precision="fp8")
+    assert load_cluster(spec.dump(tmp_path / "c.yaml")) == spec
+    plain = ClusterSpec("deepseek-v3", "colocated", colocated=PoolSpec("h200", 1, 8, parallelism="ep"), precision="fp8")
+    assert "attn_tp" not in plain.to_dict()["planning"]  # defaults stay out of the file
+    items = work_items(workload_config(num_requests=8, input_len=256, output_len=8, rate=4.0))
+    sim = Simulator(spec, items, SimOptions())
+    inst = sim.pools["colocated"][0]
+    pm = inst.perf
+    assert (pm.attn_tp, pm.moe_imbalance, pm.ep_overlap) == (4, 1.3, True)
+    assert (pm.hardware.step_overhead_ms, pm.hardware.step_overhead_per_seq_us) == (2.5, 20.0)
+    assert inst.kv.num_blocks == instance_kv_blocks(m, hw, 8, "fp8", 16, parallelism="ep", attn_tp=4)
+    assert inst.kv.num_blocks != instance_kv_blocks(m, hw, 8, "fp8", 16, parallelism="ep", attn_tp=1)
+    described = sim.run()["sim"]["pools"]["colocated"]["perf_model"]
+    assert described["attn_tp"] == 4 and any(k.startswith("h100-sxm:") for k in described["tables"])
+    assert described["op_sources"]["decode 64 x 1024"]["attention decode"].startswith("table")
+    with pytest.raises(ValueError, match="attn_tp"):
+        PoolSpec("h200", 1, 8, parallelism="tp", attn_tp=2)
+    with pytest.raises(ValueError, match="moe_imbalance"):
+        PoolSpec("h200", 1, 8, parallelism="ep", moe_imbalance=0.9)

@@ -60,7 +60,7 @@ def test_plan_searches_precisions_the_cards_support():
     planner = Planner("llama-3.1-8b", ["h100-sxm", "a100-80gb"], items,
                       PlanOptions((2.0, 0.1), precision="auto", probe_requests=40, max_probe_requests=80))
     assert planner.precisions == ["bf16", "fp8"]
-    assert planner._layouts("h100-sxm", "fp8") == [(1, "tp")]
+    assert planner._layouts("h100-sxm", "fp8") == [(1, "tp", 1)]
     assert planner._layouts("a100-80gb", "fp8") == []  # no fp8 rate in the catalogue: not searched
     units = planner._colocated_units("fp8")
     assert units and all(u.spec.precision == "fp8" and u.spec.colocated.hardware == "h100-sxm" for u in units)
@@ -77,9 +77,20 @@ def test_plan_searches_expert_parallelism_for_moe_models():
     items = work_items(workload_config(num_requests=20, input_len=512, output_len=32))
     moe = Planner("qwen3-235b-a22b", ["h200"], items, PlanOptions((2.0, 0.1), precision="bf16", parallelism="auto"))
     layouts = moe._layouts("h200", "bf16")
-    assert {p for _, p in layouts} == {"tp", "ep"} and all(t >= 2 for t, p in layouts if p == "ep")
+    assert {p for _, p, _ in layouts} == {"tp", "ep"} and all(t >= 2 for t, p, _ in layouts if p == "ep")
+    # ep: every attention TP that fits at the smallest card count (TP x EP x DP), one unit kept per count
+    ep = [(t, a) for t, p, a in layouts if p == "ep"]
+    assert len({t for t, _ in ep}) == 1 and len(ep) > 1 and all(t % a == 0 for t, a in ep)
     units = moe._colocated_units("bf16")
     assert {u.spec.colocated.parallelism for u in units} == {"tp", "ep"}
+    kept = {u.spec.colocated.attn_tp for u in units if u.spec.colocated.parallelism == "ep"}
+    assert len(kept) == 1 and kept <= {a for _, a in ep}
+    overlapped = Planner("qwen3-235b-a22b", ["h200"], items, PlanOptions((2.0, 0.1), precision="bf16", parallelism="ep",
+                                                                          moe_imbalance=1.2, ep_overlap=True))
+    pools = [u.spec.colocated for u in overlapped._colocated_units("bf16")]
+    assert pools and all(p.moe_imbalance == 1.2 and p.ep_overlap for p in pools)
+    with pytest.raises(ValueError, match="imbalance"):
+        Planner("qwen3-235b-a22b", ["h200"], items, PlanOptions((2.0, 0.1), moe_imbalance=0.5))
     dense = Planner("llama-3.1-8b", ["h100-sxm"], items, PlanOptions((2.0, 0.1), parallelism="auto"))
     assert dense.parallelisms == ["tp"]
     with pytest.raises(ValueError, match="MoE"):
