@@ -81,8 +81,9 @@ class Planning(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, k
     attn_tp: int | dict[str, int] = 1
     moe_imbalance: float | dict[str, float] = 1.0
     ep_overlap: bool | dict[str, bool] = False
-    step_overhead_ms: float | dict[str, float] | None = None
-    step_overhead_per_seq_us: float | dict[str, float] | None = None
+    # None (or a pool's null): the card's catalogue entry
+    step_overhead_ms: float | dict[str, float | None] | None = None
+    step_overhead_per_seq_us: float | dict[str, float | None] | None = None
     precision: str = "bf16"
     kv_dtype: str = "bf16"
     decode_routing: Literal["round_robin", "least_loaded", "prefix_aware"] = "least_loaded"

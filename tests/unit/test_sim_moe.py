@@ -136,3 +136,67 @@ def test_a_pools_moe_layout_reaches_the_simulated_instances(tmp_path):
         PoolSpec("h200", 1, 8, parallelism="tp", attn_tp=2)
     with pytest.raises(ValueError, match="moe_imbalance"):
         PoolSpec("h200", 1, 8, parallelism="ep", moe_imbalance=0.9)
+
+
+def test_pool_moe_settings_round_trip_through_the_cluster_file(tmp_path):
+    """Per-pool MoE layouts and engine overheads: PoolSpec -> the cluster file's planning section (one value
+    or {pool: value}, defaults left out) -> PoolSpec, as written by the planner and as a user writes it."""
+    import yaml
+
+    from pdserve.sim.cluster import ClusterSpec, PoolSpec, load_cluster
+    prefill = PoolSpec("h200", 1, 8, 8192, 64, parallelism="ep", attn_tp=2, moe_imbalance=1.3, ep_overlap=True,
+                       step_overhead_ms=2.0)
+    decode = PoolSpec("h100-sxm", 3, 8, 2048, 512, parallelism="ep", attn_tp=8, moe_imbalance=1.3,
+                      step_overhead_per_seq_us=15.0)
+    spec = ClusterSpec("deepseek-v3", "disaggregated", prefill=prefill, decode=decode, precision="fp8")
+    path = spec.dump(tmp_path / "c.yaml")
+    planning = yaml.safe_load(path.read_text())["planning"]
+    assert planning["attn_tp"] == {"prefill": 2, "decode": 8} and planning["moe_imbalance"] == 1.3
+    assert planning["ep_overlap"] == {"prefill": True, "decode": False}
+    # a pool at the catalogue's overhead is written as null (regression: the file could not hold it)
+    assert planning["step_overhead_ms"] == {"prefill": 2.0, "decode": None}
+    assert planning["step_overhead_per_seq_us"] == {"prefill": None, "decode": 15.0}
+    assert load_cluster(path) == spec
+    assert ClusterSpec.from_dict(spec.to_dict()) == spec
+    # written by hand: one value for every pool, integers where floats go, a pool's own value
+    (tmp_path / "hand.yaml").write_text(
+        "model: deepseek-v3\nserving: {mode: disaggregated, prefill: 2, decode: 4}\n"
+        "planning: {hardware: h200, tp: {prefill: 16, decode: 8}, parallelism: ep, attn_tp: {prefill: 4, decode: 1},\n"
+        "           moe_imbalance: 2, ep_overlap: true, step_overhead_ms: 3, precision: fp8}\n")
+    hand = load_cluster(tmp_path / "hand.yaml")
+    assert (hand.prefill.tp, hand.prefill.attn_tp, hand.decode.tp, hand.decode.attn_tp) == (16, 4, 8, 1)
+    for pool in (hand.prefill, hand.decode):
+        assert (pool.moe_imbalance, pool.ep_overlap, pool.step_overhead_ms, pool.step_overhead_per_seq_us) == \
+            (2.0, True, 3.0, None)
+    assert load_cluster(hand.dump(tmp_path / "again.yaml")) == hand
+    # bad values: a clear error naming the file and the setting
+    bad = {"attn_tp: 3": "attn_tp", "attn_tp: {prefill: 4}": "attn_tp gives no value for the decode pool",
+           "moe_imbalance: 0.5": "moe_imbalance", "step_overhead_ms: -1": "step overheads",
+           "attn-tp: 2": "attn-tp"}
+    for line, message in bad.items():
+        (tmp_path / "bad.yaml").write_text(
+            "model: deepseek-v3\nserving: {mode: disaggregated, prefill: 1, decode: 1}\n"
+            f"planning: {{hardware: h200, tp: 8, parallelism: ep, precision: fp8, {line}}}\n")
+        with pytest.raises(ValueError, match=message) as e:
+            load_cluster(tmp_path / "bad.yaml")
+        assert "bad.yaml" in str(e.value)
+
+
+def test_an_ep_simulation_is_deterministic_for_a_seed():
+    """The same MoE cluster and workload (op tables, EP all-to-alls, imbalance, overlap) give the same result
+    file, and another workload seed another one."""
+    import json
+
+    from pdserve.sim.cluster import ClusterSpec, PoolSpec
+    from pdserve.sim.simulator import SimOptions, Simulator
+    from pdserve.sim.workload import work_items, workload_config
+    spec = ClusterSpec("qwen3-235b-a22b", "disaggregated", prefill=PoolSpec("h200", 1, 4, parallelism="ep", attn_tp=2,
+                                                                             moe_imbalance=1.2, ep_overlap=True),
+                       decode=PoolSpec("h100-sxm", 2, 8, parallelism="ep", attn_tp=4, moe_imbalance=1.2))
+
+    def run(seed):
+        items = work_items(workload_config(num_requests=40, input_len=1024, output_len=16, rate=8.0, seed=seed))
+        return json.dumps(Simulator(spec, items, SimOptions()).run(), sort_keys=True)
+    first = run(0)
+    assert run(0) == first and run(1) != first
+    assert json.loads(first)["completed"] == 40
