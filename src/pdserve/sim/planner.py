@@ -324,7 +324,7 @@ def rank(cands: list[Candidate], catalogue, cards: int | None, budget: float | N
         cost = c.probe["sim"]["cost"]
         rows.append({
             "mode": c.spec.mode, "precision": c.spec.precision, "unit": c.spec.to_dict(), "units": n_units,
-            "cards": n_units * c.unit_cards,
+            "cards": n_units * c.unit_cards, "cards_by_kind": _cards_by_kind(c.spec, n_units),
             "unit_goodput_rps": c.goodput, "goodput_rps": n_units * c.goodput,
             "goodput_per_card": c.goodput / c.unit_cards, "price_per_hour": n_units * price,
             "power_kw_tdp": n_units * power / 1e3,
@@ -345,6 +345,14 @@ def best_cluster(row: dict) -> ClusterSpec:
     extra = {"predicted_goodput_rps": row["goodput_rps"], "price_per_hour": row["price_per_hour"],
              "cost_per_mtok": row["cost_per_mtok"], "planned_by": "pdserve plan"}
     return replace(unit, extra=extra, **pools)
+
+
+def _cards_by_kind(unit: ClusterSpec, n_units: int) -> dict[str, int]:
+    """The cluster's cards per catalogue entry (a mixed fleet's bill of materials)."""
+    out: dict[str, int] = {}
+    for p in unit.pools.values():
+        out[p.hardware] = out.get(p.hardware, 0) + n_units * p.num_cards
+    return out
 
 
 def _best_attn_tp(layouts: list[tuple[int, str, int]], score: dict) -> list[tuple[int, str, int]]:
