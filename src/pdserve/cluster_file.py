@@ -21,6 +21,11 @@ Format (YAML; docs/cluster.md has the reference)::
       hardware: h100-sxm           # every pool, or {prefill: h100-sxm, decode: h200}
       tp: 1                        # every pool, or {prefill: 1, decode: 2}
       parallelism: tp              # every pool, or per pool: tp | ep
+      attn_tp: 1                   # ep: attention TP in each data-parallel group (every pool, or per pool)
+      moe_imbalance: 1.0           # ep: the busiest expert rank's load over the mean
+      ep_overlap: false            # ep: two micro-batches hide the all-to-alls
+      step_overhead_ms: 1.0        # the engine's time per step outside the kernels (default: the catalogue's)
+      step_overhead_per_seq_us: 0  #   and per request in the step
       precision: bf16
       kv_dtype: bf16
       decode_routing: least_loaded
@@ -73,6 +78,12 @@ class Planning(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, k
     hardware: str | dict[str, str] | None = None
     tp: int | dict[str, int] = 1
     parallelism: str | dict[str, str] = "tp"
+    attn_tp: int | dict[str, int] = 1
+    moe_imbalance: float | dict[str, float] = 1.0
+    ep_overlap: bool | dict[str, bool] = False
+    # None (or a pool's null): the card's catalogue entry
+    step_overhead_ms: float | dict[str, float | None] | None = None
+    step_overhead_per_seq_us: float | dict[str, float | None] | None = None
     precision: str = "bf16"
     kv_dtype: str = "bf16"
     decode_routing: Literal["round_robin", "least_loaded", "prefix_aware"] = "least_loaded"

@@ -22,8 +22,8 @@ def test_prefill_is_compute_bound():
     pm = AnalyticPerfModel(get_model("llama-3.1-8b"), hw)
     n = 8192
     t = pm.step_time_s(BatchShape(n, n * (n + 1) / 2, n, 0, 0, 1))
-    gemm = 2 * n * 8.03e9 / 989e12
-    assert gemm / hw.efficiency.compute < t < 2 * gemm / hw.efficiency.compute
+    gemm = 2 * n * 8.03e9 / 989e12  # at peak: the measured tables reach 60-75% of it
+    assert gemm / 0.8 < t < 2 * gemm / hw.efficiency.compute
 
 
 def test_monotone_and_tp_helps():

@@ -58,6 +58,16 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tp", type=int, default=1, help="cards per instance")
     g.add_argument("--parallelism", default="tp", choices=("tp", "ep"),
                    help="tp: tensor parallel; ep: MoE experts over the cards, attention data-parallel")
+    g.add_argument("--attn-tp", type=int, default=1, help="ep: attention tensor-parallel over this many cards "
+                   "in each data-parallel group (TP x EP x DP)")
+    g.add_argument("--moe-imbalance", type=float, default=1.0,
+                   help="ep: the busiest expert rank's routed tokens over the mean (>= 1)")
+    g.add_argument("--ep-overlap", action="store_true",
+                   help="ep: two micro-batches per step hide the all-to-alls behind computation")
+    g.add_argument("--step-overhead-ms", type=float, default=None,
+                   help="engine time per step outside the kernels (default: the card's catalogue entry)")
+    g.add_argument("--step-overhead-per-seq-us", type=float, default=None,
+                   help="engine time per request in a step (default: the card's catalogue entry)")
     g.add_argument("--mode", default="colocated", choices=("colocated", "disaggregated", "auto"),
                    help="auto: prefill and decode pools under the elastic controller, with path choice")
     g.add_argument("--instances", type=int, default=1, help="colocated instances")
@@ -83,7 +93,9 @@ def cluster_from_args(args: argparse.Namespace):
 
     def pool(name: str, n: int) -> PoolSpec:
         return PoolSpec(name, n, args.tp, args.max_num_batched_tokens, args.max_num_seqs,
-                        parallelism=args.parallelism)
+                        parallelism=args.parallelism, attn_tp=args.attn_tp, moe_imbalance=args.moe_imbalance,
+                        ep_overlap=args.ep_overlap, step_overhead_ms=args.step_overhead_ms,
+                        step_overhead_per_seq_us=args.step_overhead_per_seq_us)
     common = dict(precision=args.precision, block_size=args.block_size, routing=args.routing,
                   enable_prefix_caching=not args.no_prefix_caching)
     if args.mode == "colocated":

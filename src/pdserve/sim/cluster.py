@@ -30,10 +30,25 @@ class PoolSpec:
     max_num_seqs: int = 128
     enable_chunked_prefill: bool = True
     parallelism: str = "tp"  # how an instance's tp cards split the model: tp | ep (MoE, DP attention)
+    # ep only (docs/sim.md, "MoE and expert parallelism"): attention TP inside each data-parallel group,
+    # the busiest expert rank's load over the mean, and two micro-batches hiding the all-to-alls.
+    attn_tp: int = 1
+    moe_imbalance: float = 1.0
+    ep_overlap: bool = False
+    # The engine's time outside the kernels, per step and per request in it (None: the card's catalogue entry).
+    step_overhead_ms: float | None = None
+    step_overhead_per_seq_us: float | None = None
 
     def __post_init__(self) -> None:
         if self.parallelism not in ("tp", "ep"):
             raise ValueError(f"pool on {self.hardware}: parallelism must be tp or ep, got {self.parallelism!r}")
+        if self.attn_tp < 1 or self.tp % self.attn_tp or (self.parallelism == "tp" and self.attn_tp != 1):
+            raise ValueError(f"pool on {self.hardware}: attn_tp must divide tp under ep parallelism (and be 1 "
+                             f"under tp), got {self.attn_tp} of {self.tp}")
+        if not self.moe_imbalance >= 1.0:
+            raise ValueError(f"pool on {self.hardware}: moe_imbalance must be >= 1, got {self.moe_imbalance}")
+        if any(v is not None and not v >= 0 for v in (self.step_overhead_ms, self.step_overhead_per_seq_us)):
+            raise ValueError(f"pool on {self.hardware}: step overheads must be >= 0")
         if self.instances < 1 or self.tp < 1:
             raise ValueError(f"pool on {self.hardware}: instances and tp must be >= 1")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
@@ -102,6 +117,7 @@ class ClusterSpec:
         planning = {"hardware": _one_or_per_pool({n: p.hardware for n, p in pools.items()}),
                     "tp": _one_or_per_pool({n: p.tp for n, p in pools.items()}),
                     "parallelism": _one_or_per_pool({n: p.parallelism for n, p in pools.items()}),
+                    **_model_settings(pools),
                     "precision": self.precision, "kv_dtype": self.kv_dtype, "decode_routing": self.decode_routing,
                     "kv_link": self.kv_link}
         data = {"model": self.model, "engine": engine, "serving": serving, "planning": planning}
@@ -121,7 +137,8 @@ class ClusterSpec:
             pools[name] = PoolSpec(f.per_pool(pl.hardware, name, "hardware"), f.num_workers(name),
                                    int(f.per_pool(pl.tp, name, "tp")),
                                    **{k: settings[k] for k in _SCHED_KEYS if k in settings},
-                                   parallelism=f.per_pool(pl.parallelism, name, "parallelism"))
+                                   parallelism=f.per_pool(pl.parallelism, name, "parallelism"),
+                                   **{k: f.per_pool(getattr(pl, k), name, k) for k in _MODEL_KEYS})
         return cls(model=f.model, mode=f.serving.mode, **pools, routing=f.serving.routing,
                    block_size=int(f.engine.get("block_size", 16)),
                    enable_prefix_caching=bool(f.engine.get("enable_prefix_caching", True)),
@@ -142,10 +159,22 @@ class ClusterSpec:
 
 
 _SCHED_KEYS = ("max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill")
+# Per-pool performance-model settings: the cluster file's planning section, one value or {pool: value}.
+_MODEL_KEYS = ("attn_tp", "moe_imbalance", "ep_overlap", "step_overhead_ms", "step_overhead_per_seq_us")
 
 
 def _sched(pool: PoolSpec) -> dict:
     return {k: getattr(pool, k) for k in _SCHED_KEYS}
+
+
+def _model_settings(pools: dict[str, PoolSpec]) -> dict:
+    """The planning section's performance-model keys, those that some pool sets away from the default."""
+    out = {}
+    for key in _MODEL_KEYS:
+        values = {name: getattr(p, key) for name, p in pools.items()}
+        if any(v != PoolSpec.__dataclass_fields__[key].default for v in values.values()):
+            out[key] = _one_or_per_pool(values)
+    return out
 
 
 def _one_or_per_pool(values: dict):

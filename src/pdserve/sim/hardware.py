@@ -32,6 +32,13 @@ class Efficiency:
 
 
 @dataclass(frozen=True)
+class TableRef:
+    """One operator-table file a card reads (``sim/op_data/<file>``, or a path)."""
+
+    file: str
+
+
+@dataclass(frozen=True)
 class Hardware:
     """One accelerator card. Units in the field names; see hardware.yaml for the meaning of each."""
 
@@ -52,6 +59,8 @@ class Hardware:
     inter_latency_us: float = 20.0
     efficiency: Efficiency = field(default_factory=Efficiency)
     step_overhead_ms: float = 1.0
+    step_overhead_per_seq_us: float = 0.0  # engine time per sequence in the step (scheduling, sampling, I/O)
+    op_tables: tuple[TableRef, ...] = ()  # measured operator tables, in order of preference
     placeholder: bool = False
     calibrated: bool = False
     num_cores: int = 0  # a CPU entry: the cores that price_per_hour pays for (0: an accelerator card)
@@ -63,6 +72,8 @@ class Hardware:
         for key in ("memory_gb", "memory_bw_tbs", "intra_node_gbs", "inter_node_gbs"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"hardware {self.name!r}: {key} must be > 0")
+        if self.step_overhead_ms < 0 or self.step_overhead_per_seq_us < 0:
+            raise ValueError(f"hardware {self.name!r}: step overheads must be >= 0")
         if self.price_per_hour < 0 or self.power_w < 0:
             raise ValueError(f"hardware {self.name!r}: price and power must be >= 0")
         if self.num_cores < 0:
@@ -155,6 +166,8 @@ def _entry(name: str, e: dict, path: str) -> Hardware:
             inter_latency_us=float(latency.get("inter", 20)),
             efficiency=eff,
             step_overhead_ms=float(e.get("step_overhead_ms", 1.0)),
+            step_overhead_per_seq_us=float(e.get("step_overhead_per_seq_us", 0.0)),
+            op_tables=tuple(TableRef(str(f)) for f in (e.get("op_tables") or ())),
             placeholder=bool(e.get("placeholder", False)),
             calibrated=bool(e.get("calibrated", False)),
             num_cores=int(e.get("num_cores", 0)),

@@ -19,6 +19,10 @@ def add_plan_args(p) -> None:
                         "int8, fp4 (each searched on the cards whose catalogue entry has its rate; bf16 on all)")
     g.add_argument("--parallelism", default="auto",
                    help="how an instance's cards split the model: auto (tp; and ep for MoE models), tp, ep or tp,ep")
+    g.add_argument("--moe-imbalance", type=float, default=1.0,
+                   help="ep layouts: the busiest expert rank's routed tokens over the mean (>= 1)")
+    g.add_argument("--ep-overlap", action="store_true",
+                   help="ep layouts: two micro-batches per step hide the all-to-alls behind computation")
     g.add_argument("--attainment", type=float, default=0.9)
     g.add_argument("--cards", type=int, default=None, help="cards available")
     g.add_argument("--budget-per-hour", type=float, default=None, help="USD per hour available")
@@ -50,7 +54,8 @@ def run_plan_command(args) -> int:
         tps = [int(t) for t in args.tp_options.split(",")] if args.tp_options else None
         options = PlanOptions((args.slo_ttft, args.slo_tpot), args.attainment, args.precision, modes, tps,
                               args.probe_requests, args.max_probe_requests, args.perf_model, args.hardware_file,
-                              args.routing, args.parallelism, args.progress, args.seed)
+                              args.routing, args.parallelism, args.progress, args.seed,
+                              moe_imbalance=args.moe_imbalance, ep_overlap=args.ep_overlap)
         planner = Planner(args.model, [h for h in args.hardware.split(",") if h],
                           work_items(workload_from_args(args)[0]), options)
     except (ValueError, OSError) as e:
@@ -122,7 +127,7 @@ def _layout(r: dict) -> str:
     spec = ClusterSpec.from_dict(r["unit"])
 
     def pool(p: PoolSpec) -> str:
-        return f"{p.hardware} {p.parallelism}{p.tp}"
+        return f"{p.hardware} {p.parallelism}{p.tp}" + (f"/a{p.attn_tp}" if p.attn_tp > 1 else "")
     tag = "" if spec.precision == "bf16" else f" {spec.precision}"
     if spec.mode == "colocated":
         c = spec.colocated

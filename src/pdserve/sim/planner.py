@@ -7,7 +7,10 @@ Method (fast search: simulate a unit, then scale):
    disaggregated group of x prefill and y decode instances (each pool its own hardware and TP, so mixed
    fleets are searched too), for each precision (``--precision auto``: bf16, and fp8 on cards the
    catalogue gives an fp8 rate) and, for MoE models, each way to split an instance's cards
-   (``--parallelism auto``: tensor parallel, and expert parallel over 2 or more cards).
+   (``--parallelism auto``: tensor parallel, and expert parallel over 2 or more cards with attention
+   tensor-parallel over 1 to a node's cards in each data-parallel group: ``moe.layouts``; of the
+   attention TPs at one card count, the unit keeps the one with the best rate: simulated for a prefill
+   pool, analytic for a decode pool and a colocated unit).
 2. For each unit, the simulator (real scheduler, analytic or calibrated step times) replays the
    workload's requests re-timed as a Poisson stream (from the analytic capacity by factors of 1.5, then
    bisection); the unit's goodput is the highest rate whose SLO attainment (TTFT and TPOT both met)
@@ -28,10 +31,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from pdserve.sim import moe
 from pdserve.sim.cluster import ClusterSpec, PoolSpec
 from pdserve.sim.hardware import load_catalogue
 from pdserve.sim.models import get_model
 from pdserve.sim.perf_model import AnalyticPerfModel, instance_kv_blocks, min_tp
+from pdserve.sim.pools import moe_settings
 from pdserve.sim.simulator import SimOptions, Simulator, WorkItem
 
 logger = logging.getLogger(__name__)
@@ -68,6 +73,8 @@ class PlanOptions:
     parallelism: str = "tp"  # tp, ep, tp,ep or auto (ep only for MoE models)
     progress: bool = False
     seed: int = 0
+    moe_imbalance: float = 1.0  # ep pools: the busiest expert rank's load over the mean
+    ep_overlap: bool = False  # ep pools: two micro-batches hide the all-to-alls
 
 
 class Planner:
@@ -81,6 +88,8 @@ class Planner:
             raise ValueError(f"unknown hardware {unknown}; known: {', '.join(sorted(self.catalogue))}")
         if not items:
             raise ValueError("the workload has no requests")
+        if not o.moe_imbalance >= 1.0:
+            raise ValueError(f"--moe-imbalance must be >= 1, got {o.moe_imbalance}")
         self.hardware, self.slo, self.attainment = hardware, o.slo, o.attainment
         self.modes, self.tp_options = o.modes, o.tp_options
         self.precisions = _precisions(o.precision, o.perf_model)
@@ -189,63 +198,88 @@ class Planner:
         return met >= self.attainment * len(tail)
 
     # -- candidates ------------------------------------------------------------------------------------
-    def _layouts(self, hw: str, precision: str) -> list[tuple[int, str]]:
-        """(cards per instance, parallelism) to try on ``hw`` at ``precision``: for each split, the
-        smallest card count that fits (ep: at least 2), or the --tp-options that fit."""
-        if precision != "bf16" and precision not in self.catalogue[hw].tflops:
+    def _layouts(self, hw: str, precision: str) -> list[tuple[int, str, int]]:
+        """(cards per instance, parallelism, attention TP) to try on ``hw`` at ``precision``: tp: the
+        smallest card count that fits, or the --tp-options that fit; ep (MoE): every TP x EP x DP layout
+        (``moe.layouts``) at the smallest card count that has one (at least 2), or at the --tp-options."""
+        card = self.catalogue[hw]
+        if precision != "bf16" and precision not in card.tflops:
             return []  # no native rate for this precision on this card
         out = []
         for par in self.parallelisms:
-            t0 = min_tp(self.model, self.catalogue[hw], precision, parallelism=par, min_cards=2 if par == "ep" else 1)
+            if par == "ep":
+                found = moe.layouts(self.model, card, precision, max(self.tp_options or [64]))
+                counts = sorted({lay.cards for lay in found})
+                keep = [c for c in counts if c in self.tp_options] if self.tp_options else counts[:1]
+                out += [(lay.cards, par, lay.attn_tp) for lay in found if lay.cards in keep]
+                continue
+            t0 = min_tp(self.model, card, precision, parallelism=par)
             if t0 is None:
                 continue
-            out += [(t, par) for t in self.tp_options if t >= t0] if self.tp_options else [(t0, par)]
+            out += [(t, par, 1) for t in self.tp_options if t >= t0] if self.tp_options else [(t0, par, 1)]
         return out
+
+    def _pool(self, hw: str, instances: int, layout: tuple[int, str, int], budget: int, seqs: int) -> PoolSpec:
+        tp, par, attn_tp = layout
+        ep = par == "ep"
+        return PoolSpec(hw, instances, tp, budget, seqs, parallelism=par, attn_tp=attn_tp,
+                        moe_imbalance=self.options.moe_imbalance if ep else 1.0,
+                        ep_overlap=self.options.ep_overlap and ep)
 
     def _colocated_units(self, precision: str) -> list[Candidate]:
         out = []
         for hw in self.hardware:
-            for tp, par in self._layouts(hw, precision):
+            layouts = self._layouts(hw, precision)
+            guess = {lay: self._rate_guess(self._colocated(hw, precision, lay, 2048, 256)) for lay in layouts}
+            for lay in _best_attn_tp(layouts, guess):
                 for budget, seqs in ((2048, 256), (8192, 256), (2048, 64)):
-                    pool = PoolSpec(hw, 1, tp, budget, seqs, parallelism=par)
-                    out.append(Candidate(self._spec("colocated", precision, colocated=pool)))
+                    out.append(Candidate(self._colocated(hw, precision, lay, budget, seqs)))
         return out
+
+    def _colocated(self, hw: str, precision: str, layout: tuple[int, str, int], budget: int, seqs: int) -> ClusterSpec:
+        return self._spec("colocated", precision, colocated=self._pool(hw, 1, layout, budget, seqs))
 
     def _disaggregated_units(self, precision: str) -> list[Candidate]:
         ttft_slo = (self.slo[0], None)
-        prefill_rates: dict[tuple[str, int, str], float] = {}
+        prefill_rates: dict[tuple[str, tuple[int, str, int]], float] = {}
+        decode_layouts: dict[str, list[tuple[int, str, int]]] = {}
         for hw in self.hardware:
-            for tp, par in self._layouts(hw, precision):
-                spec = self._spec("colocated", precision, colocated=PoolSpec(hw, 1, tp, 8192, 64, parallelism=par))
-                prefill_rates[(hw, tp, par)], _ = self.max_rate(spec, self._rate_guess(spec), slo=ttft_slo,
-                                                                output_len=1)
+            layouts = self._layouts(hw, precision)
+            rates = {}
+            for lay in layouts:
+                spec = self._colocated(hw, precision, lay, 8192, 64)
+                rates[lay], _ = self.max_rate(spec, self._rate_guess(spec), slo=ttft_slo, output_len=1)
+            prefill_rates.update({(hw, lay): rates[lay] for lay in _best_attn_tp(layouts, rates)})
+            decode = {lay: self._decode_rate(self._pool(hw, 1, lay, 2048, 512), precision) for lay in layouts}
+            decode_layouts[hw] = _best_attn_tp(layouts, decode)
         out = []
-        for (hp, tpp, parp), rp in prefill_rates.items():
+        for (hp, layp), rp in prefill_rates.items():
             if rp <= 0:
                 continue
             for hd in self.hardware:
-                for tpd, pard in self._layouts(hd, precision):
+                for layd in decode_layouts[hd]:
                     for seqs in (512,):
-                        rd = self._decode_rate(hd, tpd, seqs, precision, pard)
+                        rd = self._decode_rate(self._pool(hd, 1, layd, 2048, seqs), precision)
                         if rd <= 0:
                             continue
                         for x, y in _ratios(rd / rp):
                             out.append(Candidate(self._spec(
-                                "disaggregated", precision, prefill=PoolSpec(hp, x, tpp, 8192, 64, parallelism=parp),
-                                decode=PoolSpec(hd, y, tpd, 2048, seqs, parallelism=pard))))
+                                "disaggregated", precision, prefill=self._pool(hp, x, layp, 8192, 64),
+                                decode=self._pool(hd, y, layd, 2048, seqs))))
         return out
 
-    def _decode_rate(self, hw: str, tp: int, max_seqs: int, precision: str, parallelism: str = "tp") -> float:
-        """Steady-state decode rate of one instance: the largest batch whose step meets TPOT (with 10%
-        margin) and whose KV fits, served for avg_out steps."""
-        pm = AnalyticPerfModel(self.model, self.catalogue[hw], tp, precision, parallelism=parallelism)
-        kv_tokens = instance_kv_blocks(self.model, self.catalogue[hw], tp, precision, 16,
-                                       parallelism=parallelism) * 16
+    def _decode_rate(self, pool: PoolSpec, precision: str) -> float:
+        """Steady-state decode rate of one instance of ``pool``: the largest batch whose step meets TPOT
+        (with 10% margin) and whose KV fits, served for avg_out steps."""
+        hw = self.catalogue[pool.hardware]
+        pm = AnalyticPerfModel(self.model, hw, pool.tp, precision, parallelism=pool.parallelism, **moe_settings(pool))
+        kv_tokens = instance_kv_blocks(self.model, hw, pool.tp, precision, 16, parallelism=pool.parallelism,
+                                       attn_tp=pool.attn_tp) * 16
         ctx = self.avg_in + self.avg_out / 2
         tpot = self.slo[1] * 0.9 if self.slo[1] else math.inf
         best = 0.0
         b = 1
-        while b <= max_seqs and b * (self.avg_in + self.avg_out) <= kv_tokens:
+        while b <= pool.max_num_seqs and b * (self.avg_in + self.avg_out) <= kv_tokens:
             t = pm.decode_step_time_s(b, int(b * ctx))
             if t > tpot:
                 break
@@ -258,12 +292,12 @@ class Planner:
         steady-state decode rate; the rate search starts here."""
         def prefill_rate(pool: PoolSpec) -> float:
             pm = AnalyticPerfModel(self.model, self.catalogue[pool.hardware], pool.tp, spec.precision,
-                                   parallelism=pool.parallelism)
+                                   parallelism=pool.parallelism, **moe_settings(pool))
             n = max(1, int(self.avg_in))
             return pool.instances / max(pm.step_time_s(_prefill_shape(n)), 1e-9)
 
         def decode_rate(pool: PoolSpec) -> float:
-            return self._decode_rate(pool.hardware, pool.tp, pool.max_num_seqs, spec.precision, pool.parallelism)
+            return self._decode_rate(pool, spec.precision)
         if spec.mode == "colocated":
             p = spec.colocated
             rd = decode_rate(p)
@@ -290,7 +324,7 @@ def rank(cands: list[Candidate], catalogue, cards: int | None, budget: float | N
         cost = c.probe["sim"]["cost"]
         rows.append({
             "mode": c.spec.mode, "precision": c.spec.precision, "unit": c.spec.to_dict(), "units": n_units,
-            "cards": n_units * c.unit_cards,
+            "cards": n_units * c.unit_cards, "cards_by_kind": _cards_by_kind(c.spec, n_units),
             "unit_goodput_rps": c.goodput, "goodput_rps": n_units * c.goodput,
             "goodput_per_card": c.goodput / c.unit_cards, "price_per_hour": n_units * price,
             "power_kw_tdp": n_units * power / 1e3,
@@ -311,6 +345,25 @@ def best_cluster(row: dict) -> ClusterSpec:
     extra = {"predicted_goodput_rps": row["goodput_rps"], "price_per_hour": row["price_per_hour"],
              "cost_per_mtok": row["cost_per_mtok"], "planned_by": "pdserve plan"}
     return replace(unit, extra=extra, **pools)
+
+
+def _cards_by_kind(unit: ClusterSpec, n_units: int) -> dict[str, int]:
+    """The cluster's cards per catalogue entry (a mixed fleet's bill of materials)."""
+    out: dict[str, int] = {}
+    for p in unit.pools.values():
+        out[p.hardware] = out.get(p.hardware, 0) + n_units * p.num_cards
+    return out
+
+
+def _best_attn_tp(layouts: list[tuple[int, str, int]], score: dict) -> list[tuple[int, str, int]]:
+    """Of the layouts that differ only in attention TP, the one with the highest score (the first on a
+    tie); the others as they are, in order."""
+    best: dict[tuple[int, str], tuple[int, str, int]] = {}
+    for lay in layouts:
+        key = lay[:2]
+        if key not in best or score[lay] > score[best[key]]:
+            best[key] = lay
+    return [lay for lay in layouts if best[lay[:2]] == lay]
 
 
 def _ratios(target: float, max_group: int = 8) -> list[tuple[int, int]]:

@@ -18,13 +18,12 @@ def make_instances(name: str, pool: PoolSpec, spec: ClusterSpec, model: ModelSpe
                    perf_model: str, num_blocks: int | None, seed: int) -> list[Instance]:
     """A pool's instances: each with the pool's perf model, KV blocks (``num_blocks``, or what fits the
     card's memory), and step times (with a live calibration's overheads for its role, seeded per instance)."""
-    if pool.hardware not in catalogue:
-        raise ValueError(f"unknown hardware {pool.hardware!r}; known: {', '.join(sorted(catalogue))}")
-    hw = catalogue[pool.hardware]
-    base = make_perf_model(perf_model, model, hw, pool.tp, spec.precision, spec.kv_dtype, pool.parallelism)
+    hw = pool_hardware(pool, catalogue)
+    base = make_perf_model(perf_model, model, hw, pool.tp, spec.precision, spec.kv_dtype, pool.parallelism,
+                           **moe_settings(pool))
     num_blocks = num_blocks or instance_kv_blocks(model, hw, pool.tp, spec.precision, spec.block_size,
                                                   pool.max_num_batched_tokens, spec.kv_dtype,
-                                                  parallelism=pool.parallelism)
+                                                  parallelism=pool.parallelism, attn_tp=pool.attn_tp)
     role = {"colocated": "both"}.get(name, name)
     insts = [Instance(i, role, pool, hw, base, num_blocks, spec.block_size, spec.enable_prefix_caching,
                       model.max_context) for i in range(pool.instances)]
@@ -36,12 +35,30 @@ def make_instances(name: str, pool: PoolSpec, spec: ClusterSpec, model: ModelSpe
 
 
 def make_perf_model(kind: str, model: ModelSpec, hardware: Hardware, tp: int, precision: str,
-                    kv_dtype: str = "bf16", parallelism: str = "tp") -> PerfModel:
-    """``analytic`` or the path of a calibrated model file."""
+                    kv_dtype: str = "bf16", parallelism: str = "tp", attn_tp: int = 1, moe_imbalance: float = 1.0,
+                    ep_overlap: bool = False) -> PerfModel:
+    """``analytic`` or the path of a calibrated model file (which measured one engine: the layout's
+    settings do not apply to it)."""
     if kind == "analytic":
-        return AnalyticPerfModel(model, hardware, tp, precision, kv_dtype, parallelism)
+        return AnalyticPerfModel(model, hardware, tp, precision, kv_dtype, parallelism, moe_imbalance=moe_imbalance,
+                                 attn_tp=attn_tp, ep_overlap=ep_overlap)
     from pdserve.sim.calibrated import CalibratedPerfModel
     return CalibratedPerfModel.load(kind)
+
+
+def moe_settings(pool: PoolSpec) -> dict:
+    """The pool's MoE layout settings, as ``AnalyticPerfModel`` takes them."""
+    return {"attn_tp": pool.attn_tp, "moe_imbalance": pool.moe_imbalance, "ep_overlap": pool.ep_overlap}
+
+
+def pool_hardware(pool: PoolSpec, catalogue: dict[str, Hardware]) -> Hardware:
+    """The pool's card: its catalogue entry, with the pool's engine overheads where it gives them."""
+    if pool.hardware not in catalogue:
+        raise ValueError(f"unknown hardware {pool.hardware!r}; known: {', '.join(sorted(catalogue))}")
+    hw = catalogue[pool.hardware]
+    overrides = {k: v for k in ("step_overhead_ms", "step_overhead_per_seq_us")
+                 if (v := getattr(pool, k)) is not None}
+    return replace(hw, **overrides) if overrides else hw
 
 
 def sample_pools(spec: ClusterSpec, sample_instances: int | None):

@@ -154,7 +154,9 @@ def weighted_summary(values: np.ndarray, weights: np.ndarray) -> dict[str, float
 
 
 def cluster_section(sim) -> dict:
-    """Per-pool figures of a finished simulation: utilisation, steps, prefix hits, KV, cost, power."""
+    """Per-pool figures of a finished simulation: utilisation, steps, prefix hits, KV, cost, power, and the
+    pool's performance model (``PerfModel.describe``: the analytic model names the operator tables it read
+    and the rule that timed each operation group)."""
     from pdserve.sim.cost import run_cost
     duration = max((e for e in sim.recorder.end_s if not math.isnan(e)), default=0.0)
     pools = {}
@@ -169,6 +171,7 @@ def cluster_section(sim) -> dict:
             "busy_fraction": sum(i.busy_s for i in insts) / (len(insts) * duration) if duration else 0.0,
             "preemptions": sum(i.scheduler.num_preemptions for i in insts),
             "prefix_hit_rate": sum(s.num_hit_tokens for s in stats) / q if q else 0.0,
+            "perf_model": insts[0].perf.describe(),
         }
     return {"scale": sim.scale, "perf_model": sim.options.perf_model, "fast_forward": sim.options.fast_forward,
             "pools": pools, "kv_transfer_bytes": sim.recorder.kv_bytes * sim.scale,
