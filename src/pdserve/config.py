@@ -24,6 +24,7 @@ def parse_size(text: str | int) -> int:
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOAD_FORMATS = ("auto", "hf", "gguf", "dummy")
+QUANTIZATIONS = ("auto", "none", "int8", "q8_0", "q4_0", "q4_1")
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,17 @@ class ModelConfig:
     max_model_len: int | None = None  # None: the checkpoint's own context length
     seed: int = 0  # seeds dummy weights
     device: str = "auto"  # auto: cuda when available, else cpu
+    # auto: a GGUF's own Q8_0/Q4_0/Q4_1/Q4_K weights stay quantized (CPU); none: dequantized at load;
+    # int8 (= q8_0), q4_0, q4_1: every matrix quantized to that type at load
+    quantization: str = "auto"
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

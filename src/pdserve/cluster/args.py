@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from pdserve.config import DTYPES, LOAD_FORMATS, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_size
+from pdserve.config import DTYPES, LOAD_FORMATS, QUANTIZATIONS, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_size
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -14,6 +14,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--model", default=m.model, help="known name, .gguf file or HF folder (default %(default)s)")
     g.add_argument("--load-format", default=m.load_format, choices=LOAD_FORMATS)
     g.add_argument("--dtype", default=m.dtype, choices=DTYPES)
+    g.add_argument("--quantization", default=m.quantization, choices=QUANTIZATIONS,
+                   help="weights: auto keeps a GGUF's own quantized types (CPU), none dequantizes them, a type "
+                        "quantizes every matrix to it at load (default %(default)s)")
     g.add_argument("--device", default=m.device, help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
     g.add_argument("--seed", type=int, default=m.seed, help="seed of dummy weights")
@@ -32,7 +35,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """The EngineConfig the flags of ``add_engine_args`` describe (ValueError on bad values)."""
     return EngineConfig(
         model=ModelConfig(model=args.model, load_format=args.load_format, dtype=args.dtype,
-                          max_model_len=args.max_model_len, seed=args.seed, device=args.device),
+                          max_model_len=args.max_model_len, seed=args.seed, device=args.device,
+                          quantization=args.quantization),
         cache=CacheConfig(block_size=args.block_size, kv_cache_memory_bytes=parse_size(args.kv_cache_memory),
                           num_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
@@ -43,6 +47,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 def engine_args_to_argv(args: argparse.Namespace) -> list[str]:
     """The flags that rebuild the same engine settings (the launcher passes them to its workers)."""
     argv = ["--model", args.model, "--load-format", args.load_format, "--dtype", args.dtype,
+            "--quantization", args.quantization,
             "--device", args.device, "--seed", str(args.seed), "--kv-cache-memory", str(args.kv_cache_memory),
             "--block-size", str(args.block_size), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
             "--max-num-seqs", str(args.max_num_seqs), "--max-waiting", str(args.max_waiting)]

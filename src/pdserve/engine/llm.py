@@ -47,10 +47,10 @@ class LLM:
                  kv_cache_memory: str | int = "2GiB", block_size: int = 16, num_kv_blocks: int | None = None,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 128, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, seed: int = 0,
-                 device: str = "auto", tokenizer: str | None = None) -> None:
+                 device: str = "auto", tokenizer: str | None = None, quantization: str = "auto") -> None:
         config = EngineConfig(
             model=ModelConfig(model=model, load_format=load_format, dtype=dtype, max_model_len=max_model_len,
-                              seed=seed, device=device),
+                              seed=seed, device=device, quantization=quantization),
             cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=parse_size(kv_cache_memory),
                               num_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,

@@ -18,6 +18,7 @@ from pdserve.model.arch import ModelArch
 from pdserve.model.attention import AttentionMetadata, cached_attention, paged_attention
 from pdserve.model.layers import Linear, RMSNorm, RotaryEmbedding, can_pack_linear_weight, linear, \
     pack_linear_weight, silu_and_mul
+from pdserve.model.quant_weight import QuantBlocks, QuantizedWeight
 
 
 class LlamaForCausalLM(nn.Module):
@@ -44,6 +45,7 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             layer.self_attn.rope = self.rope
         self._packed_tied_head: torch.Tensor | None = None  # set by pack_weights for tied embeddings
+        self._quant_embed: QuantizedWeight | None = None  # set by load_weights for a quantized embedding
 
     @property
     def device(self) -> torch.device:
@@ -53,7 +55,10 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: (num_tokens,) int64; kv_caches: one per layer, layout in attention.py.
         Returns final-normed hidden states (num_tokens, hidden_size)."""
-        h = self.embed_tokens(input_ids)  # (num_tokens, hidden_size)
+        if self._quant_embed is not None:
+            h = self._quant_embed.embedding(input_ids, self.dtype)  # (num_tokens, hidden_size)
+        else:
+            h = self.embed_tokens(input_ids)  # (num_tokens, hidden_size)
         cos_sin = self.rope.lookup(positions)  # once for all layers
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
@@ -68,6 +73,8 @@ class LlamaForCausalLM(nn.Module):
         """``compute_logits`` in the model's dtype (the sampler widens them only where it must)."""
         if self.lm_head is not None:
             return self.lm_head(hidden)
+        if self._quant_embed is not None:
+            return self._quant_embed.linear(hidden)
         weight = self.embed_tokens.weight if self._packed_tied_head is None else self._packed_tied_head
         return linear(hidden, weight)
 
@@ -78,7 +85,7 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack()
-        if self.lm_head is None and can_pack_linear_weight(self.embed_tokens.weight):
+        if self.lm_head is None and self._quant_embed is None and can_pack_linear_weight(self.embed_tokens.weight):
             self._packed_tied_head = pack_linear_weight(self.embed_tokens.weight)
 
     # ---- weights ---------------------------------------------------------------------------------
@@ -87,14 +94,18 @@ class LlamaForCausalLM(nn.Module):
         """The Hugging Face tensor names this model expects (``model.layers.0.self_attn.q_proj.weight``)."""
         return list(self._checkpoint_map())
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantBlocks]]) -> None:
         """Copy ``(hf_name, tensor)`` pairs into the fused parameters, converting dtype and device.
 
-        Raises ModelLoadError naming the tensor on an unexpected name, a shape mismatch, or (at the end)
-        any expected tensor that never came. Tied checkpoints may still carry ``lm_head.weight``: ignored.
+        A ``QuantBlocks`` in place of a tensor stays quantized when it (with the other parts of its fused
+        projection, all quantized too) fills a GEMM weight or the embedding; otherwise it is dequantized
+        into the parameter. Raises ModelLoadError naming the tensor on an unexpected name, a shape
+        mismatch, or (at the end) any expected tensor that never came. Tied checkpoints may still carry
+        ``lm_head.weight``: ignored.
         """
         targets = self._checkpoint_map()
         loaded: set[str] = set()
+        quant_parts: dict[int, list[tuple[int, QuantBlocks]]] = {}
         with torch.no_grad():
             for name, tensor in weights:
                 tied_head = name == "lm_head.weight" and self.lm_head is None
@@ -109,12 +120,51 @@ class LlamaForCausalLM(nn.Module):
                 if tuple(tensor.shape) != tuple(dest.shape):
                     raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected "
                                          f"{tuple(dest.shape)}")
-                dest.copy_(tensor)
+                if isinstance(tensor, QuantBlocks):
+                    quant_parts.setdefault(id(param), []).append((start, tensor))
+                else:
+                    dest.copy_(tensor)
                 loaded.add(name)
+            self._place_quantized(quant_parts)
         missing = [n for n in targets if n not in loaded]
         if missing:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise ModelLoadError(f"checkpoint lacks tensor(s) {', '.join(map(repr, missing[:5]))}{more}")
+
+    def _place_quantized(self, quant_parts: dict[int, list[tuple[int, QuantBlocks]]]) -> None:
+        """Quantized parts of each parameter: packed where they fill a GEMM weight or the embedding,
+        else dequantized into it."""
+        owners: dict[int, Linear | nn.Embedding] = {id(m.weight): m for m in self.modules() if isinstance(m, Linear)}
+        owners[id(self.embed_tokens.weight)] = self.embed_tokens
+        params = {id(p): p for p in self.parameters()}
+        for pid, parts in quant_parts.items():
+            param, owner = params[pid], owners.get(pid)
+            parts.sort(key=lambda part: part[0])
+            if owner is not None and sum(p.shape[0] for _, p in parts) == param.shape[0]:
+                quant = QuantizedWeight.pack(QuantBlocks.cat([p for _, p in parts]))
+                if isinstance(owner, Linear):
+                    owner.quantize(quant)
+                else:
+                    self._quant_embed = quant
+                    owner.weight = nn.Parameter(param.new_empty(0), requires_grad=False)
+                    self.register_buffer("quant_embed_weight", quant.packed)
+                continue
+            for start, blocks in parts:
+                param[start:start + blocks.shape[0]].copy_(blocks.dequantize())
+
+    def checkpoint_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """``(hf_name, tensor)`` of the weights as they are now (views of the fused parameters)."""
+        for name, (param, start, length) in self._checkpoint_map().items():
+            yield name, param[start:start + length]
+
+    def weight_formats(self) -> str:
+        """What the GEMM weights are held as, e.g. ``Q4_1 x210, Q8_0 x1`` or ``bfloat16``."""
+        counts: dict[str, int] = {}
+        quants = [m.quant for m in self.modules() if isinstance(m, Linear)] + [self._quant_embed]
+        for q in quants:
+            key = str(self.dtype).removeprefix("torch.") if q is None else q.qtype
+            counts[key] = counts.get(key, 0) + 1
+        return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
 
     def init_dummy_weights(self, seed: int = 0, std: float = 0.02) -> None:
         """Random weights, seeded, drawn in place in the parameters' own dtype and device."""
