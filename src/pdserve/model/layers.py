@@ -71,11 +71,12 @@ class Linear(nn.Linear):
         if self.quant is None and can_pack_linear_weight(self.weight):
             self.weight = nn.Parameter(pack_linear_weight(self.weight), requires_grad=False)
 
-    def quantize(self, quant: QuantizedWeight) -> None:
-        """Use ``quant`` from now on; the float weight is dropped (its tiles are a buffer, ``quant_weight``)."""
+    def quantize(self, quant: QuantizedWeight, empty: torch.Tensor) -> None:
+        """Use ``quant`` from now on, ``empty`` in place of the float weight (the tiles are a buffer,
+        ``quant_weight``)."""
         assert (quant.out_features, quant.in_features) == (self.out_features, self.in_features)
         self.quant = quant
-        self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+        self.weight = empty
         self.register_buffer("quant_weight", quant.packed)
 
 

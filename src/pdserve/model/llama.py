@@ -22,9 +22,9 @@ from pdserve.model.quant_weight import QuantBlocks, QuantizedWeight
 
 
 class LlamaForCausalLM(nn.Module):
-    """Weights are allocated on ``device`` in ``dtype`` but left uninitialized: fill them with
-    ``load_weights`` (a loader) or ``init_dummy_weights``. The RoPE tables live on ``device`` too; build
-    the model where it will run rather than moving it with ``.to()``."""
+    """Weights are allocated on ``device`` in ``dtype`` as they are loaded (``load_weights``: those that
+    stay quantized never get a float copy) or all at once by ``init_dummy_weights``. The RoPE tables live
+    on ``device`` too; build the model where it will run rather than moving it with ``.to()``."""
 
     def __init__(self, arch: ModelArch, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", max_model_len: int | None = None) -> None:
@@ -39,7 +39,7 @@ class LlamaForCausalLM(nn.Module):
             self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype=dtype)
             self.lm_head = None if arch.tie_word_embeddings else \
                 Linear(arch.hidden_size, arch.vocab_size, bias=False, dtype=dtype)
-        self.to_empty(device=device)
+        self._device = torch.device(device)
         self.rope = RotaryEmbedding(arch.head_dim, self.max_model_len, arch.rope_theta, arch.rope_scaling,
                                     dtype, device)
         for layer in self.layers:
@@ -49,7 +49,7 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        return self._device
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -105,7 +105,7 @@ class LlamaForCausalLM(nn.Module):
         """
         targets = self._checkpoint_map()
         loaded: set[str] = set()
-        quant_parts: dict[int, list[tuple[int, QuantBlocks]]] = {}
+        quant_parts: dict[tuple[nn.Module, str], list[tuple[int, QuantBlocks]]] = {}
         with torch.no_grad():
             for name, tensor in weights:
                 tied_head = name == "lm_head.weight" and self.lm_head is None
@@ -115,15 +115,14 @@ class LlamaForCausalLM(nn.Module):
                 if target is None:
                     raise ModelLoadError(f"unexpected tensor {name!r} in checkpoint for "
                                          f"{self.arch.architecture}")
-                param, start, length = target
-                dest = param[start:start + length]
-                if tuple(tensor.shape) != tuple(dest.shape):
-                    raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected "
-                                         f"{tuple(dest.shape)}")
+                module, attr, start, length = target
+                expected = (length, *getattr(module, attr).shape[1:])
+                if tuple(tensor.shape) != expected:
+                    raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected}")
                 if isinstance(tensor, QuantBlocks):
-                    quant_parts.setdefault(id(param), []).append((start, tensor))
+                    quant_parts.setdefault((module, attr), []).append((start, tensor))
                 else:
-                    dest.copy_(tensor)
+                    self._materialize(module, attr)[start:start + length].copy_(tensor)
                 loaded.add(name)
             self._place_quantized(quant_parts)
         missing = [n for n in targets if n not in loaded]
@@ -131,31 +130,38 @@ class LlamaForCausalLM(nn.Module):
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise ModelLoadError(f"checkpoint lacks tensor(s) {', '.join(map(repr, missing[:5]))}{more}")
 
-    def _place_quantized(self, quant_parts: dict[int, list[tuple[int, QuantBlocks]]]) -> None:
-        """Quantized parts of each parameter: packed where they fill a GEMM weight or the embedding,
-        else dequantized into it."""
-        owners: dict[int, Linear | nn.Embedding] = {id(m.weight): m for m in self.modules() if isinstance(m, Linear)}
-        owners[id(self.embed_tokens.weight)] = self.embed_tokens
-        params = {id(p): p for p in self.parameters()}
-        for pid, parts in quant_parts.items():
-            param, owner = params[pid], owners.get(pid)
+    def _materialize(self, module: nn.Module, attr: str) -> torch.Tensor:
+        """``module.attr``, allocated on the model's device first if it is still a meta tensor."""
+        param = module._parameters[attr]
+        if param.is_meta:
+            param = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=self._device), requires_grad=False)
+            module._parameters[attr] = param
+        return param
+
+    def _place_quantized(self, quant_parts: dict[tuple[nn.Module, str], list[tuple[int, QuantBlocks]]]) -> None:
+        """Quantized parts of each parameter: packed where they fill a GEMM weight or the embedding
+        (the float parameter is then an empty tensor), else dequantized into it."""
+        for (module, attr), parts in quant_parts.items():
+            param = getattr(module, attr)
             parts.sort(key=lambda part: part[0])
-            if owner is not None and sum(p.shape[0] for _, p in parts) == param.shape[0]:
+            fills = sum(p.shape[0] for _, p in parts) == param.shape[0]
+            if fills and attr == "weight" and isinstance(module, (Linear, nn.Embedding)):
                 quant = QuantizedWeight.pack(QuantBlocks.cat([p for _, p in parts]))
-                if isinstance(owner, Linear):
-                    owner.quantize(quant)
+                empty = nn.Parameter(torch.empty(0, dtype=param.dtype, device=self._device), requires_grad=False)
+                if isinstance(module, Linear):
+                    module.quantize(quant, empty)
                 else:
                     self._quant_embed = quant
-                    owner.weight = nn.Parameter(param.new_empty(0), requires_grad=False)
+                    module.weight = empty
                     self.register_buffer("quant_embed_weight", quant.packed)
                 continue
             for start, blocks in parts:
-                param[start:start + blocks.shape[0]].copy_(blocks.dequantize())
+                self._materialize(module, attr)[start:start + blocks.shape[0]].copy_(blocks.dequantize())
 
     def checkpoint_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
         """``(hf_name, tensor)`` of the weights as they are now (views of the fused parameters)."""
-        for name, (param, start, length) in self._checkpoint_map().items():
-            yield name, param[start:start + length]
+        for name, (module, attr, start, length) in self._checkpoint_map().items():
+            yield name, getattr(module, attr)[start:start + length]
 
     def weight_formats(self) -> str:
         """What the GEMM weights are held as, e.g. ``Q4_1 x210, Q8_0 x1`` or ``bfloat16``."""
@@ -169,6 +175,10 @@ class LlamaForCausalLM(nn.Module):
     def init_dummy_weights(self, seed: int = 0, std: float = 0.02) -> None:
         """Random weights, seeded, drawn in place in the parameters' own dtype and device."""
         gen = torch.Generator(device=self.device).manual_seed(seed)
+        for module in self.modules():
+            for attr, param in module._parameters.items():
+                if param is not None:
+                    self._materialize(module, attr)
         with torch.no_grad():
             for name, param in self.named_parameters():
                 if name.endswith("norm.weight"):
@@ -178,37 +188,37 @@ class LlamaForCausalLM(nn.Module):
                 else:
                     param.normal_(0.0, std, generator=gen)
 
-    def _checkpoint_map(self) -> dict[str, tuple[torch.Tensor, int, int]]:
-        """HF name -> (parameter, first row, number of rows) of the slice it fills."""
+    def _checkpoint_map(self) -> dict[str, tuple[nn.Module, str, int, int]]:
+        """HF name -> (module, parameter name, first row, number of rows) of the slice it fills."""
         a = self.arch
-        m: dict[str, tuple[torch.Tensor, int, int]] = {}
+        m: dict[str, tuple[nn.Module, str, int, int]] = {}
 
-        def whole(name: str, p: torch.Tensor) -> None:
-            m[name] = (p, 0, p.shape[0])
+        def whole(name: str, module: nn.Module, attr: str = "weight") -> None:
+            m[name] = (module, attr, 0, getattr(module, attr).shape[0])
 
-        whole("model.embed_tokens.weight", self.embed_tokens.weight)
-        whole("model.norm.weight", self.norm.weight)
+        whole("model.embed_tokens.weight", self.embed_tokens)
+        whole("model.norm.weight", self.norm)
         if self.lm_head is not None:
-            whole("lm_head.weight", self.lm_head.weight)
+            whole("lm_head.weight", self.lm_head)
         shards = (("q_proj", 0, a.q_size), ("k_proj", a.q_size, a.kv_size),
                   ("v_proj", a.q_size + a.kv_size, a.kv_size))
         for i, layer in enumerate(self.layers):
             pre = f"model.layers.{i}."
             attn, mlp = layer.self_attn, layer.mlp
             for shard, start, length in shards:
-                m[f"{pre}self_attn.{shard}.weight"] = (attn.qkv_proj.weight, start, length)
+                m[f"{pre}self_attn.{shard}.weight"] = (attn.qkv_proj, "weight", start, length)
                 if a.attention_bias:
-                    m[f"{pre}self_attn.{shard}.bias"] = (attn.qkv_proj.bias, start, length)
-            whole(f"{pre}self_attn.o_proj.weight", attn.o_proj.weight)
+                    m[f"{pre}self_attn.{shard}.bias"] = (attn.qkv_proj, "bias", start, length)
+            whole(f"{pre}self_attn.o_proj.weight", attn.o_proj)
             if a.qk_norm:
-                whole(f"{pre}self_attn.q_norm.weight", attn.q_norm.weight)
-                whole(f"{pre}self_attn.k_norm.weight", attn.k_norm.weight)
+                whole(f"{pre}self_attn.q_norm.weight", attn.q_norm)
+                whole(f"{pre}self_attn.k_norm.weight", attn.k_norm)
             inter = a.intermediate_size
-            m[f"{pre}mlp.gate_proj.weight"] = (mlp.gate_up_proj.weight, 0, inter)
-            m[f"{pre}mlp.up_proj.weight"] = (mlp.gate_up_proj.weight, inter, inter)
-            whole(f"{pre}mlp.down_proj.weight", mlp.down_proj.weight)
-            whole(f"{pre}input_layernorm.weight", layer.input_layernorm.weight)
-            whole(f"{pre}post_attention_layernorm.weight", layer.post_attention_layernorm.weight)
+            m[f"{pre}mlp.gate_proj.weight"] = (mlp.gate_up_proj, "weight", 0, inter)
+            m[f"{pre}mlp.up_proj.weight"] = (mlp.gate_up_proj, "weight", inter, inter)
+            whole(f"{pre}mlp.down_proj.weight", mlp.down_proj)
+            whole(f"{pre}input_layernorm.weight", layer.input_layernorm)
+            whole(f"{pre}post_attention_layernorm.weight", layer.post_attention_layernorm)
         return m
 
 
