@@ -141,4 +141,8 @@ def test_logits_close_to_transformers(engine, reference):
         meta = build_metadata([(0, len(ids), blocks)], engine.block_size)
         hidden = engine.model(torch.tensor(ids), torch.arange(len(ids)), engine.runner.kv_caches, meta)
         got = engine.model.compute_logits(hidden[-1:])[0]
-    assert torch.allclose(got, ref, atol=2e-3, rtol=1e-4), (got - ref).abs().max()
+    # The default model's Q4_1/Q8_0 weights stay quantized (quantization=auto), its activations rounded
+    # to 15 bits per 32-value block: ~0.02 from the dequantized reference (tests/model/test_default_model.py).
+    atol = 2e-3 if engine.model.weight_formats() == "float32 x121" else 0.05
+    assert torch.allclose(got, ref, atol=atol, rtol=1e-4), (got - ref).abs().max()
+    assert got.argmax() == ref.argmax()
