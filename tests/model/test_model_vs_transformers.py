@@ -30,10 +30,13 @@ def test_safetensors_matches_transformers(tiny_models, name):
 @pytest.mark.parametrize("name", ["llama", "llama3-rope-untied", "llama-linear-rope", "qwen2", "qwen3"])
 @pytest.mark.parametrize("qtype,quantization", [("F32", "auto"), ("Q8_0", "none"), ("Q8_0", "auto"),
                                                 ("Q4_0", "auto"), ("Q4_1", "auto")])
-def test_gguf_matches_transformers(tiny_models, tmp_path, name, qtype, quantization):
+def test_gguf_matches_transformers(tiny_models, tmp_path, name, qtype, quantization, monkeypatch):
     """Dequantized at load (``none``) or kept quantized and multiplied by the CPU kernels (``auto``: its
     activations rounded to 15 bits per 32-value block, hence the looser tolerance), against transformers
     on the dequantized weights; with the Q/K row permutation of llama-arch files undone either way."""
+    from pdserve.model import quant_weight
+
+    monkeypatch.setattr(quant_weight, "ACTIVATION_BITS", "16")  # 8-bit prefill: see test_default_model.py
     tiny = tiny_models[name]
     path = tmp_path / f"{name}-{qtype}.gguf"
     weights = write_tiny_gguf(tiny, path, qtype)

@@ -11,6 +11,7 @@ import torch
 from gguf.quants import dequantize, quantize
 
 from pdserve import kernels
+from pdserve.model import quant_weight
 from pdserve.model.quant_weight import QuantBlocks, QuantizedWeight, blocks_from_gguf, quantize_float
 
 ops = kernels.cpu_ops()
@@ -97,15 +98,28 @@ def test_quant_linear_matches_dequantized_matmul(qtype, rows, act_bits, portable
 
 
 def test_paths_agree_and_batched_rows_equal_single_rows():
-    """The vectorized and portable paths compute the same sums (to float32 rounding), and a row's result
-    does not depend on the other rows of its batch."""
+    """The vectorized and portable paths compute the same sums (to float32 rounding), and at a given
+    activation width a row's result does not depend on the other rows of its batch."""
     blocks, _ = _blocks("Q4_1", 70, 192, seed=4)
     weight = QuantizedWeight.pack(blocks)
     x = torch.randn(9, 192, generator=torch.Generator().manual_seed(5))
-    fast, portable = weight.linear(x, portable=False), weight.linear(x, portable=True)
-    torch.testing.assert_close(fast, portable, atol=1e-5, rtol=1e-5)
-    single = torch.cat([weight.linear(x[i:i + 1], portable=False) for i in range(9)])
-    torch.testing.assert_close(fast, single, atol=0, rtol=0)
+    for act_bits in (16, 8):
+        fast, portable = weight.linear(x, False, act_bits), weight.linear(x, True, act_bits)
+        torch.testing.assert_close(fast, portable, atol=1e-5, rtol=1e-5)
+        single = torch.cat([weight.linear(x[i:i + 1], False, act_bits) for i in range(9)])
+        torch.testing.assert_close(fast, single, atol=0, rtol=0)
+
+
+def test_activation_width_by_rows(monkeypatch):
+    monkeypatch.setattr(quant_weight, "ACTIVATION_BITS", "auto")
+    assert [quant_weight.activation_bits(n) for n in (1, quant_weight.MAX_ROWS_15_BIT, 64)] == [16, 16, 8]
+    blocks, _ = _blocks("Q8_0", 32, 64, seed=8)
+    weight = QuantizedWeight.pack(blocks)
+    x = torch.randn(20, 64)
+    torch.testing.assert_close(weight.linear(x), weight.linear(x, act_bits=8), atol=0, rtol=0)
+    torch.testing.assert_close(weight.linear(x[:2]), weight.linear(x[:2], act_bits=16), atol=0, rtol=0)
+    monkeypatch.setattr(quant_weight, "ACTIVATION_BITS", "16")
+    torch.testing.assert_close(weight.linear(x), weight.linear(x, act_bits=16), atol=0, rtol=0)
 
 
 def test_leading_dimensions_and_empty_input():

@@ -47,7 +47,6 @@ namespace {
 constexpr int64_t kTileRows = 16;   // output rows per tile (one 512-bit vector of float32 results)
 constexpr int64_t kBlock = 32;      // inputs per quantization block
 constexpr int64_t kGroupTiles = 2;  // row tiles computed together (the packer pads N to 32)
-constexpr int64_t kMaxRows = 4;     // activation rows computed together
 constexpr int64_t kRowBlock = 64;   // activation rows kept hot in cache while a thread's tiles stream by
 
 struct Layout {
@@ -192,8 +191,24 @@ inline __m512i bcast4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-// R activation rows x kGroupTiles row tiles (32 outputs), all input blocks. A block's weights are
-// unpacked into registers once (8 vectors of 4 inputs per tile) and used by every row.
+// Weights of inputs 4j..4j+3 (lo) and 16+4j..16+4j+3 (hi) of one tile, j = 0..3 (4-bit), or of inputs
+// 4g..4g+3 for g = j and j + 4 (8-bit): 16 rows x 4 bytes each.
+template <int BITS>
+inline void tile_weights(const uint8_t* rec, int j, __m512i& lo, __m512i& hi) {
+  if constexpr (BITS == 4) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const __m512i v = _mm512_loadu_si512(rec + j * 64);
+    lo = _mm512_and_si512(v, low4);
+    hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+  } else {
+    lo = _mm512_loadu_si512(rec + j * 64);
+    hi = _mm512_loadu_si512(rec + (j + 4) * 64);
+  }
+}
+
+// R activation rows x kGroupTiles row tiles (32 outputs), all input blocks. Each 4-input slice of a
+// block's weights is unpacked once and used by every row; the R x G (x 2 with split activations)
+// integer accumulators are independent chains, so the dot products' latency is hidden.
 template <int R, int BITS, bool SPLIT, typename T>
 void group_avx512(const uint8_t* tiles, const Layout& L, int64_t group, const QuantizedRows& a, int64_t m0,
                   T* out, int64_t out_stride) {
@@ -202,41 +217,45 @@ void group_avx512(const uint8_t* tiles, const Layout& L, int64_t group, const Qu
   __m512 acc[R][G];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < G; ++t) acc[r][t] = _mm512_setzero_ps();
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
   const uint8_t* rec[G];
   for (int t = 0; t < G; ++t) rec[t] = tiles + ((group * G + t) * L.num_blocks) * TB;
   for (int64_t b = 0; b < L.num_blocks; ++b) {
-    __m512i w[G][8];  // w[t][g]: inputs 4g..4g+3 of the tile's 16 rows
+    __m512i dot[R][G], dot_lo[R][G];  // dot_lo: the 7-bit low parts of split activations
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < G; ++t) dot[r][t] = dot_lo[r][t] = _mm512_setzero_si512();
+    for (int t = 0; t < G; ++t) _mm_prefetch(reinterpret_cast<const char*>(rec[t] + 4 * TB), _MM_HINT_T0);
+    for (int j = 0; j < 4; ++j) {
+      __m512i wlo[G], whi[G];
+      for (int t = 0; t < G; ++t) tile_weights<BITS>(rec[t], j, wlo[t], whi[t]);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* x = a.block(m0 + r, b);
+        const __m512i xlo = bcast4(x + 4 * j), xhi = bcast4(x + 16 + 4 * j);
+        for (int t = 0; t < G; ++t) {
+          dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], wlo[t], xlo);
+          dot[r][t] = _mm512_dpbusd_epi32(dot[r][t], whi[t], xhi);
+        }
+        if constexpr (SPLIT) {
+          const __m512i ylo = bcast4(x + kBlock + 4 * j), yhi = bcast4(x + kBlock + 16 + 4 * j);
+          for (int t = 0; t < G; ++t) {
+            dot_lo[r][t] = _mm512_dpbusd_epi32(dot_lo[r][t], wlo[t], ylo);
+            dot_lo[r][t] = _mm512_dpbusd_epi32(dot_lo[r][t], whi[t], yhi);
+          }
+        }
+      }
+    }
     for (int t = 0; t < G; ++t) {
-      _mm_prefetch(reinterpret_cast<const char*>(rec[t] + 4 * TB), _MM_HINT_T0);
-      if constexpr (BITS == 4) {
-        for (int j = 0; j < 4; ++j) {
-          const __m512i v = _mm512_loadu_si512(rec[t] + j * 64);
-          w[t][j] = _mm512_and_si512(v, low4);
-          w[t][j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-        }
-      } else {
-        for (int g = 0; g < 8; ++g) w[t][g] = _mm512_loadu_si512(rec[t] + g * 64);
+      const __m512 scale = load_scales(rec[t] + VB, L.scale_bytes);
+      const __m512 min = load_scales(rec[t] + VB + kTileRows * L.scale_bytes, L.scale_bytes);
+      for (int r = 0; r < R; ++r) {
+        const int64_t ab = (m0 + r) * a.num_blocks + b;
+        __m512i d = dot[r][t];
+        if constexpr (SPLIT) d = _mm512_add_epi32(_mm512_slli_epi32(d, 7), dot_lo[r][t]);  // x = hi * 128 + lo
+        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(scale, _mm512_set1_ps(a.scale[ab])),
+                                    acc[r][t]);
+        acc[r][t] = _mm512_fmadd_ps(min, _mm512_set1_ps(a.scaled_sum[ab]), acc[r][t]);
       }
+      rec[t] += TB;
     }
-    for (int r = 0; r < R; ++r) {
-      const int8_t* x = a.block(m0 + r, b);
-      const int64_t ab = (m0 + r) * a.num_blocks + b;
-      const __m512 da = _mm512_set1_ps(a.scale[ab]), sa = _mm512_set1_ps(a.scaled_sum[ab]);
-      for (int t = 0; t < G; ++t) {
-        __m512i dot = _mm512_setzero_si512();
-        for (int g = 0; g < 8; ++g) dot = _mm512_dpbusd_epi32(dot, w[t][g], bcast4(x + 4 * g));
-        if constexpr (SPLIT) {  // x = hi * 128 + lo
-          dot = _mm512_slli_epi32(dot, 7);
-          for (int g = 0; g < 8; ++g) dot = _mm512_dpbusd_epi32(dot, w[t][g], bcast4(x + kBlock + 4 * g));
-        }
-        const __m512 scale = load_scales(rec[t] + VB, L.scale_bytes);
-        const __m512 min = load_scales(rec[t] + VB + kTileRows * L.scale_bytes, L.scale_bytes);
-        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scale, da), acc[r][t]);
-        acc[r][t] = _mm512_fmadd_ps(min, sa, acc[r][t]);
-      }
-    }
-    for (int t = 0; t < G; ++t) rec[t] += TB;
   }
   for (int t = 0; t < G; ++t) {
     const int64_t n0 = (group * G + t) * kTileRows;
@@ -249,8 +268,10 @@ void group_avx512(const uint8_t* tiles, const Layout& L, int64_t group, const Qu
 template <int BITS, bool SPLIT, typename T>
 void rows_avx512(const uint8_t* tiles, const Layout& L, int64_t group, const QuantizedRows& a, int64_t m0,
                  int64_t m1, T* out, int64_t out_stride) {
+  // Rows per pass: the accumulators, 2 x 2 x R vectors with split activations, must fit the 32 registers.
+  constexpr int kRows = SPLIT ? 3 : 4;
   int64_t m = m0;
-  for (; m + 4 <= m1; m += 4) group_avx512<4, BITS, SPLIT>(tiles, L, group, a, m, out, out_stride);
+  for (; m + kRows <= m1; m += kRows) group_avx512<kRows, BITS, SPLIT>(tiles, L, group, a, m, out, out_stride);
   switch (m1 - m) {
     case 3: group_avx512<3, BITS, SPLIT>(tiles, L, group, a, m, out, out_stride); break;
     case 2: group_avx512<2, BITS, SPLIT>(tiles, L, group, a, m, out, out_stride); break;
