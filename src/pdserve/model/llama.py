@@ -242,13 +242,19 @@ class _Attention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = h.shape[0]
         qkv = self.qkv_proj(h)  # (num_tokens, q_size + 2 * kv_size)
+        ops = cpu_ops_for(h)
+        if ops is not None and not self.qk_norm:  # RoPE and the cache write in one kernel
+            cos, sin = cos_sin
+            q = ops.qkv_rope_and_cache(qkv, cos, sin, kv_cache, meta.slot_mapping, self.num_heads,
+                                       self.num_kv_heads)  # (T, H, head_dim)
+            out = cached_attention(q, kv_cache, meta, self.scale, self.window)  # (T, H, head_dim)
+            return self.o_proj(out.view(num_tokens, self.q_size))  # (T, hidden_size)
         qk = qkv[:, :self.q_size + self.kv_size].view(
             num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)  # (T, H + Hkv, head_dim)
         v = qkv[:, self.q_size + self.kv_size:].view(
             num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, head_dim)
         if self.qk_norm:
             qk = torch.cat((self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])), dim=1)
-        ops = cpu_ops_for(h)
         if ops is not None:  # RoPE and the cache write in one kernel, then attention over the cache
             q = torch.empty(num_tokens, self.num_heads, self.head_dim, dtype=h.dtype)
             cos, sin = cos_sin
