@@ -10,20 +10,19 @@ of pdserve; install it once (it compiles llama.cpp for this CPU, a few minutes):
     python3 -m venv /tmp/llamacpp-venv && CMAKE_ARGS="-DGGML_NATIVE=ON" /tmp/llamacpp-venv/bin/pip install llama-cpp-python
     .venv/bin/python benchmarks/single_decode.py [--llama-cpp-python /tmp/llamacpp-venv/bin/python] [--repeats 5]
 
-Also prints resident memory at rest of each pdserve engine (weights + a 256 MiB KV budget).
+Also prints the resident memory each pdserve engine adds to a fresh process by loading (weights and
+tables, a 64 MiB KV cache).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import subprocess
 import sys
 import time
 
-import psutil
 import torch
 
 from pdserve import LLM, SamplingParams
@@ -66,16 +65,13 @@ def main() -> None:
     print(f"model {path.name}, {threads} threads, prompt {args.input_len} tokens, {args.output_len} output tokens, "
           f"{args.repeats} runs each, interleaved")
 
-    proc = psutil.Process(os.getpid())
-    engines: dict[str, LLM] = {}
-    for name in ("auto", "none"):
-        rss = proc.memory_info().rss
-        engines[name] = LLM(args.model, quantization=name, dtype=args.dtype, kv_cache_memory="256MiB")
-        model = engines[name].engine.model
-        weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-        print(f"pdserve --quantization {name}: weights {model.weight_formats()}; {weight_bytes / 2**20:.0f} MiB of "
-              f"weights and tables, {(proc.memory_info().rss - rss) / 2**20:.0f} MiB resident after loading "
-              f"(with the 256 MiB KV budget)")
+    memory = {name: _memory_at_rest(args.model, name, args.dtype) for name in ("auto", "none")}
+    for name, m in memory.items():
+        print(f"pdserve --quantization {name}: weights {m['formats']}, {m['weight_bytes'] / 2**20:.0f} MiB; "
+              f"{m['rss_bytes'] / 2**20:.0f} MiB resident at rest (fresh process, after loading, KV budget "
+              f"{m['kv_bytes'] / 2**20:.0f} MiB)")
+    engines = {name: LLM(args.model, quantization=name, dtype=args.dtype, kv_cache_memory="256MiB")
+               for name in ("auto", "none")}
     llama = None
     if args.llama_cpp_python:
         llama = subprocess.Popen([args.llama_cpp_python, "-c", _LLAMA_CPP, str(path), str(threads), json.dumps(prompt),
@@ -106,7 +102,26 @@ def main() -> None:
         print(f"ratio quantized / llama.cpp: {med['pdserve_quantized'] / med['llama_cpp']:.2f}x")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"runs": results, "medians": med, "threads": threads}, f, indent=2)
+            json.dump({"runs": results, "medians": med, "threads": threads, "memory": memory}, f, indent=2)
+
+
+_MEMORY = r"""
+import json, os, sys, psutil
+from pdserve import LLM
+rss = psutil.Process(os.getpid()).memory_info().rss
+llm = LLM(sys.argv[1], quantization=sys.argv[2], dtype=sys.argv[3], kv_cache_memory="64MiB")
+model, engine = llm.engine.model, llm.engine
+print(json.dumps({"rss_bytes": psutil.Process(os.getpid()).memory_info().rss - rss, "formats": model.weight_formats(),
+                  "weight_bytes": sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())),
+                  "kv_bytes": engine.kv_cache.numel() * engine.kv_cache.element_size()}))
+"""
+
+
+def _memory_at_rest(model: str, quantization: str, dtype: str) -> dict:
+    """Resident memory an engine adds to a fresh process by loading (weights, tables, a 64 MiB KV cache)."""
+    out = subprocess.run([sys.executable, "-c", _MEMORY, model, quantization, dtype], check=True, capture_output=True,
+                         text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def _pdserve_decode_tps(llm: LLM, prompt: list[int], output_len: int) -> float:

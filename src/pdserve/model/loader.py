@@ -52,6 +52,18 @@ def cpu_has_bfloat16() -> bool:
                ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
+def _return_freed_memory() -> None:
+    """Hand the heap memory that loading freed back to the OS (glibc's malloc_trim; a no-op elsewhere).
+    Loading allocates and frees one tensor's temporaries after another (dequantization, the quantized
+    weights' repacking): measured ~190 MiB of them left resident after loading the default model."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def resolve_quantization(name: str, device: torch.device) -> str:
     """``none`` where quantized weights cannot run (not the CPU, or its kernels are off or failed to
     build: said once), else ``name``."""
@@ -123,6 +135,7 @@ def load_model(model_config: ModelConfig, max_model_len: int | None = None
     if fmt == "dummy" and quantization in QUANTIZE_TYPES:
         model.load_weights(quantize_matrices(model.checkpoint_weights(), quantization))
     model.pack_weights()
+    _return_freed_memory()
     if max_len and max_len > arch.max_position_embeddings:
         logger.warning("max_model_len %d exceeds the model's context length %d", max_len,
                        arch.max_position_embeddings)
