@@ -112,3 +112,25 @@ def test_cuda_bfloat16_close_to_cpu_float32(tiny_models):
                                           kv, meta)).cpu()
     ref = hf_logits(tiny.hf_model, PROMPT)
     assert (ours - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_safetensors_int8_matches_transformers(tiny_models, name, monkeypatch):
+    """``quantization=int8``: an HF checkpoint's matrices quantized at load (Q8_0 blocks, columns padded to
+    32) and multiplied by the kernels, against transformers on the same quantized-then-dequantized weights."""
+    from pdserve.model import quant_weight
+
+    if kernels.cpu_ops() is None:
+        pytest.skip("CPU kernels could not be built here")
+    monkeypatch.setattr(quant_weight, "ACTIVATION_BITS", "16")
+    tiny = tiny_models[name]
+    ref_model = copy.deepcopy(tiny.hf_model)
+    with torch.no_grad():
+        for _, p in ref_model.named_parameters():
+            if p.dim() == 2:
+                p.copy_(quant_weight.quantize_float(p, "int8").dequantize())
+    model, _ = load_model(ModelConfig(model=str(tiny.hf_dir), dtype="float32", device="cpu", quantization="int8"))
+    assert model.weight_formats().startswith("Q8_0") and "float32" not in model.weight_formats()
+    ours, ref = prefill_logits(model, PROMPT), hf_logits(ref_model, PROMPT)
+    torch.testing.assert_close(ours, ref, atol=2e-3, rtol=2e-3)
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
