@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: venv model serve test bench clean
+.PHONY: venv model browser serve test bench clean
 
 venv: $(STAMP)
 
@@ -21,11 +21,22 @@ $(STAMP): pyproject.toml
 model: venv
 	$(BIN)/pdserve pull
 
+# The dashboard test drives Debian's chromium with Playwright (whose own browser download cannot run
+# here); installed once, when missing and we are root.
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else \
+	    echo "the dashboard test needs /usr/bin/chromium: run 'sudo apt-get install chromium'" >&2; \
+	  fi; \
+	fi
+
 # pdserve up prints a ready-to-paste curl line once the cluster answers.
 serve: venv model
 	$(BIN)/pdserve up --port $(PORT)
 
-test: venv model
+test: venv model browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
 
 bench: venv model

@@ -1,8 +1,8 @@
-"""KV transfer bandwidth, shm and tcp backends, as a ratio to a plain memory copy of the same bytes.
+"""KV transfer bandwidth, shm and tcp connectors, as a ratio to a plain memory copy of the same bytes.
 
 For each prompt length, the prefill side's blocks (random, scattered block ids, as a fragmented pool
 gives them) are sent into a decode-side cache's reserved blocks (also scattered) through the real
-backends: shm (map the receiver's /dev/shm cache, copy the blocks in, notice over ZMQ) and tcp (gather
+connectors (kv/): shm (map the target's /dev/shm cache, copy the blocks in, notice over ZMQ) and tcp (gather
 into one buffer, zero-copy ZMQ frame over 127.0.0.1 TCP, receiver copies into its blocks). Timed from
 the start of the send until the receiver holds the data (notice received; for tcp, written into the
 cache), in steady state (a first transfer of every block maps all pages). The baseline, measured in the same run, is ``dst.copy_(src)`` of one contiguous tensor of the
@@ -15,14 +15,15 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import threading
 import time
 
 import torch
 import zmq
 
-from pdserve.kv.transfer import block_bytes, copy_blocks, make_receiver, make_sender
-from pdserve.worker.protocol import KVReservationMsg
+from pdserve.kv.blocks import block_bytes, copy_blocks
+from pdserve.kv.connector import ConnectorConfig, SaveJob
+from pdserve.kv.registry import make_connector
+from pdserve.protocol import KVReservationMsg
 
 SHAPES = {  # (num_layers, num_kv_heads, head_dim, dtype)
     "smollm2": (30, 3, 64, torch.float32),  # the default model as served on CPU
@@ -63,10 +64,14 @@ def main() -> None:
 
 
 def _run(ctx, src_cache, shape, dtype, lengths, repeats):
-    receivers = {b: make_receiver(b, ctx, f"bench-{b}") for b in ("shm", "tcp")}
-    caches = {b: r.allocate_cache(shape, dtype) for b, r in receivers.items()}
-    sender_ctx = zmq.Context()  # its own ZMQ I/O thread, as in a separate prefill process
-    senders = {b: make_sender(b, sender_ctx) for b in ("shm", "tcp")}
+    receivers = {b: make_connector(b, ConnectorConfig(f"bench-{b}")) for b in ("shm", "tcp")}
+    caches = {}
+    for b, r in receivers.items():
+        r.listen()
+        caches[b] = r.allocate_cache(shape, dtype) if r.capabilities.places_cache else torch.zeros(shape, dtype=dtype)
+        r.register_cache(caches[b])
+    sender_ctx = zmq.Context()  # its own ZMQ I/O thread for the raw-frame baseline
+    senders = {b: make_connector(b, ConnectorConfig(f"bench-sender-{b}")) for b in ("shm", "tcp")}
     rng = random.Random(0)
     for b in ("shm", "tcp"):  # steady state: every page of both caches already mapped on both sides
         every = list(range(shape[2]))
@@ -101,20 +106,21 @@ def _run(ctx, src_cache, shape, dtype, lengths, repeats):
 
 
 def _one_transfer(sender, receiver, cache, src_cache, src_ids, dst_ids) -> float:
-    target = receiver.target()
-    reservation = KVReservationMsg("bench", dst_ids, 0, target, time.time() + 60)
-    records = []
+    """From the start of the save (on the sender's save thread) until the target holds the data."""
+    reservation = KVReservationMsg("bench", dst_ids, 0, receiver.target(), time.time() + 60)
+    receiver.expect(reservation)
     t0 = time.perf_counter()
-    thread = threading.Thread(target=lambda: records.append(sender.send("bench", src_cache, src_ids, reservation, 1)))
-    thread.start()
-    incoming = []
-    while not incoming:
+    sender.start_save(SaveJob("bench", src_ids, reservation, 1), src_cache)
+    loads = []
+    while not loads:
         receiver.socket.poll(1000)
-        incoming = receiver.poll()
-    incoming[0].write_into(cache)
+        loads = receiver.poll_loads()  # tcp: validates and writes the frames into the cache
     elapsed = time.perf_counter() - t0
-    thread.join()
-    assert records[0].ok, records[0].error
+    done = []
+    while not done:
+        done = sender.poll_saves()
+        time.sleep(0.001)
+    assert loads[0].ok and done[0].ok, (loads[0].error, done[0].error)
     assert torch.equal(cache[:, :, dst_ids[-1]], src_cache[:, :, src_ids[-1]])
     return elapsed
 

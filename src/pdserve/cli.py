@@ -48,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling-seed", type=int, default=None, help="seed of the sampler")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to each prompt")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
-    from pdserve.cluster.args import add_engine_args
+    from pdserve.settings import add_engine_flags
 
-    add_engine_args(p)
+    add_engine_flags(p)
     p.set_defaults(func=_cmd_generate)
 
     for name in _PLUGINS:
@@ -73,7 +73,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from pdserve.cluster.args import engine_config_from_args
+    from pdserve.settings import engine_config_from_args
     from pdserve.engine.llm import LLM
     from pdserve.sampling_params import SamplingParams
 

@@ -2,11 +2,14 @@
 
 Values found at run time (the number of KV blocks that fit the budget, a port the OS chose) are returned
 by the component that finds them and passed on, never written back into these objects.
+
+The engine's slices (model, cache, scheduler) are its settings: ``settings.py`` makes the command-line
+flags, cluster-file keys and ``LLM``'s keyword arguments from these fields and their metadata, once.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
                "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -22,6 +25,14 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
+def format_size(num_bytes: int) -> str:
+    """``2**30`` -> ``1GiB``; sizes that are no whole number of a binary unit stay in bytes."""
+    for unit, factor in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= factor and num_bytes % factor == 0:
+            return f"{num_bytes // factor}{unit}"
+    return str(num_bytes)
+
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOAD_FORMATS = ("auto", "hf", "gguf", "dummy")
 QUANTIZATIONS = ("auto", "none", "int8", "q8_0", "q4_0", "q4_1")
@@ -31,15 +42,18 @@ QUANTIZATIONS = ("auto", "none", "int8", "q8_0", "q4_0", "q4_1")
 class ModelConfig:
     """What to load: a path or known name, how, and in which dtype."""
 
-    model: str = "smollm2-135m"
-    load_format: str = "auto"
-    dtype: str = "auto"
-    max_model_len: int | None = None  # None: the checkpoint's own context length
-    seed: int = 0  # seeds dummy weights
-    device: str = "auto"  # auto: cuda when available, else cpu
+    model: str = field(default="smollm2-135m", metadata={"help": "known name, .gguf file or HF folder"})
+    load_format: str = field(default="auto", metadata={"choices": LOAD_FORMATS})
+    dtype: str = field(default="auto", metadata={"choices": DTYPES})
+    max_model_len: int | None = field(default=None, metadata={
+        "type": int, "help": "context length cap (default: the model's)"})
+    seed: int = field(default=0, metadata={"help": "seed of dummy weights"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu, cuda:1, ..."})
     # auto: a GGUF's own Q8_0/Q4_0/Q4_1/Q4_K weights stay quantized (CPU); none: dequantized at load;
     # int8 (= q8_0), q4_0, q4_1: every matrix quantized to that type at load
-    quantization: str = "auto"
+    quantization: str = field(default="auto", metadata={
+        "choices": QUANTIZATIONS, "help": "weights: auto keeps a GGUF's own quantized types (CPU), none "
+        "dequantizes them, a type quantizes every matrix to it at load"})
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
@@ -56,10 +70,12 @@ class ModelConfig:
 class CacheConfig:
     """The paged KV cache: block size, memory budget, prefix caching."""
 
-    block_size: int = 16
-    kv_cache_memory_bytes: int = 2 * 2**30
-    num_blocks: int | None = None  # overrides the budget (tests, simulator)
-    enable_prefix_caching: bool = True
+    block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
+    kv_cache_memory_bytes: int = field(default=2**30, metadata={
+        "name": "kv_cache_memory", "parse": parse_size, "show": format_size, "help": "KV cache budget, e.g. 512MiB, 2GiB"})
+    num_blocks: int | None = field(default=None, metadata={
+        "name": "num_kv_blocks", "type": int, "help": "KV blocks (overrides --kv-cache-memory)"})
+    enable_prefix_caching: bool = field(default=True, metadata={"flag": "--no-prefix-caching"})
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -74,10 +90,10 @@ class CacheConfig:
 class SchedulerConfig:
     """Continuous batching: a token budget per step and a cap on running requests."""
 
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 128
-    enable_chunked_prefill: bool = True
-    max_waiting: int = 4096  # admission bound: more waiting requests are refused (OverloadedError)
+    max_num_batched_tokens: int = field(default=2048, metadata={"help": "token budget of one step"})
+    max_num_seqs: int = field(default=128, metadata={"help": "requests running at once"})
+    enable_chunked_prefill: bool = field(default=True, metadata={"flag": "--no-chunked-prefill"})
+    max_waiting: int = field(default=4096, metadata={"help": "bound of the waiting queue (more are refused)"})
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:

@@ -42,3 +42,10 @@ class WorkerDeadError(PdserveError):
 
     http_status = 503
     error_type = "worker_unavailable"
+
+
+class DeadlineExceededError(PdserveError):
+    """The request's deadline passed before it finished: it was aborted everywhere (HTTP 504)."""
+
+    http_status = 504
+    error_type = "timeout"

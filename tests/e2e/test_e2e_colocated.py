@@ -13,8 +13,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 def url(tmp_path_factory):
     require_model()
     config = tmp_path_factory.mktemp("cluster") / "best-cluster.yaml"  # as the planner writes one
-    config.write_text("model: smollm2-135m\nmode: colocated\ninstances: 1\nhardware: cpu\ntp: 1\n"
-                      "scheduler:\n  max_num_seqs: 32\n")
+    config.write_text("model: smollm2-135m\nengine: {max_num_seqs: 32}\nserving: {mode: colocated, colocated: 1}\n"
+                      "planning: {hardware: cpu-this-machine, tp: 1}\n")
     with local_cluster("--config", str(config)) as (base, _):
         yield base
 

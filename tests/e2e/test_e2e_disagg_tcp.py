@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 @pytest.fixture(scope="module")
 def url():
     require_model()
-    with local_cluster("--prefill", "1", "--decode", "1", "--kv-transfer", "tcp") as (base, _):
+    with local_cluster("--prefill", "1", "--decode", "1", "--kv-connector", "tcp") as (base, _):
         yield base
 
 

@@ -1,4 +1,4 @@
-"""Workers keep freed memory (``cluster.args.keep_freed_memory``): per-step temporaries must not be
+"""Workers keep freed memory (``runtime.keep_freed_memory``): per-step temporaries must not be
 page-faulted back in every step (measured: ~50k minor faults and 2x slower decode steps without it)."""
 import resource
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 SCRIPT = """
 import resource, sys
 import torch
-from pdserve.cluster.args import keep_freed_memory
+from pdserve.runtime import keep_freed_memory
 if sys.argv[1] == "tuned":
     assert keep_freed_memory()
 def step(mib):  # a step's temporaries: a dozen multi-MB tensors alive together, then freed

@@ -8,6 +8,7 @@ from pdserve.config import SchedulerConfig
 from pdserve.engine.kv_manager import KVCacheManager
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.scheduler import Scheduler
+from pdserve.kv.base import RemotePrefill
 from pdserve.sampling_params import SamplingParams
 
 EOS = 2
@@ -16,7 +17,7 @@ EOS = 2
 def make(num_blocks=8, block_size=4, budget=16, max_seqs=8, chunked=True, caching=True, max_len=64):
     kv = KVCacheManager(num_blocks, block_size, caching)
     cfg = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, enable_chunked_prefill=chunked)
-    return Scheduler(cfg, kv, max_len)
+    return Scheduler(cfg, kv, max_len, external=RemotePrefill())
 
 
 def req(rid, prompt, max_tokens=4, **kw):
@@ -185,32 +186,65 @@ def test_max_num_seqs_caps_running():
 def test_remote_kv_reserve_complete_and_fail():
     s = make(num_blocks=8)
     r = req("d", list(range(50, 57)), max_tokens=3)
-    s.add_request(r, remote_kv=True)
+    s.add_request(r)
+    s.external.expect("d")
     out, _ = run_step(s)
-    assert out.is_empty and [(x.request_id, x.block_ids, x.num_cached_tokens) for x in out.reservations] == [
-        ("d", [0, 1], 0)]
-    assert r.status == RequestStatus.WAITING_FOR_REMOTE_KV
-    first = s.complete_remote_kv("d", 42)
+    assert out.is_empty and [(x.request_id, x.block_ids, x.num_cached_tokens, x.num_external_tokens)
+                             for x in out.reservations] == [("d", [0, 1], 0, 7)]
+    assert r.status == RequestStatus.WAITING_FOR_KV
+    first = s.finish_load("d", 42)
     assert first.new_token_ids == [42] and r.num_computed_tokens == 7
     out, _ = run_step(s)
     assert [(c.start, c.num_tokens) for c in out.chunks] == [(7, 1)]
     run_to_end(s)
     assert r.output_token_ids == [42, 7, 7]
-    # A failed transfer falls back to a local prefill.
+    # A failed transfer falls back to a local prefill, and is not reserved again.
     r2 = req("e", list(range(60, 67)), max_tokens=2)
-    s.add_request(r2, remote_kv=True)
+    s.add_request(r2)
+    s.external.expect("e")
     run_step(s)
-    s.fail_remote_kv("e")
+    s.fail_load("e")
     s.check_integrity()
+    out, _ = run_step(s)
+    assert out.reservations == [] and [(c.start, c.num_tokens) for c in out.chunks] == [(0, 7)]
     run_to_end(s)
     assert r2.output_token_ids == [7, 7]
     assert s.kv.pool.num_free_blocks == 8
 
 
+class _PartialSource(RemotePrefill):
+    """A source that has the first ``n`` tokens of every prompt (as a store tier would)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    def has_external(self, request_id):
+        return True
+
+    def num_external_tokens(self, request_id, num_prompt_tokens, num_local_hit_tokens):
+        return max(0, self.n - num_local_hit_tokens) if request_id not in self._held else 0
+
+
+def test_partial_load_continues_the_prefill_after_the_loaded_tokens():
+    s = make(num_blocks=8, budget=16)
+    s.external = _PartialSource(8)
+    r = req("p", list(range(20, 31)), max_tokens=2)  # 11 prompt tokens: 8 loaded, 3 computed
+    s.add_request(r)
+    out, _ = run_step(s)
+    assert out.is_empty and [(x.block_ids, x.num_cached_tokens, x.num_external_tokens)
+                             for x in out.reservations] == [([0, 1], 0, 8)]
+    assert s.finish_load("p") is None  # no first token: the request continues its prefill
+    out, _ = run_step(s)
+    assert [(c.start, c.num_tokens, c.samples) for c in out.chunks] == [(8, 3, True)]
+    run_to_end(s)
+    assert r.output_token_ids == [7, 7] and s.kv.pool.num_free_blocks == 8
+
+
 def test_hold_kv_keeps_blocks_until_released():
     s = make(num_blocks=8)
     r = req("p", list(range(70, 79)), max_tokens=1)
-    r.hold_kv = True
+    s.external.hold("p")
     s.add_request(r)
     _, outs = run_step(s)
     assert outs[0].finished and outs[0].kv_block_ids == [0, 1, 2]
@@ -238,3 +272,47 @@ def test_random_workload_keeps_integrity(seed):
         run_step(s, token=rng.randint(5, 50))
     run_to_end(s, max_steps=1000)
     assert s.kv.pool.num_free_blocks == 12
+
+
+def test_commit_decode_steps_equals_stepping():
+    """The simulator's fast-forward: k decode steps committed at once leave what k steps leave."""
+    def started():
+        s = make(num_blocks=16, block_size=4, budget=32)
+        for i in range(3):
+            s.add_request(req(f"r{i}", [3, 4, 5, 6, 7 + i], max_tokens=20))
+        run_step(s)  # prefills, first tokens
+        return s
+
+    stepped, committed = started(), started()
+    for _ in range(6):
+        run_step(stepped)
+    committed.commit_decode_steps(list(committed.running), 6, 7)
+    committed.check_integrity()
+    for a, b in zip(stepped.running, committed.running):
+        assert (a.output_token_ids, a.num_computed_tokens) == (b.output_token_ids, b.num_computed_tokens)
+        assert len(stepped.kv.block_ids(a.request_id)) == len(committed.kv.block_ids(b.request_id))
+    assert stepped.kv.pool.num_free_blocks == committed.kv.pool.num_free_blocks
+
+
+def test_prefill_budget_bounds_prefill_chunks_beside_decodes():
+    """Stall-free chunking: decodes always run; the prefill tokens beside them follow the budget function."""
+    s = make(num_blocks=32, block_size=4, budget=64)
+    s.add_request(req("d", [3, 4, 5], max_tokens=30))
+    run_step(s)  # its prompt: from now on a decode
+    seen = []
+
+    def budget(num_decodes, decode_ctx):
+        seen.append((num_decodes, decode_ctx))
+        return 5
+    s.prefill_budget_fn = budget
+    s.add_request(req("p", list(range(10, 30)), max_tokens=2))  # 20 prompt tokens
+    out, _ = run_step(s)
+    assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == [("d", 1), ("p", 5)]
+    assert seen[-1] == (1, 4)
+    out, _ = run_step(s)  # the running chunked prefill is bounded too
+    assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == [("d", 1), ("p", 5)]
+    s.prefill_budget_fn = lambda n, ctx: 0  # no prefill at all this step: the decode still runs
+    out, _ = run_step(s)
+    assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == [("d", 1)]
+    s.prefill_budget_fn = None
+    run_to_end(s)

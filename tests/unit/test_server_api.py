@@ -7,10 +7,11 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
+from pdserve.control.attainment import Attainment, Objectives
 from pdserve.errors import OverloadedError
 from pdserve.server.app import create_app
-from pdserve.server.client import RequestEvent
-from pdserve.worker.protocol import LogprobEntry, TokenOutput, WorkerInfo
+from pdserve.server.client import FrontendOptions, RequestEvent
+from pdserve.protocol import LogprobEntry, TokenOutput, WorkerInfo
 
 MODEL = "tiny"
 MAX_MODEL_LEN = 64
@@ -41,6 +42,8 @@ class FakeClient:
         self.metrics = None
         self.conns = {}
         self.overloaded = False
+        self.attainment = Attainment(Objectives())
+        self.options = FrontendOptions(())  # the objectives the dashboard's monitor judges by
 
     async def start(self):
         pass

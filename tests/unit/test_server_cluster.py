@@ -6,21 +6,40 @@ import logging
 
 import pytest
 
-from pdserve.cluster.args import add_engine_args, engine_args_to_argv, engine_config_from_args, parse_cpu_list
-from pdserve.cluster.cli import add_up_args
-from pdserve.cluster.config import cluster_settings, load_cluster_file
+from pdserve import cluster_file
+from pdserve.cluster.cli import add_up_args, apply_up_config
+from pdserve.runtime import parse_cpu_list
+from pdserve.settings import SETTINGS, add_engine_flags, engine_argv, engine_config, engine_config_from_args
 
 
 def test_engine_flags_round_trip():
-    parser = add_engine_args(argparse.ArgumentParser())
+    parser = add_engine_flags(argparse.ArgumentParser())
     args = parser.parse_args(["--kv-cache-memory", "512MiB", "--block-size", "32", "--max-num-seqs", "7",
-                              "--no-prefix-caching", "--max-model-len", "1024", "--dtype", "bfloat16"])
+                              "--no-prefix-caching", "--max-model-len", "1024", "--dtype", "bfloat16",
+                              "--quantization", "none"])
     config = engine_config_from_args(args)
     assert config.cache.kv_cache_memory_bytes == 512 * 2**20 and config.cache.block_size == 32
     assert not config.cache.enable_prefix_caching and config.scheduler.max_num_seqs == 7
     assert config.model.max_model_len == 1024 and config.model.dtype == "bfloat16"
-    again = engine_config_from_args(parser.parse_args(engine_args_to_argv(args)))
-    assert again == config
+    assert config.model.quantization == "none"
+    assert "--model" not in engine_argv(config)  # settings at their default are left out
+    assert engine_config_from_args(parser.parse_args(engine_argv(config))) == config
+    # the same settings by name (LLM's keyword arguments, cluster files)
+    assert engine_config(kv_cache_memory="512MiB", block_size=32, max_num_seqs=7, enable_prefix_caching=False,
+                         max_model_len=1024, dtype="bfloat16", quantization="none") == config
+    with pytest.raises(ValueError, match="max_num_seq"):
+        engine_config(max_num_seq=7)
+    with pytest.raises(ValueError, match="max_num_seqs must be >= 1"):
+        engine_config(max_num_seqs=0)
+
+
+def test_every_engine_setting_is_a_flag_of_worker_up_and_generate():
+    from pdserve.cli import build_parser
+
+    parser = build_parser()
+    for command in (["worker"], ["up"], ["generate", "x"]):
+        args = parser.parse_args(command)
+        assert set(SETTINGS) <= set(vars(args)), command
 
 
 def test_cpu_lists():
@@ -29,50 +48,77 @@ def test_cpu_lists():
         parse_cpu_list(",")
 
 
-def test_cluster_file(tmp_path, caplog):
-    path = tmp_path / "best-cluster.yaml"
-    path.write_text("model: smollm2-135m\nmode: disaggregated\nprefill: 2\ndecode: 3\nkv_transfer: tcp\n"
-                    "scheduler:\n  max_num_batched_tokens: 1024\n  max_num_seqs: 64\n"
-                    "cache:\n  kv_cache_memory: 2GiB\n  block_size: 32\nhardware: h100-sxm\ntp: 2\n")
-    with caplog.at_level(logging.INFO):
-        s = load_cluster_file(path)
-    assert s == {"model": "smollm2-135m", "prefill": 2, "decode": 3, "colocated": 0, "kv_transfer": "tcp",
-                 "max_num_batched_tokens": 1024, "max_num_seqs": 64, "kv_cache_memory": "2GiB", "block_size": 32}
-    assert "hardware" in caplog.text and "tp" in caplog.text
-    # every setting is a real flag of ``pdserve up``
+def _up_args(argv):
     parser = argparse.ArgumentParser()
     add_up_args(parser)
-    dests = set(vars(parser.parse_args([])))
-    assert set(s) <= dests
+    return apply_up_config(parser.parse_args(argv))
 
 
-def test_cluster_file_modes_and_errors():
-    assert cluster_settings({"mode": "colocated"}) == {"colocated": 1, "prefill": 0, "decode": 0}
-    assert cluster_settings({"mode": "colocated", "instances": 4})["colocated"] == 4
-    with pytest.raises(ValueError, match="mode"):
-        cluster_settings({"mode": "both"})
-    with pytest.raises(ValueError, match="prefil"):
-        cluster_settings({"prefil": 1})
-    with pytest.raises(ValueError, match="scheduler.max_seqs"):
-        cluster_settings({"scheduler": {"max_seqs": 1}})
+def test_cluster_file_sets_up_and_flags_win(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text("model: smollm2-135m\nengine: {max_num_batched_tokens: 1024, max_num_seqs: 64, "
+                    "kv_cache_memory: 2GiB, block_size: 32}\n"
+                    "serving: {mode: disaggregated, prefill: 2, decode: 3, kv_connector: tcp, routing: round_robin}\n"
+                    "planning: {hardware: h100-sxm, tp: 2}\n")
+    args = _up_args(["--config", str(path)])
+    assert (args.prefill, args.decode, args.colocated, args.kv_connector, args.routing) == (2, 3, 0, "tcp",
+                                                                                          "round_robin")
+    config = engine_config_from_args(args)
+    assert (config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs, config.cache.block_size,
+            config.cache.kv_cache_memory_bytes) == (1024, 64, 32, 2 * 2**30)
+    # flags given with a value other than their default win over the file
+    args = _up_args(["--config", str(path), "--max-num-seqs", "7", "--routing", "least_loaded"])
+    assert engine_config_from_args(args).scheduler.max_num_seqs == 7 and args.routing == "least_loaded"
 
 
-def test_planner_best_cluster_file_is_accepted(tmp_path):
-    """A file as ``pdserve plan`` writes it (the simulator's own writer) starts the same cluster shape."""
-    from pdserve.sim.cluster import load_cluster
+def test_cluster_file_prices_reach_the_frontend_and_flags_win(tmp_path):
+    """``serving.price_per_hour`` (live cost, docs/monitoring.md): every worker's or per pool; the frontend
+    of ``pdserve up`` gets them as ``--price-per-hour``, unless that flag is given."""
+    from pdserve.server.monitor_args import monitor_args_to_argv, monitor_options_from_args
 
-    path = tmp_path / "best-cluster.yaml"
-    path.write_text("model: smollm2-135m\nmode: disaggregated\nprefill: 2\ndecode: 3\nrouting: least_loaded\n"
-                    "scheduler: {max_num_batched_tokens: 2048, max_num_seqs: 256, enable_chunked_prefill: true}\n"
-                    "cache: {block_size: 16, enable_prefix_caching: true}\nprefill_hardware: h100-sxm\n"
-                    "decode_hardware: h200\ntp: {prefill: 1, decode: 2}\n"
-                    "notes: {precision: bf16, pools: {prefill: {max_num_batched_tokens: 8192}}}\n"
-                    "predicted: {goodput_rps: 12.5}\n")
-    spec = load_cluster(path)  # the simulator reads it, and writes it back as the planner does
-    for f in (path, spec.dump(tmp_path / "dumped.yaml")):
-        s = load_cluster_file(f)
-        assert (s["prefill"], s["decode"], s["colocated"], s["routing"]) == (2, 3, 0, "least_loaded")
-        assert s["max_num_seqs"] == 256 and s["block_size"] == 16 and s["model"] == "smollm2-135m"
+    path = tmp_path / "cluster.yaml"
+    path.write_text("model: smollm2-135m\nserving: {price_per_hour: {prefill: 2.99, decode: 1.79}}\n")
+    args = _up_args(["--config", str(path)])
+    assert args.price_per_hour == ["prefill=2.99", "decode=1.79"]
+    assert dict(monitor_options_from_args(args).prices) == {"prefill": 2.99, "decode": 1.79}
+    assert monitor_args_to_argv(args) == ["--price-per-hour", "prefill=2.99", "--price-per-hour", "decode=1.79"]
+    path.write_text("model: smollm2-135m\nserving: {price_per_hour: 0.08}\n")
+    assert _up_args(["--config", str(path)]).price_per_hour == ["0.08"]
+    assert _up_args(["--config", str(path), "--price-per-hour", "1.5"]).price_per_hour == ["1.5"]
+
+
+def test_cluster_file_errors_name_the_key(tmp_path):
+    for text, words in (("model: m\nserving: {mode: both}\n", "mode"),
+                        ("model: m\nserving: {prefil: 1}\n", "prefil"),
+                        ("model: m\nengine: {max_seqs: 1}\n", "max_seqs"),
+                        ("model: m\nengine: {quantization: bogus}\n", "quantization must be one of .*'bogus'"),
+                        ("model: m\nserving: {pools: {decode: {max_seqs: 3}}}\n", "serving.pools.decode"),
+                        ("model: m\nplanning: {hardwre: h200}\n", "hardwre"),
+                        ("model: m\nserving: {price_per_hour: {gpu: 1}}\n", "price_per_hour"),
+                        ("model: m\nserving: {price_per_hour: -1}\n", "price_per_hour"),
+                        ("model: m\nnotes: {}\n", "notes"),
+                        ("engine: {}\n", "model")):
+        path = tmp_path / "bad.yaml"
+        path.write_text(text)
+        with pytest.raises(ValueError, match=words):
+            cluster_file.load(path)
+
+
+def test_planner_best_cluster_file_deploys_the_simulated_layout(tmp_path):
+    """A file as ``pdserve plan`` writes it: ``pdserve up --config`` starts the layout the simulator ran."""
+    from pdserve.sim.cluster import ClusterSpec, PoolSpec, load_cluster
+
+    spec = ClusterSpec("smollm2-135m", "disaggregated", prefill=PoolSpec("h100-sxm", 2, max_num_batched_tokens=8192),
+                       decode=PoolSpec("h200", 3, 2, max_num_seqs=256), routing="least_loaded",
+                       extra={"goodput_rps": 12.5})
+    path = spec.dump(tmp_path / "best-cluster.yaml")
+    assert load_cluster(path) == spec
+    args = _up_args(["--config", str(path)])
+    assert (args.prefill, args.decode, args.colocated, args.routing) == (2, 3, 0, "least_loaded")
+    assert args.model == "smollm2-135m"
+    for pool, expected in (("prefill", (8192, 128)), ("decode", (2048, 256))):
+        s = engine_config_from_args(args, **args.pool_settings.get(pool, {})).scheduler
+        assert (s.max_num_batched_tokens, s.max_num_seqs) == expected
 
 
 def test_cores_are_split_evenly_between_workers():
@@ -84,9 +130,8 @@ def test_cores_are_split_evenly_between_workers():
     assert split_cores([0, 1, 2, 3, 4], 2) == ["0,1", "2,3,4"]
 
 
-def test_per_pool_scheduler_settings_reach_their_workers(tmp_path):
-    """``notes.pools`` of a planner's cluster file set each pool's workers' scheduler; flags win."""
-    from pdserve.cluster.cli import apply_up_config
+def test_per_pool_engine_settings_reach_their_workers(tmp_path):
+    """``serving.pools`` of a cluster file set each pool's workers' engine; flags win."""
     from pdserve.cluster.local import LocalCluster
     from pdserve.sim.cluster import ClusterSpec, PoolSpec
 
@@ -95,13 +140,10 @@ def test_per_pool_scheduler_settings_reach_their_workers(tmp_path):
                        decode=PoolSpec("h100-sxm", 2, max_num_batched_tokens=512, max_num_seqs=200,
                                        enable_chunked_prefill=False))
     path = spec.dump(tmp_path / "best-cluster.yaml")
-    engine = argparse.ArgumentParser()
-    add_engine_args(engine)
+    engine = add_engine_flags(argparse.ArgumentParser())
 
     def worker_settings(argv_up, role):
-        parser = argparse.ArgumentParser()
-        add_up_args(parser)
-        cluster = LocalCluster(apply_up_config(parser.parse_args(argv_up)))
+        cluster = LocalCluster(_up_args(argv_up))
         try:
             known, _ = engine.parse_known_args(cluster.worker_argv(0, role, None, tmp_path / "r.json")[3:])
         finally:
@@ -111,5 +153,37 @@ def test_per_pool_scheduler_settings_reach_their_workers(tmp_path):
     assert worker_settings(["--config", str(path)], "prefill") == (8192, 16, True)
     assert worker_settings(["--config", str(path)], "decode") == (512, 200, False)
     assert worker_settings(["--config", str(path), "--max-num-seqs", "7"], "decode") == (512, 7, False)
-    with pytest.raises(ValueError, match="notes.pools.decode.max_seqs"):
-        cluster_settings({"mode": "disaggregated", "notes": {"pools": {"decode": {"max_seqs": 3}}}})
+
+
+def test_quantization_from_a_cluster_file_reaches_the_workers(tmp_path):
+    """``engine: {quantization: none}`` is passed to every worker; ``--quantization`` on the command line wins."""
+    from pdserve.cluster.local import LocalCluster
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text("model: smollm2-135m\nengine: {quantization: none}\nserving: {mode: disaggregated}\n")
+    engine = add_engine_flags(argparse.ArgumentParser())
+
+    def worker_quantization(argv_up, role):
+        cluster = LocalCluster(_up_args(argv_up))
+        try:
+            known, _ = engine.parse_known_args(cluster.worker_argv(0, role, None, tmp_path / "r.json")[3:])
+        finally:
+            cluster.tmpdir.rmdir()
+        return known.quantization
+
+    assert worker_quantization(["--config", str(path)], "prefill") == "none"
+    assert worker_quantization(["--config", str(path)], "decode") == "none"
+    assert worker_quantization(["--config", str(path), "--quantization", "q4_0"], "decode") == "q4_0"
+    assert worker_quantization([], "decode") == "auto"
+
+
+def test_up_with_a_bad_cluster_file_says_which_key(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: smollm2-135m\nserving: {modde: colocated}\n")
+    run = subprocess.run([sys.executable, "-m", "pdserve.cli", "up", "--config", str(path)], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2
+    assert "unknown field `modde`" in run.stderr and "Traceback" not in run.stderr

@@ -12,7 +12,7 @@ import zmq
 
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.engine.core import EngineCore
-from pdserve.worker import protocol as p
+from pdserve import protocol as p
 from pdserve.worker.process import Worker, WorkerOptions
 
 TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 160, "hidden_size": 64,
@@ -41,10 +41,9 @@ class Running:
     """A worker running its loop in a thread, and a DEALER connected to it (the test is the frontend)."""
 
     def __init__(self, tiny_dir, role, backend="shm", transfer_timeout_s=30.0, trace_path=None):
-        options = WorkerOptions(role=role, kv_backend=backend, stats_interval_s=0.05,
+        options = WorkerOptions(role=role, kv_connector=backend, stats_interval_s=0.05,
                                 transfer_timeout_s=transfer_timeout_s, idle_poll_ms=10, trace_path=trace_path)
-        self.worker = Worker(None, options, engine_factory=lambda alloc: _engine(tiny_dir, alloc),
-                             context=zmq.Context())
+        self.worker = Worker(None, options, engine_factory=lambda alloc: _engine(tiny_dir, alloc))
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
         self.thread.start()
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -118,7 +117,7 @@ def test_disaggregated_equals_colocated_with_identical_kv(tiny_dir, colocated_to
             prefill.send(p.AddRequest(rid, PROMPT, p.WireSamplingParams(temperature=0.0, max_tokens=1,
                                                                         ignore_eos=True), hold_kv=True))
             reservation = decode.recv_type(p.KVReservationMsg)
-            assert reservation.request_id == rid and reservation.target.backend == backend
+            assert reservation.request_id == rid and reservation.target.connector == backend
             assert len(reservation.block_ids) == 3
             assert reservation.num_cached_tokens == (0 if rid == "r1" else 32)
             prefill.send(p.ForwardReservation(reservation))
@@ -140,7 +139,7 @@ def test_disaggregated_equals_colocated_with_identical_kv(tiny_dir, colocated_to
 
 
 def test_traced_workers_record_steps_transfers_and_first_tokens(tiny_dir, tmp_path):
-    from pdserve.worker.trace import read_trace
+    from pdserve.tracing import read_trace
     prefill = Running(tiny_dir, "prefill", trace_path=tmp_path / "p.jsonl")
     decode = Running(tiny_dir, "decode", trace_path=tmp_path / "d.jsonl")
     try:
@@ -253,4 +252,49 @@ def test_reservation_waits_for_free_blocks(tiny_dir):
                 assert msg.request_id == "r" and len(msg.block_ids) == 10
                 break
     finally:
+        decode.close()
+
+
+def test_configure_changes_role_cores_and_step_target_between_steps(tiny_dir, colocated_tokens):
+    import os
+
+    w = Running(tiny_dir, "prefill", "tcp")
+    try:
+        core = sorted(os.sched_getaffinity(0))[0]
+        w.send(p.Configure(role="decode", cpus=[core], set_step_target=True, step_target_s=0.05))
+        info = w.recv_type(p.WorkerInfo)
+        assert (info.role, info.cpus, info.step_target_s) == ("decode", [core], 0.05)
+        w.wait_stats(lambda s: s.role == "decode" and s.cpus == [core] and s.step_target_s == 0.05)
+        w.send(p.AddRequest("c1", PROMPT, GREEDY))  # a former prefill worker now decodes: same tokens
+        assert w.tokens("c1")[0] == colocated_tokens
+        w.send(p.Configure(cpus=[], set_step_target=True))  # parked, no step target
+        info = w.recv_type(p.WorkerInfo)
+        assert info.cpus == [] and info.step_target_s is None
+        w.send(p.Configure(role="chef"))
+        assert "role must be one of" in w.recv_type(p.ErrorMsg).message
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("fault", ["kv_drop=1", "kv_corrupt=1", "kv_delay_s=0.5"])
+def test_faulty_transfers_fall_back_with_the_right_tokens_and_no_leak(tiny_dir, colocated_tokens, fault, monkeypatch):
+    """Dropped, corrupted and delayed transfers (kv/faults.py): the decode worker computes the prompt itself
+    when the KV does not arrive or fails its checksum; the tokens are the colocated ones; every block is free."""
+    monkeypatch.setenv("PDSERVE_FAULTS", fault)
+    prefill = Running(tiny_dir, "prefill")  # its connectors read the fault plan
+    monkeypatch.delenv("PDSERVE_FAULTS")
+    if "corrupt" in fault:
+        monkeypatch.setenv("PDSERVE_KV_VERIFY", "1")  # the decode side verifies what the sender checksummed
+    decode = Running(tiny_dir, "decode", "tcp", transfer_timeout_s=1.0)
+    try:
+        decode.send(p.AddRequest("f", PROMPT, GREEDY, remote_kv=True))
+        prefill.send(p.AddRequest("f", PROMPT, p.WireSamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),
+                                  hold_kv=True))
+        prefill.send(p.ForwardReservation(decode.recv_type(p.KVReservationMsg)))
+        ids, reason = decode.tokens("f")
+        assert ids == colocated_tokens and reason == "length"
+        for w in (prefill, decode):
+            w.wait_stats(lambda s: s.num_free_blocks == s.num_blocks and s.num_held_kv == 0 and s.num_awaiting_kv == 0)
+    finally:
+        prefill.close()
         decode.close()

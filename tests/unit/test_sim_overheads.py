@@ -8,7 +8,8 @@ import pytest
 
 from pdserve.sim.calibrated import CalibratedPerfModel
 from pdserve.sim.cluster import ClusterSpec, PoolSpec
-from pdserve.sim.live import _fit_scales, _Worker, fit_live, step_speed
+from pdserve.sim.live import _Worker, fit_live, step_speed
+from pdserve.sim.live_estimators import fit_scales as _fit_scales
 from pdserve.sim.overheads import Overheads, StepNoise, StepOverhead
 from pdserve.sim.simulator import SimOptions, Simulator, WorkItem
 from pdserve.sim.workload import work_items, workload_config
@@ -36,7 +37,8 @@ def _by_index(result):
 
 def test_colocated_step_admission_and_return_terms_are_exact(tmp_path):
     # admission 5 ms, steps 2 x 10 ms + 1 ms + 0.5 ms per output, return 2 ms.
-    oh = Overheads(admission_s=0.005, return_s=0.002, steps={"both": StepOverhead(2.0, 0.001, 0.0005)})
+    oh = Overheads(admission_s=0.005, return_s=0.002, steps={"both": StepOverhead(scale=2.0, gap_s=0.001,
+                                                                                     gap_per_output_s=0.0005)})
     path = _model_file(tmp_path, oh)
     step = 2 * STEP_S + 0.001 + 0.0005
     for fast_forward in (False, True):
@@ -63,7 +65,8 @@ def test_closed_loop_client_waits_for_the_return_path(tmp_path):
 
 def test_disaggregated_flow_messages_wait_for_step_boundaries_and_contention(tmp_path):
     # Steps: 10 ms alone, 15 ms while the other instance is in a step. KV copy 1 ms + 0 per token.
-    contended = {"prefill": StepOverhead(1.0, 0.0, 0.0, 1.5), "decode": StepOverhead(1.0, 0.0, 0.0, 1.5)}
+    contended = {"prefill": StepOverhead(scale=1.0, scale_contended=1.5),
+                 "decode": StepOverhead(scale=1.0, scale_contended=1.5)}
     oh = Overheads(kv_fixed_s=0.001, kv_per_token_s=0.0, steps=contended)
     path = _model_file(tmp_path, oh)
     items = [WorkItem(0, 0.0, 16, 3), WorkItem(1, 0.015, 16, 2)]
@@ -92,7 +95,8 @@ def test_no_overheads_means_the_plain_profile(tmp_path):
 
 def test_live_calibration_is_deterministic(tmp_path):
     oh = Overheads(admission_s=0.004, return_s=0.003, reservation_s=0.001, kv_fixed_s=0.0, kv_per_token_s=2e-5,
-                   steps={"prefill": StepOverhead(1.05, 0.0, 0.0, 1.2), "decode": StepOverhead(0.95, 9e-4, 1e-5, 1.1)})
+                   steps={"prefill": StepOverhead(scale=1.05, scale_contended=1.2),
+                          "decode": StepOverhead(scale=0.95, gap_s=9e-4, gap_per_output_s=1e-5, scale_contended=1.1)})
     path = _model_file(tmp_path, oh, coef=(0.05, 2.4e-3, 1e-6, 2.8e-3, 1.7e-5))
 
     def run(seed):
@@ -105,7 +109,8 @@ def test_live_calibration_is_deterministic(tmp_path):
 
 def test_calibration_file_round_trip_and_versions(tmp_path):
     oh = Overheads(admission_s=0.004, return_s=0.003, kv_fixed_s=0.001, kv_per_token_s=2e-5,
-                   steps={"decode": StepOverhead(1.1, 0.001, 1e-5, 1.3)})
+                   steps={"decode": StepOverhead(scale=1.1, gap_s=0.001, gap_per_output_s=1e-5,
+                                                 scale_contended=1.3)})
     path = _model_file(tmp_path, oh)
     data = json.loads(open(path).read())
     assert data["version"] == 2 and data["overheads"]["steps"]["decode"]["scale_contended"] == 1.3
@@ -147,7 +152,7 @@ def test_colocated_steps_get_a_scale_for_their_prefill_part():
     live = 0.9 * rest + 1.15 * prefill
     c, scales = _fit_scales({"both": (live, rest + prefill, np.zeros(300), prefill, np.zeros(300), True)}, [0.0])
     assert c == 0.0 and scales["both"] == (pytest.approx(0.9), pytest.approx(1.15), 0.0, 0.0)
-    step = StepOverhead(0.9, 0.001, 0.0, prefill_scale=1.15)
+    step = StepOverhead(scale=0.9, gap_s=0.001, gap_per_output_s=0.0, prefill_scale=1.15)
     assert step.time_s(0.5, 1, prefill_part_s=0.3) == pytest.approx(0.9 * 0.2 + 1.15 * 0.3 + 0.001)
 
 
@@ -206,7 +211,7 @@ def test_fit_live_from_a_synthetic_trace(tmp_path):
 
 def test_fast_forward_is_exact_with_padded_decode_attention(tmp_path):
     # The padded term depends on the longest context, which grows by one per fast-forwarded step.
-    oh = Overheads(return_s=0.002, steps={"both": StepOverhead(1.1, 5e-4, 1e-5)})
+    oh = Overheads(return_s=0.002, steps={"both": StepOverhead(scale=1.1, gap_s=5e-4, gap_per_output_s=1e-5)})
     path = _model_file(tmp_path, oh, coef=(0.01, 2e-4, 1e-8, 1e-3, 1e-6, 4e-6))
     items = work_items(workload_config(num_requests=60, input_len_range=(8, 600), output_len_range=(4, 80),
                                        rate=4.0, seed=3))
@@ -217,7 +222,7 @@ def test_fast_forward_is_exact_with_padded_decode_attention(tmp_path):
 
 
 def test_prefill_scale_applies_to_the_prefill_part_only(tmp_path):
-    oh = Overheads(steps={"both": StepOverhead(2.0, 0.001, 0.0005, prefill_scale=3.0)})
+    oh = Overheads(steps={"both": StepOverhead(scale=2.0, gap_s=0.001, gap_per_output_s=0.0005, prefill_scale=3.0)})
     path = _model_file(tmp_path, oh, coef=(STEP_S, 1e-4, 0, 0, 0, 0))  # + 0.1 ms per prefill token
     r = Simulator(_colocated(), [WorkItem(0, 0.0, 16, 3)], SimOptions(perf_model=path, num_blocks=64)).run()
     first = 2 * STEP_S + 3 * 16e-4 + 0.0015  # the prompt's step: its 1.6 ms prefill part x3
@@ -234,9 +239,9 @@ def test_a_request_first_decode_step_costs_its_join(tmp_path, cluster):
     role = "both" if cluster is _colocated else "decode"
     runs = {}
     for join in (0.0, 0.003):
-        steps = {role: StepOverhead(1.0, join_s=join)}
+        steps = {role: StepOverhead(scale=1.0, join_s=join)}
         if role == "decode":
-            steps["prefill"] = StepOverhead(1.0)
+            steps["prefill"] = StepOverhead(scale=1.0)
         path = _model_file(tmp_path, Overheads(steps=steps))
         for ff in (False, True):
             runs[join, ff] = _by_index(Simulator(cluster(), items, SimOptions(perf_model=path, num_blocks=64,
@@ -248,7 +253,7 @@ def test_a_request_first_decode_step_costs_its_join(tmp_path, cluster):
             assert joined["e2e_s"] == pytest.approx(plain["e2e_s"] + 0.003, abs=1e-12)
     assert runs[0.003, True] == runs[0.003, False]
     with pytest.raises(ValueError, match="join, jitter, fixed and cold >= 0"):
-        StepOverhead(1.0, join_s=-1e-3)
+        StepOverhead(scale=1.0, join_s=-1e-3)
 
 
 def test_fit_live_pools_calibration_runs_of_several_clusters(tmp_path):
@@ -400,7 +405,7 @@ def test_step_noise_with_memory_keeps_its_mean_spread_and_correlation():
     correlation fades over the time between steps, not their number; seeded; no memory draws exactly
     the plain log-normal factors."""
     def logs(share, corr_s, seed="s", n=40000, dt=0.025):
-        noise = StepNoise(StepOverhead(1.0, jitter=0.2, jitter_corr_share=share, jitter_corr_s=corr_s), seed)
+        noise = StepNoise(StepOverhead(scale=1.0, jitter=0.2, jitter_corr_share=share, jitter_corr_s=corr_s), seed)
         return np.log([noise.factor(i * dt) for i in range(n)])
 
     def corr(x, lag):
@@ -422,7 +427,7 @@ def test_step_noise_with_memory_keeps_its_mean_spread_and_correlation():
     for bad in ({"jitter_corr_share": 1.5, "jitter_corr_s": 1.0}, {"jitter_corr_share": 0.5},
                 {"jitter_corr_s": 1.0}, {"jitter_corr_share": 0.5, "jitter_corr_s": -1.0}):
         with pytest.raises(ValueError, match="jitter_corr"):
-            StepOverhead(1.0, jitter=0.1, **bad)
+            StepOverhead(scale=1.0, jitter=0.1, **bad)
 
 
 def test_jitter_with_memory_spreads_requests_tpot(tmp_path):
@@ -431,7 +436,7 @@ def test_jitter_with_memory_spreads_requests_tpot(tmp_path):
     items = work_items(workload_config(num_requests=300, input_len=64, output_len=32, rate=2.0, seed=1))
 
     def tpot(share, corr_s):
-        step = StepOverhead(1.0, jitter=0.15, jitter_corr_share=share, jitter_corr_s=corr_s)
+        step = StepOverhead(scale=1.0, jitter=0.15, jitter_corr_share=share, jitter_corr_s=corr_s)
         path = _model_file(tmp_path, Overheads(steps={"both": step}))
         return Simulator(_colocated(), items, SimOptions(perf_model=path, num_blocks=1024)).run()["tpot_s"]
 
@@ -446,7 +451,7 @@ def test_step_jitter_keeps_the_mean_and_is_seeded(tmp_path):
     items = work_items(workload_config(num_requests=40, input_len=64, output_len=64, rate=2.0, seed=1))
 
     def run(jitter, seed=0):
-        path = _model_file(tmp_path, Overheads(steps={"both": StepOverhead(1.0, jitter=jitter)}))
+        path = _model_file(tmp_path, Overheads(steps={"both": StepOverhead(scale=1.0, jitter=jitter)}))
         return Simulator(_colocated(), items, SimOptions(perf_model=path, num_blocks=1024, seed=seed)).run()
 
     plain = Simulator(_colocated(), items, SimOptions(perf_model=_model_file(tmp_path), num_blocks=1024)).run()
@@ -456,7 +461,7 @@ def test_step_jitter_keeps_the_mean_and_is_seeded(tmp_path):
     assert a["tpot_s"]["mean"] == pytest.approx(plain["tpot_s"]["mean"], rel=0.05)
     assert a["tpot_s"]["max"] > plain["tpot_s"]["max"]
     with pytest.raises(ValueError, match="jitter"):
-        StepOverhead(1.0, jitter=-0.1)
+        StepOverhead(scale=1.0, jitter=-0.1)
 
 
 def test_fit_scales_separates_a_fixed_and_a_cold_cost_where_the_steps_tell_them_apart():
@@ -477,7 +482,7 @@ def test_fit_scales_separates_a_fixed_and_a_cold_cost_where_the_steps_tell_them_
 def test_a_step_after_an_idle_spell_costs_cold_and_every_step_its_fixed_cost(tmp_path):
     """``cold_s`` lands on the first step after the worker sat idle (each request's prompt here), not on
     back-to-back steps; ``fixed_s`` on every step; with and without fast-forward."""
-    oh = Overheads(steps={"both": StepOverhead(1.0, fixed_s=0.002, cold_s=0.005)})
+    oh = Overheads(steps={"both": StepOverhead(scale=1.0, fixed_s=0.002, cold_s=0.005)})
     path = _model_file(tmp_path, oh)
     items = [WorkItem(0, 0.0, 16, 3), WorkItem(1, 0.5, 16, 3)]
     runs = [_by_index(Simulator(_colocated(), items, SimOptions(perf_model=path, num_blocks=64,
@@ -486,7 +491,7 @@ def test_a_step_after_an_idle_spell_costs_cold_and_every_step_its_fixed_cost(tmp
     for i in (0, 1):
         assert runs[0][i]["ttft_s"] == pytest.approx(STEP_S + 0.002 + 0.005, abs=1e-12)
         assert runs[0][i]["e2e_s"] == pytest.approx(STEP_S + 0.007 + 2 * (STEP_S + 0.002), abs=1e-12)
-    step = StepOverhead(1.0, join_s=0.003, cold_s=0.005)
+    step = StepOverhead(scale=1.0, join_s=0.003, cold_s=0.005)
     assert step.time_s(STEP_S, 1, cold=True) == pytest.approx(STEP_S + 0.005)
     assert step.time_s(STEP_S, 1, cold=True, num_joining=1) == pytest.approx(STEP_S + 0.003)  # join_s has it
 

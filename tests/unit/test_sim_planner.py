@@ -36,10 +36,11 @@ def test_plan_writes_ranked_pareto_and_cluster(tmp_path, capsys):
 def test_probe_requests_are_distinct_prompts():
     # A workload of 5 requests resampled into a probe of 60: the copies must not hit each other's
     # prefix cache (regression: copies kept their index, so "random" prompts repeated).
-    from pdserve.sim.planner import Planner
+    from pdserve.sim.planner import Planner, PlanOptions
     from pdserve.sim.workload import work_items, workload_config
     items = work_items(workload_config(num_requests=5, input_len=512, output_len=8))
-    planner = Planner("llama-3.1-8b", ["h100-sxm"], items, (2.0, 0.1), probe_requests=60, max_probe_requests=60)
+    planner = Planner("llama-3.1-8b", ["h100-sxm"], items,
+                      PlanOptions((2.0, 0.1), probe_requests=60, max_probe_requests=60))
     from pdserve.sim.cluster import ClusterSpec, PoolSpec
     r = planner.simulate(ClusterSpec("llama-3.1-8b", colocated=PoolSpec("h100-sxm")), 5.0)
     assert r["total_cached_input_tokens"] == 0
@@ -53,37 +54,38 @@ def test_plan_bad_arguments(tmp_path, capsys):
 
 
 def test_plan_searches_precisions_the_cards_support():
-    from pdserve.sim.planner import Planner
+    from pdserve.sim.planner import Planner, PlanOptions
     from pdserve.sim.workload import work_items, workload_config
     items = work_items(workload_config(num_requests=20, input_len=512, output_len=32))
-    planner = Planner("llama-3.1-8b", ["h100-sxm", "a100-80gb"], items, (2.0, 0.1), precision="auto",
-                      probe_requests=40, max_probe_requests=80)
+    planner = Planner("llama-3.1-8b", ["h100-sxm", "a100-80gb"], items,
+                      PlanOptions((2.0, 0.1), precision="auto", probe_requests=40, max_probe_requests=80))
     assert planner.precisions == ["bf16", "fp8"]
     assert planner._layouts("h100-sxm", "fp8") == [(1, "tp")]
     assert planner._layouts("a100-80gb", "fp8") == []  # no fp8 rate in the catalogue: not searched
     units = planner._colocated_units("fp8")
     assert units and all(u.spec.precision == "fp8" and u.spec.colocated.hardware == "h100-sxm" for u in units)
-    calibrated = Planner("llama-3.1-8b", ["h100-sxm"], items, (2.0, 0.1), precision="auto", perf_model="pm.json")
+    calibrated = Planner("llama-3.1-8b", ["h100-sxm"], items,
+                         PlanOptions((2.0, 0.1), precision="auto", perf_model="pm.json"))
     assert calibrated.precisions == ["bf16"]  # a profile measured one precision
 
 
 def test_plan_searches_expert_parallelism_for_moe_models():
     import pytest
 
-    from pdserve.sim.planner import Planner
+    from pdserve.sim.planner import Planner, PlanOptions
     from pdserve.sim.workload import work_items, workload_config
     items = work_items(workload_config(num_requests=20, input_len=512, output_len=32))
-    moe = Planner("qwen3-235b-a22b", ["h200"], items, (2.0, 0.1), precision="bf16", parallelism="auto")
+    moe = Planner("qwen3-235b-a22b", ["h200"], items, PlanOptions((2.0, 0.1), precision="bf16", parallelism="auto"))
     layouts = moe._layouts("h200", "bf16")
     assert {p for _, p in layouts} == {"tp", "ep"} and all(t >= 2 for t, p in layouts if p == "ep")
     units = moe._colocated_units("bf16")
     assert {u.spec.colocated.parallelism for u in units} == {"tp", "ep"}
-    dense = Planner("llama-3.1-8b", ["h100-sxm"], items, (2.0, 0.1), parallelism="auto")
+    dense = Planner("llama-3.1-8b", ["h100-sxm"], items, PlanOptions((2.0, 0.1), parallelism="auto"))
     assert dense.parallelisms == ["tp"]
     with pytest.raises(ValueError, match="MoE"):
-        Planner("llama-3.1-8b", ["h100-sxm"], items, (2.0, 0.1), parallelism="ep")
+        Planner("llama-3.1-8b", ["h100-sxm"], items, PlanOptions((2.0, 0.1), parallelism="ep"))
     with pytest.raises(ValueError, match="precision"):
-        Planner("llama-3.1-8b", ["h100-sxm"], items, (2.0, 0.1), precision="fp9")
+        Planner("llama-3.1-8b", ["h100-sxm"], items, PlanOptions((2.0, 0.1), precision="fp9"))
 
 
 def test_plan_ranks_fp8_units_beside_bf16(tmp_path):

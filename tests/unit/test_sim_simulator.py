@@ -134,10 +134,53 @@ def test_cluster_file_round_trip(tmp_path):
     spec = _disagg(3, 5)
     path = spec.dump(tmp_path / "c.yaml")
     assert load_cluster(path) == spec
-    (tmp_path / "bad.yaml").write_text("model: x\nmode: colocated\ncolocated: 2\nhardware: h100-sxm\ngpus: 3\n")
+    (tmp_path / "bad.yaml").write_text("model: x\nserving: {mode: colocated, colocated: 2}\n"
+                                       "planning: {hardware: h100-sxm, gpus: 3}\n")
     with pytest.raises(ValueError, match="gpus"):
         load_cluster(tmp_path / "bad.yaml")
-    # The same file is a `pdserve up --config` file: its serving keys are the launcher's.
-    from pdserve.cluster.config import load_cluster_file
-    settings = load_cluster_file(path)
-    assert (settings["prefill"], settings["decode"], settings["colocated"]) == (3, 5, 0)
+    (tmp_path / "nohw.yaml").write_text("model: x\nserving: {mode: colocated, colocated: 2}\n")
+    with pytest.raises(ValueError, match="planning.hardware"):
+        load_cluster(tmp_path / "nohw.yaml")
+    # The same file is a `pdserve up --config` file: its serving section is the launcher's.
+    from pdserve import cluster_file
+    serving = cluster_file.load(path).serving
+    assert (serving.mode, serving.prefill, serving.decode) == ("disaggregated", 3, 5)
+
+
+def test_auto_mode_runs_the_elastic_controller_and_path_choice():
+    """The simulator runs the live frontend's path choice and elastic controller (mode auto): a prompt-heavy
+    load on one prefill and three decode instances starves prefill: the decode instances' step targets widen
+    and prompts go both ways (nothing lost, every block back); deterministic. (Role changes in simulation:
+    test_auto_mode_changes_roles_when_time_cannot_help.)"""
+    spec = ClusterSpec(MODEL, "auto", prefill=PoolSpec("h100-sxm", 1), decode=PoolSpec("h100-sxm", 3))
+    items = _items(n=900, rate=60.0, inp=4096, out=16)
+
+    def run():
+        sim = Simulator(spec, items, SimOptions(elastic_tick_s=0.5, elastic_cooldown_s=1.0), slo=(0.4, 0.05))
+        return sim, sim.run()
+    sim, result = run()
+    assert result["completed"] == 900 and result["failed"] == 0
+    widened = [d for _, d in sim.controller.history if d.reason.startswith("prefill starves")]
+    assert widened and all(type(d).__name__ == "SetStepTarget" and d.step_target_s > 0.045 for d in widened)
+    assert sim.path_counts["remote"] > 0 and sim.path_counts["local"] > 0  # both paths taken
+    assert all(d.step_target_s == pytest.approx(0.045) for _, d in sim.controller.history[:3]
+               if type(d).__name__ == "SetStepTarget")  # the initial targets: 0.9 x TPOT
+    for inst in sim.instances:
+        inst.scheduler.check_integrity()
+        assert inst.kv.usage == 0.0 and not inst.scheduler.held and not inst.scheduler.awaiting_kv
+    again = run()[1]
+    assert json.dumps(result, sort_keys=True) == json.dumps(again, sort_keys=True)
+
+
+def test_auto_mode_changes_roles_when_time_cannot_help():
+    """No step target to widen (no TPOT objective): a starving prefill pool takes a decode instance."""
+    spec = ClusterSpec(MODEL, "auto", prefill=PoolSpec("h100-sxm", 1), decode=PoolSpec("h100-sxm", 3))
+    items = _items(n=900, rate=60.0, inp=4096, out=16)
+    sim = Simulator(spec, items, SimOptions(elastic_tick_s=0.5, elastic_cooldown_s=1.0), slo=(0.4, None))
+    result = sim.run()
+    assert result["completed"] == 900 and result["failed"] == 0
+    roles = [i.role for i in sim.instances]
+    assert roles.count("prefill") >= 2, roles
+    for inst in sim.instances:
+        inst.scheduler.check_integrity()
+        assert inst.kv.usage == 0.0 and not inst.scheduler.held and not inst.scheduler.awaiting_kv

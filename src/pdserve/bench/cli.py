@@ -33,7 +33,8 @@ from pdserve.bench.report import (
     write_json,
 )
 from pdserve.bench.workloads import PromptBuilder, WorkloadConfig, build_shapes, with_arrival
-from pdserve.cluster.args import freeze_startup_objects
+from pdserve.progress import on_terminal
+from pdserve.runtime import freeze_startup_objects
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +201,9 @@ def _add_objective_and_output_arguments(parser: argparse.ArgumentParser) -> None
     out = parser.add_argument_group("output")
     out.add_argument("--out", default=None, metavar="FILE.json", help="write the result JSON here")
     out.add_argument("--plot-dir", default=None, metavar="DIR", help="write PNG plots here")
-    out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    out.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="no progress bar (the default when stderr is not a terminal)")
+    parser.set_defaults(progress=on_terminal())
 
 
 def _dispatch(parser: argparse.ArgumentParser, compare_parser: argparse.ArgumentParser, args: Any) -> int:

@@ -4,8 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pdserve.cluster.args import add_engine_args
+from pdserve.settings import add_engine_flags
 from pdserve.router.policies import POLICIES
+from pdserve.server.main import DEFAULT_OBJECTIVES, add_elastic_bounds_args, add_objective_args
+from pdserve.server.monitor_args import add_monitor_args
+
+MODES = ("auto", "colocated", "disaggregated")
 
 
 def register(subparsers) -> None:
@@ -24,14 +28,43 @@ def register(subparsers) -> None:
     add_frontend_args(p)
     p.set_defaults(func=run_frontend)
 
+    p = subparsers.add_parser("keys", help="print a fresh set of cluster keys (CURVE) for internal sockets",
+                              description="Print a cluster's keys as the value of PDSERVE_CLUSTER_KEYS: give every "
+                                          "worker and frontend of one cluster the same value in its environment when "
+                                          "their internal sockets are not on loopback (pdserve up does it itself).")
+    p.set_defaults(func=_print_keys)
+
+
+def _print_keys(args: argparse.Namespace) -> int:
+    from pdserve.security import ClusterKeys
+
+    print(ClusterKeys.generate().to_env())
+    return 0
+
 
 def add_up_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="cluster YAML file (flags given here override it)")
+    p.add_argument("--config", default=None,
+                   help="cluster file (YAML, docs/cluster.md; `pdserve plan` writes one); flags given here win")
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="auto (the default without a layout flag): a prefill and a decode worker whose cores, roles "
+                        "and step time the elastic controller moves as the load changes, each request's prompt "
+                        "computed where it is predicted fastest; colocated and disaggregated: fixed layouts "
+                        "(the default with --colocated N, or with --prefill N / --decode M)")
     p.add_argument("--prefill", type=int, default=None, help="prefill workers (default 1)")
     p.add_argument("--decode", type=int, default=None, help="decode workers (default 1)")
     p.add_argument("--colocated", type=int, default=0, help="colocated workers (role both) instead")
-    p.add_argument("--kv-transfer", choices=("shm", "tcp"), default="shm")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--kv-connector", "--kv-transfer", dest="kv_connector", default="shm",
+                   help="how KV moves from prefill to decode workers: shm (default: same host), tcp, or "
+                        "module:Class for an out-of-tree connector (kv/registry.py)")
+    p.add_argument("--host", default="127.0.0.1", help="the HTTP API's interface (default %(default)s)")
+    p.add_argument("--internal-host", default="127.0.0.1",
+                   help="the interface of the workers' and frontend's internal sockets (default %(default)s: "
+                        "loopback; elsewhere they require the cluster's keys, docs/cluster.md)")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="every request's deadline, seconds: aborted everywhere then, the client told")
+    p.add_argument("--admission-ttft-slack", type=float, default=2.0,
+                   help="refuse up front (429, Retry-After) a request predicted to take over this many times the "
+                        "TTFT objective to its first token (default %(default)s; 0: never)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--api-key", default=None)
@@ -42,36 +75,59 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-debug-endpoints", action="store_true")
     p.add_argument("--trace-dir", default=None,
                    help="every process writes an event trace here (for `pdserve profile --live`)")
-    add_engine_args(p)
+    add_objective_args(p, defaults=DEFAULT_OBJECTIVES)
+    add_monitor_args(p)
+    add_elastic_bounds_args(p)
+    add_engine_flags(p)
 
 
 def run_up_with_config(args: argparse.Namespace) -> int:
     from pdserve.cluster.local import run_up
 
-    return run_up(apply_up_config(args))
+    try:
+        args = apply_up_config(args)
+    except ValueError as e:
+        print(f"pdserve up: error: {e}", file=sys.stderr)
+        return 2
+    return run_up(args)
 
 
 def apply_up_config(args: argparse.Namespace) -> argparse.Namespace:
-    """``pdserve up``'s arguments with its ``--config`` file applied (flags given win) and the worker
-    counts settled; per-pool scheduler settings land in ``args.pool_scheduler``."""
-    from pdserve.cluster.config import load_cluster_file
+    """``pdserve up``'s arguments with its ``--config`` file applied (flags given with a value other than their
+    default win) and
+    the worker counts settled; per-pool engine settings land in ``args.pool_settings``."""
+    from pdserve import cluster_file
 
-    args.pool_scheduler = {}
+    args.pool_settings = {}
+    defaults = _parser_defaults()
+    given = {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}  # on the command line
     if args.config:
-        settings = load_cluster_file(args.config)
-        defaults = _parser_defaults()
-        given = {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}  # on the command line
-        pools = settings.pop("pool_scheduler", {})
-        for key, value in settings.items():
-            if key not in given:
+        f = cluster_file.load(args.config)
+        s = f.serving
+        layout = {"colocated": s.colocated, "prefill": None, "decode": None} if s.mode == "colocated" else \
+            {"colocated": 0, "prefill": s.prefill, "decode": s.decode}
+        values = {"model": f.model, **f.engine, **layout, "mode": s.mode, "kv_connector": s.kv_connector,
+                  "routing": s.routing,
+                  "min_remote_prefill_tokens": s.min_remote_prefill_tokens, "host": s.host, "port": s.port,
+                  "price_per_hour": s.price_per_hour_flags()}
+        for key, value in values.items():
+            if key not in given and value is not None:
                 setattr(args, key, value)
-        # Per-pool scheduler settings apply to that pool's workers, unless a flag sets them for all.
-        args.pool_scheduler = {pool: {k: v for k, v in s.items() if k not in given} for pool, s in pools.items()}
+        # Per-pool engine settings apply to that pool's workers, unless a flag sets them for all.
+        args.pool_settings = {pool: {k: v for k, v in settings.items() if k not in given}
+                              for pool, settings in s.pools.items()}
     args.prefill_given = args.prefill is not None
     args.decode_given = args.decode is not None
+    if args.mode is None:
+        args.mode = "colocated" if args.colocated else \
+            "disaggregated" if args.prefill_given or args.decode_given else "auto"
     args.prefill = 1 if args.prefill is None else args.prefill
     args.decode = 1 if args.decode is None else args.decode
+    if args.mode == "colocated" and not args.colocated:
+        args.colocated = 1
     if args.colocated:
+        if args.mode == "auto":
+            raise ValueError("--mode auto runs prefill and decode workers; --colocated N is a fixed layout")
         args.prefill_given = args.prefill_given and args.prefill > 0
         args.decode_given = args.decode_given and args.decode > 0
     return args

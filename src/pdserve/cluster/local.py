@@ -18,14 +18,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from pdserve.cluster.args import engine_args_to_argv
+from pdserve import security
+from pdserve.cluster.startup import StartupProgress, summary
+from pdserve.kv.shm import remove_stale_files
+from pdserve.progress import PROGRESS_FILE_ENV
+from pdserve.server.monitor_args import monitor_args_to_argv, monitor_options_from_args
+from pdserve.settings import engine_argv, engine_config_from_args
 
 logger = logging.getLogger(__name__)
 
 STOP_GRACE_S = 10.0
+
+
+RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0)  # after the 1st, 2nd, ... crash in a row
+CRASH_LOOP = (5, 120.0)  # this many crashes within this many seconds: not restarted again
 
 
 @dataclass
@@ -34,6 +43,11 @@ class Child:
     proc: subprocess.Popen
     ready_file: Path | None = None
     record: dict | None = None
+    argv: list[str] | None = None  # a worker's command line (restarts reuse it, on the same ports)
+    env: dict | None = None
+    crashes: list[float] = field(default_factory=list)  # when it exited on its own
+    restart_at: float | None = None
+    gave_up: bool = False
 
 
 class LocalCluster:
@@ -42,6 +56,12 @@ class LocalCluster:
         self.children: list[Child] = []
         self.tmpdir = Path(tempfile.mkdtemp(prefix="pdserve-up-"))
         self._stopping = False
+        self.progress = StartupProgress()
+        # Beyond loopback every internal socket needs the cluster's keys: made here, handed down in the
+        # environment (security.py)
+        self.env = dict(os.environ)
+        if not security.is_loopback(getattr(args, "internal_host", "127.0.0.1")) and security.ENV not in self.env:
+            self.env[security.ENV] = security.ClusterKeys.generate().to_env()
 
     # -- public --------------------------------------------------------------------------------------
     def start(self, ready_timeout_s: float = 600.0) -> str:
@@ -58,6 +78,7 @@ class LocalCluster:
         self._start_frontend(addresses)
         url = f"http://{self.args.host}:{self.args.port}"
         self._wait_health(url, deadline)
+        self.progress.frontend_ready()
         return url
 
     def wait(self) -> int:
@@ -69,11 +90,44 @@ class LocalCluster:
                 logger.error("the frontend exited with code %s", code)
                 return code or 1
             for child in self.children[:-1]:
-                if child.proc.poll() is not None and child.record is not None:
-                    logger.error("%s exited with code %s", child.name, child.proc.returncode)
-                    child.record = None  # report once; the frontend routes around it
+                self._supervise(child)
             time.sleep(0.2)
         return 0
+
+    def _supervise(self, child: Child) -> None:
+        """A worker that exited on its own is started again on the same ports (the frontend reconnects and
+        re-admits it), after a backoff; one that keeps crashing is left down, with a clear message."""
+        now = time.monotonic()
+        if child.gave_up or child.argv is None:
+            return
+        if child.restart_at is None:
+            if child.proc.poll() is None:
+                return
+            child.crashes = [t for t in child.crashes if now - t < CRASH_LOOP[1]] + [now]
+            remove_stale_files()  # its KV cache file in /dev/shm
+            if len(child.crashes) >= CRASH_LOOP[0]:
+                child.gave_up = True
+                logger.error("%s crashed %d times within %.0f s (last exit code %s); not restarting it: the "
+                             "cluster serves without it (see its log above)", child.name, len(child.crashes),
+                             CRASH_LOOP[1], child.proc.returncode)
+                return
+            delay = RESTART_BACKOFF_S[min(len(child.crashes), len(RESTART_BACKOFF_S)) - 1]
+            logger.error("%s exited with code %s; restarting it in %.0f s", child.name, child.proc.returncode, delay)
+            child.restart_at = now + delay
+        elif now >= child.restart_at:
+            child.restart_at = None
+            child.proc = _spawn(self._restart_argv(child), child.env)
+            logger.info("restarted %s (pid %d)", child.name, child.proc.pid)
+
+    def _restart_argv(self, child: Child) -> list[str]:
+        """The worker's command line on the ports it had (its record), so addresses stay valid."""
+        argv = list(child.argv)
+        record = child.record or {}
+        for flag, key in (("--port", "address"), ("--kv-port", "kv_address")):
+            address = record.get(key)
+            if address:
+                argv += [flag, address.rsplit(":", 1)[1]]
+        return argv
 
     def stop(self) -> None:
         """SIGTERM every child, wait up to STOP_GRACE_S, SIGKILL the rest; idempotent."""
@@ -89,19 +143,19 @@ class LocalCluster:
                 logger.warning("%s did not stop in %.0fs; killing it", child.name, STOP_GRACE_S)
                 child.proc.kill()
                 child.proc.wait()
+        remove_stale_files()  # KV cache files of workers that were killed
         for f in self.tmpdir.glob("*"):
             f.unlink(missing_ok=True)
         self.tmpdir.rmdir()
 
     def worker_argv(self, i: int, role: str, cpus: str | None, ready_file: Path) -> list[str]:
-        """The command line of worker ``i``: the engine flags, with its pool's scheduler settings from a
-        cluster file (``args.pool_scheduler``: {prefill|decode|colocated: {dest: value}}) applied."""
+        """The command line of worker ``i``: the engine flags, with its pool's engine settings from a cluster
+        file (``args.pool_settings``: {prefill|decode|colocated: {setting: value}}) on top."""
         pool = "colocated" if role == "both" else role
-        overrides = (getattr(self.args, "pool_scheduler", None) or {}).get(pool, {})
-        engine = argparse.Namespace(**{**vars(self.args), **overrides})
-        argv = [sys.executable, "-m", "pdserve.worker.main", "--role", role, "--host", self.args.host,
-                "--kv-transfer", self.args.kv_transfer, "--ready-file", str(ready_file),
-                "--worker-id", f"{role}-{i}", *engine_args_to_argv(engine)]
+        overrides = (getattr(self.args, "pool_settings", None) or {}).get(pool, {})
+        argv = [sys.executable, "-m", "pdserve.worker.main", "--role", role, "--host", self.args.internal_host,
+                "--kv-connector", self.args.kv_connector, "--ready-file", str(ready_file),
+                "--worker-id", f"{role}-{i}", *engine_argv(engine_config_from_args(self.args, **overrides))]
         if cpus is not None:
             argv += ["--cpus", cpus]
         if getattr(self.args, "trace_dir", None):
@@ -109,6 +163,12 @@ class LocalCluster:
         return argv
 
     # -- private -------------------------------------------------------------------------------------
+    def initial_layout(self) -> str:
+        """Where ``--mode auto`` starts: colocated on one host (each phase gets every core when the other has
+        nothing to do; measured here, a prefill/decode split of two cores loses 2.5-4x in goodput at loose
+        objectives, docs/benchmarks.md); the controller splits when the objectives ask for it."""
+        return "colocated" if len(self._roles()) <= 2 else "split"
+
     def _roles(self) -> list[str]:
         a = self.args
         if a.colocated:
@@ -120,8 +180,11 @@ class LocalCluster:
         return ["prefill"] * a.prefill + ["decode"] * a.decode
 
     def _start_worker(self, i: int, role: str, cpus: str | None) -> None:
-        ready = self.tmpdir / f"worker-{i}.json"
-        self.children.append(Child(f"worker {role}-{i}", _spawn(self.worker_argv(i, role, cpus, ready)), ready))
+        ready, progress = self.tmpdir / f"worker-{i}.json", self.tmpdir / f"progress-{i}.jsonl"
+        self.progress.add_worker(f"{role}-{i}", progress, ready)
+        env = {**self.env, PROGRESS_FILE_ENV: str(progress)}
+        argv = self.worker_argv(i, role, cpus, ready)
+        self.children.append(Child(f"worker {role}-{i}", _spawn(argv, env), ready, argv=argv, env=env))
         logger.info("started worker %s-%d%s", role, i, f" on core {cpus}" if cpus is not None else "")
 
     def _start_frontend(self, addresses: str) -> None:
@@ -129,7 +192,10 @@ class LocalCluster:
         argv = [sys.executable, "-m", "pdserve.server.main", "--workers", addresses, "--model", a.model,
                 "--host", a.host, "--port", str(a.port), "--routing", a.routing,
                 "--min-remote-prefill-tokens", str(a.min_remote_prefill_tokens),
-                "--worker-timeout", str(a.worker_timeout)]
+                "--worker-timeout", str(a.worker_timeout), "--internal-host", a.internal_host,
+                "--request-timeout", str(a.request_timeout)]
+        if a.admission_ttft_slack:
+            argv += ["--admission-ttft-slack", str(a.admission_ttft_slack)]
         if a.served_model_name:
             argv += ["--served-model-name", a.served_model_name]
         if a.api_key:
@@ -138,12 +204,25 @@ class LocalCluster:
             argv.append("--enable-debug-endpoints")
         if a.trace_dir:
             argv += ["--trace-file", str(Path(a.trace_dir) / "frontend.jsonl")]
-        self.children.append(Child("frontend", _spawn(argv)))
+        for flag, value in (("--slo-ttft", a.slo_ttft), ("--slo-tpot", a.slo_tpot), ("--slo-itl-p99", a.slo_itl_p99)):
+            if value is not None:
+                argv += [flag, str(value)]
+        if a.mode == "auto":
+            argv += ["--elastic", "--path-choice", "--elastic-initial", self.initial_layout(),
+                     "--min-prefill-workers", str(a.min_prefill_workers), "--min-decode-workers",
+                     str(a.min_decode_workers), "--min-decode-cores", str(a.min_decode_cores)]
+            for flag, value in (("--max-prefill-workers", a.max_prefill_workers),
+                                ("--max-decode-workers", a.max_decode_workers)):
+                if value is not None:
+                    argv += [flag, str(value)]
+        argv += monitor_args_to_argv(a)
+        self.children.append(Child("frontend", _spawn(argv, self.env)))
 
     def _wait_ready(self, child: Child, deadline: float) -> None:
         while time.monotonic() < deadline:
             if child.proc.poll() is not None:
                 raise RuntimeError(f"{child.name} exited with code {child.proc.returncode} while starting")
+            self.progress.poll()
             if child.ready_file.exists():
                 child.record = json.loads(child.ready_file.read_text())
                 return
@@ -164,23 +243,33 @@ def run_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     try:
+        monitor_options_from_args(args)  # bad prices or objectives fail before any worker starts
         url = cluster.start()
-        served = args.served_model_name or args.model
-        auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
-        print(f"pdserve is ready at {url} (Ctrl-C stops it). Try:\n"
-              f"curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
-              f"-d '{{\"model\": \"{served}\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}}'",
-              flush=True)
+        print(summary(url, _cluster_status(url, args.api_key), args.served_model_name or args.model,
+                      args.api_key), flush=True)
         return cluster.wait()
     except (RuntimeError, ValueError) as e:
         logger.error("%s", e)
         return 1
     finally:
+        cluster.progress.close()
         cluster.stop()
 
 
-def _spawn(argv: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(argv, preexec_fn=_die_with_parent, stdout=subprocess.DEVNULL)
+def _spawn(argv: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(argv, preexec_fn=_die_with_parent, stdout=subprocess.DEVNULL, env=env)
+
+
+def _cluster_status(url: str, api_key: str | None) -> dict | None:
+    """/v1/cluster of the cluster just started, for its summary (None if it cannot be read)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        return httpx.get(f"{url}/v1/cluster", headers=headers, timeout=10.0).raise_for_status().json()
+    except (httpx.HTTPError, ValueError) as e:
+        logger.warning("cannot read %s/v1/cluster for the summary: %s", url, e)
+        return None
 
 
 def _die_with_parent() -> None:

@@ -51,9 +51,6 @@ class BlockPool:
         """Fraction of blocks in use by requests."""
         return 1.0 - len(self._free) / self.num_blocks
 
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self._free)
-
     def get_cached_block(self, block_hash: int) -> KVBlock | None:
         """The block that holds ``block_hash`` (in use or evictable), or None."""
         return self._cached.get(block_hash)
@@ -62,7 +59,7 @@ class BlockPool:
     def allocate(self, num_blocks: int) -> list[KVBlock]:
         """Take ``num_blocks`` blocks from the front of the free queue, evicting cached ones.
 
-        The caller checks ``can_allocate`` first; asking for more than is free is a bug (AssertionError).
+        The caller checks ``num_free_blocks`` first; asking for more than is free is a bug (AssertionError).
         """
         assert num_blocks <= len(self._free), (num_blocks, len(self._free))
         out = []

@@ -13,8 +13,10 @@ from pdserve.engine.kv_manager import KVCacheManager
 from pdserve.engine.outputs import EngineOutput, KVReservation, TokenLogprobs
 from pdserve.engine.request import Request
 from pdserve.engine.runner import ModelRunner
-from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.scheduler import Scheduler, SchedulerOutput
+from pdserve.engine.step_budget import PrefillBudget, StepCosts
 from pdserve.errors import InvalidRequestError, OverloadedError
+from pdserve.kv.base import RemotePrefill
 from pdserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,10 @@ class EngineStats:
     num_prompt_tokens: int  # computed (prefill) tokens since start, cache hits excluded
     num_generation_tokens: int
     num_steps: int
+    queued_prefill_tokens: int = 0  # prompt (or recompute) tokens waiting or part-computed
+    prefill_token_s: float = 0.0  # learned time per prefill token (0: too few steps seen)
+    decode_step_s: float = 0.0  # learned time of a step of the running decodes alone
+    step_target_s: float | None = None
 
 
 class EngineCore:
@@ -69,12 +75,18 @@ class EngineCore:
         kv_caches = list(self.kv_cache.unbind(0))
         self.kv = KVCacheManager(self.num_blocks, self.block_size, config.cache.enable_prefix_caching,
                                  max_events=MAX_KV_EVENTS if record_kv_events else 0)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.remote = RemotePrefill()  # the scheduler side of disaggregation (kv/base.py)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, external=self.remote)
         self.runner = ModelRunner(self.model, kv_caches, self.block_size, self.device)
+        self.step_costs = StepCosts()  # this engine's step time, learned online (engine/step_budget.py)
+        self.prefill_budget = PrefillBudget()
         self._reservations: list[KVReservation] = []
+        # Called with every step's SchedulerOutput before it runs (tracing: worker/trace.py); None: nothing.
+        self.schedule_observer: Callable[[SchedulerOutput], None] | None = None
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
         self._num_steps = 0
+        self.last_chunks: list = []  # the chunks of the last step (a worker meters its busy time by them)
         logger.info("engine ready in %.1fs: %s on %s (%s), KV cache %d blocks x %d tokens = %d tokens "
                     "(%.2f GiB), max_model_len %d", time.perf_counter() - start, self.arch.architecture,
                     self.device, str(self.dtype).removeprefix("torch."), self.num_blocks, self.block_size,
@@ -111,14 +123,19 @@ class EngineCore:
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         request = Request(request_id, prompt_token_ids, params, eos_token_ids=self.arch.eos_token_ids,
                           arrival_time=arrival_time, max_tokens=max_tokens)
-        request.hold_kv = hold_kv
-        self.scheduler.add_request(request, remote_kv=remote_kv)
+        self.scheduler.add_request(request)
+        if remote_kv:
+            self.remote.expect(request_id)
+        if hold_kv:
+            self.remote.hold(request_id)
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[EngineOutput]:
         request_ids = list(request_ids)
         for rid in request_ids:
             self.runner.sampler.forget(rid)
-        return self.scheduler.abort_requests(request_ids)
+        outputs = self.scheduler.abort_requests(request_ids)
+        self.remote.forget(request_ids)
+        return outputs
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -127,11 +144,16 @@ class EngineCore:
     def step(self) -> list[EngineOutput]:
         """Schedule, execute, update. Returns the per-request deltas of this step ([] when idle)."""
         sched = self.scheduler.schedule()
+        if self.schedule_observer is not None:
+            self.schedule_observer(sched)
+        self.last_chunks = sched.chunks
         self._reservations.extend(sched.reservations)
         if sched.is_empty:
             return []
         block_ids = {c.request.request_id: self.kv.block_ids(c.request.request_id) for c in sched.chunks}
+        start = time.perf_counter()
         tokens, logprobs = self.runner.execute(sched, block_ids)
+        self._observe_step(sched, time.perf_counter() - start)
         outputs = self.scheduler.update_from_output(sched, tokens, logprobs)
         self._num_steps += 1
         self._num_generation_tokens += len(tokens)
@@ -142,18 +164,44 @@ class EngineCore:
                 self.runner.sampler.forget(out.request_id)
         return outputs
 
-    # -- disaggregation hooks ------------------------------------------------------------------------
+    # -- time as a resource ----------------------------------------------------------------------------
+    def set_step_target(self, target_step_s: float | None) -> None:
+        """Bound the prefill tokens of a step that runs decodes so the step takes about ``target_step_s``
+        (stall-free chunking; the elastic controller sets it from the TPOT objective). None: no bound."""
+        if target_step_s is not None and not target_step_s > 0:
+            raise ValueError(f"a step target must be > 0 s, got {target_step_s}")
+        self.prefill_budget = PrefillBudget(target_step_s)
+        self.scheduler.prefill_budget_fn = None if target_step_s is None else self._prefill_tokens
+
+    def _prefill_tokens(self, num_decodes: int, decode_ctx: int) -> int:
+        return self.prefill_budget.tokens(self.step_costs, num_decodes, decode_ctx,
+                                          self.config.scheduler.max_num_batched_tokens)
+
+    def _observe_step(self, sched: SchedulerOutput, seconds: float) -> None:
+        num_decodes = decode_ctx = num_prefill = 0
+        attn = 0.0
+        for c in sched.chunks:
+            if c.num_tokens == 1 and c.start >= c.request.num_prompt_tokens:
+                num_decodes += 1
+                decode_ctx += c.start + 1
+            else:
+                n, start = c.num_tokens, c.start
+                num_prefill += n
+                attn += n * start + n * (n + 1) / 2
+        self.step_costs.observe(num_decodes, decode_ctx, num_prefill, attn, seconds)
+
+    # -- KV loaded from outside, KV held for a save (the KV connector seam, kv/base.py) ------------------
     def take_reservations(self) -> list[KVReservation]:
-        """Decode role: blocks reserved for remote prefills since the last call."""
+        """Blocks allocated for loads from outside (a remote prefill) since the last call."""
         out, self._reservations = self._reservations, []
         return out
 
-    def complete_remote_kv(self, request_id: str, first_token_id: int,
-                           first_logprobs: TokenLogprobs | None = None) -> EngineOutput | None:
-        """Decode role: the prompt's KV has landed; the request joins the running batch with the first
+    def finish_load(self, request_id: str, first_token_id: int | None = None,
+                    first_logprobs: TokenLogprobs | None = None) -> EngineOutput | None:
+        """The request's KV has landed. A remote prefill's request joins the running batch with the first
         token its prefill worker sampled (and that token's logprobs, when asked for)."""
         request = self.scheduler.awaiting_kv.get(request_id)
-        out = self.scheduler.complete_remote_kv(request_id, first_token_id)
+        out = self.scheduler.finish_load(request_id, first_token_id)
         if out is None:
             return None
         if first_logprobs is not None:
@@ -164,11 +212,14 @@ class EngineCore:
             self.runner.sampler.skip_draw(request, self.arch.vocab_size)
         return out
 
-    def fail_remote_kv(self, request_id: str) -> None:
-        self.scheduler.fail_remote_kv(request_id)
+    def fail_load(self, request_id: str) -> None:
+        """The load will not happen: compute the request here."""
+        self.scheduler.fail_load(request_id)
 
     def release_kv(self, request_id: str) -> None:
+        """A held request's save is over: free its blocks."""
         self.scheduler.release_kv(request_id)
+        self.remote.forget([request_id])
 
     def take_kv_events(self) -> tuple[list[int], list[int]]:
         """Block hashes stored and evicted since the last call (when built with record_kv_events)."""
@@ -176,9 +227,24 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         s = self.scheduler
+        queued = sum(r.num_tokens - r.num_computed_tokens for r in s.waiting
+                     if r.request_id not in s.awaiting_kv)
+        num_decodes = decode_ctx = 0
+        for r in s.running:
+            remaining = r.num_tokens - r.num_computed_tokens
+            if remaining > 1:
+                queued += remaining
+            else:
+                num_decodes += 1
+                decode_ctx += r.num_computed_tokens + 1
+        costs = self.step_costs
+        measured = costs.num_observed >= self.prefill_budget.min_observed
         return EngineStats(
             num_running=s.num_running, num_waiting=s.num_waiting, num_awaiting_kv=len(s.awaiting_kv),
             kv_usage=self.kv.usage, num_blocks=self.num_blocks, num_free_blocks=self.kv.pool.num_free_blocks,
             prefix_query_tokens=self.kv.stats.num_query_tokens, prefix_hit_tokens=self.kv.stats.num_hit_tokens,
             num_preemptions=s.num_preemptions, num_prompt_tokens=self._num_prompt_tokens,
-            num_generation_tokens=self._num_generation_tokens, num_steps=self._num_steps)
+            num_generation_tokens=self._num_generation_tokens, num_steps=self._num_steps,
+            queued_prefill_tokens=queued, prefill_token_s=costs.prefill_token_s() if measured else 0.0,
+            decode_step_s=costs.predict(num_decodes, decode_ctx) if measured and num_decodes else 0.0,
+            step_target_s=self.prefill_budget.target_step_s)

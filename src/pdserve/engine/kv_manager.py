@@ -69,11 +69,6 @@ class KVCacheManager:
         self.stats.num_hit_tokens += num_hit_tokens
         return hits, num_hit_tokens
 
-    def can_allocate(self, request: Request, num_new_tokens: int,
-                     computed_blocks: list[KVBlock] | None = None) -> bool:
-        """Whether ``allocate_slots`` with the same arguments would succeed. No side effects."""
-        return self._num_blocks_needed(request, num_new_tokens, computed_blocks) is not None
-
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        computed_blocks: list[KVBlock] | None = None) -> list[int] | None:
         """Make room for ``num_new_tokens`` more tokens after the request's computed ones.

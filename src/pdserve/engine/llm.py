@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_size
+from pdserve.config import EngineConfig
 from pdserve.engine.core import EngineCore
 from pdserve.engine.output_processor import TextState
 from pdserve.engine.outputs import TokenLogprobs
@@ -43,19 +43,13 @@ class RequestOutput:
 class LLM:
     """Loads a model into one engine and runs batches of prompts to completion."""
 
-    def __init__(self, model: str = "smollm2-135m", *, dtype: str = "auto", load_format: str = "auto",
-                 kv_cache_memory: str | int = "2GiB", block_size: int = 16, num_kv_blocks: int | None = None,
-                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 128, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, seed: int = 0,
-                 device: str = "auto", tokenizer: str | None = None, quantization: str = "auto") -> None:
-        config = EngineConfig(
-            model=ModelConfig(model=model, load_format=load_format, dtype=dtype, max_model_len=max_model_len,
-                              seed=seed, device=device, quantization=quantization),
-            cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=parse_size(kv_cache_memory),
-                              num_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                      enable_chunked_prefill=enable_chunked_prefill))
-        self._init(config, tokenizer)
+    def __init__(self, model: str = "smollm2-135m", *, tokenizer: str | None = None, **settings) -> None:
+        """``settings``: engine settings by name, the same as ``pdserve worker``'s engine flags and cluster
+        files' ``engine:`` keys (``settings.py``): ``kv_cache_memory="1GiB"``, ``max_num_seqs=64``,
+        ``dtype="float32"``, ``max_model_len=2048``, ... ValueError names an unknown one."""
+        from pdserve.settings import engine_config
+
+        self._init(engine_config(model=model, **settings), tokenizer)
 
     @classmethod
     def from_engine_config(cls, config: EngineConfig, tokenizer: str | None = None) -> LLM:

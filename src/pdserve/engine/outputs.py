@@ -34,9 +34,11 @@ class EngineOutput:
 
 @dataclass
 class KVReservation:
-    """Decode role: blocks reserved for a request whose prompt KV a prefill worker will send.
-    The sender writes blocks ``block_ids[num_cached_tokens // block_size:]``; the rest are cache hits."""
+    """Blocks allocated for a request whose KV is loaded from outside (a remote prefill, a store): the
+    blocks of tokens ``[num_cached_tokens, num_cached_tokens + num_external_tokens)`` are to be written, the
+    leading ``num_cached_tokens`` are local prefix-cache hits."""
 
     request_id: str
     block_ids: list[int]
     num_cached_tokens: int
+    num_external_tokens: int = 0

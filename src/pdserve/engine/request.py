@@ -10,7 +10,7 @@ from pdserve.sampling_params import SamplingParams
 
 class RequestStatus(enum.IntEnum):
     WAITING = 0
-    WAITING_FOR_REMOTE_KV = 1  # decode role: blocks reserved, prompt KV still arriving from a prefill worker
+    WAITING_FOR_KV = 1  # blocks allocated, KV being loaded from outside (a prefill worker, a store)
     RUNNING = 2
     PREEMPTED = 3
     FINISHED_STOPPED = 4
@@ -55,7 +55,6 @@ class Request:
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
-        self.hold_kv = False  # prefill role: keep blocks after finishing until released by the transfer
         self.block_hashes: list[int] = []
 
     @property
@@ -81,6 +80,10 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def append_output_tokens(self, token_ids: list[int]) -> None:
+        self.output_token_ids.extend(token_ids)
+        self.all_token_ids.extend(token_ids)
 
     def update_block_hashes(self, block_size: int) -> list[int]:
         """Extend the chained hashes to every full block of the request's tokens; return them all."""

@@ -4,8 +4,8 @@ The engine runs without them (plain PyTorch, on every device); with them, decode
 blocks where they lie in the paged cache (``cpu_attention.cpp``), and residual add + RMSNorm and
 SiLU-and-multiply each take one pass over memory instead of several ops (``cpu_layers.cpp``), and
 block-quantized weights (GGUF Q8_0/Q4_0/Q4_1/Q4_K, int8) are multiplied without being dequantized in
-memory (``cpu_quant_gemm.cpp``). The build takes a few seconds once per machine, source and torch version (its folder's name is a digest of all three, so ``-march=native`` never
-runs on a CPU it was not built for), under ``$PDSERVE_CACHE/kernels``; every load marks its folder as
+memory (``cpu_quant_gemm.cpp``). The build takes a few seconds once per machine, source and torch version
+(its folder's name is a digest of all three, so ``-march=native`` never runs on a CPU it was not built for), under ``$PDSERVE_CACHE/kernels``; every load marks its folder as
 used, and folders of other builds unused for ``KEEP_UNUSED_DAYS`` are removed (old sources, old torch).
 ``PDSERVE_CPU_KERNELS=0`` turns them off; a failed build (no C++ compiler, say) logs one warning and the
 fallback is used.
@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from pdserve.paths import cache_dir
+
 logger = logging.getLogger(__name__)
 
 _SOURCES = tuple(Path(__file__).with_name(name) for name in
@@ -33,6 +35,8 @@ _HEADERS = (Path(__file__).with_name("dispatch.h"),)  # in the digest, not compi
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # OpenMP: at::parallel_for uses torch's pool
 _LDFLAGS = ["-fopenmp"]
 KEEP_UNUSED_DAYS = 14  # another build's folder is removed once unused this long
+STALE_LOCK_S = 600.0  # a build lock this old belongs to a builder that died
+LIBRARY = "pdserve_cpu_kernels"
 
 
 def enabled() -> bool:
@@ -61,18 +65,33 @@ def cpu_ops_for(x: torch.Tensor) -> Any | None:
 
 
 def _build() -> None:
-    from torch.utils import cpp_extension
-
-    from pdserve.model.registry import cache_dir
-
+    """Load this source's build from the cache, building it first when there is none."""
     build_dir = cache_dir() / "kernels" / f"cpu-{_digest()}"
     build_dir.mkdir(parents=True, exist_ok=True)
+    library = build_dir / f"{LIBRARY}.so"
     start = time.perf_counter()
-    cpp_extension.load("pdserve_cpu_kernels", [str(s) for s in _SOURCES], extra_cflags=_CFLAGS,
-                       extra_ldflags=_LDFLAGS, build_directory=str(build_dir), is_python_module=False,
-                       verbose=False)
+    if library.exists():  # the folder's name is the digest of what built it: nothing to check again
+        torch.ops.load_library(str(library))
+    else:
+        from torch.utils import cpp_extension
+
+        _remove_stale_lock(build_dir / "lock")
+        cpp_extension.load(LIBRARY, [str(s) for s in _SOURCES], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
+                           build_directory=str(build_dir), is_python_module=False, verbose=False)
     logger.info("CPU kernels ready (%s, %.1f s)", build_dir, time.perf_counter() - start)
     prune_builds(build_dir)
+
+
+def _remove_stale_lock(lock: Path) -> None:
+    """PyTorch's builder waits, without end, for the lock file of a build another process runs; a builder
+    that was killed leaves it behind. A lock older than any build takes is removed."""
+    try:
+        age_s = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age_s > STALE_LOCK_S:
+        logger.warning("removing %s, left %.0f s ago by a build that did not finish", lock, age_s)
+        lock.unlink(missing_ok=True)
 
 
 def prune_builds(current: Path, keep_unused_s: float = KEEP_UNUSED_DAYS * 86400.0) -> list[Path]:

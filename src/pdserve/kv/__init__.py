@@ -1,1 +1,2 @@
-"""KV data movement: prefill -> decode transfer backends (shm, tcp) behind one interface."""
+"""KV data movement behind one seam: the connector (``base``: scheduler side; ``connector``: worker side),
+the built-in connectors (``shm``, ``tcp``) and the registry that finds them by name."""

@@ -90,10 +90,6 @@ class LlamaForCausalLM(nn.Module):
 
     # ---- weights ---------------------------------------------------------------------------------
 
-    def checkpoint_tensor_names(self) -> list[str]:
-        """The Hugging Face tensor names this model expects (``model.layers.0.self_attn.q_proj.weight``)."""
-        return list(self._checkpoint_map())
-
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantBlocks]]) -> None:
         """Copy ``(hf_name, tensor)`` pairs into the fused parameters, converting dtype and device.
 

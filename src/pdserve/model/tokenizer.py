@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from pdserve.errors import InvalidRequestError, ModelLoadError
-from pdserve.model.registry import cache_dir, checkpoint_path
+from pdserve.model.registry import checkpoint_path
+from pdserve.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 

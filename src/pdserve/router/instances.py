@@ -21,6 +21,17 @@ class InstanceView:
     block_size: int = 16
     is_alive: bool = True
     cached_block_hashes: set[int] = field(default_factory=set)
+    # For path choice (router/path.py), from the worker's stats: its measured step costs and queue.
+    queued_prefill_tokens: int = 0
+    prefill_token_s: float = 0.0  # 0: not measured yet
+    decode_step_s: float = 0.0  # its current decode batch's step, predicted
+    step_target_s: float | None = None  # stall-free chunking's target (None: no bound)
+    max_step_tokens: int = 2048
+    cores: tuple[int, ...] | None = None  # () parked: no work is routed to it; None: not reported
+
+    @property
+    def is_parked(self) -> bool:
+        return self.cores == ()
 
     @property
     def queue_len(self) -> int:
@@ -51,12 +62,15 @@ class InstanceTracker:
         self.instances.pop(instance_id, None)
 
     def update_stats(self, instance_id: str, *, num_blocks: int, num_free_blocks: int, num_running: int,
-                     num_waiting: int, num_awaiting_kv: int = 0) -> None:
+                     num_waiting: int, num_awaiting_kv: int = 0, **path_fields) -> None:
+        """Counters from a worker's stats; ``path_fields``: the ``InstanceView`` fields path choice reads."""
         view = self.instances.get(instance_id)
         if view is None:
             return
         view.num_blocks, view.num_free_blocks = num_blocks, num_free_blocks
         view.num_running, view.num_waiting, view.num_awaiting_kv = num_running, num_waiting, num_awaiting_kv
+        for name, value in path_fields.items():
+            setattr(view, name, value)
 
     def apply_kv_events(self, instance_id: str, stored: list[int], evicted: list[int]) -> None:
         view = self.instances.get(instance_id)
@@ -73,5 +87,5 @@ class InstanceTracker:
                 view.cached_block_hashes.clear()
 
     def views(self, roles: tuple[str, ...]) -> list[InstanceView]:
-        """Live instances of these roles, in the order they were added."""
-        return [v for v in self.instances.values() if v.role in roles and v.is_alive]
+        """Live, unparked instances of these roles, in the order they were added."""
+        return [v for v in self.instances.values() if v.role in roles and v.is_alive and not v.is_parked]

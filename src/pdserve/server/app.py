@@ -1,4 +1,5 @@
-"""The FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
+"""The FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics (and, from
+server/dashboard.py, /v1/cluster and /dashboard).
 
 Every error is OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 for bad input,
 401 for a missing or wrong API key, 429/503 with Retry-After under overload or without live workers.
@@ -17,10 +18,11 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from pdserve.cluster.args import freeze_startup_objects
+from pdserve.runtime import freeze_startup_objects
 from pdserve.errors import InvalidRequestError, OverloadedError, PdserveError
 from pdserve.server import openai_protocol as op
 from pdserve.server.client import FrontendClient
+from pdserve.server.dashboard import dashboard_router
 from pdserve.server.metrics import Metrics
 from pdserve.server.serving import SSE_DONE, Serving, sse
 
@@ -30,7 +32,7 @@ DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its cli
 
 
 def create_app(client: FrontendClient, served_model: str, tokenizer_loader, api_key: str | None = None,
-               enable_debug: bool = False) -> FastAPI:
+               enable_debug: bool = False, monitor_options=None) -> FastAPI:
     """``tokenizer_loader()`` returns the tokenizer (called once, at startup, after the workers answer)."""
     state: dict = {}
 
@@ -39,6 +41,7 @@ def create_app(client: FrontendClient, served_model: str, tokenizer_loader, api_
         await client.start()
         info = client.model_info()
         metrics = Metrics(served_model, lambda: [c.stats for c in client.conns.values() if c.is_alive])
+        metrics.bind_attainment(client.attainment)
         client.metrics = metrics
         tokenizer = tokenizer_loader()
         max_model_len = info.max_model_len if info else 2048
@@ -62,6 +65,8 @@ def create_app(client: FrontendClient, served_model: str, tokenizer_loader, api_
             return None
         return JSONResponse(op.error_body("Incorrect or missing API key (Authorization: Bearer ...)",
                                           "invalid_request_error", None, "invalid_api_key"), 401)
+
+    app.include_router(dashboard_router(client, denied, monitor_options))  # /v1/cluster, /dashboard
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -115,6 +120,28 @@ def create_app(client: FrontendClient, served_model: str, tokenizer_loader, api_
             info = client.model_info()
             hashes = hash_block_tokens(body["prompt_token_ids"], info.block_size if info else 16)
             return {"block_hashes": [str(h) for h in hashes], "workers": await client.kv_digests(hashes)}
+
+        @app.post("/debug/check_integrity")
+        async def check_integrity():
+            """Per worker, its KV bookkeeping check: "" when free + cached + used == total and every count
+            is consistent, else the failure."""
+            return {"workers": await client.check_integrity()}
+
+        @app.post("/debug/elastic")
+        async def elastic_decision(request: Request):
+            """Carry out one decision as the elastic controller would (``{"kind": "MoveCores", "src", "dst",
+            "src_cores", "dst_cores"}``, ``{"kind": "ChangeRole", "worker_id", "role"}``, ``{"kind":
+            "SetStepTarget", "worker_id", "step_target_s"}``)."""
+            from pdserve.server.elastic import carry_out, decision_from_json
+
+            try:
+                decision = decision_from_json(await request.json())
+            except ValueError as e:
+                return _error_response(InvalidRequestError(str(e)))
+            carry_out(client, [decision])
+            if client.elastic is not None:
+                client.elastic.controller.record(time.monotonic(), [decision])
+            return {"ok": True, "decision": decision.reason}
 
     return app
 

@@ -5,7 +5,11 @@ import argparse
 import logging
 import sys
 
+from pdserve.control.attainment import Objectives
+from pdserve.control.controller import Bounds
 from pdserve.router.policies import POLICIES
+from pdserve.server.elastic import INITIAL_LAYOUTS
+from pdserve.server.monitor_args import add_monitor_args, monitor_options_from_args
 
 
 def add_frontend_args(parser: argparse.ArgumentParser) -> None:
@@ -14,7 +18,14 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="model (for the tokenizer)")
     parser.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="the HTTP API's interface (default %(default)s)")
+    parser.add_argument("--internal-host", default="127.0.0.1",
+                        help="where workers reach this frontend's internal sockets (heartbeats)")
+    parser.add_argument("--request-timeout", type=float, default=600.0,
+                        help="every request's deadline, seconds (0: none): aborted everywhere then")
+    parser.add_argument("--admission-ttft-slack", type=float, default=None,
+                        help="refuse (429) a request predicted to take over this many times the TTFT objective "
+                             "to its first token (default: no such check)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     parser.add_argument("--routing", choices=POLICIES, default="prefix_aware")
@@ -28,6 +39,57 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-debug-endpoints", action="store_true", help="POST /debug/kv_digests")
     parser.add_argument("--trace-file", default=None,
                         help="write an event trace (request submits, first tokens) here, for `pdserve profile --live`")
+    add_objective_args(parser)
+    add_monitor_args(parser)
+    add_elastic_args(parser)
+
+
+# What `pdserve up` aims at when no objective is given: loose enough for the default model on a CPU host
+# (a lone 1k-token prompt's TTFT is ~0.5-1 s there, a lone request's TPOT ~20-30 ms); set your own.
+DEFAULT_OBJECTIVES = Objectives(ttft_s=2.0, tpot_s=0.1)
+
+
+def add_objective_args(parser: argparse.ArgumentParser, defaults: Objectives = Objectives()) -> None:
+    """The objectives (also ``pdserve up``'s): their attainment is kept, exported (/metrics, /v1/cluster, the
+    dashboard), and steers the elastic controller."""
+    g = parser.add_argument_group("objectives")
+    g.add_argument("--slo-ttft", type=float, default=defaults.ttft_s, metavar="S",
+                   help="time to first token objective, seconds (default %(default)s)")
+    g.add_argument("--slo-tpot", type=float, default=defaults.tpot_s, metavar="S",
+                   help="time per output token objective, seconds (default %(default)s)")
+    g.add_argument("--slo-itl-p99", type=float, default=defaults.itl_p99_s, metavar="S",
+                   help="bound on the 99th percentile of inter-token latency, seconds (default %(default)s)")
+
+
+def add_elastic_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("elastic prefill/decode (docs/cluster.md)")
+    g.add_argument("--path-choice", action="store_true",
+                   help="per request, prefill remotely or on the decode worker, by predicted TTFT")
+    g.add_argument("--elastic", action="store_true", help="move cores, roles and step time between the phases")
+    g.add_argument("--elastic-tick", type=float, default=2.0, help="seconds between the controller's looks")
+    g.add_argument("--elastic-initial", choices=INITIAL_LAYOUTS, default="split",
+                   help="split: as the workers were started; colocated: each host's cores to its decode worker")
+    add_elastic_bounds_args(parser)
+
+
+def add_elastic_bounds_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("elastic bounds")
+    b = Bounds()
+    g.add_argument("--min-prefill-workers", type=int, default=b.min_prefill_workers)
+    g.add_argument("--max-prefill-workers", type=int, default=None)
+    g.add_argument("--min-decode-workers", type=int, default=b.min_decode_workers)
+    g.add_argument("--max-decode-workers", type=int, default=None)
+    g.add_argument("--min-decode-cores", type=int, default=b.min_decode_cores)
+
+
+def objectives_from_args(args: argparse.Namespace) -> Objectives:
+    return Objectives(args.slo_ttft, args.slo_tpot, args.slo_itl_p99)
+
+
+def bounds_from_args(args: argparse.Namespace) -> Bounds:
+    big = 1 << 30
+    return Bounds(args.min_prefill_workers, args.max_prefill_workers or big, args.min_decode_workers,
+                  args.max_decode_workers or big, args.min_decode_cores)
 
 
 def run_frontend(args: argparse.Namespace) -> int:
@@ -36,11 +98,20 @@ def run_frontend(args: argparse.Namespace) -> int:
     from pdserve.server.app import create_app
     from pdserve.server.client import FrontendClient, FrontendOptions
 
+    try:
+        monitor_options = monitor_options_from_args(args)
+    except ValueError as e:
+        print(f"pdserve frontend: error: {e}", file=sys.stderr)
+        return 2
     options = FrontendOptions(tuple(a.strip() for a in args.workers.split(",") if a.strip()),
                               routing=args.routing, prefix_load_weight=args.prefix_load_weight,
                               min_remote_prefill_tokens=args.min_remote_prefill_tokens,
                               worker_timeout_s=args.worker_timeout, max_inflight=args.max_inflight,
-                              trace_path=args.trace_file)
+                              trace_path=args.trace_file, objectives=objectives_from_args(args),
+                              path_choice=args.path_choice, elastic=args.elastic, elastic_tick_s=args.elastic_tick,
+                              elastic_initial=args.elastic_initial, bounds=bounds_from_args(args),
+                              internal_host=args.internal_host, request_timeout_s=args.request_timeout or None,
+                              admission_ttft_slack=args.admission_ttft_slack)
     client = FrontendClient(options)
 
     def load():
@@ -52,7 +123,7 @@ def run_frontend(args: argparse.Namespace) -> int:
         return load_tokenizer(args.tokenizer or checkpoint_path(args.model), eos)
 
     app = create_app(client, args.served_model_name or args.model, load, api_key=args.api_key,
-                     enable_debug=args.enable_debug_endpoints)
+                     enable_debug=args.enable_debug_endpoints, monitor_options=monitor_options)
     uvicorn.run(app, host=args.host, port=args.port, log_level=getattr(args, "log_level", "info"),
                 access_log=False)
     return 0

@@ -17,7 +17,7 @@ from pdserve.errors import PdserveError
 from pdserve.server import openai_protocol as op
 from pdserve.server.client import FrontendClient
 from pdserve.server.metrics import Metrics
-from pdserve.worker.protocol import TokenOutput
+from pdserve.protocol import TokenOutput
 
 
 @dataclass
@@ -180,7 +180,8 @@ class Serving:
             return
         now = time.monotonic()
         ttft = None if choice.first_token_s is None else choice.first_token_s - start
-        self.metrics.observe_request(ttft, now - start, len(choice.state.token_ids), choice.state.finish_reason)
+        self.metrics.observe_request(ttft, now - start, len(choice.state.token_ids), choice.state.finish_reason,
+                                     choice.num_prompt_tokens, choice.state.num_cached_tokens)
 
     # -- logprob bodies ------------------------------------------------------------------------------
     def _token_str(self, token_id: int, as_token_ids: bool) -> str:

@@ -11,6 +11,9 @@ import sys
 import time
 from dataclasses import replace
 
+from pdserve.config import CacheConfig, SchedulerConfig
+from pdserve.sim.workload import add_workload_args, workload_from_args
+
 logger = logging.getLogger(__name__)
 
 
@@ -30,7 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=None, help="write the result JSON (pdserve bench's shape) here")
     p.set_defaults(func=run_sim)
 
-    from pdserve.sim.planner import add_plan_args
+    from pdserve.sim.plan_cli import add_plan_args
     p = subparsers.add_parser("plan", help="size a cluster for a workload and latency objectives",
                               description="Search colocated vs disaggregated, P:D split, TP, budgets and hardware "
                                           "for the cheapest cluster meeting the objectives.")
@@ -46,16 +49,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_profile)
 
 
-def add_workload_args(p: argparse.ArgumentParser) -> None:
-    """``pdserve bench``'s workload and arrival flags (one implementation), plus the objectives."""
-    from pdserve.bench.cli import add_workload_arguments
-    add_workload_arguments(p)
-    g = p.add_argument_group("objectives")
-    g.add_argument("--slo-ttft", type=float, default=None, metavar="SECONDS")
-    g.add_argument("--slo-tpot", type=float, default=None, metavar="SECONDS")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-
-
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster (a --cluster file, or inline)")
     g.add_argument("--cluster", default=None, help="cluster YAML (see docs/sim.md)")
@@ -65,13 +58,15 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tp", type=int, default=1, help="cards per instance")
     g.add_argument("--parallelism", default="tp", choices=("tp", "ep"),
                    help="tp: tensor parallel; ep: MoE experts over the cards, attention data-parallel")
-    g.add_argument("--mode", default="colocated", choices=("colocated", "disaggregated"))
+    g.add_argument("--mode", default="colocated", choices=("colocated", "disaggregated", "auto"),
+                   help="auto: prefill and decode pools under the elastic controller, with path choice")
     g.add_argument("--instances", type=int, default=1, help="colocated instances")
     g.add_argument("--prefill", type=int, default=1, help="prefill instances (disaggregated)")
     g.add_argument("--decode", type=int, default=1, help="decode instances (disaggregated)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--max-num-seqs", type=int, default=128)
-    g.add_argument("--block-size", type=int, default=16)
+    sched, cache = SchedulerConfig(), CacheConfig()  # the engine's own defaults (settings.py)
+    g.add_argument("--max-num-batched-tokens", type=int, default=sched.max_num_batched_tokens)
+    g.add_argument("--max-num-seqs", type=int, default=sched.max_num_seqs)
+    g.add_argument("--block-size", type=int, default=cache.block_size)
     g.add_argument("--routing", default="least_loaded", choices=("round_robin", "least_loaded", "prefix_aware"))
     g.add_argument("--no-prefix-caching", action="store_true")
 
@@ -95,18 +90,8 @@ def cluster_from_args(args: argparse.Namespace):
         if len(hw) != 1:
             raise ValueError("colocated mode takes one --hardware name")
         return ClusterSpec(args.model, "colocated", colocated=pool(hw[0], args.instances), **common)
-    return ClusterSpec(args.model, "disaggregated", prefill=pool(hw[0], args.prefill), decode=pool(hw[-1], args.decode),
+    return ClusterSpec(args.model, args.mode, prefill=pool(hw[0], args.prefill), decode=pool(hw[-1], args.decode),
                        **common)
-
-
-def workload_from_args(args: argparse.Namespace):
-    """(WorkloadConfig, sweep rates or None), exactly as ``pdserve bench`` reads the same flags."""
-    from pdserve.bench.cli import workload_from_args as bench_workload
-    for name in ("slo_ttft", "slo_tpot"):
-        value = getattr(args, name, None)
-        if value is not None and not value > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be > 0")
-    return bench_workload(args)
 
 
 def run_sim(args: argparse.Namespace) -> int:
@@ -166,7 +151,7 @@ def format_sim(result: dict) -> str:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from pdserve.sim.planner import run_plan_command
+    from pdserve.sim.plan_cli import run_plan_command
     return run_plan_command(args)
 
 

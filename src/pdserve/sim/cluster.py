@@ -1,41 +1,21 @@
-"""Cluster files: what runs where. Read by ``pdserve sim --cluster``, written by ``pdserve plan``
-(best-cluster.yaml), and read by ``pdserve up --config`` (the same file: ``pdserve up`` reads the
-serving keys and ignores the planner-only ones).
+"""What runs where, as the simulator sees it: ``ClusterSpec`` (pools of identical instances) and ``PoolSpec``.
 
-Format (YAML; docs/sim.md has the reference)::
-
-    model: llama-3.1-8b          # catalogue name or config.json path
-    mode: disaggregated          # or colocated
-    prefill: 2                   # instances per pool (colocated mode: `colocated: N`)
-    decode: 3
-    routing: least_loaded        # round_robin | least_loaded | prefix_aware
-    scheduler: {max_num_batched_tokens: 2048, max_num_seqs: 256, enable_chunked_prefill: true}
-    cache: {block_size: 16, enable_prefix_caching: true}
-    # planner-only keys (pdserve up ignores them)
-    hardware: h100-sxm           # every pool, or per pool:
-    prefill_hardware: h100-sxm
-    decode_hardware: h200
-    tp: 1                        # every pool, or {prefill: 1, decode: 2}
-    notes:
-      precision: bf16
-      kv_dtype: bf16
-      decode_routing: least_loaded
-      kv_link: auto              # auto | intra | inter (node) for prefill->decode KV
-      pools:                     # per-pool settings overriding `scheduler` (and parallelism: tp | ep)
-        prefill: {max_num_batched_tokens: 8192, max_num_seqs: 64}
-    predicted: {...}             # the planner's figures (goodput, cost)
+Cluster files are read and written through the one schema of ``pdserve.cluster_file`` (the same file
+``pdserve up --config`` deploys): ``load_cluster`` and ``ClusterSpec.dump``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+import msgspec
 
+from pdserve import cluster_file
+from pdserve.cluster_file import ClusterFile
+from pdserve.router.policies import POLICIES
 from pdserve.sim.perf_model import BYTES_PER_PARAM
-from pdserve.sim.routing import POLICIES
 
-MODES = ("colocated", "disaggregated")
+MODES = ("colocated", "disaggregated", "auto")  # auto: prefill and decode pools under the elastic controller
 KV_LINKS = ("auto", "intra", "inter")
 
 
@@ -78,6 +58,9 @@ class ClusterSpec:
     routing: str = "least_loaded"
     decode_routing: str = "least_loaded"
     kv_link: str = "auto"
+    min_remote_prefill_tokens: int = 0  # shorter prompts are computed on their decode instance
+    max_inflight: int | None = None  # the frontend's admission bounds (None: none)
+    max_inflight_per_instance: int | None = None
     extra: dict = field(default_factory=dict)  # free-form notes (the planner's predictions)
 
     def __post_init__(self) -> None:
@@ -85,8 +68,8 @@ class ClusterSpec:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "colocated" and self.colocated is None:
             raise ValueError("colocated mode needs a 'colocated' pool")
-        if self.mode == "disaggregated" and (self.prefill is None or self.decode is None):
-            raise ValueError("disaggregated mode needs 'prefill' and 'decode' pools")
+        if self.mode in ("disaggregated", "auto") and (self.prefill is None or self.decode is None):
+            raise ValueError(f"{self.mode} mode needs 'prefill' and 'decode' pools")
         if self.precision not in BYTES_PER_PARAM or self.kv_dtype not in BYTES_PER_PARAM:
             raise ValueError(f"precision and kv_dtype must be in {sorted(BYTES_PER_PARAM)}")
         if self.routing not in POLICIES or self.decode_routing not in POLICIES:
@@ -106,74 +89,56 @@ class ClusterSpec:
     def num_cards(self) -> int:
         return sum(p.num_cards for p in self.pools.values())
 
-    def to_dict(self) -> dict:
+    def to_file(self) -> ClusterFile:
+        """The cluster file of this spec (the planner's best-cluster.yaml)."""
         pools = self.pools
         first = next(iter(pools.values()))
-        out: dict = {"model": self.model, "mode": self.mode}
-        for name, pool in pools.items():
-            out[name] = pool.instances
-        out["routing"] = self.routing
-        out["scheduler"] = _sched(first)
-        out["cache"] = {"block_size": self.block_size, "enable_prefix_caching": self.enable_prefix_caching}
-        hardware = {p.hardware for p in pools.values()}
-        if len(hardware) == 1:
-            out["hardware"] = first.hardware
-        else:
-            for name, pool in pools.items():
-                out[f"{name}_hardware"] = pool.hardware
-        tps = {p.tp for p in pools.values()}
-        out["tp"] = first.tp if len(tps) == 1 else {name: p.tp for name, p in pools.items()}
-        notes: dict = {"precision": self.precision, "kv_dtype": self.kv_dtype, "decode_routing": self.decode_routing,
-                       "kv_link": self.kv_link}
-        overrides = {name: _pool_notes(p) for name, p in pools.items() if _pool_notes(p) != out["scheduler"]}
-        if overrides:
-            notes["pools"] = overrides
-        out["notes"] = notes
+        engine = {**_sched(first), "block_size": self.block_size, "enable_prefix_caching": self.enable_prefix_caching}
+        serving = {"mode": self.mode, **{name: pool.instances for name, pool in pools.items()},
+                   "routing": self.routing, "min_remote_prefill_tokens": self.min_remote_prefill_tokens,
+                   "max_inflight": self.max_inflight}
+        overrides = {name: {k: v for k, v in _sched(p).items() if v != engine[k]} for name, p in pools.items()}
+        serving["pools"] = {name: o for name, o in overrides.items() if o}
+        planning = {"hardware": _one_or_per_pool({n: p.hardware for n, p in pools.items()}),
+                    "tp": _one_or_per_pool({n: p.tp for n, p in pools.items()}),
+                    "parallelism": _one_or_per_pool({n: p.parallelism for n, p in pools.items()}),
+                    "precision": self.precision, "kv_dtype": self.kv_dtype, "decode_routing": self.decode_routing,
+                    "kv_link": self.kv_link}
+        data = {"model": self.model, "engine": engine, "serving": serving, "planning": planning}
         if self.extra:
-            out["predicted"] = self.extra
-        return out
+            data["predicted"] = self.extra
+        return cluster_file.parse(data, "cluster spec")
+
+    @classmethod
+    def from_file(cls, f: ClusterFile) -> ClusterSpec:
+        """The simulator's view of a cluster file (the planning section gives the hardware)."""
+        pl = f.planning
+        if pl.hardware is None:
+            raise ValueError("the cluster file gives no hardware for the simulator (planning.hardware)")
+        pools = {}
+        for name in f.pool_names:
+            settings = f.pool_engine(name)
+            pools[name] = PoolSpec(f.per_pool(pl.hardware, name, "hardware"), f.num_workers(name),
+                                   int(f.per_pool(pl.tp, name, "tp")),
+                                   **{k: settings[k] for k in _SCHED_KEYS if k in settings},
+                                   parallelism=f.per_pool(pl.parallelism, name, "parallelism"))
+        return cls(model=f.model, mode=f.serving.mode, **pools, routing=f.serving.routing,
+                   block_size=int(f.engine.get("block_size", 16)),
+                   enable_prefix_caching=bool(f.engine.get("enable_prefix_caching", True)),
+                   precision=pl.precision, kv_dtype=pl.kv_dtype, decode_routing=pl.decode_routing,
+                   kv_link=pl.kv_link, min_remote_prefill_tokens=f.serving.min_remote_prefill_tokens,
+                   max_inflight=f.serving.max_inflight, extra=dict(f.predicted))
+
+    def to_dict(self) -> dict:
+        """The cluster file's content (result files carry it)."""
+        return msgspec.to_builtins(self.to_file())
 
     @classmethod
     def from_dict(cls, data: dict) -> ClusterSpec:
-        if not isinstance(data, dict) or "model" not in data:
-            raise ValueError("a cluster file needs at least 'model' and a mode")
-        known = {"model", "mode", "prefill", "decode", "colocated", "instances", "routing", "scheduler", "cache",
-                 "hardware", "prefill_hardware", "decode_hardware", "colocated_hardware", "tp", "notes", "predicted"}
-        ignored_by_sim = {"kv_transfer", "host", "port", "api_key", "min_remote_prefill_tokens", "dtype",
-                          "max_model_len", "kv_cache_memory"}
-        unknown = set(data) - known - ignored_by_sim
-        if unknown:
-            raise ValueError(f"unknown cluster file keys: {sorted(unknown)}")
-        mode = data.get("mode", "colocated")
-        notes = dict(data.get("notes") or {})
-        sched = dict(data.get("scheduler") or {})
-        bad = set(sched) - set(_SCHED_KEYS)
-        if bad:
-            raise ValueError(f"unknown scheduler keys: {sorted(bad)} (known: {list(_SCHED_KEYS)})")
-        cache = dict(data.get("cache") or {})
-        tp = data.get("tp", 1)
-        names = ("colocated",) if mode == "colocated" else ("prefill", "decode")
-        pools = {}
-        for name in names:
-            count = data.get(name, data.get("instances", 1) if name == "colocated" else 1)
-            hw = data.get(f"{name}_hardware", data.get("hardware"))
-            if hw is None:
-                raise ValueError(f"the cluster file gives no hardware for the {name} pool ('hardware' or "
-                                 f"'{name}_hardware')")
-            settings = {**sched, **(notes.get("pools", {}).get(name, {}))}
-            pools[name] = PoolSpec(str(hw), int(count), int(tp[name] if isinstance(tp, dict) else tp), **settings)
-        return cls(model=str(data["model"]), mode=mode, **pools, routing=data.get("routing", "least_loaded"),
-                   block_size=int(cache.get("block_size", 16)),
-                   enable_prefix_caching=bool(cache.get("enable_prefix_caching", True)),
-                   precision=notes.get("precision", "bf16"), kv_dtype=notes.get("kv_dtype", "bf16"),
-                   decode_routing=notes.get("decode_routing", "least_loaded"), kv_link=notes.get("kv_link", "auto"),
-                   extra=dict(data.get("predicted") or {}))
+        return cls.from_file(cluster_file.parse(data, "cluster"))
 
     def dump(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
-        return path
+        return cluster_file.dump(self.to_file(), path)
 
 
 _SCHED_KEYS = ("max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill")
@@ -183,19 +148,16 @@ def _sched(pool: PoolSpec) -> dict:
     return {k: getattr(pool, k) for k in _SCHED_KEYS}
 
 
-def _pool_notes(pool: PoolSpec) -> dict:
-    notes = _sched(pool)
-    if pool.parallelism != "tp":
-        notes["parallelism"] = pool.parallelism
-    return notes
+def _one_or_per_pool(values: dict):
+    distinct = set(values.values())
+    return next(iter(distinct)) if len(distinct) == 1 else values
 
 
 def load_cluster(path: str | Path) -> ClusterSpec:
+    """A cluster file as the simulator runs it (ValueError naming the file and the problem)."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"cannot read cluster file {path}: {e}") from e
-    try:
-        return ClusterSpec.from_dict(data)
-    except TypeError as e:
+        return ClusterSpec.from_file(cluster_file.load(path))
+    except (TypeError, ValueError) as e:
+        if str(path) in str(e):
+            raise
         raise ValueError(f"{path}: {e}") from e

@@ -1,11 +1,24 @@
 """Cost arithmetic: fleet cost per hour and per day, cost per million tokens split into cached input,
 uncached input and output, and power.
 
-Attribution: a fleet's cost over a period is split between prefill (input) and decode (output) by the
-share of accelerator time each used (idle time is shared out in the same proportion). The input share
-is then split between cached and uncached input tokens with ``cached_weight`` (the cost of a cached
-token relative to an uncached one; default 0.1: a cache hit still costs a KV load and attention
-context, not the GEMMs).
+How device time is apportioned (the one place; the planner's ``run_cost`` and the frontend's live cost,
+``server/cost.py``, both call the functions below):
+
+1. A step that mixes prefill chunks and decodes is split by ``step_prefill_share``: the time a step-time
+   model gives its prefill part alone, over that plus its decodes alone (the simulator uses its perf
+   model; a worker uses the analytic model of its hardware, ``worker/busy.py``).
+2. A worker's prefill time is ``prefill_time``: all of its busy time for a prefill-role worker, else the
+   prefill parts of its steps (a live worker applies it step by step, with the role it has at that step).
+3. A fleet's cost over a period (every device's price times the period, idle time included) is split
+   between input and output by the share of busy time that went to prefill (``input_time_share``): idle
+   time is shared out in the same proportion.
+4. The input share is split between cached and uncached input tokens with ``cached_weight`` (the cost of
+   a cached token relative to an uncached one; default 0.1: a cache hit still costs a KV load and
+   attention context, not the GEMMs). ``token_costs`` does 3 and 4.
+
+Tokens: input tokens are the prompts of requests that produced a token, cached input the part of them
+found in the serving worker's prefix cache (for a disaggregated request: the decode worker's, as the
+usage object reports it), output every token generated.
 """
 from __future__ import annotations
 
@@ -51,6 +64,42 @@ def cost_per_million(cost_usd: float, cached_input_tokens: float, uncached_input
     )
 
 
+def input_time_share(prefill_busy_s: float, busy_s: float) -> float:
+    """Share of a fleet's cost that goes to input: prefill busy time over all busy time (0 when idle)."""
+    if prefill_busy_s < 0 or busy_s < 0:
+        raise ValueError(f"busy times must be >= 0, got {prefill_busy_s} and {busy_s}")
+    return min(1.0, prefill_busy_s / busy_s) if busy_s > 0 else 0.0
+
+
+def prefill_time(role: str, busy_s: float, prefill_part_s: float) -> float:
+    """A worker's busy time that counts as prefill: all of it on a prefill worker, else the prefill parts
+    of its steps (``step_prefill_share``)."""
+    return busy_s if role == "prefill" else prefill_part_s
+
+
+def step_prefill_share(perf, shape) -> float:
+    """Fraction of a step's time spent on its prefill tokens: ``perf`` (a ``PerfModel``) times the prefill
+    part alone and the decodes alone; 1 for a step without decodes, 0 for one without prefill."""
+    from pdserve.sim.perf_model import BatchShape
+
+    if not shape.num_prefill_tokens:
+        return 0.0
+    if not shape.num_decode:
+        return 1.0
+    t_p = perf.step_time_s(BatchShape(shape.num_prefill_tokens, shape.prefill_attn, shape.prefill_kv, 0, 0, 1))
+    t_d = perf.decode_step_time_s(shape.num_decode, shape.decode_ctx, shape.decode_max_ctx)
+    return t_p / (t_p + t_d) if t_p + t_d > 0 else 0.0
+
+
+def token_costs(cost_usd: float, prefill_busy_s: float, busy_s: float, cached_input_tokens: float,
+                uncached_input_tokens: float, output_tokens: float,
+                cached_weight: float = DEFAULT_CACHED_WEIGHT) -> TokenCosts:
+    """USD per million tokens by kind for ``cost_usd`` spent over a period in which the fleet was busy
+    ``busy_s`` device-seconds, ``prefill_busy_s`` of them on prefill (see the module docstring)."""
+    return cost_per_million(cost_usd, cached_input_tokens, uncached_input_tokens, output_tokens,
+                            input_time_share(prefill_busy_s, busy_s), cached_weight)
+
+
 def input_share_from_throughput(input_tokens: float, input_tokens_per_s: float,
                                 output_tokens: float, output_tokens_per_s: float) -> float:
     """Share of accelerator time that went to input, from per-unit prefill and decode throughputs."""
@@ -73,14 +122,14 @@ def run_cost(sim, duration_s: float) -> dict:
         for inst in sim.pools[name]:
             busy = inst.busy_s * pool.tp
             total_s += busy
-            prefill_s += busy if name == "prefill" else inst.prefill_busy_s * pool.tp
-    input_share = prefill_s / total_s if total_s else 0.0
+            prefill_s += prefill_time(name, busy, inst.prefill_busy_s * pool.tp)
+    input_share = input_time_share(prefill_s, total_s)
     ok_in = sum(rec.input_len[i] for i in range(len(rec.input_len)) if rec.num_tokens[i] > 0)
     cached = sum(rec.cached_tokens)
     out_tok = sum(rec.num_tokens)
     hours = duration_s / 3600.0
     cost = price_h * hours
-    per_m = cost_per_million(cost, cached * scale, (ok_in - cached) * scale, out_tok * scale, input_share)
+    per_m = token_costs(cost, prefill_s, total_s, cached * scale, (ok_in - cached) * scale, out_tok * scale)
     return {"num_cards": cards, "price_per_hour": price_h, "cost_usd": cost, "power_kw_tdp": power_w / 1e3,
             "energy_kwh_tdp": power_w / 1e3 * hours, "input_time_share": input_share, **per_m.to_dict(),
             "cached_weight": DEFAULT_CACHED_WEIGHT}

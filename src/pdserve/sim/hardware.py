@@ -54,6 +54,8 @@ class Hardware:
     step_overhead_ms: float = 1.0
     placeholder: bool = False
     calibrated: bool = False
+    num_cores: int = 0  # a CPU entry: the cores that price_per_hour pays for (0: an accelerator card)
+    match: tuple[str, ...] = ()  # device names this entry stands for (substrings, case-insensitive)
 
     def __post_init__(self) -> None:
         if "bf16" not in self.tflops:
@@ -63,6 +65,8 @@ class Hardware:
                 raise ValueError(f"hardware {self.name!r}: {key} must be > 0")
         if self.price_per_hour < 0 or self.power_w < 0:
             raise ValueError(f"hardware {self.name!r}: price and power must be >= 0")
+        if self.num_cores < 0:
+            raise ValueError(f"hardware {self.name!r}: num_cores must be >= 0")
 
     @property
     def memory_bytes(self) -> float:
@@ -97,6 +101,21 @@ def get_hardware(name: str, path: str | Path | None = None) -> Hardware:
     if name not in catalogue:
         raise ValueError(f"unknown hardware {name!r}; known: {', '.join(sorted(catalogue))}")
     return catalogue[name]
+
+
+def detect_hardware(device_type: str, device_name: str, catalogue: dict[str, Hardware] | None = None
+                    ) -> Hardware | None:
+    """The catalogue entry a running device stands for: the first whose ``match`` substrings occur in
+    ``device_name`` (``torch.cuda.get_device_name``, the CPU's model name); for a CPU without a match, the
+    first CPU entry (``num_cores`` > 0); None when nothing fits."""
+    catalogue = load_catalogue() if catalogue is None else catalogue
+    name = device_name.lower()
+    for hw in catalogue.values():
+        if any(m.lower() in name for m in hw.match):
+            return hw
+    if device_type == "cpu":
+        return next((hw for hw in catalogue.values() if hw.num_cores > 0), None)
+    return None
 
 
 @lru_cache(maxsize=8)
@@ -138,6 +157,8 @@ def _entry(name: str, e: dict, path: str) -> Hardware:
             step_overhead_ms=float(e.get("step_overhead_ms", 1.0)),
             placeholder=bool(e.get("placeholder", False)),
             calibrated=bool(e.get("calibrated", False)),
+            num_cores=int(e.get("num_cores", 0)),
+            match=tuple(str(m) for m in e.get("match") or ()),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path}: bad hardware entry {name!r}: {err}") from err

@@ -8,11 +8,15 @@ from dataclasses import dataclass
 from pdserve.config import SchedulerConfig
 from pdserve.engine.kv_manager import KVCacheManager
 from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.step_budget import PrefillBudget
+from pdserve.flow.decode import DecodeSide
+from pdserve.flow.prefill import PrefillSide
+from pdserve.kv.base import RemotePrefill
 from pdserve.sim.cluster import PoolSpec
 from pdserve.sim.hardware import Hardware
-from pdserve.sim.overheads import COLD_IDLE_S
-from pdserve.sim.perf_model import PerfModel
+from pdserve.sim.perf_model import BatchShape, PerfModel
 from pdserve.sim.requests import SimRequest
+from pdserve.sim.step_time import StepTime
 
 
 @dataclass(frozen=True)
@@ -33,10 +37,22 @@ class Instance:
     def __init__(self, index: int, role: str, pool: PoolSpec, hardware: Hardware, perf: PerfModel,
                  num_blocks: int, block_size: int, enable_prefix_caching: bool, max_model_len: int) -> None:
         self.index, self.role, self.pool, self.hardware, self.perf = index, role, pool, hardware, perf
+        self.instance_id = f"{role}-{index}"  # stays when the elastic controller changes the role
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         config = SchedulerConfig(max_num_batched_tokens=pool.max_num_batched_tokens, max_num_seqs=pool.max_num_seqs,
                                  enable_chunked_prefill=pool.enable_chunked_prefill, max_waiting=1 << 30)
-        self.scheduler = Scheduler(config, self.kv, max_model_len)
+        self.remote = RemotePrefill()  # the scheduler side of disaggregation, as a worker's engine has it
+        self.scheduler = Scheduler(config, self.kv, max_model_len, external=self.remote)
+        # The hand-off's worker sides (deadlines never pass in a simulation without failures).
+        self.decode_side = DecodeSide(transfer_timeout_s=1e18, writes_remotely=False)
+        self.prefill_side = PrefillSide(hold_timeout_s=1e18)
+        self.kv_target = None  # protocol.KVTarget: what this instance's reservations name
+        self.num_inflight = 0  # the frontend's count (the router reads the exact scheduler counts here)
+        self.is_alive = True
+        self.is_parked = False
+        self.cores = None  # cards do not move between instances: the elastic controller changes roles
+        self.prefill_budget = PrefillBudget()  # stall-free chunking's target (the elastic controller's)
+        self._prefill_token_s: float | None = None
         self.block_size = block_size
         self.busy = False
         self.version = 0
@@ -45,22 +61,73 @@ class Instance:
         self.window: tuple[float, list[float], list[SimRequest]] | None = None
         self.window_limit = 8  # steps the next fast-forward window may cover
         self.link_free_s = 0.0
-        self.inbox: list[tuple[str, str]] = []  # (kind, request id) messages read at the next step boundary
-        self.outbox: list[str] = []  # request ids whose reservations leave when the step ends
-        self.step_overhead = None  # sim.overheads.StepOverhead of this role, from a live calibration
-        self.noise = None  # overheads.StepNoise: the step jitter, seeded by the simulator
+        self.inbox: list[tuple[str, object]] = []  # (kind, body) messages read at the next step boundary
+        self.outbox: list = []  # reservations (protocol.KVReservationMsg) that leave when the step ends
+        self.step_time = StepTime(perf)  # the simulator sets it with a live calibration's overheads, if any
         self.num_steps = 0
         self.busy_s = 0.0
         self.prefill_busy_s = 0.0
 
-    def is_cold(self, now: float) -> bool:
-        """Whether a step starting at ``now`` follows an idle spell (``overheads.COLD_IDLE_S``)."""
-        return now - self.idle_since >= COLD_IDLE_S
+    def add(self, request: SimRequest, remote_kv: bool = False, hold_kv: bool = False) -> None:
+        """What a worker does with ``AddRequest``: queue it; a remote prefill's KV, or a held prefill."""
+        self.scheduler.add_request(request)
+        if remote_kv:
+            self.remote.expect(request.request_id)
+            self.decode_side.add(request.request_id)
+        if hold_kv:
+            self.remote.hold(request.request_id)
+            self.prefill_side.add(request.request_id)
 
-    # -- the view routing policies read (as router.instances.InstanceView) ----------------------------
+    def release_kv(self, request_id: str) -> None:
+        self.scheduler.release_kv(request_id)
+        self.remote.forget([request_id])
+
+    def set_step_target(self, target_step_s: float | None) -> None:
+        """Bound the prefill tokens of steps with decodes (as ``EngineCore.set_step_target``), predicting
+        step times with the instance's own performance model."""
+        self.prefill_budget = PrefillBudget(target_step_s)
+        self.scheduler.prefill_budget_fn = None if target_step_s is None else self._prefill_tokens
+
+    def _prefill_tokens(self, num_decodes: int, decode_ctx: int) -> int:
+        decode_s = self.perf.decode_step_time_s(num_decodes, decode_ctx) if num_decodes else 0.0
+        return self.prefill_budget.tokens_for(decode_s, self.prefill_token_s, self.pool.max_num_batched_tokens)
+
+    # -- the view routing policies and path choice read (as router.instances.InstanceView) --------------
     @property
-    def instance_id(self) -> str:
-        return str(self.index)
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def step_target_s(self) -> float | None:
+        return self.prefill_budget.target_step_s
+
+    @property
+    def max_step_tokens(self) -> int:
+        return self.pool.max_num_batched_tokens
+
+    @property
+    def prefill_token_s(self) -> float:
+        """Seconds per prompt token of a 512-token prompt alone (the model's, computed once)."""
+        if self._prefill_token_s is None:
+            n = 512
+            self._prefill_token_s = self.perf.step_time_s(BatchShape(n, n * (n + 1) / 2, n, 0, 0, 1)) / n
+        return self._prefill_token_s
+
+    @property
+    def queued_prefill_tokens(self) -> int:
+        s = self.scheduler
+        queued = sum(r.num_tokens - r.num_computed_tokens for r in s.waiting if r.request_id not in s.awaiting_kv)
+        return queued + sum(r.num_tokens - r.num_computed_tokens for r in s.running
+                            if r.num_tokens - r.num_computed_tokens > 1)
+
+    @property
+    def decode_step_s(self) -> float:
+        decodes = [r for r in self.scheduler.running if r.num_tokens - r.num_computed_tokens == 1]
+        if not decodes:
+            return 0.0
+        return self.perf.decode_step_time_s(len(decodes), sum(r.num_computed_tokens + 1 for r in decodes))
+
+
 
     @property
     def queue_len(self) -> int:
@@ -79,3 +146,17 @@ class Instance:
                 break
             n += 1
         return n
+
+
+class SimTracker:
+    """The router's instance tracker over simulated instances: the views are the instances themselves, whose
+    counts come straight from their schedulers (a live router's lag by a stats interval is not modelled)."""
+
+    def __init__(self, instances: Sequence[Instance]) -> None:
+        self.instances = {inst.instance_id: inst for inst in instances}
+
+    def views(self, roles: tuple[str, ...]) -> list[Instance]:
+        return [i for i in self.instances.values() if i.role in roles and i.is_alive and not i.is_parked]
+
+    def set_alive(self, instance_id: str, is_alive: bool) -> None:
+        self.instances[instance_id].is_alive = is_alive

@@ -41,38 +41,29 @@ latencies add up in the simulator:
 - ``jitter`` per role: the standard deviation of log(live / modelled) over the steps, each worker
   window's mean taken out (drift between runs is the scales' business, not a step's spread); and its
   memory, ``jitter_corr_share`` and ``jitter_corr_s``: the residuals' autocorrelation over the time
-  between two steps of one worker, fitted as share x exp(-dt / time constant) (``_fit_memory``).
+  between two steps of one worker, fitted as share x exp(-dt / time constant) (``fit_memory``).
 
-The fit also returns the measured breakdown (``LiveFit.stats``) that ``pdserve profile --live`` prints.
+The fit also returns the measured breakdown (``LiveFit.stats``) that ``pdserve profile --live`` prints. The
+estimators themselves are ``sim/live_estimators.py``. These terms describe the host a calibration ran on: an
+add-on for reproducing that host (the accuracy benchmark), not part of planning GPU clusters.
 """
 from __future__ import annotations
 
 import json
 import math
 from bisect import bisect_left, bisect_right
-from collections import namedtuple
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
-from pdserve.sim.calibrated import CalibratedPerfModel, nnls
+from pdserve.sim.calibrated import CalibratedPerfModel
+from pdserve.sim.live_estimators import (CONTENTION_GRID, fit_gap, fit_jitter, fit_join, fit_kv, fit_scales, mean, ms,
+                                         step_shape)
 from pdserve.sim.overheads import COLD_IDLE_S, ROLES, Overheads, StepOverhead
-from pdserve.sim.perf_model import BatchShape
-from pdserve.worker.trace import read_trace
+from pdserve.tracing import read_trace
 
-_Chunk = namedtuple("_Chunk", "start num_tokens samples")
 MATCH_WINDOW_S = 1.0  # a client send and its frontend submit are at most this far apart
-CONTENTION_GRID = np.linspace(0.0, 1.0, 201)
-MIN_PART = 0.1  # share of profiled step time the prefill part and the rest each need for two scales
-FIXED_MIN_SPAN = 3.0  # a fixed cost per step is fitted where step sizes (10th-90th percentile) span this
-COLD_MIN_SHARE = 0.1  # and a cold-step cost where cold and warm steps are each this share of the steps
-MEMORY_MAX_LAG_S = 5.0  # the jitter's memory is measured over step pairs this close in time
-MEMORY_LAG_EDGES_S = np.array([0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, MEMORY_MAX_LAG_S])
-MEMORY_MIN_PAIRS = 30  # a lag bin with fewer step pairs is not used
-MEMORY_TIME_GRID_S = np.geomspace(0.01, 10.0, 61)
-MEMORY_MIN_SHARE = 0.05  # a smaller correlated share is no memory
 
 
 @dataclass
@@ -133,15 +124,15 @@ def fit_live(trace_dirs: TraceDirs, bench_results: list[dict], base: CalibratedP
         for e in w.events:
             if e["ev"] == "add" and e["rid"] in submits and w.is_idle_between(submits[e["rid"]]["t"], e["t"]):
                 to_worker.append(e["t"] - submits[e["rid"]]["t"])
-    admission = _mean(to_frontend) + _mean(to_worker)
-    stats["client_to_frontend_ms"] = _ms(to_frontend)
-    stats["frontend_to_idle_worker_ms"] = _ms(to_worker)
+    admission = mean(to_frontend) + mean(to_worker)
+    stats["client_to_frontend_ms"] = ms(to_frontend)
+    stats["frontend_to_idle_worker_ms"] = ms(to_worker)
 
     # Return: the worker's first-token send -> the client's first chunk.
     first_sent = {e["rid"]: e["t"] for w in workers if w.role in ("decode", "both") for e in w.events
                   if e["ev"] == "first"}
     back = [first - first_sent[sub["rid"]] for _, first, sub in matched if sub["rid"] in first_sent]
-    stats["worker_to_client_ms"] = _ms(back)
+    stats["worker_to_client_ms"] = ms(back)
 
     # Disaggregation: reservation forwarding, KV copies, the decode worker picking the KV up.
     reserve_sent = {e["rid"]: e["t"] for w in workers if w.role == "decode" for e in w.events if e["ev"] == "reserve"}
@@ -156,14 +147,14 @@ def fit_live(trace_dirs: TraceDirs, bench_results: list[dict], base: CalibratedP
                 forward.append(e["t"] - reserve_sent[e["rid"]])
             elif e["ev"] == "kv_send" and e.get("ok", True):
                 sends.append(e)
-    stats["reservation_forward_ms"] = _ms(forward)
+    stats["reservation_forward_ms"] = ms(forward)
     kv_fixed = kv_per_token = None
     if sends:
-        kv_fixed, kv_per_token = _fit_kv([e["tokens"] for e in sends], [e["e"] - e["s"] for e in sends])
-        stats["kv_copy_ms"] = _ms([e["e"] - e["s"] for e in sends])
-        stats["kv_tokens_mean"] = _mean([e["tokens"] for e in sends])
+        kv_fixed, kv_per_token = fit_kv([e["tokens"] for e in sends], [e["e"] - e["s"] for e in sends])
+        stats["kv_copy_ms"] = ms([e["e"] - e["s"] for e in sends])
+        stats["kv_tokens_mean"] = mean([e["tokens"] for e in sends])
         landed = {e["rid"]: e["t"] for w in workers if w.role == "decode" for e in w.events if e["ev"] == "kv_recv"}
-        stats["kv_pickup_wait_ms"] = _ms([landed[e["rid"]] - e["e"] for e in sends if e["rid"] in landed])
+        stats["kv_pickup_wait_ms"] = ms([landed[e["rid"]] - e["e"] for e in sends if e["rid"] in landed])
 
     # Steps, per role: (live, profiled, contended) of each step, and the loop gaps.
     samples: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -180,7 +171,7 @@ def fit_live(trace_dirs: TraceDirs, bench_results: list[dict], base: CalibratedP
             others = [o for o in workers if w.shares_host_with(o)]
             firsts = sorted(e["t"] for e in w.events if e["ev"] == "first")
             for i, s in enumerate(w.steps):
-                shape = _shape(s)
+                shape = step_shape(s)
                 live.append(s["e"] - s["s"])
                 starts.append(s["s"])
                 segment.append(k)
@@ -199,31 +190,34 @@ def fit_live(trace_dirs: TraceDirs, bench_results: list[dict], base: CalibratedP
         join_counts[role] = np.array(joins, dtype=float)
         segments[role] = np.array(segment)
         step_starts[role] = np.array(starts)
-        gap_fits[role] = _fit_gap(outs, gaps)
+        gap_fits[role] = fit_gap(outs, gaps)
         span = sum(w.steps[-1]["x"] - w.steps[0]["t"] for w in ws if w.steps)
-        stats[f"{role}_steps"] = {"count": len(live), "live_ms": _ms(live), "profiled_ms": _ms(pred),
-                                  "num_contended": int(sum(contended)), "gap_ms": _ms(gaps),
+        stats[f"{role}_steps"] = {"count": len(live), "live_ms": ms(live), "profiled_ms": ms(pred),
+                                  "num_contended": int(sum(contended)), "gap_ms": ms(gaps),
                                   "busy_fraction": sum(live) / span if span else 0.0,
                                   "num_joins": int(sum(joins)), "num_join_steps": sum(1 for j in joins if j),
                                   "num_cold": int(sum(cold))}
     shared = any(w.shares_host_with(o) for w in workers for o in workers)  # a host with 2+ workers
     grid = CONTENTION_GRID if shared else [0.0]
-    contention, scales = _fit_scales(samples, grid)
-    join = {role: _fit_join(samples[role], join_counts[role], scales[role], contention) for role in samples}
+    contention, scales = fit_scales(samples, grid)
+    join = {role: fit_join(samples[role], join_counts[role], scales[role], contention) for role in samples}
     adjusted = {role: (v[0] - join[role] * join_counts[role], *v[1:]) for role, v in samples.items()}
-    contention, scales = _fit_scales(adjusted, grid)
-    join = {role: _fit_join(samples[role], join_counts[role], scales[role], contention) for role in samples}
+    contention, scales = fit_scales(adjusted, grid)
+    join = {role: fit_join(samples[role], join_counts[role], scales[role], contention) for role in samples}
     stats["contention"] = contention
-    jitter = {role: _fit_jitter(samples[role], join_counts[role], segments[role], step_starts[role], scales[role],
+    jitter = {role: fit_jitter(samples[role], join_counts[role], segments[role], step_starts[role], scales[role],
                                 contention, join[role])
               for role in samples}
-    steps = {role: StepOverhead(scales[role].scale, *gap_fits[role],
-                                scales[role].scale * (1 + contention) if shared else None,
-                                scales[role].prefill_scale, join[role], jitter[role].sd, jitter[role].corr_share,
-                                jitter[role].corr_s, scales[role].fixed, scales[role].cold)
+    steps = {role: StepOverhead(scale=scales[role].scale, gap_s=gap_fits[role][0],
+                                gap_per_output_s=gap_fits[role][1],
+                                scale_contended=scales[role].scale * (1 + contention) if shared else None,
+                                prefill_scale=scales[role].prefill_scale, join_s=join[role],
+                                jitter=jitter[role].sd,
+                                jitter_corr_share=jitter[role].corr_share, jitter_corr_s=jitter[role].corr_s,
+                                fixed_s=scales[role].fixed, cold_s=scales[role].cold)
              for role in samples}
-    reservation = _mean(forward) if forward else 2 * _mean(to_worker)
-    overheads = Overheads(admission_s=admission, return_s=_mean(back), reservation_s=reservation,
+    reservation = mean(forward) if forward else 2 * mean(to_worker)
+    overheads = Overheads(admission_s=admission, return_s=mean(back), reservation_s=reservation,
                           kv_fixed_s=kv_fixed, kv_per_token_s=kv_per_token, steps=steps)
     return LiveFit(overheads, stats)
 
@@ -236,7 +230,7 @@ def step_speed(trace_dirs: TraceDirs, bench_results: list[dict], base: Calibrate
     out = {}
     for role in ROLES:
         steps = [s for w in workers if w.role == role for s in w.steps]
-        predicted = sum(base.step_time_s(_shape(s)) for s in steps)
+        predicted = sum(base.step_time_s(step_shape(s)) for s in steps)
         if predicted > 0:
             out[role] = sum(s["e"] - s["s"] for s in steps) / predicted
     return out
@@ -381,178 +375,3 @@ def _match(bench_results: list[dict], submits: list[dict]) -> list[tuple[float, 
                     break
                 i += 1
     return out
-
-
-def _shape(step: dict) -> BatchShape:
-    return BatchShape.from_chunks(_Chunk(*c) for c in step["chunks"])
-
-
-class _StepFit(NamedTuple):
-    """A role's fitted step model (before join and jitter): live ~ ``scale`` x rest + ``prefill_scale``
-    (None: ``scale``) x prefill part + ``fixed`` + ``cold`` if the step is cold."""
-
-    scale: float
-    prefill_scale: float | None = None
-    fixed: float = 0.0
-    cold: float = 0.0
-
-    def model(self, x: np.ndarray, xp: np.ndarray, cold: np.ndarray) -> np.ndarray:
-        """Modelled live step times of profiled times ``x``, their prefill parts ``xp``, cold flags."""
-        prefill_scale = self.scale if self.prefill_scale is None else self.prefill_scale
-        return self.scale * (x - xp) + prefill_scale * xp + self.fixed + self.cold * cold
-
-
-def _fit_scales(samples: dict, grid=CONTENTION_GRID) -> tuple[float, dict[str, _StepFit]]:
-    """(contention, ``_StepFit`` per role): see the module doc. ``samples[role]``: live and profiled step
-    times, contended (0/1), the profiled prefill part, cold (0/1), whether to split."""
-    best = None
-    for c in grid:
-        fits, sse = {}, 0.0
-        for role, (live, pred, contended, prefill, cold, may_split) in samples.items():
-            x, xp = _contended(pred, prefill, contended, c)
-            split = may_split and MIN_PART <= xp.sum() / max(x.sum(), 1e-12) <= 1 - MIN_PART
-            fit = _two_scales(live, x - xp, xp) if split else None
-            if fit is None:
-                fit = _scale_fixed_cold(live, x, cold)
-            fits[role] = fit
-            sse += float(((live - fit.model(x, xp, cold)) ** 2).sum())
-        if best is None or sse < best[0]:
-            best = (sse, float(c), fits)
-    return best[1], best[2]
-
-
-def _scale_fixed_cold(live: np.ndarray, x: np.ndarray, cold: np.ndarray) -> _StepFit:
-    """live ~ scale x ``x`` (+ fixed, + cold x ``cold``, each only where the steps can tell it from the
-    scale: sizes spanning ``FIXED_MIN_SPAN``, cold and warm steps each ``COLD_MIN_SHARE`` of them), by
-    non-negative least squares; with neither, the ratio of sums (the role's total time kept)."""
-    if not x.sum() > 0:
-        return _StepFit(1.0)
-    columns = {"scale": x}
-    lo, hi = np.percentile(x, [10, 90])
-    if lo > 0 and hi / lo >= FIXED_MIN_SPAN:
-        columns["fixed"] = np.ones_like(x)
-    if COLD_MIN_SHARE <= cold.mean() <= 1 - COLD_MIN_SHARE:
-        columns["cold"] = cold
-    if len(columns) == 1:
-        return _StepFit(float(live.sum() / x.sum()))
-    coef = dict(zip(columns, nnls(np.stack(list(columns.values()), axis=1), live), strict=True))
-    if not coef["scale"] > 0:
-        return _StepFit(float(live.sum() / x.sum()))
-    return _StepFit(float(coef["scale"]), None, float(coef.get("fixed", 0.0)), float(coef.get("cold", 0.0)))
-
-
-def _fit_join(sample: tuple, joins: np.ndarray, fit: _StepFit, contention: float) -> float:
-    """Seconds per request taking its first decode in a step: least squares (with an intercept) of the
-    steps' residuals under ``fit`` and ``contention`` on the number of such requests, >= 0."""
-    live, pred, contended, prefill, cold, _ = sample
-    if not joins.any() or joins.all():
-        return 0.0
-    residual = live - fit.model(*_contended(pred, prefill, contended, contention), cold)
-    slope = np.linalg.lstsq(np.stack([np.ones_like(joins), joins], axis=1), residual, rcond=None)[0][1]
-    return max(0.0, float(slope))
-
-
-class _Jitter(NamedTuple):
-    sd: float = 0.0
-    corr_share: float = 0.0
-    corr_s: float = 0.0
-
-
-def _fit_jitter(sample: tuple, joins: np.ndarray, segment: np.ndarray, starts: np.ndarray, fit: _StepFit,
-                contention: float, join: float) -> _Jitter:
-    """The standard deviation of log(live / modelled) step time, each worker window's mean taken out (the
-    host's slower drift between runs is not a step's jitter), and its memory (``_fit_memory``)."""
-    live, pred, contended, prefill, cold, _ = sample
-    model = fit.model(*_contended(pred, prefill, contended, contention), cold) + join * joins
-    ok = (live > 0) & (model > 0)
-    r, seg, t = np.log(live[ok] / model[ok]), segment[ok], starts[ok]
-    groups = np.unique(seg)
-    if len(r) <= len(groups):
-        return _Jitter()
-    for g in groups:
-        r[seg == g] -= r[seg == g].mean()
-    var = float((r ** 2).sum() / (len(r) - len(groups)))
-    return _Jitter(math.sqrt(var), *_fit_memory([(t[seg == g], r[seg == g]) for g in groups], var))
-
-
-def _fit_memory(series: list[tuple[np.ndarray, np.ndarray]], var: float) -> tuple[float, float]:
-    """(share, time constant) of residuals' autocorrelation ~ share x exp(-dt / time constant): pairs of
-    steps of one worker ``dt`` apart (under ``MEMORY_MAX_LAG_S``) binned on ``MEMORY_LAG_EDGES_S``, each
-    bin's mean product over ``var``; least squares weighted by the pairs in each bin, the time constant on
-    ``MEMORY_TIME_GRID_S`` and the share in closed form, clipped to [0, 1]. (0, 0) without a share of
-    ``MEMORY_MIN_SHARE``: no memory."""
-    sums = np.zeros(len(MEMORY_LAG_EDGES_S) - 1)
-    lags, counts = np.zeros_like(sums), np.zeros_like(sums)
-    for t, r in series:
-        order = np.argsort(t, kind="stable")
-        t, r = t[order], r[order]
-        for k in range(1, len(t)):
-            dt = t[k:] - t[:-k]
-            near = dt < MEMORY_MAX_LAG_S
-            if not near.any():
-                break
-            bins = np.searchsorted(MEMORY_LAG_EDGES_S, dt[near], side="right") - 1
-            np.add.at(sums, bins, (r[k:] * r[:-k])[near])
-            np.add.at(lags, bins, dt[near])
-            np.add.at(counts, bins, 1)
-    used = counts >= MEMORY_MIN_PAIRS
-    if var <= 0 or not used.any():
-        return 0.0, 0.0
-    rho, dt, w = sums[used] / counts[used] / var, lags[used] / counts[used], counts[used]
-    best = (math.inf, 0.0, 0.0)
-    for tau in MEMORY_TIME_GRID_S:
-        e = np.exp(-dt / tau)
-        share = float(np.clip((w * rho * e).sum() / (w * e * e).sum(), 0.0, 1.0))
-        err = float((w * (rho - share * e) ** 2).sum())
-        if err < best[0]:
-            best = (err, share, float(tau))
-    _, share, tau = best
-    return (share, tau) if share >= MEMORY_MIN_SHARE else (0.0, 0.0)
-
-
-def _contended(pred: np.ndarray, prefill: np.ndarray, contended: np.ndarray, c: float):
-    """Profiled step times and their prefill parts, each x (1 + c) where the step was contended."""
-    factor = 1 + c * contended
-    return pred * factor, prefill * factor
-
-
-def _two_scales(live: np.ndarray, rest: np.ndarray, prefill: np.ndarray) -> _StepFit | None:
-    """Least squares live ~ a x rest + b x prefill, both > 0; None if either comes out <= 0."""
-    a, b = np.linalg.lstsq(np.stack([rest, prefill], axis=1), live, rcond=None)[0]
-    return _StepFit(float(a), float(b)) if a > 0 and b > 0 else None
-
-
-def _fit_kv(tokens: list[int], seconds: list[float]) -> tuple[float, float]:
-    if len(set(tokens)) < 2:
-        return 0.0, _mean(seconds) / max(_mean(tokens), 1.0)
-    return _nnls2(np.array(tokens, dtype=float), np.array(seconds))
-
-
-def _fit_gap(outputs: list[int], gaps: list[float]) -> tuple[float, float]:
-    if not gaps:
-        return 0.0, 0.0
-    if len(set(outputs)) < 2:
-        return max(0.0, _mean(gaps)), 0.0
-    return _nnls2(np.array(outputs, dtype=float), np.array(gaps))
-
-
-def _nnls2(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """y ~ a + b x with a, b >= 0 (least squares; a coefficient that comes out negative is dropped)."""
-    a, b = np.linalg.lstsq(np.stack([np.ones_like(x), x], axis=1), y, rcond=None)[0]
-    if a >= 0 and b >= 0:
-        return float(a), float(b)
-    if a < 0:
-        return 0.0, max(0.0, float(np.dot(x, y) / np.dot(x, x)))
-    return max(0.0, float(y.mean())), 0.0
-
-
-def _mean(values: list[float]) -> float:
-    return float(sum(values) / len(values)) if values else 0.0
-
-
-def _ms(values: list[float]) -> dict:
-    if not values:
-        return {"n": 0, "mean": math.nan, "p90": math.nan}
-    v = np.array(values) * 1e3
-    return {"n": len(v), "mean": float(v.mean()), "p50": float(np.percentile(v, 50)),
-            "p90": float(np.percentile(v, 90)), "max": float(v.max())}

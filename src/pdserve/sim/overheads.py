@@ -47,7 +47,7 @@ ROLES = ("prefill", "decode", "both")
 COLD_IDLE_S = 0.05  # a step that starts this long or more after the worker's previous one ended is cold
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StepOverhead:
     """One worker role's live step: ``scale`` (``scale_contended`` when another worker of the host is in
     a step) x profiled + ``fixed_s`` + ``cold_s`` if the step is cold (see ``COLD_IDLE_S``) + ``join_s`` x

@@ -1,4 +1,5 @@
-"""``pdserve plan``: the cheapest, highest-goodput cluster for a workload and latency objectives.
+"""The planner: the cheapest, highest-goodput cluster for a workload and latency objectives
+(``pdserve plan``, whose command is ``sim/plan_cli.py``).
 
 Method (fast search: simulate a unit, then scale):
 
@@ -21,12 +22,9 @@ Method (fast search: simulate a unit, then scale):
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 
@@ -42,30 +40,6 @@ MAX_PROBE_REQUESTS = 1500  # per instance of the unit
 AUTO_PRECISIONS = ("bf16", "fp8")  # --precision auto: bf16 everywhere, fp8 where the card has an fp8 rate
 
 
-def add_plan_args(p) -> None:
-    g = p.add_argument_group("plan")
-    g.add_argument("--model", required=True)
-    g.add_argument("--hardware", default="h100-sxm", help="comma-separated catalogue names")
-    g.add_argument("--hardware-file", default=None)
-    g.add_argument("--precision", default="auto",
-                   help="auto (bf16, and fp8 on cards with an fp8 rate) or a comma-separated list of bf16, fp8, "
-                        "int8, fp4 (each searched on the cards whose catalogue entry has its rate; bf16 on all)")
-    g.add_argument("--parallelism", default="auto",
-                   help="how an instance's cards split the model: auto (tp; and ep for MoE models), tp, ep or tp,ep")
-    g.add_argument("--attainment", type=float, default=0.9)
-    g.add_argument("--cards", type=int, default=None, help="cards available")
-    g.add_argument("--budget-per-hour", type=float, default=None, help="USD per hour available")
-    g.add_argument("--modes", default="colocated,disaggregated")
-    g.add_argument("--tp-options", default=None, help="comma-separated TP degrees (default: the smallest that fits)")
-    g.add_argument("--probe-requests", type=int, default=300, help="requests per simulated rate probe")
-    g.add_argument("--max-probe-requests", type=int, default=MAX_PROBE_REQUESTS,
-                   help="cap on requests per probe (probes span several request lifetimes up to this)")
-    g.add_argument("--perf-model", default="analytic")
-    g.add_argument("--routing", default="least_loaded", choices=("round_robin", "least_loaded", "prefix_aware"))
-    g.add_argument("--out-dir", default="plan-out")
-    g.add_argument("--top", type=int, default=10)
-
-
 @dataclass
 class Candidate:
     spec: ClusterSpec  # one unit
@@ -77,40 +51,55 @@ class Candidate:
         return self.spec.num_cards
 
 
+@dataclass(frozen=True)
+class PlanOptions:
+    """How the planner searches: objectives, what to try, how hard to probe."""
+
+    slo: tuple[float | None, float | None]  # TTFT and TPOT objectives, seconds
+    attainment: float = 0.9
+    precision: str = "bf16"  # one name, a comma-separated list, or auto
+    modes: tuple[str, ...] = ("colocated", "disaggregated")
+    tp_options: list[int] | None = None  # None: the smallest TP that fits
+    probe_requests: int = 300
+    max_probe_requests: int = MAX_PROBE_REQUESTS
+    perf_model: str = "analytic"
+    hardware_file: str | None = None
+    routing: str = "least_loaded"
+    parallelism: str = "tp"  # tp, ep, tp,ep or auto (ep only for MoE models)
+    progress: bool = False
+    seed: int = 0
+
+
 class Planner:
-    def __init__(self, model: str, hardware: list[str], items: list[WorkItem], slo: tuple[float | None, float | None],
-                 attainment: float = 0.9, precision: str = "bf16", modes: tuple[str, ...] = ("colocated", "disaggregated"),
-                 tp_options: list[int] | None = None, probe_requests: int = 300, perf_model: str = "analytic",
-                 hardware_file: str | None = None, routing: str = "least_loaded", progress: bool = False,
-                 seed: int = 0, max_probe_requests: int = MAX_PROBE_REQUESTS, parallelism: str = "tp") -> None:
-        """``precision``: one name, a comma-separated list, or ``auto``; ``parallelism``: tp, ep, tp,ep or
-        auto (ep only for MoE models)."""
+    def __init__(self, model: str, hardware: list[str], items: list[WorkItem], options: PlanOptions) -> None:
+        o = self.options = options
         self.model = get_model(model)
         self.model_name = model
-        self.catalogue = load_catalogue(hardware_file)
+        self.catalogue = load_catalogue(o.hardware_file)
         unknown = [h for h in hardware if h not in self.catalogue]
         if unknown:
             raise ValueError(f"unknown hardware {unknown}; known: {', '.join(sorted(self.catalogue))}")
         if not items:
             raise ValueError("the workload has no requests")
-        self.hardware, self.slo, self.attainment = hardware, slo, attainment
-        self.modes, self.tp_options = modes, tp_options
-        self.precisions = _precisions(precision, perf_model)
-        self.parallelisms = _parallelisms(parallelism, self.model.is_moe)
-        self.perf_model, self.hardware_file, self.routing, self.progress = perf_model, hardware_file, routing, progress
-        rng = np.random.default_rng([seed, 0x9E77])
-        pool = max(max_probe_requests * 12, probe_requests)
+        self.hardware, self.slo, self.attainment = hardware, o.slo, o.attainment
+        self.modes, self.tp_options = o.modes, o.tp_options
+        self.precisions = _precisions(o.precision, o.perf_model)
+        self.parallelisms = _parallelisms(o.parallelism, self.model.is_moe)
+        self.perf_model, self.hardware_file, self.routing, self.progress = (o.perf_model, o.hardware_file, o.routing,
+                                                                            o.progress)
+        rng = np.random.default_rng([o.seed, 0x9E77])
+        pool = max(o.max_probe_requests * 12, o.probe_requests)
         picks = rng.integers(0, len(items), size=pool) if len(items) < pool else np.arange(pool)
         self.base = [items[int(i)] for i in picks]
         self.unit_times = np.concatenate([[0.0], np.cumsum(rng.exponential(1.0, size=len(self.base) - 1))])
-        self.probe_requests = probe_requests
-        self.max_probe_requests = max_probe_requests
+        self.probe_requests = o.probe_requests
+        self.max_probe_requests = o.max_probe_requests
         self.num_capped = 0
         self.avg_in = float(np.mean([it.input_len for it in self.base]))
         self.avg_out = float(np.mean([it.output_len for it in self.base]))
         # A probe's arrivals span at least this long (several request lifetimes), so an overloaded unit
         # shows growing queues instead of draining a short burst.
-        self.min_probe_s = 2.0 * ((slo[0] or 1.0) + self.avg_out * (slo[1] or 0.05))
+        self.min_probe_s = 2.0 * ((o.slo[0] or 1.0) + self.avg_out * (o.slo[1] or 0.05))
         self.num_sims = 0
 
     # -- search ----------------------------------------------------------------------------------------
@@ -324,93 +313,6 @@ def best_cluster(row: dict) -> ClusterSpec:
     return replace(unit, extra=extra, **pools)
 
 
-def format_table(rows: list[dict], top: int) -> str:
-    lines = [f"{'#':>3} {'mode':<6} {'layout':<38}{'cards':>6}{'goodput':>9}{'/card':>7}{'$/h':>9}"
-             f"{'$/Mtok in':>10}{'$/Mtok out':>11}{'TTFT90':>8}{'TPOT90':>8}"]
-    for r in rows[:top]:
-        lines.append(f"{r['rank']:>3} {r['mode'][:6]:<6} {_layout(r):<38}{r['cards']:>6}{r['goodput_rps']:>9.1f}"
-                     f"{r['goodput_per_card']:>7.2f}{r['price_per_hour']:>9.0f}"
-                     f"{r['cost_per_mtok']['uncached_input_per_mtok']:>10.4f}{r['cost_per_mtok']['output_per_mtok']:>11.4f}"
-                     f"{r['ttft_p90_s'] * 1e3:>8.0f}{r['tpot_p90_s'] * 1e3:>8.1f}")
-    lines.append("(goodput in req/s at the attainment target; TTFT/TPOT p90 in ms of one unit at its goodput)")
-    return "\n".join(lines)
-
-
-def pareto_plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for mode, marker in (("colocated", "o"), ("disaggregated", "s")):
-        pts = [(r["price_per_hour"], r["goodput_rps"]) for r in rows if r["mode"] == mode]
-        if pts:
-            ax.scatter(*zip(*pts, strict=True), marker=marker, label=mode, alpha=0.7)
-    front, best = [], -1.0
-    for r in sorted(rows, key=lambda r: (r["price_per_hour"], -r["goodput_rps"])):
-        if r["goodput_rps"] > best:
-            front.append((r["price_per_hour"], r["goodput_rps"]))
-            best = r["goodput_rps"]
-    if front:
-        ax.plot(*zip(*front, strict=True), "k--", lw=1, label="Pareto front")
-    ax.set_xlabel("cluster cost (USD/hour)")
-    ax.set_ylabel("goodput (requests/s meeting TTFT and TPOT)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def run_plan_command(args) -> int:
-    from pdserve.sim.cli import workload_from_args
-    from pdserve.sim.workload import work_items
-    try:
-        if (args.cards is None) == (args.budget_per_hour is None):
-            raise ValueError("give exactly one of --cards N or --budget-per-hour X")
-        if (args.cards is not None and args.cards < 1) or (args.budget_per_hour is not None and args.budget_per_hour <= 0):
-            raise ValueError("--cards / --budget-per-hour must be positive")
-        if args.slo_ttft is None and args.slo_tpot is None:
-            raise ValueError("give at least one objective: --slo-ttft and/or --slo-tpot")
-        if not 0 < args.attainment <= 1:
-            raise ValueError("--attainment must be in (0, 1]")
-        modes = tuple(m for m in args.modes.split(",") if m)
-        if not modes or set(modes) - {"colocated", "disaggregated"}:
-            raise ValueError("--modes takes colocated and/or disaggregated")
-        tps = [int(t) for t in args.tp_options.split(",")] if args.tp_options else None
-        planner = Planner(args.model, [h for h in args.hardware.split(",") if h], work_items(workload_from_args(args)[0]),
-                          (args.slo_ttft, args.slo_tpot), args.attainment, args.precision, modes, tps,
-                          args.probe_requests, args.perf_model, args.hardware_file, args.routing,
-                          args.progress, args.seed, args.max_probe_requests, args.parallelism)
-    except (ValueError, OSError) as e:
-        print(f"pdserve plan: error: {e}", file=sys.stderr)
-        return 2
-    cands = planner.search()
-    rows = rank(cands, planner.catalogue, args.cards, args.budget_per_hour)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": args.model, "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
-            "attainment": args.attainment, "cards": args.cards, "budget_per_hour": args.budget_per_hour,
-            "hardware": args.hardware, "precisions": planner.precisions, "parallelisms": planner.parallelisms,
-            "probe_requests": args.probe_requests,
-            "simulations": planner.num_sims, "probes_over_cap": planner.num_capped, "method": "unit goodput by rate search, scaled linearly"}
-    (out / "ranked.json").write_text(json.dumps({**meta, "ranked": rows}, indent=1) + "\n", encoding="utf-8")
-    if not rows:
-        print("no configuration meets the objectives within the cards/budget", file=sys.stderr)
-        return 1
-    pareto_plot(rows, out / "pareto.png")
-    best_cluster(rows[0]).dump(out / "best-cluster.yaml")
-    print(format_table(rows, args.top))
-    if planner.num_capped:
-        print(f"note: {planner.num_capped} probes needed more than --max-probe-requests x instances requests to "
-              "show sustained load and counted as misses; goodputs near that limit are lower bounds")
-    print(f"{planner.num_sims} simulations; wrote {out / 'ranked.json'}, {out / 'pareto.png'}, "
-          f"{out / 'best-cluster.yaml'}")
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------------
-
-
 def _ratios(target: float, max_group: int = 8) -> list[tuple[int, int]]:
     """The two (prefill, decode) instance counts with x + y <= max_group nearest to y/x = target."""
     scored = []
@@ -455,19 +357,6 @@ def _parallelisms(text: str, is_moe: bool) -> list[str]:
     if "ep" in names and not is_moe:
         raise ValueError("--parallelism ep needs an MoE model")
     return names
-
-
-def _layout(r: dict) -> str:
-    spec = ClusterSpec.from_dict(r["unit"])
-
-    def pool(p: PoolSpec) -> str:
-        return f"{p.hardware} {p.parallelism}{p.tp}"
-    tag = "" if spec.precision == "bf16" else f" {spec.precision}"
-    if spec.mode == "colocated":
-        c = spec.colocated
-        return f"{r['units']}x {pool(c)} b{c.max_num_batched_tokens} s{c.max_num_seqs}{tag}"
-    p, d = spec.prefill, spec.decode
-    return f"{r['units']}x({p.instances}P {pool(p)} : {d.instances}D {pool(d)} s{d.max_num_seqs}){tag}"
 
 
 def _bar(total: int, enabled: bool, desc: str):

@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 
+from pdserve.progress import bar
 from pdserve.sim.perf_model import BatchShape
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def add_profile_args(p) -> None:
     g.add_argument("--bench", nargs="+", default=[], metavar="RESULT.json",
                    help="the `pdserve bench --out` result(s) of that run")
     g.add_argument("--base", default=None, metavar="FILE", help="the profiled model to add the overheads to")
-    from pdserve.cluster.args import add_cpu_args
+    from pdserve.runtime import add_cpu_args
     add_cpu_args(p)  # profile as a worker runs: `pdserve up` pins each worker to one core
 
 
@@ -110,24 +111,28 @@ def measure(engine, quick: bool = False, passes: int = 1) -> tuple[list[BatchSha
         step()
         drain()
 
+    prefill_points = [(n, batch) for n in lens for batch in (1, *(() if quick else PREFILL_BATCH))
+                      if n * batch <= budget]
+    decode_points = [[ctx] * b for ctx in (DECODE_CTX[:1] if quick else DECODE_CTX)
+                     for b in (DECODE_BATCH[:3] if quick else DECODE_BATCH)]
+    decode_points += [[DECODE_CTX[-1]] + [DECODE_CTX[0]] * (b - 1)
+                      for b in (UNEVEN_BATCH[:1] if quick else UNEVEN_BATCH)]
+    progress = bar(passes * (len(prefill_points) + len(decode_points)), "profiling", unit="shape")
     runs = []
     for _ in range(passes):
         shapes.clear()
         times.clear()
-        for n in lens:
-            for batch in (1, *(() if quick else PREFILL_BATCH)):
-                if n * batch > budget:
-                    continue
-                for _ in range(batch):
-                    add(n, 1)
-                step()
-                drain()
-        for ctx in DECODE_CTX[:1] if quick else DECODE_CTX:
-            for b in DECODE_BATCH[:3] if quick else DECODE_BATCH:
-                decode_batch([ctx] * b)
-        for b in UNEVEN_BATCH[:1] if quick else UNEVEN_BATCH:
-            decode_batch([DECODE_CTX[-1]] + [DECODE_CTX[0]] * (b - 1))
+        for n, batch in prefill_points:
+            for _ in range(batch):
+                add(n, 1)
+            step()
+            drain()
+            progress.update()
+        for ctxs in decode_points:
+            decode_batch(ctxs)
+            progress.update()
         runs.append((list(shapes), list(times)))
+    progress.close()
     engine.scheduler.schedule = schedule
     return median_of_passes(runs)
 
@@ -147,7 +152,7 @@ def run_profile_command(args) -> int:
     from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from pdserve.sim.calibrated import fit
     try:
-        from pdserve.cluster.args import apply_cpu_args, freeze_startup_objects, keep_freed_memory
+        from pdserve.runtime import apply_cpu_args, freeze_startup_objects, keep_freed_memory
         from pdserve.engine.core import EngineCore
         apply_cpu_args(args)
         keep_freed_memory()  # as a worker runs

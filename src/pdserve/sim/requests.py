@@ -48,6 +48,9 @@ class SimRequest(Request):
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
 
+    def append_output_tokens(self, token_ids: list[int]) -> None:
+        self.output_token_ids.extend(token_ids)
+
     def update_block_hashes(self, block_size: int) -> list[int]:
         hashes = self.block_hashes
         num_full = self.num_tokens // block_size

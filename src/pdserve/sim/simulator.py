@@ -1,27 +1,30 @@
-"""The discrete-event cluster simulator: pdserve's real scheduler and KV manager, modelled step times.
+"""The discrete-event cluster simulator: pdserve's own frontend flow, router, schedulers and KV managers, with
+modelled step times in place of the model.
 
-Each instance is an ``engine.scheduler.Scheduler`` over an ``engine.kv_manager.KVCacheManager`` sized
-from memory (``perf_model.instance_kv_blocks``). An event loop replaces the model's execution by the
-performance model: a step scheduled at time t ends at t + step_time(batch shape), and the scheduler is
-updated with dummy sampled tokens (requests end by their max_tokens). Disaggregated clusters follow the
-real flow (``server/client.py``, ``worker/process.py``): the request goes to a decode instance
-(``add_request(remote_kv=True)``) and to a prefill instance (``max_tokens=1``, ``hold_kv``) at once; the
-decode instance's reservation (``SchedulerOutput.reservations``) leaves when its step ends and reaches
-the prefill instance; once the prompt is computed and the reservation is there, the KV moves (serialised
-per prefill instance: the link model, or the fitted copy time of a live calibration), then
-``release_kv`` on the prefill side and ``complete_remote_kv`` on the decode side, which emits the first
-token. Workers read messages between steps, so a message that reaches a busy instance waits for its
-step to end. Live overheads (``sim/overheads.py``), when the perf model has them, delay arrivals, slow
-steps, and shift every token by the return path.
+Each instance (``sim/instance.py``, built by ``sim/pools.py``) is an ``engine.scheduler.Scheduler`` over a
+``KVCacheManager`` sized from memory. An event loop replaces the model's execution: a step scheduled at time
+t ends at t + ``StepTime.step_s`` (``sim/step_time.py``), and the scheduler is updated with dummy sampled
+tokens (requests end by their max_tokens). The hand-off is the live one, run unchanged: ``flow.frontend``
+admits and routes every request (``Router.route``, so ``min_remote_prefill_tokens`` and admission bounds
+apply), each instance runs ``flow.decode.DecodeSide`` and ``flow.prefill.PrefillSide``, and this module
+carries out their actions as events: a decode instance's reservation leaves when its step ends, reaches
+the prefill instance through the frontend (``reservation_s`` later), the KV moves once the prompt is
+computed and the reservation is there (serialised per prefill instance: the link model, or the copy time
+of a live calibration), then the prefill side releases its blocks and the decode side joins the request
+to its batch with the first token. Workers read messages between steps, so a message that reaches a busy
+instance waits for its step to end.
 
 Two speed-ups, both measured against the plain mode (docs/sim.md):
 
 - fast-forward (exact): when an instance only decodes and nothing waits, the next k steps are known; it
-  commits them at once (same KV allocations, same step times, same token times) and is interrupted at
-  the first step boundary after any event that concerns it;
+  commits them at once through the scheduler (``commit_decode_steps``: same KV use, same step times, same
+  token times) and is interrupted at the first step boundary after any event that concerns it;
 - sampling (approximate): ``sample_instances`` simulates a representative slice of a large cluster (the
   same per-instance load: request i goes to the slice when i mod groups < slice), and scales throughputs
   back up.
+
+(Over 400 lines: the event loop and its handlers share one state, the event queue and the instances';
+split, one flow would be read across files.)
 """
 from __future__ import annotations
 
@@ -30,23 +33,34 @@ import logging
 import math
 from bisect import bisect_left
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from pdserve.engine.scheduler import SchedulerOutput
-from pdserve.sim.cluster import ClusterSpec, PoolSpec
-from pdserve.sim.hardware import Hardware, load_catalogue
-from pdserve.sim.instance import Instance, WorkItem
+from pdserve.control.attainment import Attainment, Objectives, Sample
+from pdserve.control.controller import ChangeRole, ElasticController, SetStepTarget, Signals, WorkerState
+from pdserve.errors import PdserveError
+from pdserve.flow import decode as fd
+from pdserve.flow import frontend as ff
+from pdserve.flow import prefill as fp
+from pdserve.flow.frontend import FrontendFlow
+from pdserve.kv.base import LoadDone, SaveDone
+from pdserve.router.admission import Admission
+from pdserve.router.path import PathChooser
+from pdserve.router.policies import DecodePolicy, make_policy
+from pdserve.router.router import Router
+from pdserve.sim.cluster import ClusterSpec
+from pdserve.sim.hardware import load_catalogue
+from pdserve.sim.instance import Instance, SimTracker, WorkItem
 from pdserve.sim.models import ModelSpec, get_model
-from pdserve.sim.overheads import Overheads, StepNoise
-from pdserve.sim.perf_model import (AnalyticPerfModel, BatchShape, PerfModel, instance_kv_blocks,
-                                    kv_transfer_s)
+from pdserve.sim.overheads import Overheads
+from pdserve.sim.perf_model import BatchShape, kv_transfer_s
+from pdserve.sim.pools import kv_link_is_inter, make_instances, sample_pools
 from pdserve.sim.requests import DUMMY_TOKEN_ID, SimRequest
 from pdserve.sim.results import Recorder
-from pdserve.sim.routing import make_chooser
 
 logger = logging.getLogger(__name__)
 
-_ARRIVAL, _STEP_END, _WINDOW_END, _RESUME, _TRANSFER_DONE, _MESSAGE = range(6)
+_ARRIVAL, _STEP_END, _WINDOW_END, _RESUME, _TRANSFER_DONE, _MESSAGE, _TICK = range(7)
 
 
 @dataclass(frozen=True)
@@ -62,17 +76,9 @@ class SimOptions:
     num_blocks: int | None = None  # KV blocks per instance instead of sizing from memory (tests)
     seed: int = 0  # of the step-time jitter draws (live calibrations with jitter only)
     progress: bool = False
-
-
-@dataclass
-class _Flight:
-    """A disaggregated request between its arrival and its KV landing on the decode instance."""
-
-    decode: Instance
-    prefill: Instance
-    num_cached_on_decode: int = 0
-    is_prefilled: bool = False  # the prefill instance computed the prompt (and holds its KV)
-    is_reserved: bool = False  # the decode instance's reservation reached the prefill instance
+    elastic_tick_s: float = 2.0  # auto mode: how often the elastic controller looks
+    elastic_cooldown_s: float = 15.0  # ... and how long it waits between two decisions
+    attainment_window_s: float = 30.0
 
 
 class Simulator:
@@ -85,30 +91,40 @@ class Simulator:
         self.model: ModelSpec = get_model(spec.model)
         self.catalogue = load_catalogue(self.options.hardware_file)
         self.max_model_len = self.model.max_context
-        self.scale, pools, keep = _sampling(spec, self.options.sample_instances)
+        self.scale, pools, keep = sample_pools(spec, self.options.sample_instances)
         self.items = [it for it in items if keep(it.index)]
         self.concurrency = None if concurrency is None else max(1, math.ceil(concurrency / self.scale))
-        self.pools: dict[str, list[Instance]] = {}
-        for name, pool in pools.items():
-            self.pools[name] = self._make_pool(name, pool)
-        self.policy = make_chooser(spec.routing)
-        self.decode_policy = make_chooser(spec.decode_routing, decode=True)
+        self.pools: dict[str, list[Instance]] = {
+            name: make_instances(name, pool, spec, self.model, self.catalogue, self.options.perf_model,
+                                 self.options.num_blocks, self.options.seed)
+            for name, pool in pools.items()}
+        self.by_id = {inst.instance_id: inst for inst in self.instances}
+        decode_policy = DecodePolicy() if spec.decode_routing == "least_loaded" else make_policy(spec.decode_routing)
+        self.objectives = Objectives(*slo)
+        is_auto = spec.mode == "auto"
+        # auto: the live frontend's path choice and elastic controller, run as they are
+        self.router = Router(SimTracker(self.instances), make_policy(spec.routing), decode_policy,
+                             spec.min_remote_prefill_tokens, PathChooser() if is_auto else None)
+        self.attainment = Attainment(self.objectives, self.options.attainment_window_s)
+        self.controller = ElasticController(self.objectives, cooldown_s=self.options.elastic_cooldown_s) \
+            if is_auto else None
+        self.path_counts = {"remote": 0, "local": 0}  # auto: where the path choice sent each prompt
+        # The frontend's hand-off as the live frontend runs it (routing, admission, reservations).
+        self.flow = FrontendFlow(self.router, Admission(spec.max_inflight or 1 << 62,
+                                                        spec.max_inflight_per_instance or 1 << 62))
         self.recorder = Recorder(len(self.items), slo)
         self.workload = workload or {}
         self._events: list = []
         self._seq = 0
-        self._flights: dict[str, _Flight] = {}
         self._next_item = 0
-        self._transfer_inter = self._kv_link_is_inter()
+        self._transfer_inter = kv_link_is_inter(spec, self.catalogue)
         self.overheads: Overheads = self.instances[0].perf.overheads or Overheads()
         self.recorder.return_s = self.overheads.return_s
-        # Contention between the instances of one host makes a step's time depend on the others: no
-        # fast-forward then (such simulations are one host's few instances anyway).
-        self._is_contention_sensitive = any(i.step_overhead is not None and i.step_overhead.is_contention_sensitive
-                                            for i in self.instances) and len(self.instances) > 1
-        # Jittered steps are drawn one by one (each instance its own seeded stream).
-        self._is_jittered = any(i.step_overhead is not None and i.step_overhead.jitter for i in self.instances)
-        self._fast_forward = self.options.fast_forward and not self._is_contention_sensitive and not self._is_jittered
+        # Contention between the instances of one host makes a step's time depend on the others (such
+        # simulations are one host's few instances anyway); jittered steps are drawn one by one.
+        self._is_contention_sensitive = len(self.instances) > 1 and any(
+            i.step_time.is_contention_sensitive for i in self.instances)
+        self._fast_forward = self.options.fast_forward and all(i.step_time.can_fast_forward for i in self.instances)
 
     # -- public ----------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -123,7 +139,12 @@ class Simulator:
             for _ in range(min(self.concurrency, len(self.items))):
                 self._release_next(0.0)  # the first users send at once
         handlers = (self._on_arrival, self._on_step_end, self._on_window_end, self._on_resume, self._on_transfer_done,
-                    self._on_message)
+                    self._on_message, self._on_tick)
+        if self.controller is not None:
+            initial = self.controller.initial(self._worker_states())
+            self.controller.record(0.0, initial)
+            self._apply(initial, 0.0)
+            self._push(self.options.elastic_tick_s, _TICK, None)
         events = self._events
         done_before = 0
         now = 0.0
@@ -146,53 +167,49 @@ class Simulator:
 
     # -- events ----------------------------------------------------------------------------------------
     def _on_arrival(self, now: float, slot: int) -> None:
-        """The request reaches the workers (its send time, ``admission_s`` earlier, is recorded)."""
+        """The request reaches the frontend and its workers (its send time, ``admission_s`` earlier, is
+        recorded)."""
         item = self.items[slot]
         self.recorder.send(slot, self.recorder.send_s[slot], item.input_len, item.output_len)
-        rid = str(slot)
         if item.input_len >= self.max_model_len:
             self._fail(slot, now, "prompt longer than the context length")
             return
-        if self.spec.mode == "colocated":
-            pool = self.pools["colocated"]
-            req = self._request(rid, slot, item, item.output_len)
-            if pool[0].kv.num_blocks_for(item.input_len + item.output_len) > pool[0].kv.num_blocks:
-                self._fail(slot, now, "does not fit the KV cache")
-                return
-            inst = pool[self.policy.choose(pool, req.update_block_hashes(self.spec.block_size), 0)]
-            inst.scheduler.add_request(req)
-            self._wake(inst, now)
-            return
-        decode_pool, prefill_pool = self.pools["decode"], self.pools["prefill"]
-        if (decode_pool[0].kv.num_blocks_for(item.input_len + item.output_len) > decode_pool[0].kv.num_blocks
-                or prefill_pool[0].kv.num_blocks_for(item.input_len + 1) > prefill_pool[0].kv.num_blocks):
+        if not self._fits(item):
             self._fail(slot, now, "does not fit the KV cache")
             return
+        rid = str(slot)
         req = self._request(rid, slot, item, item.output_len)
-        hashes = req.update_block_hashes(self.spec.block_size)
-        need = decode_pool[0].kv.num_blocks_for(item.input_len + 1)
-        decode = decode_pool[self.decode_policy.choose(decode_pool, hashes, need)]
-        prefill = prefill_pool[self.policy.choose(prefill_pool, hashes, 0)]
-        self._flights[rid] = _Flight(decode, prefill)
-        decode.scheduler.add_request(req, remote_kv=True)
-        first = self._request(rid, slot, item, 1)
-        first.hold_kv = True
-        prefill.scheduler.add_request(first)
-        self._wake(decode, now)
-        self._wake(prefill, now)
+        try:
+            actions = self.flow.submit(rid, item.input_len, req.update_block_hashes(self.spec.block_size),
+                                       self.spec.block_size)
+        except PdserveError as e:  # admission: the live frontend answers 429 (or 503 without workers)
+            self._fail(slot, now, f"{e.http_status}: {e}")
+            return
+        if self.controller is not None:
+            self.path_counts["remote" if self.flow.requests[rid].prefill_id else "local"] += 1
+        woken = []
+        for a in actions:
+            assert isinstance(a, ff.AddToWorker), a
+            inst = self.by_id[a.worker_id]
+            if a.hold_kv:  # the prefill worker computes the prompt and samples its first token only
+                inst.add(self._request(rid, slot, item, 1), hold_kv=True)
+            else:
+                inst.add(req, remote_kv=a.remote_kv)
+            woken.append(inst)
+        for inst in woken:
+            self._wake(inst, now)
 
     def _on_step_end(self, now: float, payload: tuple[Instance, SchedulerOutput]) -> None:
         inst, out = payload
         sampled = {c.request.request_id: DUMMY_TOKEN_ID for c in out.chunks if c.samples}
         outputs = inst.scheduler.update_from_output(out, sampled)
-        if inst.role == "prefill":
-            for o in outputs:  # max_tokens=1: every output finishes, its KV held for the transfer
-                flight = self._flights[o.request_id]
-                flight.is_prefilled = True
-                if flight.is_reserved:
-                    self._start_transfer(inst, o.request_id, o.num_prompt_tokens, now)
-        else:
-            self._record_tokens(inst, outputs, now)
+        held = [o for o in outputs if o.request_id in inst.prefill_side]
+        for o in held:  # max_tokens=1: every output finishes, its KV held for the send
+            self._execute_prefill(inst, inst.prefill_side.computed(o.request_id, o.kv_block_ids or [], DUMMY_TOKEN_ID,
+                                                                   None, o.num_cached_tokens, now), now)
+        if len(held) < len(outputs):
+            self._record_tokens(inst, [o for o in outputs if o.request_id not in inst.prefill_side] if held
+                                else outputs, now)
         if self.options.check_integrity:
             inst.scheduler.check_integrity()
         self._boundary(inst, now)
@@ -212,6 +229,7 @@ class Simulator:
             else:
                 rec.token(slot, now)
             if o.finished:
+                self.flow.on_output(inst.instance_id, o.request_id, 0, True)
                 self._complete(slot, now)
         if num_continuing:
             rec.add_itl(now - step_start, num_continuing)
@@ -219,11 +237,12 @@ class Simulator:
     def _boundary(self, inst: Instance, now: float) -> None:
         """Between two steps, as a worker's loop: send what the step produced (reservations), read the
         messages that arrived during it, then start the next step."""
-        if inst.outbox:
+        if inst.outbox:  # reservations, through the frontend to the prefill instances
             delay = self.overheads.reservation_s
-            for rid in inst.outbox:
-                flight = self._flights[rid]
-                self._push(now + delay, _MESSAGE, (flight.prefill, "reservation", rid))
+            for reservation in inst.outbox:
+                for a in self.flow.on_reservation(inst.instance_id, reservation.request_id, reservation):
+                    assert isinstance(a, ff.Forward), a
+                    self._push(now + delay, _MESSAGE, (self.by_id[a.worker_id], "reservation", a.reservation))
             inst.outbox.clear()
         inst.busy = False
         inst.idle_since = now
@@ -247,42 +266,53 @@ class Simulator:
             return
         self._boundary(inst, now)
 
-    def _on_transfer_done(self, now: float, rid: str) -> None:
-        flight = self._flights[rid]
-        flight.prefill.scheduler.release_kv(rid)
-        if flight.prefill.scheduler.has_unfinished_requests():  # freed blocks may admit waiting prompts
-            self._wake(flight.prefill, now)
-        self._deliver(flight.decode, now, "kv", rid)
+    def _on_transfer_done(self, now: float, payload: tuple[Instance, Instance, str]) -> None:
+        prefill, decode, rid = payload
+        self._execute_prefill(prefill, prefill.prefill_side.saved(SaveDone(rid, True)), now)
+        if prefill.scheduler.has_unfinished_requests():  # freed blocks may admit waiting prompts
+            self._wake(prefill, now)
+        self._deliver(decode, now, "kv", rid)
 
-    def _on_message(self, now: float, payload: tuple[Instance, str, str]) -> None:
-        inst, kind, rid = payload
-        self._deliver(inst, now, kind, rid)
+    def _on_message(self, now: float, payload: tuple[Instance, str, object]) -> None:
+        inst, kind, body = payload
+        self._deliver(inst, now, kind, body)
 
-    def _deliver(self, inst: Instance, now: float, kind: str, rid: str) -> None:
+    def _deliver(self, inst: Instance, now: float, kind: str, body: object) -> None:
         """A message reaches ``inst``: read now if it is idle, else when its step ends."""
         if inst.busy:
-            inst.inbox.append((kind, rid))
+            inst.inbox.append((kind, body))
             if inst.window is not None:
                 self._wake(inst, now)  # cut the fast-forward window at the next step boundary
             return
-        self._handle(inst, now, kind, rid)
+        self._handle(inst, now, kind, body)
         self._wake(inst, now)
 
-    def _handle(self, inst: Instance, now: float, kind: str, rid: str) -> None:
-        flight = self._flights[rid]
+    def _handle(self, inst: Instance, now: float, kind: str, body) -> None:
         if kind == "reservation":  # at the prefill instance
-            flight.is_reserved = True
-            if flight.is_prefilled:
-                self._start_transfer(inst, rid, self.items[int(rid)].input_len, now)
+            self._execute_prefill(inst, inst.prefill_side.reservation(body), now)
             return
         assert kind == "kv", kind  # at the decode instance: the request joins its batch, first token out
-        del self._flights[rid]
-        out = inst.scheduler.complete_remote_kv(rid, DUMMY_TOKEN_ID)
-        assert out is not None, rid
-        slot = int(rid)
-        self.recorder.first_token(slot, now, out.num_cached_tokens)
-        if out.finished:
-            self._complete(slot, now)
+        for a in inst.decode_side.loaded(LoadDone(body, True, DUMMY_TOKEN_ID)):
+            assert isinstance(a, fd.JoinBatch), a
+            out = inst.scheduler.finish_load(a.request_id, a.first_token_id)
+            assert out is not None, a.request_id
+            slot = int(a.request_id)
+            self.recorder.first_token(slot, now, out.num_cached_tokens)
+            if out.finished:
+                self.flow.on_output(inst.instance_id, a.request_id, 0, True)
+                self._complete(slot, now)
+
+    def _execute_prefill(self, inst: Instance, actions: list, now: float) -> None:
+        for a in actions:
+            if isinstance(a, fp.StartSave):
+                self._start_transfer(inst, a, now)
+            elif isinstance(a, fp.ReleaseBlocks):
+                inst.release_kv(a.request_id)
+            elif isinstance(a, fp.ReportDone):
+                assert a.ok, a
+                self.flow.on_prefill_done(a.request_id, a.ok)
+            else:
+                raise AssertionError(f"unexpected action in a simulation without failures: {a}")
 
     # -- instance stepping -----------------------------------------------------------------------------
     def _wake(self, inst: Instance, now: float) -> None:
@@ -305,25 +335,21 @@ class Simulator:
             return
         out = inst.scheduler.schedule()
         for res in out.reservations:  # sent after the step (at once if there is no step)
-            self._flights[res.request_id].num_cached_on_decode = res.num_cached_tokens
-            inst.outbox.append(res.request_id)
+            for a in inst.decode_side.reserved(res, inst.kv_target, now):
+                assert isinstance(a, fd.SendReservation), a
+                inst.outbox.append(a.reservation)
         if out.is_empty:
             if inst.outbox:
                 self._boundary(inst, now)
             return
         shape = BatchShape.from_chunks(out.chunks)
-        dt = inst.perf.step_time_s(shape)
-        if inst.step_overhead is not None:
-            dt = inst.step_overhead.time_s(dt, shape.num_samples, self._is_contended(inst),
-                                           inst.perf.prefill_part_s(shape) if shape.num_prefill_tokens else 0.0,
-                                           sum(1 for c in out.chunks if _is_first_decode(c)),
-                                           inst.noise.factor(now), inst.is_cold(now))
+        dt = inst.step_time.step_s(shape, out.chunks, now, inst.idle_since, self._is_contended(inst))
         inst.busy = True
         inst.step_start = now
         inst.num_steps += 1
         inst.busy_s += dt
         if shape.num_prefill_tokens:
-            inst.prefill_busy_s += dt * _prefill_share(inst.perf, shape)
+            inst.prefill_busy_s += dt * inst.step_time.prefill_share(shape)
         self._push(now + dt, _STEP_END, (inst, out))
 
     def _try_window(self, inst: Instance, now: float) -> bool:
@@ -332,13 +358,7 @@ class Simulator:
         if s.waiting or not s.running or len(s.running) > s.config.max_num_batched_tokens:
             return False
         running = s.running
-        if inst.step_overhead is not None and inst.step_overhead.join_s and \
-                any(r.num_computed_tokens == r.num_prompt_tokens for r in running):
-            return False  # a request's first decode costs a join: stepped on its own
-        if inst.step_overhead is not None and inst.step_overhead.cold_s and inst.is_cold(now):
-            return False  # so does the first step after an idle spell
         k = inst.window_limit  # adaptive: doubles after a full window, shrinks after a cut one
-        ctx = longest = 0
         max_len = self.max_model_len
         for r in running:
             c = r.num_computed_tokens
@@ -350,8 +370,6 @@ class Simulator:
                 k = rem
                 if k < 2:
                     return False
-            ctx += c + 1
-            longest = max(longest, c + 1)
         bs = inst.block_size
         free = inst.kv.pool.num_free_blocks
         while k >= 2 and sum(-(-(r.num_computed_tokens + k) // bs) - -(-r.num_computed_tokens // bs)
@@ -359,15 +377,10 @@ class Simulator:
             k //= 2
         if k < 2:
             return False
-        b = len(running)
-        ends = []
-        t = now
-        step = inst.perf.decode_step_time_s
-        live = inst.step_overhead
-        for i in range(k):
-            dt = step(b, ctx + b * i, longest + i)
-            t += dt if live is None else live.time_s(dt, b)
-            ends.append(t)
+        ends = inst.step_time.decode_steps_s(running, k, now, inst.idle_since)
+        if ends is None:
+            return False
+        t = ends[-1]
         inst.window = (now, ends, list(running))
         inst.busy = True
         inst.version += 1
@@ -380,17 +393,11 @@ class Simulator:
         """Apply the first ``j`` steps of the instance's fast-forward window (what ``schedule`` +
         ``update_from_output`` would have done, step by step) and record their tokens."""
         t0, ends, reqs = inst.window
-        kv = inst.kv
+        inst.scheduler.commit_decode_steps(reqs, j, DUMMY_TOKEN_ID)
         rec = self.recorder
         last_s, num_tokens = rec.last_s, rec.num_tokens
-        tail = [DUMMY_TOKEN_ID] * j
         num_continuing = 0
         for r in reqs:
-            new = kv.allocate_slots(r, j)
-            assert new is not None, "fast-forward window without blocks"
-            r.num_computed_tokens += j
-            r.output_token_ids.extend(tail)
-            kv.cache_blocks(r, r.num_computed_tokens)
             slot = r.slot
             if last_s[slot] == t0:
                 num_continuing += 1
@@ -408,26 +415,50 @@ class Simulator:
             inst.num_steps -= len(ends) - j
         inst.window = None
 
+    # -- the elastic controller (auto mode) -------------------------------------------------------------
+    def _on_tick(self, now: float, payload: None) -> None:
+        views = [i for i in self.instances if not i.is_parked]
+        wait = min((i.queued_prefill_tokens * i.prefill_token_s for i in views), default=0.0)
+        signals = Signals(now, self.attainment.window(now), wait)
+        self._apply(self.controller.tick(signals, self._worker_states()), now)
+        if self._events:  # the controller looks while anything else is still to happen
+            self._push(now + self.options.elastic_tick_s, _TICK, None)
+
+    def _worker_states(self) -> list[WorkerState]:
+        """Instances as the controller sees them: each on a host of its own (cards do not move)."""
+        return [WorkerState(i.instance_id, "prefill" if i.role == "prefill" else "decode", i.instance_id, (0,),
+                            i.step_target_s) for i in self.instances]
+
+    def _apply(self, decisions: list, now: float) -> None:
+        for d in decisions:
+            if isinstance(d, ChangeRole):
+                inst = self.by_id[d.worker_id]
+                inst.role = d.role  # its running requests finish where they are; routing follows the role
+                self._wake(inst, now)
+            elif isinstance(d, SetStepTarget):
+                self.by_id[d.worker_id].set_step_target(d.step_target_s)
+
     def _is_contended(self, inst: Instance) -> bool:
         """Whether another instance of the host is in a step (only asked of calibrated live models)."""
         return self._is_contention_sensitive and any(o.busy for o in self.instances if o is not inst)
 
     # -- disaggregation --------------------------------------------------------------------------------
-    def _start_transfer(self, prefill: Instance, rid: str, num_prompt_tokens: int, now: float) -> None:
-        flight = self._flights[rid]
-        num_tokens = num_prompt_tokens - flight.num_cached_on_decode
+    def _start_transfer(self, prefill: Instance, save: fp.StartSave, now: float) -> None:
+        rid = save.request_id
+        decode = self.by_id[save.reservation.target.worker_id]
+        num_tokens = self.items[int(rid)].input_len - save.reservation.num_cached_tokens
         dt = self.overheads.kv_transfer_s(num_tokens)
         latency = 0.0
         if dt is None:  # the link model: each rank sends its shard in parallel; under ep a request's
             # KV lives on one card (one link)
-            pools = (prefill.pool, flight.decode.pool)
+            pools = (prefill.pool, decode.pool)
             tp = 1 if any(p.parallelism == "ep" for p in pools) else min(p.tp for p in pools)
             dt = kv_transfer_s(num_tokens, self.model, prefill.hardware, tp, self._transfer_inter, self.spec.kv_dtype)
             latency = prefill.hardware.link_latency_s(self._transfer_inter) if num_tokens > 0 else 0.0
         start = max(now, prefill.link_free_s)
         prefill.link_free_s = start + dt - latency
         self.recorder.kv_bytes += num_tokens * self.model.kv_bytes_per_token(2.0 if self.spec.kv_dtype == "bf16" else 1.0)
-        self._push(start + dt, _TRANSFER_DONE, rid)
+        self._push(start + dt, _TRANSFER_DONE, (prefill, decode, rid))
 
     # -- bookkeeping -----------------------------------------------------------------------------------
     def _request(self, rid: str, slot: int, item: WorkItem, max_tokens: int) -> SimRequest:
@@ -435,8 +466,21 @@ class Simulator:
         req.slot = slot
         return req
 
+    def _fits(self, item: WorkItem) -> bool:
+        """Whether every pool's instances can hold the request (a prefill instance: its prompt and one token)."""
+        for name, pool in self.pools.items():
+            kv = pool[0].kv
+            if kv.num_blocks_for(item.input_len + (1 if name == "prefill" else item.output_len)) > kv.num_blocks:
+                return False
+        return True
+
     def _complete(self, slot: int, now: float) -> None:
         self.recorder.finish(slot, now)
+        if self.controller is not None:
+            rec = self.recorder
+            n = rec.num_tokens[slot]
+            tpot = (now - rec.first_s[slot]) / (n - 1) if n > 1 else None
+            self.attainment.record(Sample(now, rec.first_s[slot] - rec.send_s[slot], tpot, 0.0))
         if self.concurrency is not None:  # the client sees the end return_s later, then sends
             self._release_next(now + self.overheads.return_s)
 
@@ -456,31 +500,6 @@ class Simulator:
         self._seq += 1
         heapq.heappush(self._events, (t, self._seq, kind, payload))
 
-    def _make_pool(self, name: str, pool: PoolSpec) -> list[Instance]:
-        if pool.hardware not in self.catalogue:
-            raise ValueError(f"unknown hardware {pool.hardware!r}; known: {', '.join(sorted(self.catalogue))}")
-        hw = self.catalogue[pool.hardware]
-        base = make_perf_model(self.options.perf_model, self.model, hw, pool.tp, self.spec.precision,
-                               self.spec.kv_dtype, pool.parallelism)
-        num_blocks = self.options.num_blocks or instance_kv_blocks(
-            self.model, hw, pool.tp, self.spec.precision, self.spec.block_size, pool.max_num_batched_tokens,
-            self.spec.kv_dtype, parallelism=pool.parallelism)
-        role = {"colocated": "both"}.get(name, name)
-        insts = [Instance(i, role, pool, hw, base, num_blocks, self.spec.block_size, self.spec.enable_prefix_caching,
-                          self.max_model_len) for i in range(pool.instances)]
-        for inst in insts:
-            inst.step_overhead = base.overheads.step(role) if base.overheads is not None else None
-            inst.noise = StepNoise(inst.step_overhead, f"{self.options.seed}/{role}/{inst.index}")
-        return insts
-
-    def _kv_link_is_inter(self) -> bool:
-        spec = self.spec
-        if spec.mode == "colocated" or spec.kv_link != "auto":
-            return spec.kv_link == "inter"
-        p, d = spec.prefill, spec.decode
-        hw = self.catalogue[p.hardware]
-        return p.hardware != d.hardware or p.tp + d.tp > hw.node_size
-
     def _result(self) -> dict:
         from pdserve.sim.results import cluster_section
         result = self.recorder.result(self.scale)
@@ -488,52 +507,6 @@ class Simulator:
         result["cluster"] = self.spec.to_dict()
         result["sim"] = cluster_section(self)
         return result
-
-
-def make_perf_model(kind: str, model: ModelSpec, hardware: Hardware, tp: int, precision: str,
-                    kv_dtype: str = "bf16", parallelism: str = "tp") -> PerfModel:
-    """``analytic`` or the path of a calibrated model file."""
-    if kind == "analytic":
-        return AnalyticPerfModel(model, hardware, tp, precision, kv_dtype, parallelism)
-    from pdserve.sim.calibrated import CalibratedPerfModel
-    return CalibratedPerfModel.load(kind)
-
-
-def _is_first_decode(chunk) -> bool:
-    """Whether ``chunk`` is its request's first decode (one token right after the whole prompt)."""
-    return chunk.num_tokens == 1 and chunk.start == chunk.request.num_prompt_tokens
-
-
-def _prefill_share(perf: PerfModel, shape: BatchShape) -> float:
-    """Fraction of a mixed step's time spent on its prefill tokens (for cost attribution)."""
-    if not shape.num_decode:
-        return 1.0
-    t_p = perf.step_time_s(BatchShape(shape.num_prefill_tokens, shape.prefill_attn, shape.prefill_kv, 0, 0, 1))
-    t_d = perf.decode_step_time_s(shape.num_decode, shape.decode_ctx, shape.decode_max_ctx)
-    return t_p / (t_p + t_d) if t_p + t_d > 0 else 0.0
-
-
-def _sampling(spec: ClusterSpec, sample_instances: int | None):
-    """(scale factor, pools to build, predicate on request index) for a representative slice."""
-    pools = dict(spec.pools)
-    if not sample_instances:
-        return 1.0, pools, lambda i: True
-    if spec.mode == "colocated":
-        n = spec.colocated.instances
-        k = max(1, min(n, sample_instances))
-        pools["colocated"] = _with_instances(spec.colocated, k)
-        return n / k, pools, lambda i: i % n < k
-    np_, nd = spec.prefill.instances, spec.decode.instances
-    g = math.gcd(np_, nd)
-    unit = np_ // g + nd // g
-    u = max(1, min(g, math.ceil(sample_instances / unit)))
-    pools["prefill"] = _with_instances(spec.prefill, u * np_ // g)
-    pools["decode"] = _with_instances(spec.decode, u * nd // g)
-    return g / u, pools, lambda i: i % g < u
-
-
-def _with_instances(pool: PoolSpec, n: int) -> PoolSpec:
-    return replace(pool, instances=n)
 
 
 def _progress(total: int, enabled: bool):

@@ -6,8 +6,11 @@ real one see the same requests for the same flags and seed.
 """
 from __future__ import annotations
 
+import argparse
+
 from pdserve.bench.arrivals import ArrivalConfig
 from pdserve.bench.workloads import WorkloadConfig, build_shapes
+from pdserve.progress import on_terminal
 from pdserve.sim.simulator import WorkItem
 
 
@@ -39,3 +42,25 @@ def workload_config(dataset: str = "random", num_requests: int | None = None, in
     return WorkloadConfig(dataset=kind, trace_path=path or None, num_requests=num_requests, input_len=input_len,
                           output_len=output_len, input_len_range=input_len_range, output_len_range=output_len_range,
                           length_scale=length_scale, seed=seed, arrival=arrival)
+
+
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """``pdserve bench``'s workload and arrival flags (one implementation), plus the objectives."""
+    from pdserve.bench.cli import add_workload_arguments
+    add_workload_arguments(p)
+    g = p.add_argument_group("objectives")
+    g.add_argument("--slo-ttft", type=float, default=None, metavar="SECONDS")
+    g.add_argument("--slo-tpot", type=float, default=None, metavar="SECONDS")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (the default when stderr is not a terminal)")
+    p.set_defaults(progress=on_terminal())
+
+
+def workload_from_args(args: argparse.Namespace):
+    """(WorkloadConfig, sweep rates or None), exactly as ``pdserve bench`` reads the same flags."""
+    from pdserve.bench.cli import workload_from_args as bench_workload
+    for name in ("slo_ttft", "slo_tpot"):
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+    return bench_workload(args)

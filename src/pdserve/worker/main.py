@@ -7,9 +7,9 @@ import logging
 import signal
 import sys
 
-from pdserve.cluster.args import add_cpu_args, add_engine_args, apply_cpu_args, engine_config_from_args, \
-    freeze_startup_objects, keep_freed_memory
-from pdserve.worker.protocol import ROLES
+from pdserve.protocol import ROLES
+from pdserve.runtime import add_cpu_args, apply_cpu_args, freeze_startup_objects, keep_freed_memory
+from pdserve.settings import add_engine_flags, engine_config_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -18,8 +18,9 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--role", choices=ROLES, default="both")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default %(default)s)")
     parser.add_argument("--port", type=int, default=0, help="control port (default: chosen by the OS)")
-    parser.add_argument("--kv-transfer", choices=("shm", "tcp"), default="shm",
-                        help="how prefill workers write into this worker's KV cache (decode/both roles)")
+    parser.add_argument("--kv-connector", "--kv-transfer", dest="kv_connector", default="shm",
+                        help="KV connector: how prefill workers write into this worker's cache (decode/both "
+                             "roles): shm (same host), tcp, or module:Class for an out-of-tree connector")
     parser.add_argument("--kv-port", type=int, default=0, help="KV data-plane port (default: chosen by the OS)")
     parser.add_argument("--worker-id", default="", help="name in logs and metrics (default role@host:port)")
     parser.add_argument("--transfer-timeout", type=float, default=30.0,
@@ -28,7 +29,7 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-stats-interval", type=float, default=10.0, help="seconds between stats lines")
     parser.add_argument("--trace-file", default=None,
                         help="write an event trace (steps, transfers) here, for `pdserve profile --live`")
-    add_engine_args(parser)
+    add_engine_flags(parser)
     add_cpu_args(parser)
 
 
@@ -39,10 +40,10 @@ def run_worker(args: argparse.Namespace) -> int:
     cores = apply_cpu_args(args)
     keep_freed_memory()  # before the engine allocates anything: no page faults on per-step temporaries
     config = engine_config_from_args(args)
-    options = WorkerOptions(role=args.role, host=args.host, port=args.port, kv_backend=args.kv_transfer,
+    options = WorkerOptions(role=args.role, host=args.host, port=args.port, kv_connector=args.kv_connector,
                             kv_port=args.kv_port, worker_id=args.worker_id,
                             transfer_timeout_s=args.transfer_timeout, log_stats_interval_s=args.log_stats_interval,
-                            trace_path=args.trace_file)
+                            trace_path=args.trace_file, cpus=tuple(cores) if cores else None)
     worker = Worker(None, options, engine_factory=lambda alloc: EngineCore(config, alloc, record_kv_events=True))
     if cores:
         logger.info("worker %s pinned to cores %s", worker.worker_id, cores)

@@ -1,12 +1,15 @@
-"""A worker: one EngineCore in a busy loop behind ZMQ.
+"""A worker: one EngineCore in a busy loop behind ZMQ, carrying out the hand-off's actions.
 
-The loop (``Worker.run``): poll the control and KV sockets (without waiting while the engine has work,
-else up to ``idle_poll_ms``), apply what arrived (add / abort requests, reservations, transfer notices),
-run one engine step, send its outputs. A bad message gets an ``ErrorMsg`` back and never stops the loop.
+The loop (``Worker.run``): poll the control socket and the KV connector (without waiting while the engine
+has work), apply what arrived, run one engine step, send its outputs. The hand-off itself is decided by the
+pure state machines of ``pdserve.flow`` (``DecodeSide`` for requests whose prompt comes from a prefill
+worker, ``PrefillSide`` for requests this worker computes for a decode worker); this module only carries out
+their actions: messages to the frontend, connector loads and saves, engine calls. A bad message gets an
+``ErrorMsg`` back and never stops the loop.
 
-Roles: ``both`` computes prompts and tokens; ``prefill`` computes prompts with ``hold_kv`` and sends the
-KV to the decode worker whose reservation the frontend forwards; ``decode`` reserves blocks for a remote
-prefill (``remote_kv``), waits for the KV, then generates. See kv/transfer.py for the safety rules.
+Roles: ``both`` computes prompts and tokens; ``prefill`` computes prompts and sends their KV to the decode
+worker whose reservation the frontend forwards; ``decode`` reserves blocks for a remote prefill, waits for the
+KV, then generates (a request without ``remote_kv`` it computes itself).
 """
 from __future__ import annotations
 
@@ -14,22 +17,34 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgspec
 import zmq
 
+from pdserve import protocol as p
+from pdserve import security
 from pdserve.engine.core import EngineCore
-from pdserve.engine.outputs import EngineOutput, TokenLogprobs
-from pdserve.errors import PdserveError
-from pdserve.kv.transfer import IncomingTransfer, KVReceiver, KVSender, bind_socket, block_digest, \
-    make_receiver, make_sender
+from pdserve.engine.outputs import EngineOutput
+from pdserve.errors import InvalidRequestError, PdserveError
+from pdserve.flow import decode as fd
+from pdserve.flow import prefill as fp
+from pdserve.flow.decode import DecodeSide
+from pdserve.flow.prefill import PrefillSide
+from pdserve.kv.blocks import block_digest
+from pdserve.kv.connector import ConnectorConfig, KVConnector, SaveJob
+from pdserve.kv.registry import make_connector
+from pdserve.runtime import move_to_cores
 from pdserve.sampling_params import SamplingParams
-from pdserve.worker import protocol as p
-from pdserve.worker.trace import Tracer
+from pdserve.worker.busy import BusyMeter, device_info
+from pdserve.worker.heartbeat import Heartbeats
+from pdserve.worker.stats import WorkerStats
+from pdserve.worker.trace import WorkerTracer
+from pdserve.worker.wire import logprobs_from_wire, logprobs_to_wire, output_to_wire
 
 logger = logging.getLogger(__name__)
 
+PENDING_POLL_MS = 2  # the longest wait while a load is pending on a connector with no handle to watch
 
 
 @dataclass(frozen=True)
@@ -37,7 +52,7 @@ class WorkerOptions:
     role: str = "both"
     host: str = "127.0.0.1"
     port: int = 0  # control socket; 0: the OS picks
-    kv_backend: str = "shm"  # decode/both: how prefill workers reach this worker's cache
+    kv_connector: str = "shm"  # decode/both: how prefill workers reach this worker's cache (kv/registry.py)
     kv_port: int = 0
     worker_id: str = ""  # default: role@host:port
     transfer_timeout_s: float = 30.0  # decode: a reservation not filled by then falls back to local prefill
@@ -46,168 +61,119 @@ class WorkerOptions:
     log_stats_interval_s: float = 10.0  # the INFO stats line
     idle_poll_ms: int = 100
     trace_path: str | None = None  # write an event trace here (worker/trace.py; `pdserve profile --live`)
+    cpus: tuple[int, ...] | None = None  # the cores the launcher pinned it to (None: not pinned)
 
     def __post_init__(self) -> None:
         if self.role not in p.ROLES:
             raise ValueError(f"role must be one of {p.ROLES}, got {self.role!r}")
-        if self.kv_backend not in ("shm", "tcp"):
-            raise ValueError(f"kv_backend must be shm or tcp, got {self.kv_backend!r}")
         if self.transfer_timeout_s <= 0 or self.hold_timeout_s <= 0:
             raise ValueError("timeouts must be > 0")
 
 
-@dataclass
-class _Held:
-    """Prefill role: a request whose prompt is computed (or computing) and whose KV waits to be sent."""
-
-    output: EngineOutput | None = None
-    reservation: p.KVReservationMsg | None = None
-    finished_at: float = 0.0
-
-
-@dataclass
-class _Remote:
-    """Decode role: a request whose prompt KV comes from a prefill worker."""
-
-    reservation: p.KVReservationMsg | None = None
-    aborted: bool = False  # the abort waits for the notice or the deadline (shm writes are remote)
-    fail_on_reserve: bool = False
-
-
-@dataclass
-class _Counters:
-    num_transfers: int = 0
-    num_failed_transfers: int = 0
-    kv_bytes: int = 0
-    transfer_s: float = 0.0
-    last_log_s: float = field(default_factory=time.monotonic)
-    last_prompt_tokens: int = 0
-    last_generation_tokens: int = 0
-
-
 class Worker:
-    def __init__(self, core: EngineCore | None, options: WorkerOptions, *, engine_factory=None,
-                 context: zmq.Context | None = None) -> None:
-        """``engine_factory(kv_cache_allocator) -> EngineCore`` builds the engine once the KV receiver
-        exists (decode/both roles place their cache with it); pass ``core`` directly otherwise."""
+    def __init__(self, core: EngineCore | None, options: WorkerOptions, *, engine_factory=None) -> None:
+        """``engine_factory(kv_cache_allocator) -> EngineCore`` builds the engine once the KV connector
+        exists (a connector that places caches allocates it); pass ``core`` directly otherwise."""
         self.options = options
-        self.context = context or zmq.Context.instance()
+        self.context = zmq.Context.instance()
         self.control = self.context.socket(zmq.ROUTER)
-        self.control.setsockopt(zmq.LINGER, 0)
-        self.control.setsockopt(zmq.SNDHWM, 0)
-        self.control.setsockopt(zmq.RCVHWM, 0)
-        self.control.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.address = bind_socket(self.control, options.host, options.port)
+        for opt in (zmq.LINGER, zmq.SNDHWM, zmq.RCVHWM, zmq.ROUTER_MANDATORY):
+            self.control.setsockopt(opt, 0)
+        self.address = security.bind(self.control, options.host, options.port)
         self.worker_id = options.worker_id or f"{options.role}@{self.address.removeprefix('tcp://')}"
-        self.receiver: KVReceiver | None = None
-        if options.role in ("decode", "both"):
-            self.receiver = make_receiver(options.kv_backend, self.context, self.worker_id, options.host,
-                                          options.kv_port)
-        if core is None:
-            assert engine_factory is not None
-            try:
-                core = engine_factory(self.receiver.allocate_cache if self.receiver else None)
-            except BaseException:
-                if self.receiver is not None:
-                    self.receiver.close()  # removes the shared-memory cache file
-                self.control.close(0)
-                raise
+        self.connector = make_connector(options.kv_connector,
+                                        ConnectorConfig(self.worker_id, options.host, options.kv_port))
+        # Every worker that can be a KV target is one, whatever its role: a role is what the router sends
+        # it, and the elastic controller may change it at any time (Configure).
+        self.is_target = self.connector.capabilities.is_target
+        self.role = options.role
+        self.cpus = list(options.cpus) if options.cpus is not None else None
+        try:
+            if self.is_target:
+                self.connector.listen()
+            if core is None:
+                assert engine_factory is not None
+                places = self.is_target and self.connector.capabilities.places_cache
+                core = engine_factory(self.connector.allocate_cache if places else None)
+        except BaseException:
+            self.connector.close()  # removes a placed cache's shared-memory file
+            self.control.close(0)
+            raise
         self.core = core
-        self.kv_target = self.receiver.target() if self.receiver and self.receiver.cache is not None else None
-        self._senders: dict[str, KVSender] = {}
+        self.device = device_info(core.device)
+        self.busy = BusyMeter.for_engine(core.arch, core.dtype, self.device.hardware, self._num_cores())
+        self.connector.register_cache(core.kv_cache)
+        self.kv_target = self.connector.target() if self.is_target else None
+        self.decode = DecodeSide(options.transfer_timeout_s, self.connector.capabilities.writes_remotely)
+        self.prefill = PrefillSide(options.hold_timeout_s)
+        self._sources: dict[str, KVConnector] = {self.connector.name: self.connector}
         self._peers: set[bytes] = set()
+        self.heartbeats = Heartbeats(self.worker_id)
         self._owner: dict[str, bytes] = {}  # request id -> frontend identity
-        self._held: dict[str, _Held] = {}
-        self._remote: dict[str, _Remote] = {}
-        self._counters = _Counters()
-        self._last_stats_s = 0.0
         self._stop = False
-        self._trace = Tracer(options.trace_path, self.worker_id, role=options.role)
-        self._scheduled: list = []  # chunks of the last step, kept only when tracing
-        self._pending_step: tuple | None = None
-        self._first_sent: set[str] = set()
-        self._loop_start = 0.0
-        if self._trace.enabled:
-            self._trace_schedules()
+        self.stats = WorkerStats(self.worker_id, options.role, options.log_stats_interval_s)
+        self._last_stats_s = 0.0
+        self._trace = WorkerTracer(options.trace_path, self.worker_id, options.role)
+        self._trace.attach(core)
         self.poller = zmq.Poller()
         self.poller.register(self.control, zmq.POLLIN)
-        if self.receiver is not None:
-            self.poller.register(self.receiver.socket, zmq.POLLIN)
+        self._watch(self.connector)
 
     # -- public --------------------------------------------------------------------------------------
     def info(self) -> p.WorkerInfo:
-        return p.WorkerInfo(self.worker_id, self.options.role, self.core.config.model.model, os.getpid(),
+        return p.WorkerInfo(self.worker_id, self.role, self.core.config.model.model, os.getpid(),
                             socket.gethostname(), self.core.block_size, self.core.num_blocks,
-                            self.core.max_model_len, self.receiver.backend if self.receiver else "",
-                            list(self.core.arch.eos_token_ids))
+                            self.core.max_model_len, self.connector.name if self.is_target else "",
+                            list(self.core.arch.eos_token_ids), self.cpus, self.core.prefill_budget.target_step_s,
+                            self.device.device_type, self.device.device_name, self.device.num_cores,
+                            self.device.hardware)
 
     def ready_record(self) -> dict:
         """What the launcher reads: where to reach this worker."""
-        return {"event": "worker_ready", "worker_id": self.worker_id, "role": self.options.role,
-                "address": self.address, "kv_address": self.receiver.address if self.receiver else None,
+        return {"event": "worker_ready", "worker_id": self.worker_id, "role": self.role,
+                "address": self.address, "kv_address": self.kv_target.address if self.kv_target else None,
                 "pid": os.getpid(), "num_blocks": self.core.num_blocks}
 
     def run(self) -> None:
         """The busy loop, until ``stop()`` (from a signal handler) or a Shutdown message."""
-        logger.info("worker %s (%s) serving on %s", self.worker_id, self.options.role, self.address)
+        logger.info("worker %s (%s) serving on %s", self.worker_id, self.role, self.address)
         while not self._stop:
-            busy = self.core.has_unfinished_requests()
-            events = dict(self.poller.poll(0 if busy else self.options.idle_poll_ms))
-            self._loop_start = time.monotonic()
+            events = dict(self.poller.poll(self._poll_timeout_ms()))
+            self._trace.loop_start()
             if self.control in events:
                 self._drain_control()
-            if self.receiver is not None and self.receiver.socket in events:
-                self._drain_kv()
+            self._poll_connectors()
             self._expire()
             outputs = self._step()
+            self._trace.step_end()
             self._send_reservations()
             self._route_outputs(outputs)
-            self._trace_step_end()
+            self._trace.iteration_end(len(outputs), self.core.has_unfinished_requests())
             self._maybe_send_stats()
 
     def stop(self) -> None:
         self._stop = True
 
-    # -- the step, timed when tracing ------------------------------------------------------------------
     def _step(self) -> list[EngineOutput]:
         if not self.core.has_unfinished_requests():
             return []
-        if not self._trace.enabled:
-            return self.core.step()
-        s = time.monotonic()
+        start = time.monotonic()
         outputs = self.core.step()
-        e = time.monotonic()
-        if self._scheduled:
-            self._pending_step = (s, e, self._scheduled, len(outputs))
-            self._scheduled = []
+        self.busy.record(self.core.last_chunks, time.monotonic() - start, self.role)
         return outputs
 
-    def _trace_schedules(self) -> None:
-        """Keep each step's chunks (start, tokens, samples) for the trace; the schedule is unchanged."""
-        scheduler = self.core.scheduler
-        schedule = scheduler.schedule
-
-        def traced():
-            out = schedule()
-            self._scheduled = [[c.start, c.num_tokens, int(c.samples)] for c in out.chunks]
-            return out
-        scheduler.schedule = traced
-
-    def _trace_step_end(self) -> None:
-        if self._pending_step is None:
-            return
-        s, e, chunks, n_out = self._pending_step
-        self._pending_step = None
-        self._trace.emit("step", t=round(self._loop_start, 6), s=round(s, 6), e=round(e, 6),
-                         x=round(time.monotonic(), 6), busy=self.core.has_unfinished_requests(), chunks=chunks,
-                         n_out=n_out)
+    def _num_cores(self) -> int:
+        """The cores this worker runs on now (none parked; unpinned: every core it may use; 0: accelerator)."""
+        return len(self.cpus) if self.cpus is not None and self.device.device_type == "cpu" else \
+            self.device.num_cores
 
     def close(self) -> None:
+        self.heartbeats.close()
         self._trace.close()
-        for sender in self._senders.values():
-            sender.close()
-        if self.receiver is not None:
-            self.receiver.close()
+        for connector in self._sources.values():
+            connector.close()
+        if self.connector.name not in self._sources:
+            self.connector.close()
         self.control.close(0)
 
     # -- control channel -----------------------------------------------------------------------------
@@ -226,14 +192,10 @@ class Worker:
                 continue
             try:
                 self._handle(identity, msg)
-            except PdserveError as e:  # nothing was registered: _add_request records a request last
+            except PdserveError as e:  # the request's own problem: nothing was registered for it
                 rid = getattr(msg, "request_id", None)
                 self._send(identity, p.ErrorMsg(rid, e.error_type, str(e), getattr(e, "param", None),
                                                 e.http_status))
-            except (ValueError, TypeError, KeyError) as e:
-                rid = getattr(msg, "request_id", None)
-                logger.warning("request %s refused: %s", rid, e)
-                self._send(identity, p.ErrorMsg(rid, "invalid_request_error", str(e)))
 
     def _handle(self, identity: bytes, msg) -> None:
         if isinstance(msg, p.AddRequest):
@@ -241,223 +203,196 @@ class Worker:
         elif isinstance(msg, p.Abort):
             self._abort(msg.request_ids)
         elif isinstance(msg, p.ForwardReservation):
-            self._on_reservation(msg.reservation)
+            self._execute_prefill(self.prefill.reservation(msg.reservation))
         elif isinstance(msg, p.FailRemoteKV):
-            self._fail_remote(msg.request_id)
+            self._execute_decode(self.decode.prefill_failed(msg.request_id, msg.reason))
         elif isinstance(msg, p.Hello):
             self._peers.add(identity)
+            self.heartbeats.add(msg.heartbeat_address)
             self._send(identity, self.info())
             self._last_stats_s = 0.0
         elif isinstance(msg, p.KVDigestRequest):
             self._send(identity, p.KVDigestReply(self.worker_id, msg.query_id, self._digests(msg.block_hashes)))
+        elif isinstance(msg, p.CheckIntegrity):
+            try:
+                self.core.scheduler.check_integrity()
+                error = ""
+            except AssertionError as e:  # the report is the point: the worker goes on
+                error = f"AssertionError: {e}"
+            self._send(identity, p.IntegrityReply(self.worker_id, msg.query_id, error))
+        elif isinstance(msg, p.Configure):
+            self._configure(msg)
+            self._send(identity, self.info())
         elif isinstance(msg, p.Shutdown):
             self._stop = True
 
+    def _configure(self, msg: p.Configure) -> None:
+        """The elastic controller's decision: a role (what the router sends here from now on: the requests
+        running here finish here), cores, a step target. Each applies between two steps."""
+        if msg.role is not None:
+            if msg.role not in p.ROLES:
+                raise InvalidRequestError(f"role must be one of {p.ROLES}, got {msg.role!r}")
+            logger.info("worker %s: role %s -> %s", self.worker_id, self.role, msg.role)
+            self.role = msg.role
+        if msg.cpus is not None:
+            if msg.cpus:
+                move_to_cores(msg.cpus)
+                self.core.step_costs.reset()  # its steps take other times now
+            logger.info("worker %s: cores %s -> %s", self.worker_id, self.cpus, msg.cpus or "none (parked)")
+            self.cpus = list(msg.cpus)
+            self.busy.set_cores(self._num_cores())
+        if msg.set_step_target:
+            self.core.set_step_target(msg.step_target_s)
+            logger.info("worker %s: step target %s", self.worker_id,
+                        "none" if msg.step_target_s is None else f"{msg.step_target_s * 1e3:.1f} ms")
+
     def _add_request(self, identity: bytes, msg: p.AddRequest) -> None:
+        """Validates, then registers the request last (a refusal leaves nothing behind)."""
         rid = msg.request_id
         if rid in self._owner:
-            raise ValueError(f"duplicate request id {rid!r}")
-        if msg.remote_kv and self.receiver is None:
-            raise ValueError("remote_kv needs a decode worker")
-        if msg.hold_kv and self.options.role == "decode":
-            raise ValueError("hold_kv needs a prefill worker")
-        params = SamplingParams(**msgspec.structs.asdict(msg.params))
+            raise InvalidRequestError(f"duplicate request id {rid!r}")
+        if msg.remote_kv and not self.is_target:
+            raise InvalidRequestError(f"remote_kv needs a KV connector that can receive; {self.worker_id}'s "
+                                      f"({self.connector.name}) cannot")
+        if msg.remote_kv and msg.hold_kv:
+            raise InvalidRequestError("a request is either held for a send (hold_kv) or received (remote_kv)")
+        params = SamplingParams(**msgspec.structs.asdict(msg.params))  # InvalidRequestError naming the field
         self.core.add_request(rid, msg.prompt_token_ids, params, remote_kv=msg.remote_kv, hold_kv=msg.hold_kv)
         self._owner[rid] = identity
         self._trace.emit("add", rid=rid, t=round(time.monotonic(), 6), remote_kv=msg.remote_kv, hold_kv=msg.hold_kv)
         if msg.hold_kv:
-            self._held[rid] = _Held()
+            self.prefill.add(rid)
         if msg.remote_kv:
-            self._remote[rid] = _Remote()
+            self.decode.add(rid)
 
     def _abort(self, request_ids: list[str]) -> None:
-        now_ids = []
         for rid in request_ids:
-            remote = self._remote.get(rid)
-            if remote is not None and remote.reservation is not None and self._writes_remotely():
-                remote.aborted = True  # blocks stay reserved until the sender is done or the deadline
-                continue
-            self._remote.pop(rid, None)
-            held = self._held.pop(rid, None)
-            if held is not None and held.reservation is not None and held.output is None:
-                self._notify_failure(held.reservation, "aborted on the prefill worker")
-            now_ids.append(rid)
-        for out in self.core.abort_requests(now_ids):
-            logger.debug("aborted %s", out.request_id)
-        for rid in now_ids:
-            self._owner.pop(rid, None)
-            self._first_sent.discard(rid)
+            if rid in self.decode:
+                self._execute_decode(self.decode.abort(rid))
+            elif rid in self.prefill:
+                self._execute_prefill(self.prefill.abort(rid))
+            else:
+                self._abort_engine(rid)
 
-    # -- prefill side --------------------------------------------------------------------------------
-    def _on_reservation(self, reservation: p.KVReservationMsg) -> None:
-        held = self._held.get(reservation.request_id)
-        if held is None:  # aborted, timed out or unknown: the decode worker must not wait for us
-            self._notify_failure(reservation, "the prefill worker no longer holds this request")
-            return
-        held.reservation = reservation
-        self._trace.emit("reservation", rid=reservation.request_id, t=round(time.monotonic(), 6),
-                         done=held.output is not None)
-        if held.output is not None:
-            self._transfer(reservation.request_id, held)
+    def _abort_engine(self, rid: str) -> None:
+        self.core.abort_requests([rid])
+        self._owner.pop(rid, None)
+        self._trace.forget(rid)
 
-    def _transfer(self, rid: str, held: _Held) -> None:
-        out, reservation = held.output, held.reservation
-        assert out is not None and reservation is not None
-        sender = self._senders.get(reservation.target.backend)
-        if sender is None:
-            sender = self._senders[reservation.target.backend] = make_sender(reservation.target.backend,
-                                                                              self.context)
-        record = sender.send(rid, self.core.kv_cache, out.kv_block_ids or [], reservation,
-                             out.new_token_ids[0], _logprobs_to_wire(out.new_logprobs))
-        self.core.release_kv(rid)
-        del self._held[rid]
-        c = self._counters
-        c.num_transfers += record.ok
-        c.num_failed_transfers += not record.ok
-        c.kv_bytes += record.kv_bytes
-        c.transfer_s += record.seconds
-        if self._trace.enabled:
-            now = time.monotonic()
-            self._trace.emit("kv_send", rid=rid, s=round(now - record.seconds, 6), e=round(now, 6),
-                             bytes=record.kv_bytes, tokens=record.num_blocks * self.core.block_size,
-                             ok=record.ok)
-        logger.debug("request %s: %d blocks, %d bytes to %s in %.2f ms (%s)", rid, record.num_blocks,
-                     record.kv_bytes, reservation.target.worker_id, record.seconds * 1e3, record.backend)
-        owner = self._owner.pop(rid, None)
-        if owner is not None:
-            self._send(owner, p.PrefillDone(rid, record.ok, out.new_token_ids[0], out.num_cached_tokens,
-                                            record.kv_bytes, record.seconds, record.error))
+    # -- the KV connector ----------------------------------------------------------------------------
+    def _poll_connectors(self) -> None:
+        if self.is_target:
+            for load in self.connector.poll_loads():
+                self._execute_decode(self.decode.loaded(load))
+        for connector in self._sources.values():
+            for done in connector.poll_saves():
+                self.stats.on_save(done)
+                self._trace.emit("kv_send", rid=done.request_id, s=round(done.finished_at - done.seconds, 6),
+                                 e=round(done.finished_at, 6), bytes=done.kv_bytes,
+                                 tokens=done.num_blocks * self.core.block_size, ok=done.ok)
+                self._execute_prefill(self.prefill.saved(done))
 
-    def _notify_failure(self, reservation: p.KVReservationMsg, reason: str) -> None:
-        sender = self._senders.get(reservation.target.backend)
-        if sender is None:
-            sender = self._senders[reservation.target.backend] = make_sender(reservation.target.backend,
-                                                                              self.context)
-        try:
-            sender._notify(reservation.target.address, p.KVTransferDone(reservation.request_id, False,
-                                                                        error=reason), [])
-        except zmq.ZMQError as e:
-            logger.warning("cannot notify %s: %s", reservation.target.worker_id, e)
+    def _source(self, name: str) -> KVConnector:
+        """The connector that sends to targets advertising ``name`` (created on first use)."""
+        connector = self._sources.get(name)
+        if connector is None:
+            connector = make_connector(name, ConnectorConfig(self.worker_id, self.options.host))
+            connector.register_cache(self.core.kv_cache)
+            self._sources[name] = connector
+        return connector
 
-    # -- decode side ---------------------------------------------------------------------------------
-    def _send_reservations(self) -> None:
-        for r in self.core.take_reservations():
-            remote = self._remote.get(r.request_id)
-            owner = self._owner.get(r.request_id)
-            if remote is None or owner is None:
-                continue
-            if remote.fail_on_reserve:
-                self._remote.pop(r.request_id)
-                self.core.fail_remote_kv(r.request_id)
-                continue
-            assert self.kv_target is not None
-            remote.reservation = p.KVReservationMsg(r.request_id, list(r.block_ids), r.num_cached_tokens,
-                                                    self.kv_target, time.time() + self.options.transfer_timeout_s)
-            self._send(owner, remote.reservation)
-            self._trace.emit("reserve", rid=r.request_id, t=round(time.monotonic(), 6))
-
-    def _drain_kv(self) -> None:
-        assert self.receiver is not None
-        for incoming in self.receiver.poll():
-            self._on_transfer(incoming)
-
-    def _on_transfer(self, incoming: IncomingTransfer) -> None:
-        notice = incoming.notice
-        rid = notice.request_id
-        remote = self._remote.get(rid)
-        if remote is None or remote.reservation is None:
-            logger.debug("late or unknown KV notice for %s dropped", rid)
-            return
-        if remote.aborted:
-            self._remote.pop(rid)
-            self.core.abort_requests([rid])
-            self._owner.pop(rid, None)
-            return
-        skip = remote.reservation.num_cached_tokens // self.core.block_size
-        if notice.ok and notice.dst_block_ids != remote.reservation.block_ids[skip:]:
-            logger.warning("request %s: KV notice for blocks other than reserved; computing locally", rid)
-            notice.ok = False
-        if notice.ok:
+    def _watch(self, connector: KVConnector) -> None:
+        """Have the poller watch the connector's handles (it may open more on its first save)."""
+        for handle in connector.wait_handles():
             try:
-                incoming.write_into(self.core.kv_cache)
-            except (ValueError, RuntimeError) as e:
-                logger.warning("request %s: bad KV data (%s); computing locally", rid, e)
-                notice.ok = False
-        del self._remote[rid]
-        if not notice.ok:
-            logger.info("request %s: remote prefill failed (%s); computing the prompt here", rid, notice.error)
-            self.core.fail_remote_kv(rid)
-            return
-        first_logprobs = _logprobs_from_wire(notice.first_logprobs[0]) if notice.first_logprobs else None
-        out = self.core.complete_remote_kv(rid, notice.first_token_id, first_logprobs)
-        self._trace.emit("kv_recv", rid=rid, t=round(time.monotonic(), 6))
-        if out is not None:
-            self._route_outputs([out])
+                self.poller.modify(handle, zmq.POLLIN)
+            except KeyError:
+                self.poller.register(handle, zmq.POLLIN)
 
-    def _fail_remote(self, rid: str) -> None:
-        remote = self._remote.get(rid)
-        if remote is None:
+    def _poll_timeout_ms(self) -> int:
+        if self.core.has_unfinished_requests():
+            return 0
+        if len(self.decode) and not self.connector.wait_handles():
+            return PENDING_POLL_MS
+        return self.options.idle_poll_ms
+
+    # -- carrying out the hand-off's actions -----------------------------------------------------------
+    def _execute_decode(self, actions: list[fd.DecodeAction]) -> None:
+        for a in actions:
+            if isinstance(a, fd.SendReservation):
+                rid = a.reservation.request_id
+                self.connector.expect(a.reservation)
+                self._send_owner(rid, a.reservation)
+                self._trace.emit("reserve", rid=rid, t=round(time.monotonic(), 6))
+            elif isinstance(a, fd.JoinBatch):
+                logprobs = logprobs_from_wire(a.first_logprobs[0]) if a.first_logprobs else None
+                out = self.core.finish_load(a.request_id, a.first_token_id, logprobs)
+                self._trace.emit("kv_recv", rid=a.request_id, t=round(time.monotonic(), 6))
+                if out is not None:
+                    self._route_outputs([out])
+            elif isinstance(a, fd.ComputeLocally):
+                logger.info("request %s: computing the prompt here (%s)", a.request_id, a.reason)
+                self.connector.cancel(a.request_id)
+                self.core.fail_load(a.request_id)
+            elif isinstance(a, fd.AbortNow):
+                self.connector.cancel(a.request_id)
+                self._abort_engine(a.request_id)
+
+    def _execute_prefill(self, actions: list[fp.PrefillAction]) -> None:
+        for a in actions:
+            if isinstance(a, fp.StartSave):
+                self._trace.emit("reservation", rid=a.request_id, t=round(time.monotonic(), 6), done=True)
+                connector = self._source(a.reservation.target.connector)
+                connector.start_save(SaveJob(a.request_id, a.block_ids, a.reservation, a.first_token_id,
+                                             a.first_logprobs), self.core.kv_cache)
+                self._watch(connector)
+            elif isinstance(a, fp.Refuse):
+                self._source(a.reservation.target.connector).refuse(a.reservation, a.reason)
+            elif isinstance(a, fp.ReleaseBlocks):
+                self.core.release_kv(a.request_id)
+            elif isinstance(a, fp.ReportDone):
+                owner = self._owner.pop(a.request_id, None)
+                if owner is not None:
+                    self._send(owner, p.PrefillDone(a.request_id, a.ok, a.first_token_id, a.num_cached_tokens,
+                                                    a.kv_bytes, a.seconds, a.error))
+            elif isinstance(a, fp.AbortNow):
+                self._abort_engine(a.request_id)
+
+    def _send_reservations(self) -> None:
+        if self.kv_target is None:
             return
-        if remote.reservation is None:
-            remote.fail_on_reserve = True
-            return
-        del self._remote[rid]
-        if remote.aborted:
-            self.core.abort_requests([rid])
-            self._owner.pop(rid, None)
-        else:
-            self.core.fail_remote_kv(rid)
+        now = time.time()
+        for r in self.core.take_reservations():
+            self._execute_decode(self.decode.reserved(r, self.kv_target, now))
 
     def _expire(self) -> None:
-        now = time.time()
-        grace = 2.0 if self._writes_remotely() else 0.0
-        for rid, remote in list(self._remote.items()):
-            r = remote.reservation
-            if r is not None and now > r.deadline_unix_s + grace:
-                logger.warning("request %s: KV did not arrive within %.0fs", rid, self.options.transfer_timeout_s)
-                self._fail_remote(rid)
-        if self._held:
-            mono = time.monotonic()
-            for rid, held in list(self._held.items()):
-                if held.output is not None and held.reservation is None and \
-                        mono - held.finished_at > self.options.hold_timeout_s:
-                    logger.warning("request %s: no reservation within %.0fs; KV released", rid,
-                                   self.options.hold_timeout_s)
-                    self.core.release_kv(rid)
-                    del self._held[rid]
-                    owner = self._owner.pop(rid, None)
-                    if owner is not None:
-                        self._send(owner, p.PrefillDone(rid, False, error="no reservation arrived"))
-
-    def _writes_remotely(self) -> bool:
-        return self.receiver is not None and self.receiver.backend == "shm"
+        if len(self.decode):
+            self._execute_decode(self.decode.expire(time.time()))
+        if len(self.prefill):
+            self._execute_prefill(self.prefill.expire(time.monotonic()))
 
     # -- outputs -------------------------------------------------------------------------------------
     def _route_outputs(self, outputs: list[EngineOutput]) -> None:
         batches: dict[bytes, list[p.TokenOutput]] = {}
         for out in outputs:
             rid = out.request_id
-            held = self._held.get(rid)
-            if held is not None:  # prefill role: the token goes to the decode worker with the KV
+            if rid in self.prefill:  # the first token goes to the decode worker with the KV
                 if out.finish_reason == "abort" or not out.new_token_ids:
-                    del self._held[rid]
+                    self.prefill.ended_without_output(rid)
                     self._owner.pop(rid, None)
                     continue
-                held.output = out
-                held.finished_at = time.monotonic()
-                if held.reservation is not None:
-                    self._transfer(rid, held)
+                self._execute_prefill(self.prefill.computed(
+                    rid, out.kv_block_ids or [], out.new_token_ids[0], logprobs_to_wire(out.new_logprobs),
+                    out.num_cached_tokens, time.monotonic()))
                 continue
             owner = self._owner.get(rid)
             if owner is None:
                 continue
-            batches.setdefault(owner, []).append(_output_to_wire(out))
-            if self._trace.enabled and rid not in self._first_sent:
-                self._first_sent.add(rid)
-                self._trace.emit("first", rid=rid, t=round(time.monotonic(), 6))
+            batches.setdefault(owner, []).append(output_to_wire(out))
+            self._trace.first_token(rid)
             if out.finished:
                 del self._owner[rid]
-                self._first_sent.discard(rid)
+                self._trace.forget(rid)
         for owner, batch in batches.items():
             self._send(owner, p.Outputs(batch))
 
@@ -467,32 +402,13 @@ class Worker:
             return
         self._last_stats_s = now
         s = self.core.stats()
-        stats = p.Stats(self.worker_id, self.options.role, time.time(), s.num_running, s.num_waiting,
-                        s.num_awaiting_kv, s.kv_usage, s.num_blocks, s.num_free_blocks, s.prefix_query_tokens,
-                        s.prefix_hit_tokens, s.num_preemptions, s.num_prompt_tokens, s.num_generation_tokens,
-                        len(self._held), self._counters.num_transfers, self._counters.num_failed_transfers,
-                        self._counters.kv_bytes, self._counters.transfer_s)
+        stats = self.stats.message(s, len(self.prefill), self.role, self.cpus, self.busy)
         stored, evicted = self.core.take_kv_events()
         for peer in self._peers:
             self._send(peer, stats)
             if stored or evicted:
                 self._send(peer, p.KVEvents(self.worker_id, stored, evicted))
-        self._maybe_log(s, now)
-
-    def _maybe_log(self, s, now: float) -> None:
-        c = self._counters
-        elapsed = now - c.last_log_s
-        if elapsed < self.options.log_stats_interval_s:
-            return
-        hit = s.prefix_hit_tokens / s.prefix_query_tokens if s.prefix_query_tokens else 0.0
-        logger.info("%s: running %d, waiting %d, awaiting KV %d, held KV %d, KV use %.1f%%, prefix hits %.1f%%, "
-                    "prompt %.1f tok/s, generation %.1f tok/s, transfers %d (%d failed, %.1f MB, %.3f s)",
-                    self.worker_id, s.num_running, s.num_waiting, s.num_awaiting_kv, len(self._held),
-                    100 * s.kv_usage, 100 * hit, (s.num_prompt_tokens - c.last_prompt_tokens) / elapsed,
-                    (s.num_generation_tokens - c.last_generation_tokens) / elapsed, c.num_transfers,
-                    c.num_failed_transfers, c.kv_bytes / 1e6, c.transfer_s)
-        c.last_log_s, c.last_prompt_tokens, c.last_generation_tokens = now, s.num_prompt_tokens, \
-            s.num_generation_tokens
+        self.stats.maybe_log(s, len(self.prefill), now)
 
     def _digests(self, block_hashes: list[int]) -> list[str]:
         digests = []
@@ -501,27 +417,13 @@ class Worker:
             digests.append("" if block is None else block_digest(self.core.kv_cache, block.block_id))
         return digests
 
+    def _send_owner(self, rid: str, msg) -> None:
+        owner = self._owner.get(rid)
+        if owner is not None:
+            self._send(owner, msg)
+
     def _send(self, identity: bytes, msg) -> None:
         try:
             self.control.send_multipart([identity, p.encode(msg)], zmq.NOBLOCK)
         except zmq.ZMQError as e:
             logger.warning("cannot send %s: %s", type(msg).__name__, e)
-
-
-# ---- conversions between engine outputs and wire messages ---------------------------------------------
-
-
-def _output_to_wire(out: EngineOutput) -> p.TokenOutput:
-    return p.TokenOutput(out.request_id, list(out.new_token_ids), out.finish_reason, out.stop_reason,
-                         out.num_prompt_tokens, out.num_cached_tokens, _logprobs_to_wire(out.new_logprobs))
-
-
-def _logprobs_to_wire(logprobs: list[TokenLogprobs] | None) -> list[p.LogprobEntry] | None:
-    if logprobs is None:
-        return None
-    return [p.LogprobEntry(lp.token_id, lp.logprob, lp.rank, [t for t, _ in lp.top], [v for _, v in lp.top])
-            for lp in logprobs]
-
-
-def _logprobs_from_wire(e: p.LogprobEntry) -> TokenLogprobs:
-    return TokenLogprobs(e.token_id, e.logprob, e.rank, list(zip(e.top_ids, e.top_logprobs)))

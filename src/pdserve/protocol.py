@@ -7,10 +7,13 @@ field gets a default, so old peers keep decoding what they know; unknown fields 
 Channels:
 
 - control, frontend <-> worker (ZMQ DEALER -> worker's ROUTER): ``Hello``, ``AddRequest``, ``Abort``,
-  ``FailRemoteKV``, ``ForwardReservation``, ``KVDigestRequest`` one way; ``WorkerInfo``, ``Outputs``,
+  ``FailRemoteKV``, ``ForwardReservation``, ``KVDigestRequest``, ``Configure``, ``Shutdown`` one way; ``WorkerInfo``, ``Outputs``,
   ``ErrorMsg``, ``Stats``, ``KVEvents``, ``KVReservationMsg``, ``PrefillDone``, ``KVDigestReply`` back.
-- KV data plane, prefill worker -> decode worker (PUSH -> PULL): ``KVTransferDone`` (for the tcp backend
-  followed by the block data as raw frames). No tensors ever travel on the control channel.
+- KV data plane, prefill worker -> decode worker, owned by the KV connector (kv/): the built-in connectors
+  send ``KVTransferDone`` over ZMQ PUSH -> PULL (tcp: followed by the block data as raw frames); others may
+  carry it their own way. No tensors ever travel on the control channel.
+
+This module imports nothing of pdserve's: every package may import it.
 """
 from __future__ import annotations
 
@@ -66,22 +69,39 @@ class TokenOutput(msgspec.Struct, omit_defaults=True):
 class KVTarget(msgspec.Struct, omit_defaults=True):
     """Where a decode worker's KV cache can be reached by a prefill worker.
 
-    ``address``: the decode worker's KV data-plane endpoint (notices, and block frames for tcp).
-    ``shm_path``: the file holding its whole KV cache (shm backend only), of ``shape`` and ``dtype``."""
+    ``connector``: the name of the KV connector the decode worker runs (a registry name such as ``shm``, or
+    ``module:Class``); the prefill worker sends with the same connector. ``address``: the decode worker's
+    KV data-plane endpoint; ``host``: its host name; ``shape``/``dtype``: its cache layout, which a sender
+    checks against its own; ``params``: connector-specific strings (the shm connector's file path)."""
 
     worker_id: str
-    backend: str  # "shm" | "tcp"
+    connector: str
     address: str
-    shm_path: str = ""
+    host: str = ""
     shape: list[int] = []
     dtype: str = ""
+    params: dict[str, str] = {}
 
 
 # ---- frontend -> worker ---------------------------------------------------------------------------------
 
 
 class Hello(msgspec.Struct, tag=1, tag_field="t", omit_defaults=True):
+    """``heartbeat_address``: where the worker pushes ``Heartbeat``s from a thread of their own (a long step
+    does not delay them; a stopped or dead process sends none)."""
+
     frontend_id: str
+    heartbeat_address: str = ""
+
+
+class Heartbeat(msgspec.Struct, tag=29, tag_field="t"):
+    """Worker -> frontend, on the heartbeat channel, every ``HEARTBEAT_S``."""
+
+    worker_id: str
+    time_s: float
+
+
+HEARTBEAT_S = 0.5
 
 
 class AddRequest(msgspec.Struct, tag=2, tag_field="t", omit_defaults=True):
@@ -123,6 +143,24 @@ class Shutdown(msgspec.Struct, tag=7, tag_field="t"):
     pass
 
 
+class CheckIntegrity(msgspec.Struct, tag=9, tag_field="t"):
+    """Debug: run the engine's KV bookkeeping check (free + cached + used == total, reference counts)."""
+
+    query_id: str
+
+
+class Configure(msgspec.Struct, tag=8, tag_field="t", omit_defaults=True):
+    """Frontend -> worker (the elastic controller): change the worker's role, cores or step target; fields
+    left unset stay as they are. ``cpus`` empty parks the worker (nothing new is routed to it; what it runs
+    finishes). ``step_target_s`` (with ``set_step_target``): stall-free chunking's target, None for none.
+    The worker answers with its ``WorkerInfo``."""
+
+    role: Union[str, None] = None
+    cpus: Union[list[int], None] = None
+    set_step_target: bool = False
+    step_target_s: Union[float, None] = None
+
+
 # ---- worker -> frontend ---------------------------------------------------------------------------------
 
 
@@ -135,8 +173,14 @@ class WorkerInfo(msgspec.Struct, tag=20, tag_field="t", omit_defaults=True):
     block_size: int
     num_blocks: int
     max_model_len: int
-    kv_backend: str = ""
+    kv_connector: str = ""
     eos_token_ids: list[int] = []
+    cpus: Union[list[int], None] = None  # the cores it runs on ([] parked; None: not pinned)
+    step_target_s: Union[float, None] = None
+    device: str = ""  # "cpu", "cuda", ... (worker/busy.py)
+    device_name: str = ""  # "NVIDIA H100 80GB HBM3", the CPU's model name
+    num_cores: int = 0  # a CPU worker: the cores it may run on unless pinned (``cpus``); 0: an accelerator
+    hardware: str = ""  # the hardware catalogue entry the device stands for (its price), "" if none
 
 
 class Outputs(msgspec.Struct, tag=21, tag_field="t"):
@@ -175,6 +219,17 @@ class Stats(msgspec.Struct, tag=23, tag_field="t", omit_defaults=True):
     num_failed_transfers: int = 0
     kv_transfer_bytes: int = 0
     kv_transfer_s: float = 0.0
+    # What path choice and the elastic controller read (router/path.py, control/): the engine's learned
+    # step costs, its queue, its step target and cores.
+    queued_prefill_tokens: int = 0
+    prefill_token_s: float = 0.0  # 0: not measured yet
+    decode_step_s: float = 0.0
+    step_target_s: Union[float, None] = None
+    cpus: Union[list[int], None] = None
+    busy_s: float = 0.0  # seconds inside engine steps
+    prefill_busy_s: float = 0.0  # the part of busy_s spent on prefill (sim/cost.py: step_prefill_share)
+    uptime_s: float = 0.0  # seconds since the worker's engine was ready (what its device is paid for)
+    core_s: float = 0.0  # a CPU worker: core-seconds since ready (its cores over time; none while parked)
 
 
 class KVEvents(msgspec.Struct, tag=24, tag_field="t"):
@@ -216,6 +271,12 @@ class KVDigestReply(msgspec.Struct, tag=27, tag_field="t"):
     digests: list[str]  # hex digest per hash, "" where the block is not cached
 
 
+class IntegrityReply(msgspec.Struct, tag=28, tag_field="t", omit_defaults=True):
+    worker_id: str
+    query_id: str
+    error: str = ""  # "" when the check passed
+
+
 # ---- prefill worker -> decode worker (KV data plane) ------------------------------------------------------
 
 
@@ -234,16 +295,20 @@ class KVTransferDone(msgspec.Struct, tag=40, tag_field="t", omit_defaults=True):
     kv_bytes: int = 0
     num_frames: int = 0
     error: str = ""
+    checksum: Union[int, None] = None  # of the blocks' data as sent (kv/faults.py: verification is opt-in)
 
 
-ToWorker = Union[Hello, AddRequest, Abort, FailRemoteKV, ForwardReservation, KVDigestRequest, Shutdown]
+ToWorker = Union[Hello, AddRequest, Abort, FailRemoteKV, ForwardReservation, KVDigestRequest, Shutdown, Configure,
+                 CheckIntegrity]
 FromWorker = Union[WorkerInfo, Outputs, ErrorMsg, Stats, KVEvents, KVReservationMsg, PrefillDone,
-                   KVDigestReply]
+                   KVDigestReply, IntegrityReply]
 KVPlane = KVTransferDone
+_heartbeat = msgspec.msgpack.Decoder(Heartbeat)
 
 MESSAGE_TYPES: tuple[type, ...] = (Hello, AddRequest, Abort, FailRemoteKV, ForwardReservation,
-                                   KVDigestRequest, Shutdown, WorkerInfo, Outputs, ErrorMsg, Stats,
-                                   KVEvents, KVReservationMsg, PrefillDone, KVDigestReply, KVTransferDone)
+                                   KVDigestRequest, Shutdown, Configure, CheckIntegrity, WorkerInfo, Outputs,
+                                   ErrorMsg, Stats, KVEvents, KVReservationMsg, PrefillDone, KVDigestReply,
+                                   IntegrityReply, Heartbeat, KVTransferDone)
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(ToWorker)
@@ -262,6 +327,10 @@ def decode_to_worker(data: bytes | memoryview) -> ToWorker:
 
 def decode_from_worker(data: bytes | memoryview) -> FromWorker:
     return _from_worker.decode(data)
+
+
+def decode_heartbeat(data: bytes | memoryview) -> Heartbeat:
+    return _heartbeat.decode(data)
 
 
 def decode_kv_plane(data: bytes | memoryview) -> KVPlane:

@@ -1,0 +1,109 @@
+"""Overload (issue 15): at 2x, 5x and 10x the goodput capacity, what share is refused up front (429) and
+whether the admitted requests keep their objectives; the processes' memory before and after.
+
+1. `pdserve up` (auto, with --slo-ttft/--slo-tpot and admission by predicted TTFT, the default), a rate
+   sweep with `pdserve bench` gives the goodput capacity (the highest rate with >= 90% attainment);
+2. then --seconds of Poisson arrivals at each multiple of it: the 429 share, and the attainment of the
+   requests that were admitted; RSS of every pdserve process at the start and the end.
+
+    python benchmarks/overload.py [--rates 0.5,1,2,3] [--multiples 2,5,10] [--seconds 60]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+from pdserve.cluster.local import free_port, wait_healthy
+
+WORKLOAD = ["--dataset", "random", "--input-len", "512", "--output-len", "32"]
+
+
+def main() -> int:
+    a = _args()
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "up", "--port", str(port), "--slo-ttft",
+                             str(a.slo_ttft), "--slo-tpot", str(a.slo_tpot)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_healthy(url, proc, 600)
+        capacity = 0.0
+        for rate in [float(r) for r in a.rates.split(",")]:
+            res = _bench(url, rate, max(16, int(rate * 30)), out / f"sweep-{rate:g}.json", a)
+            if _attainment(res, a, admitted_only=False) >= 0.9:
+                capacity = rate
+        if capacity == 0.0:
+            print("no rate of the sweep met the objectives: no capacity to multiply")
+            return 1
+        rss0 = _rss(proc.pid)
+        rows = []
+        for m in [float(x) for x in a.multiples.split(",")]:
+            rate = capacity * m
+            res = _bench(url, rate, int(rate * a.seconds), out / f"overload-{m:g}x.json", a)
+            reqs = res["requests"]
+            refused = sum(1 for r in reqs if r["error"] and "429" in str(r["error"]) + str(r["error_detail"]))
+            rows.append({"multiple": m, "rate": rate, "sent": len(reqs), "refused_429": refused,
+                         "refused_share": refused / len(reqs) if reqs else 0.0,
+                         "admitted_attainment": _attainment(res, a, admitted_only=True)})
+        rss1 = _rss(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    print(f"capacity {capacity:g} req/s at TTFT <= {a.slo_ttft} s, TPOT <= {a.slo_tpot} s")
+    print(f"{'load':>6}{'rate':>8}{'sent':>6}{'429':>6}{'429 share':>11}{'admitted attainment':>21}")
+    for r in rows:
+        print(f"{r['multiple']:>5g}x{r['rate']:>8.2f}{r['sent']:>6}{r['refused_429']:>6}{r['refused_share']:>11.1%}"
+              f"{r['admitted_attainment']:>21.1%}")
+    print("RSS (MiB) per process, start -> end: " + ", ".join(f"{n} {rss0.get(n, 0):.0f} -> {v:.0f}"
+                                                            for n, v in rss1.items()))
+    (out / "report.json").write_text(json.dumps({"capacity": capacity, "rows": rows, "rss_start_mib": rss0,
+                                                 "rss_end_mib": rss1}, indent=1))
+    return 0
+
+
+def _bench(url: str, rate: float, n: int, path: Path, a) -> dict:
+    subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "--base-url", url, "--no-progress", *WORKLOAD,
+                    "--rate", f"{rate:g}", "--num-requests", str(n), "--out", str(path)], check=True,
+                   stdout=subprocess.DEVNULL)
+    return json.loads(path.read_text())
+
+
+def _attainment(res: dict, a, admitted_only: bool) -> float:
+    reqs = [r for r in res["requests"] if not (admitted_only and r["error"])]
+    ok = [r for r in reqs if r["ttft_s"] is not None and r["ttft_s"] <= a.slo_ttft and (r["tpot_s"] or 0) <= a.slo_tpot]
+    return len(ok) / len(reqs) if reqs else 0.0
+
+
+def _rss(pid: int) -> dict[str, float]:
+    out = {}
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            name = " ".join(child.cmdline()[2:4]) or child.name()
+            out[f"{child.pid}:{name}"] = child.memory_info().rss / 2**20
+        except psutil.Error:
+            continue
+    return out
+
+
+def _args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rates", default="0.5,1,2,3")
+    ap.add_argument("--multiples", default="2,5,10")
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--slo-ttft", type=float, default=3.0)
+    ap.add_argument("--slo-tpot", type=float, default=0.15)
+    ap.add_argument("--out-dir", default="bench-results/overload")
+    return ap.parse_args()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Cluster files: one schema read by ``pdserve up --config`` and ``pdserve sim --cluster``, written by ``pdserve
+plan`` (best-cluster.yaml), so a plan is deployed as it was simulated.
+
+Format (YAML; docs/cluster.md has the reference)::
+
+    model: smollm2-135m            # known name, .gguf file, HF folder, or catalogue name for the simulator
+    engine:                        # engine settings for every worker: the names of `pdserve worker`'s engine
+      max_num_batched_tokens: 2048 #   flags (settings.py), e.g. kv_cache_memory: 1GiB, max_num_seqs: 128
+    serving:                       # the layout and the frontend: `pdserve up`, and what the simulator runs
+      mode: disaggregated          # auto | colocated | disaggregated
+      prefill: 1                   # workers per pool (colocated mode: `colocated: N`)
+      decode: 1
+      kv_connector: shm            # shm | tcp | module:Class
+      routing: prefix_aware        # round_robin | least_loaded | prefix_aware
+      min_remote_prefill_tokens: 0
+      price_per_hour: 0.08         # USD per worker-hour, every worker or {prefill: 2.99, decode: 1.79}
+                                   #   (live cost, docs/monitoring.md; default: the hardware catalogue's)
+      pools:                       # per-pool engine settings over `engine` (prefill | decode | colocated)
+        prefill: {max_num_batched_tokens: 8192}
+    planning:                      # what only the simulator and planner read
+      hardware: h100-sxm           # every pool, or {prefill: h100-sxm, decode: h200}
+      tp: 1                        # every pool, or {prefill: 1, decode: 2}
+      parallelism: tp              # every pool, or per pool: tp | ep
+      precision: bf16
+      kv_dtype: bf16
+      decode_routing: least_loaded
+      kv_link: auto                # auto | intra | inter (node) for prefill -> decode KV
+    predicted: {...}               # the planner's figures for this layout
+
+An unknown key anywhere is an error that names it (with its path), so a typo never passes unnoticed.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+from pdserve.settings import engine_settings_from_mapping
+
+class Serving(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
+    mode: Literal["auto", "colocated", "disaggregated"] = "disaggregated"
+    prefill: int = 1
+    decode: int = 1
+    colocated: int = 1
+    kv_connector: str = "shm"
+    routing: Literal["round_robin", "least_loaded", "prefix_aware"] = "prefix_aware"
+    min_remote_prefill_tokens: int = 0
+    host: str | None = None
+    port: int | None = None
+    max_inflight: int | None = None
+    pools: dict[Literal["prefill", "decode", "colocated"], dict[str, Any]] = {}
+    price_per_hour: float | dict[Literal["prefill", "decode", "colocated"], float] | None = None
+
+    def __post_init__(self) -> None:
+        prices = self.price_per_hour if isinstance(self.price_per_hour, dict) else {"": self.price_per_hour}
+        for pool, usd in prices.items():
+            if usd is not None and not (usd >= 0 and math.isfinite(usd)):
+                raise ValueError(f"serving.price_per_hour{'.' + pool if pool else ''}: expected USD >= 0, got {usd}")
+
+    def price_per_hour_flags(self) -> list[str] | None:
+        """``price_per_hour`` as ``--price-per-hour`` values (None: not given)."""
+        if self.price_per_hour is None:
+            return None
+        if isinstance(self.price_per_hour, dict):
+            return [f"{pool}={usd}" for pool, usd in self.price_per_hour.items()]
+        return [str(self.price_per_hour)]
+
+
+class Planning(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
+    hardware: str | dict[str, str] | None = None
+    tp: int | dict[str, int] = 1
+    parallelism: str | dict[str, str] = "tp"
+    precision: str = "bf16"
+    kv_dtype: str = "bf16"
+    decode_routing: Literal["round_robin", "least_loaded", "prefix_aware"] = "least_loaded"
+    kv_link: Literal["auto", "intra", "inter"] = "auto"
+
+
+class ClusterFile(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
+    model: str
+    engine: dict[str, Any] = {}
+    serving: Serving = msgspec.field(default_factory=Serving)
+    planning: Planning = msgspec.field(default_factory=Planning)
+    predicted: dict[str, Any] = {}
+
+    def __post_init__(self) -> None:
+        if "model" in self.engine:
+            raise ValueError("engine: the model is given at the top level (model: ...)")
+        engine_settings_from_mapping(self.engine, "engine")  # ValueError naming an unknown setting
+        for pool, settings in self.serving.pools.items():
+            engine_settings_from_mapping(settings, f"serving.pools.{pool}")
+        s = self.serving
+        if min(s.prefill, s.decode, s.colocated) < 0 or (s.mode == "disaggregated" and s.decode < 1) or \
+                (s.mode == "colocated" and s.colocated < 1):
+            raise ValueError(f"serving: a {s.mode} layout needs at least one "
+                             f"{'decode' if s.mode == 'disaggregated' else 'colocated'} worker")
+
+    @property
+    def pool_names(self) -> tuple[str, ...]:
+        return ("colocated",) if self.serving.mode == "colocated" else ("prefill", "decode")
+
+    def num_workers(self, pool: str) -> int:
+        return getattr(self.serving, pool)
+
+    def pool_engine(self, pool: str) -> dict[str, Any]:
+        """The engine settings of a pool's workers: ``engine`` with the pool's own on top."""
+        return {**self.engine, **self.serving.pools.get(pool, {})}
+
+    def per_pool(self, value: Any, pool: str, what: str) -> Any:
+        """A planning value given for every pool or as {pool: value}."""
+        if isinstance(value, dict):
+            if pool not in value:
+                raise ValueError(f"planning.{what} gives no value for the {pool} pool")
+            return value[pool]
+        return value
+
+
+def load(path: str | Path) -> ClusterFile:
+    """Read and validate a cluster file; ValueError with the file's name and the offending key."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read cluster file {path}: {e}") from e
+    return parse(data, str(path))
+
+
+def parse(data: Any, source: str = "cluster file") -> ClusterFile:
+    try:
+        return msgspec.convert(data, ClusterFile, strict=False)
+    except (msgspec.ValidationError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from e
+
+
+def dump(cluster: ClusterFile, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = msgspec.to_builtins(cluster)
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path

@@ -1,0 +1,253 @@
+"""The elastic controller: moves capacity between prefill and decode as the load changes. Pure Python.
+
+Every ``tick`` it reads the phases' attainment over the last window (``control.attainment``) and the queue
+pressure the router predicts, decides which phase starves, and, once the same phase has starved for
+``hysteresis`` ticks in a row and no decision was taken in the last ``cooldown_s``, moves one unit of
+capacity toward it, within the operator's bounds:
+
+1. time inside the decode workers' steps: the step target of stall-free chunking (``engine.step_budget``)
+   grows (up to no limit) when prefills starve and shrinks (down to ``min_step_target_share`` of the TPOT
+   objective) when decodes starve: no drain, nothing moves;
+2. else cores between workers of one host (a worker's thread count and affinity; a prefill worker may be
+   parked at zero cores, its decode neighbour then prefilling locally: colocated);
+3. else the role of a whole worker (prefill <-> decode; on GPUs, where cores do not move, this is the
+   unit beyond time); a worker changes role by draining: its running requests finish where they are, new
+   ones follow the new role, so nothing is lost and no block leaks.
+
+The step target starts at ``step_target_margin`` x the TPOT objective on every worker that runs decodes
+(and none when there is no TPOT objective). Decisions are deterministic: the same signals give the same
+decisions (no randomness; ties broken by worker id).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from pdserve.control.attainment import Objectives, PhaseAttainment
+
+PREFILL, DECODE = "prefill", "decode"
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Operator bounds: workers per role (a parked worker counts for its role) and decode cores per host."""
+
+    min_prefill_workers: int = 0
+    max_prefill_workers: int = 1 << 30
+    min_decode_workers: int = 1
+    max_decode_workers: int = 1 << 30
+    min_decode_cores: int = 1
+
+    def __post_init__(self) -> None:
+        if self.min_decode_workers < 1 or self.min_decode_cores < 1:
+            raise ValueError("a cluster needs at least one decode worker with at least one core")
+        if self.min_prefill_workers > self.max_prefill_workers or self.min_decode_workers > self.max_decode_workers:
+            raise ValueError(f"bounds: a minimum above its maximum: {self}")
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """A worker as the controller sees it. ``cores`` empty: parked (no work is routed to it)."""
+
+    worker_id: str
+    role: str  # prefill | decode (a decode worker also prefills locally: path choice decides)
+    host: str
+    cores: tuple[int, ...] = ()
+    step_target_s: float | None = None
+
+    @property
+    def is_parked(self) -> bool:
+        return not self.cores
+
+
+@dataclass(frozen=True)
+class Signals:
+    """One tick's view: the window's attainment and the predicted wait of a new prompt for prefill."""
+
+    now: float
+    attainment: PhaseAttainment
+    prefill_wait_s: float = 0.0  # predicted queueing before a new prompt's prefill starts (best path)
+
+
+@dataclass(frozen=True)
+class MoveCores:
+    src: str
+    dst: str
+    src_cores: tuple[int, ...]  # what each keeps
+    dst_cores: tuple[int, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class ChangeRole:
+    worker_id: str
+    role: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SetStepTarget:
+    worker_id: str
+    step_target_s: float | None
+    reason: str
+
+
+Decision = MoveCores | ChangeRole | SetStepTarget
+
+
+@dataclass
+class ElasticController:
+    objectives: Objectives
+    bounds: Bounds = field(default_factory=Bounds)
+    hysteresis: int = 3  # ticks the same phase must starve in a row
+    cooldown_s: float = 15.0  # at least this long between two decisions
+    margin: float = 0.05  # attainment below target - margin starves; above target + margin has slack
+    min_samples: int = 8  # requests a window needs before its attainment counts
+    step_target_margin: float = 0.9  # the initial step target, as a share of the TPOT objective
+    step_target_factor: float = 1.25  # how much one decision widens or narrows it
+    min_step_target_share: float = 0.5  # the narrowest step target, as a share of the TPOT objective
+    _streak: tuple[str | None, int] = (None, 0)
+    _last_decision_s: float = float("-inf")
+    history: list[tuple[float, Decision]] = field(default_factory=list)
+    max_history: int = 256
+
+    def initial(self, workers: Sequence[WorkerState]) -> list[Decision]:
+        """The step targets every decode worker starts with."""
+        target = None if self.objectives.tpot_s is None else self.objectives.tpot_s * self.step_target_margin
+        return [SetStepTarget(w.worker_id, target, "initial: the TPOT objective") for w in workers
+                if w.role == DECODE and w.step_target_s != target]
+
+    def starving(self, s: Signals) -> str | None:
+        """The phase that misses its objective while the other has slack (None: neither, or both)."""
+        a, o = s.attainment, self.objectives
+        if a.num_requests < self.min_samples:
+            if o.ttft_s is not None and s.prefill_wait_s > o.ttft_s:
+                return PREFILL  # too few finished requests to judge, but prompts queue past the objective
+            return None
+        low, high = o.target - self.margin, o.target + self.margin
+        ttft_low = a.ttft is not None and a.ttft < low
+        tpot_low = (a.tpot is not None and a.tpot < low) or \
+            (o.itl_p99_s is not None and a.itl_p99_s is not None and a.itl_p99_s > o.itl_p99_s)
+        ttft_slack = a.ttft is None or a.ttft >= high
+        tpot_slack = (a.tpot is None or a.tpot >= high) and \
+            (o.itl_p99_s is None or a.itl_p99_s is None or a.itl_p99_s <= o.itl_p99_s)
+        if ttft_low and tpot_slack:
+            return PREFILL
+        if tpot_low and ttft_slack:
+            return DECODE
+        return None
+
+    def tick(self, signals: Signals, workers: Sequence[WorkerState]) -> list[Decision]:
+        phase = self.starving(signals)
+        streak_phase, streak = self._streak
+        self._streak = (phase, streak + 1 if phase == streak_phase and phase is not None else int(phase is not None))
+        if phase is None or self._streak[1] < self.hysteresis:
+            return []
+        if signals.now - self._last_decision_s < self.cooldown_s:
+            return []
+        decisions = self._toward(phase, sorted(workers, key=lambda w: w.worker_id))
+        if decisions:
+            self._last_decision_s = signals.now
+            self._streak = (None, 0)
+            self.record(signals.now, decisions)
+        return decisions
+
+    def record(self, now: float, decisions: Sequence[Decision]) -> None:
+        """Keep decisions (bounded) for whoever shows them (``/v1/cluster``)."""
+        self.history.extend((now, d) for d in decisions)
+        del self.history[:-self.max_history]
+
+    # -- private -----------------------------------------------------------------------------------------
+    def _toward(self, phase: str, workers: list[WorkerState]) -> list[Decision]:
+        """Time first (no drain, no cache lost), then cores, then whole workers."""
+        return self._retarget(phase, workers) or self._move_core(phase, workers) or \
+            self._change_role(phase, workers)
+
+    def _move_core(self, phase: str, workers: list[WorkerState]) -> list[Decision]:
+        """One core from a worker of the other role to one of ``phase``'s, on the same host."""
+        other = DECODE if phase == PREFILL else PREFILL
+        for dst in workers:
+            if dst.role != phase:
+                continue
+            for src in workers:
+                if src.role != other or src.host != dst.host or not src.cores:
+                    continue
+                if src.role == DECODE and len(src.cores) <= self.bounds.min_decode_cores:
+                    continue
+                core = src.cores[-1]
+                return [MoveCores(src.worker_id, dst.worker_id, src.cores[:-1], tuple(sorted((*dst.cores, core))),
+                                  f"{phase} starves: core {core} from {src.worker_id} to {dst.worker_id}")]
+        return []
+
+    def _change_role(self, phase: str, workers: list[WorkerState]) -> list[Decision]:
+        """A whole worker of the other role becomes one of ``phase``'s (the least loaded one: the last)."""
+        b = self.bounds
+        num = {r: sum(1 for w in workers if w.role == r) for r in (PREFILL, DECODE)}
+        if phase == PREFILL and (num[DECODE] <= b.min_decode_workers or num[PREFILL] >= b.max_prefill_workers):
+            return []
+        if phase == DECODE and (num[PREFILL] <= b.min_prefill_workers or num[DECODE] >= b.max_decode_workers):
+            return []
+        other = DECODE if phase == PREFILL else PREFILL
+        candidates = [w for w in workers if w.role == other and not w.is_parked]
+        if not candidates:
+            return []
+        w = candidates[-1]
+        return [ChangeRole(w.worker_id, phase, f"{phase} starves: {w.worker_id} becomes a {phase} worker")]
+
+    def _retarget(self, phase: str, workers: list[WorkerState]) -> list[Decision]:
+        """Widen (prefill starves) or narrow (decode starves) the decode workers' step target."""
+        out: list[Decision] = []
+        tpot = self.objectives.tpot_s
+        for w in workers:
+            if w.role != DECODE:
+                continue
+            t = w.step_target_s
+            if phase == PREFILL:
+                if t is None:
+                    continue
+                new = t * self.step_target_factor
+                new = None if tpot is not None and new > 2 * tpot else new
+            else:
+                base = t if t is not None else (tpot if tpot is not None else None)
+                if base is None or tpot is None or base <= self.min_step_target_share * tpot:
+                    continue  # no narrower: below this the decodes alone fill the step (cores help instead)
+                new = max(base / self.step_target_factor, self.min_step_target_share * tpot)
+            out.append(SetStepTarget(w.worker_id, new, f"{phase} starves: step target of {w.worker_id} "
+                                                        f"{_fmt(t)} -> {_fmt(new)}"))
+        return out
+
+
+def colocate(workers: Sequence[WorkerState]) -> list[Decision]:
+    """Start colocated: on each host, the prefill workers' cores go to the host's first decode worker (the
+    prefill workers are parked until the controller gives them cores back)."""
+    out: list[Decision] = []
+    for host in sorted({w.host for w in workers}):
+        here = sorted((w for w in workers if w.host == host), key=lambda w: w.worker_id)
+        decode = next((w for w in here if w.role == DECODE), None)
+        if decode is None:
+            continue
+        cores = set(decode.cores)
+        for w in here:
+            if w.role == PREFILL and w.cores:
+                cores |= set(w.cores)
+                out.append(MoveCores(w.worker_id, decode.worker_id, (), tuple(sorted(cores)),
+                                     f"initial layout colocated: {w.worker_id}'s cores to {decode.worker_id}"))
+    return out
+
+
+def apply(workers: Sequence[WorkerState], decisions: Sequence[Decision]) -> list[WorkerState]:
+    """The workers after ``decisions`` (what the frontend records once the workers confirm)."""
+    by_id = {w.worker_id: w for w in workers}
+    for d in decisions:
+        if isinstance(d, MoveCores):
+            by_id[d.src] = replace(by_id[d.src], cores=d.src_cores)
+            by_id[d.dst] = replace(by_id[d.dst], cores=d.dst_cores)
+        elif isinstance(d, ChangeRole):
+            by_id[d.worker_id] = replace(by_id[d.worker_id], role=d.role)
+        elif isinstance(d, SetStepTarget):
+            by_id[d.worker_id] = replace(by_id[d.worker_id], step_target_s=d.step_target_s)
+    return [by_id[w.worker_id] for w in workers]
+
+
+def _fmt(t: float | None) -> str:
+    return "none" if t is None else f"{t * 1e3:.0f} ms"

@@ -1,0 +1,107 @@
+"""Tensor helpers for moving KV blocks (the only torch in the data plane besides the connectors).
+
+The cache is one tensor ``(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)``; a block of one
+layer's keys (or values) is contiguous, so a request's blocks move as strided copies over runs of
+consecutive block ids.
+"""
+from __future__ import annotations
+
+import hashlib
+import warnings
+
+import torch
+
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, d in DTYPE_NAMES.items():
+        if d == dtype:
+            return name
+    raise ValueError(f"unsupported KV dtype {dtype}")
+
+
+def block_bytes(cache: torch.Tensor) -> int:
+    """Bytes of one block across all layers, keys and values."""
+    return cache.shape[0] * cache.shape[1] * cache[0, 0, 0].numel() * cache.element_size()
+
+
+def block_runs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, int]]:
+    """``(src_start, dst_start, length)`` runs where both id lists advance by one together."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src_ids, dst_ids):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs
+
+
+def copy_blocks(dst: torch.Tensor, dst_ids: list[int], src: torch.Tensor, src_ids: list[int]) -> None:
+    """``dst[:, :, dst_ids] = src[:, :, src_ids]`` as strided copies over runs (no gather temporary)."""
+    for s, d, n in block_runs(src_ids, dst_ids):
+        # (num_layers, 2, n, block_size, num_kv_heads, head_dim)
+        dst[:, :, d:d + n].copy_(src[:, :, s:s + n])
+
+
+def gather_blocks(src: torch.Tensor, src_ids: list[int]) -> torch.Tensor:
+    """The blocks ``src_ids`` as one contiguous tensor (num_layers, 2, len(src_ids), ...)."""
+    out = torch.empty((src.shape[0], src.shape[1], len(src_ids), *src.shape[3:]), dtype=src.dtype)
+    copy_blocks(out, list(range(len(src_ids))), src, src_ids)
+    return out
+
+
+def scatter_frames(cache: torch.Tensor, dst_ids: list[int], buffers: list) -> None:
+    """Copy received contiguous block data (``gather_blocks`` layout, split across ``buffers``) into
+    ``cache`` at ``dst_ids``. ValueError when the buffers do not hold exactly ``len(dst_ids)`` blocks."""
+    # (num_layers, 2, n, block_size, num_kv_heads, head_dim) per buffer
+    block_shape = (cache.shape[0], cache.shape[1], -1, *cache.shape[3:])
+    i = 0
+    for buffer in buffers:
+        data = tensor_from_buffer(buffer, cache.dtype)
+        if data.numel() % (block_bytes(cache) // cache.element_size()):
+            raise ValueError(f"a frame of {data.numel()} elements is not a whole number of blocks")
+        data = data.view(block_shape)
+        n = data.shape[2]
+        if i + n > len(dst_ids):
+            raise ValueError(f"more blocks arrived than the {len(dst_ids)} announced")
+        copy_blocks(cache, dst_ids[i:i + n], data, list(range(n)))
+        i += n
+    if i != len(dst_ids):
+        raise ValueError(f"{i} blocks arrived, {len(dst_ids)} announced")
+
+
+def check_layout(cache: torch.Tensor, shape: list[int], dtype: str) -> None:
+    """ValueError unless a peer's cache (``shape``, ``dtype`` name) holds blocks like ``cache``'s."""
+    if dtype and dtype != dtype_name(cache.dtype):
+        raise ValueError(f"KV dtypes differ: local {dtype_name(cache.dtype)}, remote {dtype}")
+    if shape and (list(shape[:2]) != list(cache.shape[:2]) or list(shape[3:]) != list(cache.shape[3:])):
+        raise ValueError(f"cache shapes differ: local {tuple(cache.shape)}, remote {tuple(shape)}")
+
+
+def blocks_checksum(cache: torch.Tensor, block_ids: list[int]) -> int:
+    """A sum of the blocks' bytes (as 16-bit words, position-free): it changes when any byte does, at one
+    pass over the data (transfers' optional integrity check, kv/faults.py)."""
+    total = 0
+    for s, _, n in block_runs(block_ids, block_ids):
+        # (num_layers, 2, n, block_size, num_kv_heads, head_dim) as 16-bit words
+        total += int(torch.sum(cache[:, :, s:s + n].contiguous().view(torch.int16), dtype=torch.int64))
+    return total
+
+
+def flip_a_byte(cache: torch.Tensor, block_id: int) -> None:
+    """Corrupt one byte of a block (fault injection)."""
+    cache[0, 0, block_id].view(-1).view(torch.uint8)[0] ^= 0xFF
+
+
+def block_digest(cache: torch.Tensor, block_id: int) -> str:
+    """SHA-256 of one block's bytes over all layers, keys and values (KV integrity checks)."""
+    data = cache[:, :, block_id].contiguous()  # (num_layers, 2, block_size, num_kv_heads, head_dim)
+    return hashlib.sha256(data.view(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+def tensor_from_buffer(buffer, dtype: torch.dtype) -> torch.Tensor:
+    """A read-only view of received bytes as a flat tensor (no copy)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the buffer is read-only; we only read it
+        return torch.frombuffer(buffer, dtype=dtype)

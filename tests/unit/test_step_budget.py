@@ -1,0 +1,54 @@
+"""Stall-free chunking's arithmetic: the online step-cost fit recovers a step model from noisy steps and
+follows a change of speed; the prefill budget fills the slack beside the decodes, never below its floor."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pdserve.engine.step_budget import PrefillBudget, StepCosts
+
+
+def _true_step_s(num_decodes, decode_ctx, prefill, attn, speed=1.0):
+    return speed * (0.010 + 0.0004 * num_decodes + 2e-6 * decode_ctx + 0.0005 * prefill + 3e-9 * attn)
+
+
+def _feed(costs, rng, n=400, speed=1.0, noise=0.02):
+    for _ in range(n):
+        d = rng.randint(0, 16)
+        ctx = sum(rng.randint(50, 900) for _ in range(d))
+        p = rng.choice([0, 0, rng.randint(1, 512)])
+        s = rng.randint(0, 512)
+        attn = p * s + p * (p + 1) / 2
+        costs.observe(d, ctx, p, attn, _true_step_s(d, ctx, p, attn, speed) * rng.lognormvariate(0, noise))
+
+
+def test_step_costs_recover_the_model():
+    costs = StepCosts()
+    _feed(costs, random.Random(0))
+    assert costs.predict(8, 4000) == pytest.approx(_true_step_s(8, 4000, 0, 0), rel=0.05)
+    assert costs.prefill_token_s() == pytest.approx(0.0005, rel=0.1)
+    assert all(c >= 0 for c in costs.coef)
+
+
+def test_step_costs_follow_a_change_of_speed():
+    costs = StepCosts()
+    rng = random.Random(1)
+    _feed(costs, rng)
+    _feed(costs, rng, n=300, speed=2.0)  # the engine lost half its cores
+    assert costs.predict(8, 4000) == pytest.approx(_true_step_s(8, 4000, 0, 0, 2.0), rel=0.08)
+
+
+def test_prefill_budget_fills_the_slack():
+    costs = StepCosts()
+    _feed(costs, random.Random(2))
+    decode_s = _true_step_s(4, 2000, 0, 0)
+    budget = PrefillBudget(target_step_s=decode_s + 0.010)  # 10 ms of slack: ~20 tokens at 0.5 ms each
+    assert 16 <= budget.tokens(costs, 4, 2000, 2048) <= 24
+    # decodes alone past the target: prompts keep a quarter of each step (here ~10 tokens, the floor 16)
+    assert PrefillBudget(target_step_s=decode_s / 2).tokens(costs, 4, 2000, 2048) == 16
+    assert 20 <= PrefillBudget(target_step_s=0.02).tokens(costs, 16, 16000, 2048) <= 28  # 25% of ~49 ms
+    assert PrefillBudget(target_step_s=10.0).tokens(costs, 4, 2000, 2048) == 2048  # the step's own budget
+    assert PrefillBudget(None).tokens(costs, 4, 2000, 2048) == 2048  # no target: no limit
+    assert budget.tokens(costs, 0, 0, 2048) == 2048  # no decodes to protect
+    assert budget.tokens(StepCosts(), 4, 2000, 2048) == 2048  # not enough steps seen yet
