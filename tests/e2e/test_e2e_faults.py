@@ -17,7 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster_helpers import DTYPE, KV_CACHE, MODEL, PROMPTS, health, local_cluster, require_model, wait_idle
+from cluster_helpers import DTYPE, KV_CACHE, MODEL, PROMPTS, health, local_cluster, quant_act_bits_as_cluster, \
+    require_model, wait_idle
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 NUM_TOKENS = 40
@@ -34,10 +35,11 @@ def url():
 def _reference() -> tuple[list[int], list[int]]:
     from pdserve import LLM, SamplingParams
 
-    llm = LLM(MODEL, kv_cache_memory=KV_CACHE, dtype=DTYPE)
-    ids = llm.get_tokenizer().encode(PROMPTS[1])
-    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=NUM_TOKENS,
-                                                                   ignore_eos=True))
+    with quant_act_bits_as_cluster():
+        llm = LLM(MODEL, kv_cache_memory=KV_CACHE, dtype=DTYPE)
+        ids = llm.get_tokenizer().encode(PROMPTS[1])
+        out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=NUM_TOKENS,
+                                                                       ignore_eos=True))
     return ids, list(out[0].outputs[0].token_ids)
 
 

@@ -46,6 +46,17 @@ TEXTS = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fine_activations():
+    """The default model's weights stay quantized; exact greedy equality needs the kernels' 15-bit
+    activations at every batch size (by default prefill takes 8 bits: see test_default_model.py)."""
+    from pdserve.model import quant_weight
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quant_weight, "ACTIVATION_BITS", "16")
+        yield
+
+
 @pytest.fixture(scope="module")
 def reference(default_model_path):
     transformers = pytest.importorskip("transformers")
@@ -141,4 +152,8 @@ def test_logits_close_to_transformers(engine, reference):
         meta = build_metadata([(0, len(ids), blocks)], engine.block_size)
         hidden = engine.model(torch.tensor(ids), torch.arange(len(ids)), engine.runner.kv_caches, meta)
         got = engine.model.compute_logits(hidden[-1:])[0]
-    assert torch.allclose(got, ref, atol=2e-3, rtol=1e-4), (got - ref).abs().max()
+    # The default model's Q4_1/Q8_0 weights stay quantized (quantization=auto), its activations rounded
+    # to 15 bits per 32-value block here: ~0.02 from the dequantized reference (test_default_model.py).
+    atol = 2e-3 if engine.model.weight_formats() == "float32 x121" else 0.05
+    assert torch.allclose(got, ref, atol=atol, rtol=1e-4), (got - ref).abs().max()
+    assert got.argmax() == ref.argmax()

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from pdserve import kernels
 from pdserve.config import ModelConfig
 from pdserve.model.attention import build_metadata
 from pdserve.model.loader import load_model
@@ -27,8 +28,15 @@ def test_safetensors_matches_transformers(tiny_models, name):
 
 
 @pytest.mark.parametrize("name", ["llama", "llama3-rope-untied", "llama-linear-rope", "qwen2", "qwen3"])
-@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
-def test_gguf_matches_transformers(tiny_models, tmp_path, name, qtype):
+@pytest.mark.parametrize("qtype,quantization", [("F32", "auto"), ("Q8_0", "none"), ("Q8_0", "auto"),
+                                                ("Q4_0", "auto"), ("Q4_1", "auto")])
+def test_gguf_matches_transformers(tiny_models, tmp_path, name, qtype, quantization, monkeypatch):
+    """Dequantized at load (``none``) or kept quantized and multiplied by the CPU kernels (``auto``: its
+    activations rounded to 15 bits per 32-value block, hence the looser tolerance), against transformers
+    on the dequantized weights; with the Q/K row permutation of llama-arch files undone either way."""
+    from pdserve.model import quant_weight
+
+    monkeypatch.setattr(quant_weight, "ACTIVATION_BITS", "16")  # 8-bit prefill: see test_default_model.py
     tiny = tiny_models[name]
     path = tmp_path / f"{name}-{qtype}.gguf"
     weights = write_tiny_gguf(tiny, path, qtype)
@@ -36,11 +44,16 @@ def test_gguf_matches_transformers(tiny_models, tmp_path, name, qtype):
     with torch.no_grad():  # the reference sees exactly what survives quantization
         for pname, p in ref_model.named_parameters():
             p.copy_(torch.from_numpy(weights[pname]) if pname in weights else p)
-    model, arch = load_model(ModelConfig(model=str(path), dtype="float32", device="cpu"))
+    model, arch = load_model(ModelConfig(model=str(path), dtype="float32", device="cpu",
+                                         quantization=quantization))
     assert arch.architecture == tiny.hf_model.config.model_type
     assert arch.tie_word_embeddings == tiny.hf_model.config.tie_word_embeddings
-    torch.testing.assert_close(prefill_logits(model, PROMPT), hf_logits(ref_model, PROMPT),
-                               atol=1e-4, rtol=1e-4)
+    is_quantized = qtype != "F32" and quantization == "auto" and kernels.cpu_ops() is not None
+    assert model.weight_formats().startswith(qtype if is_quantized else "float32")
+    ours, ref = prefill_logits(model, PROMPT), hf_logits(ref_model, PROMPT)
+    tol = 2e-3 if is_quantized else 1e-4
+    torch.testing.assert_close(ours, ref, atol=tol, rtol=tol)
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
 @pytest.mark.parametrize("name", ["qwen2", "mistral-sliding", "qwen2-sliding"])
@@ -99,3 +112,25 @@ def test_cuda_bfloat16_close_to_cpu_float32(tiny_models):
                                           kv, meta)).cpu()
     ref = hf_logits(tiny.hf_model, PROMPT)
     assert (ours - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_safetensors_int8_matches_transformers(tiny_models, name, monkeypatch):
+    """``quantization=int8``: an HF checkpoint's matrices quantized at load (Q8_0 blocks, columns padded to
+    32) and multiplied by the kernels, against transformers on the same quantized-then-dequantized weights."""
+    from pdserve.model import quant_weight
+
+    if kernels.cpu_ops() is None:
+        pytest.skip("CPU kernels could not be built here")
+    monkeypatch.setattr(quant_weight, "ACTIVATION_BITS", "16")
+    tiny = tiny_models[name]
+    ref_model = copy.deepcopy(tiny.hf_model)
+    with torch.no_grad():
+        for _, p in ref_model.named_parameters():
+            if p.dim() == 2:
+                p.copy_(quant_weight.quantize_float(p, "int8").dequantize())
+    model, _ = load_model(ModelConfig(model=str(tiny.hf_dir), dtype="float32", device="cpu", quantization="int8"))
+    assert model.weight_formats().startswith("Q8_0") and "float32" not in model.weight_formats()
+    ours, ref = prefill_logits(model, PROMPT), hf_logits(ref_model, PROMPT)
+    torch.testing.assert_close(ours, ref, atol=2e-3, rtol=2e-3)
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))

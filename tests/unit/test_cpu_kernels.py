@@ -251,6 +251,23 @@ def test_silu_and_mul_matches_torch(dtype):
     gate, up = x.chunk(2, dim=-1)
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-3, rtol=1.6e-2)  # 1-2 ulps
     torch.testing.assert_close(out, F.silu(gate) * up, **tol)
+    torch.testing.assert_close(ops.silu_mul(x), out, atol=0, rtol=0)  # the allocating form
+
+
+def test_qkv_rope_and_cache_equals_rope_and_cache_on_views():
+    g = torch.Generator().manual_seed(4)
+    T, H, Hkv, D, bs = 5, 9, 3, 64, 16
+    qkv = torch.randn(T, (H + 2 * Hkv) * D, generator=g).bfloat16()
+    cos, sin = torch.randn(T, D // 2, generator=g).bfloat16(), torch.randn(T, D // 2, generator=g).bfloat16()
+    slots = torch.tensor([3, 17, 40, 41, 5])
+    cache_a, cache_b = torch.zeros(2, 4, bs, Hkv, D).bfloat16(), torch.zeros(2, 4, bs, Hkv, D).bfloat16()
+    q_a = torch.empty(T, H, D).bfloat16()
+    ops.rope_and_cache(q_a, qkv[:, :(H + Hkv) * D].view(T, H + Hkv, D), qkv[:, (H + Hkv) * D:].view(T, Hkv, D),
+                       cos, sin, cache_a, slots)
+    q_b = ops.qkv_rope_and_cache(qkv, cos, sin, cache_b, slots, H, Hkv)
+    assert torch.equal(q_a, q_b) and torch.equal(cache_a, cache_b)
+    with pytest.raises(RuntimeError, match="columns"):
+        ops.qkv_rope_and_cache(qkv, cos, sin, cache_b, slots, H + 1, Hkv)
 
 
 def test_layer_kernels_reject_bad_inputs():

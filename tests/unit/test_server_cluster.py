@@ -17,16 +17,18 @@ from pdserve.settings import SETTINGS, add_engine_flags, engine_argv, engine_con
 def test_engine_flags_round_trip():
     parser = add_engine_flags(argparse.ArgumentParser())
     args = parser.parse_args(["--kv-cache-memory", "512MiB", "--block-size", "32", "--max-num-seqs", "7",
-                              "--no-prefix-caching", "--max-model-len", "1024", "--dtype", "bfloat16"])
+                              "--no-prefix-caching", "--max-model-len", "1024", "--dtype", "bfloat16",
+                              "--quantization", "none"])
     config = engine_config_from_args(args)
     assert config.cache.kv_cache_memory_bytes == 512 * 2**20 and config.cache.block_size == 32
     assert not config.cache.enable_prefix_caching and config.scheduler.max_num_seqs == 7
     assert config.model.max_model_len == 1024 and config.model.dtype == "bfloat16"
+    assert config.model.quantization == "none"
     assert "--model" not in engine_argv(config)  # settings at their default are left out
     assert engine_config_from_args(parser.parse_args(engine_argv(config))) == config
     # the same settings by name (LLM's keyword arguments, cluster files)
     assert engine_config(kv_cache_memory="512MiB", block_size=32, max_num_seqs=7, enable_prefix_caching=False,
-                         max_model_len=1024, dtype="bfloat16") == config
+                         max_model_len=1024, dtype="bfloat16", quantization="none") == config
     with pytest.raises(ValueError, match="max_num_seq"):
         engine_config(max_num_seq=7)
     with pytest.raises(ValueError, match="max_num_seqs must be >= 1"):
@@ -91,6 +93,7 @@ def test_cluster_file_errors_name_the_key(tmp_path):
     for text, words in (("model: m\nserving: {mode: both}\n", "mode"),
                         ("model: m\nserving: {prefil: 1}\n", "prefil"),
                         ("model: m\nengine: {max_seqs: 1}\n", "max_seqs"),
+                        ("model: m\nengine: {quantization: bogus}\n", "quantization must be one of .*'bogus'"),
                         ("model: m\nserving: {pools: {decode: {max_seqs: 3}}}\n", "serving.pools.decode"),
                         ("model: m\nplanning: {hardwre: h200}\n", "hardwre"),
                         ("model: m\nserving: {price_per_hour: {gpu: 1}}\n", "price_per_hour"),
@@ -159,6 +162,28 @@ def test_per_pool_engine_settings_reach_their_workers(tmp_path):
     assert worker_settings(["--config", str(path)], "prefill") == (8192, 16, True)
     assert worker_settings(["--config", str(path)], "decode") == (512, 200, False)
     assert worker_settings(["--config", str(path), "--max-num-seqs", "7"], "decode") == (512, 7, False)
+
+
+def test_quantization_from_a_cluster_file_reaches_the_workers(tmp_path):
+    """``engine: {quantization: none}`` is passed to every worker; ``--quantization`` on the command line wins."""
+    from pdserve.cluster.local import LocalCluster
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text("model: smollm2-135m\nengine: {quantization: none}\nserving: {mode: disaggregated}\n")
+    engine = add_engine_flags(argparse.ArgumentParser())
+
+    def worker_quantization(argv_up, role):
+        cluster = LocalCluster(_up_args(argv_up))
+        try:
+            known, _ = engine.parse_known_args(cluster.worker_argv(0, role, None, tmp_path / "r.json")[3:])
+        finally:
+            cluster.tmpdir.rmdir()
+        return known.quantization
+
+    assert worker_quantization(["--config", str(path)], "prefill") == "none"
+    assert worker_quantization(["--config", str(path)], "decode") == "none"
+    assert worker_quantization(["--config", str(path), "--quantization", "q4_0"], "decode") == "q4_0"
+    assert worker_quantization([], "decode") == "auto"
 
 
 def test_up_with_a_bad_cluster_file_says_which_key(tmp_path):

@@ -2,9 +2,10 @@
 
 The engine runs without them (plain PyTorch, on every device); with them, decode attention reads K/V
 blocks where they lie in the paged cache (``cpu_attention.cpp``), and residual add + RMSNorm and
-SiLU-and-multiply each take one pass over memory instead of several ops (``cpu_layers.cpp``). The build takes a few seconds once per
-machine, source and torch version (its folder's name is a digest of all three, so ``-march=native`` never
-runs on a CPU it was not built for), under ``$PDSERVE_CACHE/kernels``; every load marks its folder as
+SiLU-and-multiply each take one pass over memory instead of several ops (``cpu_layers.cpp``), and
+block-quantized weights (GGUF Q8_0/Q4_0/Q4_1/Q4_K, int8) are multiplied without being dequantized in
+memory (``cpu_quant_gemm.cpp``). The build takes a few seconds once per machine, source and torch version
+(its folder's name is a digest of all three, so ``-march=native`` never runs on a CPU it was not built for), under ``$PDSERVE_CACHE/kernels``; every load marks its folder as
 used, and folders of other builds unused for ``KEEP_UNUSED_DAYS`` are removed (old sources, old torch).
 ``PDSERVE_CPU_KERNELS=0`` turns them off; a failed build (no C++ compiler, say) logs one warning and the
 fallback is used.
@@ -28,7 +29,8 @@ from pdserve.paths import cache_dir
 logger = logging.getLogger(__name__)
 
 _SOURCES = tuple(Path(__file__).with_name(name) for name in
-                 ("cpu_attention.cpp", "cpu_prefill_attention.cpp", "cpu_layers.cpp"))
+                 ("cpu_attention.cpp", "cpu_prefill_attention.cpp", "cpu_layers.cpp",
+                  "cpu_quant_gemm.cpp"))
 _HEADERS = (Path(__file__).with_name("dispatch.h"),)  # in the digest, not compiled on their own
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # OpenMP: at::parallel_for uses torch's pool
 _LDFLAGS = ["-fopenmp"]

@@ -5,9 +5,11 @@
 //
 // Also RoPE of q and k fused with writing K and V into the paged cache.
 //
-// Registered as torch.ops.pdserve.{fused_add_rms_norm, rms_norm, silu_and_mul, rope_and_cache}.
+// Registered as torch.ops.pdserve.{fused_add_rms_norm, rms_norm, silu_and_mul, rope_and_cache}, and
+// silu_mul, qkv_rope_and_cache (the same, allocating their results).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -181,9 +183,41 @@ void rope_and_cache(at::Tensor q_out, const at::Tensor& qk, const at::Tensor& v,
   });
 }
 
+// The two ops above as functions that allocate their results, from the QKV projection's output itself:
+// one call from Python each where the model took four to six (slices, views, an empty tensor); single
+// requests decode at a few ms a token, where every dispatch from Python (~5 us) counts.
+at::Tensor silu_mul(const at::Tensor& x) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  TORCH_CHECK(!shape.empty(), "silu_mul: x must have a last dimension");
+  shape.back() /= 2;
+  at::Tensor out = at::empty(shape, x.options());
+  silu_and_mul(out, x);
+  return out;
+}
+
+// qkv (T, (H + 2 * Hkv) * D), the QKV projection's output -> q (T, H, D) roped; K roped and V written into
+// the cache at the tokens' slots.
+at::Tensor qkv_rope_and_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor kv_cache,
+                              const at::Tensor& slot_mapping, int64_t num_heads, int64_t num_kv_heads) {
+  TORCH_CHECK(qkv.dim() == 2 && kv_cache.dim() == 5, "qkv_rope_and_cache: qkv must be (T, (H + 2 Hkv) D)");
+  const int64_t T = qkv.size(0), D = kv_cache.size(4), H = num_heads, Hkv = num_kv_heads;
+  TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * D && qkv.stride(1) == 1, "qkv_rope_and_cache: qkv has ", qkv.size(1),
+              " columns, expected (", H, " + 2 * ", Hkv, ") * ", D);
+  const at::Tensor qk = qkv.narrow(1, 0, (H + Hkv) * D).view({T, H + Hkv, D});
+  const at::Tensor v = qkv.narrow(1, (H + Hkv) * D, Hkv * D).view({T, Hkv, D});
+  at::Tensor q = at::empty({T, H, D}, qkv.options());
+  rope_and_cache(q, qk, v, cos, sin, kv_cache, slot_mapping);
+  return q;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pdserve, m) {
+  m.def("silu_mul(Tensor x) -> Tensor");
+  m.impl("silu_mul", c10::DispatchKey::CPU, &silu_mul);
+  m.def("qkv_rope_and_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) kv_cache, Tensor slot_mapping, "
+        "int num_heads, int num_kv_heads) -> Tensor");
+  m.impl("qkv_rope_and_cache", c10::DispatchKey::CPU, &qkv_rope_and_cache);
   m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
   m.impl("fused_add_rms_norm", c10::DispatchKey::CPU, &fused_add_rms_norm);
   m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");

@@ -155,8 +155,13 @@ def cached_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMet
     ``pdserve.kernels.cpu_ops()`` must be available."""
     ops = cpu_ops_for(q)
     assert ops is not None, "cached_attention needs the CPU kernels"
-    q = q.contiguous()
+    if not q.is_contiguous():
+        q = q.contiguous()
     out = torch.empty_like(q)
+    if not meta.prefills:  # decodes only: no row slices
+        ops.paged_decode_attention(out, q, kv_cache, meta.decode_block_tables, meta.decode_context_lens, scale,
+                                   window or 0)
+        return out
     if meta.prefills:
         rows = slice(0, meta.num_prefill_tokens)
         ops.paged_prefill_attention(out[rows], q[rows], kv_cache, meta.prefill_block_tables,

@@ -1,4 +1,5 @@
-"""Weights from a GGUF file (llama.cpp's format), dequantized with the gguf package, laid out for torch.
+"""Weights from a GGUF file (llama.cpp's format), laid out for torch: dequantized with the gguf package, or
+read as they are stored for the types the CPU kernels multiply quantized (``quant_weight``).
 
 GGUF lists dims fastest-first (the reader's numpy arrays already come in torch order; ``reversed_shape``
 gives the logical shape), and llama.cpp's converter permutes the rows of Q and K for llama-arch models
@@ -16,6 +17,7 @@ import torch
 
 from pdserve.errors import ModelLoadError
 from pdserve.model.arch import ModelArch, reversed_shape
+from pdserve.model.quant_weight import QuantBlocks, blocks_from_gguf
 
 # llama.cpp permutes Q/K rows only for these architectures (Qwen2/3 keep Hugging Face's layout).
 _PERMUTED_ARCHS = ("llama", "mistral")
@@ -70,14 +72,26 @@ def gguf_arch(reader) -> ModelArch:
     return arch
 
 
-def iter_gguf_weights(reader, arch: ModelArch) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, float tensor)`` one tensor at a time (peak extra memory: one float32 tensor)."""
+def iter_gguf_weights(reader, arch: ModelArch, keep_types: tuple[str, ...] = ()
+                      ) -> Iterator[tuple[str, torch.Tensor | QuantBlocks]]:
+    """Yield ``(hf_name, float tensor)`` one tensor at a time (peak extra memory: one float32 tensor).
+
+    Matrices whose GGUF type is in ``keep_types`` (names from ``quant_weight.GGUF_KEPT_TYPES``) come as
+    ``QuantBlocks`` instead, read exactly as stored, Q/K rows unpermuted the same way."""
     permute = arch.architecture in _PERMUTED_ARCHS
     for t in reader.tensors:
         if t.name in _SKIPPED:
             continue
         hf_name = gguf_to_hf_name(t.name)
-        array = _to_numpy(t).reshape(reversed_shape(t))
+        shape = reversed_shape(t)
+        if t.tensor_type.name in keep_types and len(shape) == 2:
+            blocks = blocks_from_gguf(t.data, t.tensor_type.name, shape[1])
+            if permute and (".attn_q." in t.name or ".attn_k." in t.name):
+                n_head = arch.num_heads if ".attn_q." in t.name else arch.num_kv_heads
+                blocks = blocks.rows(_unpermute_qk(torch.arange(shape[0]), n_head))
+            yield hf_name, blocks
+            continue
+        array = _to_numpy(t).reshape(shape)
         with warnings.catch_warnings():  # memory-mapped arrays are read-only; we only ever copy from them
             warnings.simplefilter("ignore", UserWarning)
             tensor = torch.from_numpy(array)
@@ -109,7 +123,8 @@ def _to_numpy(t) -> np.ndarray:
 
 
 def _unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's ``permute``: rows (n_head, 2, half) were stored as (n_head, half, 2)."""
+    """Undo llama.cpp's ``permute``: rows (n_head, 2, half) were stored as (n_head, half, 2). Given the
+    row numbers ``arange(rows)``, returns the stored row that each row comes from."""
     shape = w.shape
     half = shape[0] // n_head // 2
     return w.reshape(n_head, half, 2, -1).transpose(1, 2).reshape(shape)  # (rows, *rest)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdserve.kernels import cpu_ops_for
+from pdserve.model.quant_weight import QuantizedWeight
 
 
 def _onednn_available() -> bool:
@@ -55,14 +56,28 @@ def pack_linear_weight(weight: torch.Tensor, batch_hint: int = 64) -> torch.Tens
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` whose forward is ``linear`` above; ``pack()`` swaps its weight for the packed one."""
+    """``nn.Linear`` whose forward is ``linear`` above; ``pack()`` swaps its weight for the packed one, and
+    ``quantize()`` for a block-quantized one that the CPU kernels multiply as it is."""
+
+    quant: QuantizedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            y = self.quant.linear(x)
+            return y if self.bias is None else y + self.bias
         return linear(x, self.weight, self.bias)
 
     def pack(self) -> None:
-        if can_pack_linear_weight(self.weight):
+        if self.quant is None and can_pack_linear_weight(self.weight):
             self.weight = nn.Parameter(pack_linear_weight(self.weight), requires_grad=False)
+
+    def quantize(self, quant: QuantizedWeight, empty: torch.Tensor) -> None:
+        """Use ``quant`` from now on, ``empty`` in place of the float weight (the tiles are a buffer,
+        ``quant_weight``)."""
+        assert (quant.out_features, quant.in_features) == (self.out_features, self.in_features)
+        self.quant = quant
+        self.weight = empty
+        self.register_buffer("quant_weight", quant.packed)
 
 
 class RMSNorm(nn.Module):
@@ -99,9 +114,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``x = [gate | up]`` along the last dimension."""
     ops = cpu_ops_for(x)
     if ops is not None and x.is_contiguous():
-        out = x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
-        ops.silu_and_mul(out, x)
-        return out
+        return ops.silu_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
 

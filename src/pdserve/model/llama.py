@@ -18,12 +18,13 @@ from pdserve.model.arch import ModelArch
 from pdserve.model.attention import AttentionMetadata, cached_attention, paged_attention
 from pdserve.model.layers import Linear, RMSNorm, RotaryEmbedding, can_pack_linear_weight, linear, \
     pack_linear_weight, silu_and_mul
+from pdserve.model.quant_weight import QuantBlocks, QuantizedWeight
 
 
 class LlamaForCausalLM(nn.Module):
-    """Weights are allocated on ``device`` in ``dtype`` but left uninitialized: fill them with
-    ``load_weights`` (a loader) or ``init_dummy_weights``. The RoPE tables live on ``device`` too; build
-    the model where it will run rather than moving it with ``.to()``."""
+    """Weights are allocated on ``device`` in ``dtype`` as they are loaded (``load_weights``: those that
+    stay quantized never get a float copy) or all at once by ``init_dummy_weights``. The RoPE tables live
+    on ``device`` too; build the model where it will run rather than moving it with ``.to()``."""
 
     def __init__(self, arch: ModelArch, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", max_model_len: int | None = None) -> None:
@@ -38,22 +39,26 @@ class LlamaForCausalLM(nn.Module):
             self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype=dtype)
             self.lm_head = None if arch.tie_word_embeddings else \
                 Linear(arch.hidden_size, arch.vocab_size, bias=False, dtype=dtype)
-        self.to_empty(device=device)
+        self._device = torch.device(device)
         self.rope = RotaryEmbedding(arch.head_dim, self.max_model_len, arch.rope_theta, arch.rope_scaling,
                                     dtype, device)
         for layer in self.layers:
             layer.self_attn.rope = self.rope
         self._packed_tied_head: torch.Tensor | None = None  # set by pack_weights for tied embeddings
+        self._quant_embed: QuantizedWeight | None = None  # set by load_weights for a quantized embedding
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        return self._device
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: (num_tokens,) int64; kv_caches: one per layer, layout in attention.py.
         Returns final-normed hidden states (num_tokens, hidden_size)."""
-        h = self.embed_tokens(input_ids)  # (num_tokens, hidden_size)
+        if self._quant_embed is not None:
+            h = self._quant_embed.embedding(input_ids, self.dtype)  # (num_tokens, hidden_size)
+        else:
+            h = self.embed_tokens(input_ids)  # (num_tokens, hidden_size)
         cos_sin = self.rope.lookup(positions)  # once for all layers
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
@@ -68,6 +73,8 @@ class LlamaForCausalLM(nn.Module):
         """``compute_logits`` in the model's dtype (the sampler widens them only where it must)."""
         if self.lm_head is not None:
             return self.lm_head(hidden)
+        if self._quant_embed is not None:
+            return self._quant_embed.linear(hidden)
         weight = self.embed_tokens.weight if self._packed_tied_head is None else self._packed_tied_head
         return linear(hidden, weight)
 
@@ -78,19 +85,23 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack()
-        if self.lm_head is None and can_pack_linear_weight(self.embed_tokens.weight):
+        if self.lm_head is None and self._quant_embed is None and can_pack_linear_weight(self.embed_tokens.weight):
             self._packed_tied_head = pack_linear_weight(self.embed_tokens.weight)
 
     # ---- weights ---------------------------------------------------------------------------------
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantBlocks]]) -> None:
         """Copy ``(hf_name, tensor)`` pairs into the fused parameters, converting dtype and device.
 
-        Raises ModelLoadError naming the tensor on an unexpected name, a shape mismatch, or (at the end)
-        any expected tensor that never came. Tied checkpoints may still carry ``lm_head.weight``: ignored.
+        A ``QuantBlocks`` in place of a tensor stays quantized when it (with the other parts of its fused
+        projection, all quantized too) fills a GEMM weight or the embedding; otherwise it is dequantized
+        into the parameter. Raises ModelLoadError naming the tensor on an unexpected name, a shape
+        mismatch, or (at the end) any expected tensor that never came. Tied checkpoints may still carry
+        ``lm_head.weight``: ignored.
         """
         targets = self._checkpoint_map()
         loaded: set[str] = set()
+        quant_parts: dict[tuple[nn.Module, str], list[tuple[int, QuantBlocks]]] = {}
         with torch.no_grad():
             for name, tensor in weights:
                 tied_head = name == "lm_head.weight" and self.lm_head is None
@@ -100,21 +111,70 @@ class LlamaForCausalLM(nn.Module):
                 if target is None:
                     raise ModelLoadError(f"unexpected tensor {name!r} in checkpoint for "
                                          f"{self.arch.architecture}")
-                param, start, length = target
-                dest = param[start:start + length]
-                if tuple(tensor.shape) != tuple(dest.shape):
-                    raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected "
-                                         f"{tuple(dest.shape)}")
-                dest.copy_(tensor)
+                module, attr, start, length = target
+                expected = (length, *getattr(module, attr).shape[1:])
+                if tuple(tensor.shape) != expected:
+                    raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected}")
+                if isinstance(tensor, QuantBlocks):
+                    quant_parts.setdefault((module, attr), []).append((start, tensor))
+                else:
+                    self._materialize(module, attr)[start:start + length].copy_(tensor)
                 loaded.add(name)
+            self._place_quantized(quant_parts)
         missing = [n for n in targets if n not in loaded]
         if missing:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise ModelLoadError(f"checkpoint lacks tensor(s) {', '.join(map(repr, missing[:5]))}{more}")
 
+    def _materialize(self, module: nn.Module, attr: str) -> torch.Tensor:
+        """``module.attr``, allocated on the model's device first if it is still a meta tensor."""
+        param = module._parameters[attr]
+        if param.is_meta:
+            param = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=self._device), requires_grad=False)
+            module._parameters[attr] = param
+        return param
+
+    def _place_quantized(self, quant_parts: dict[tuple[nn.Module, str], list[tuple[int, QuantBlocks]]]) -> None:
+        """Quantized parts of each parameter: packed where they fill a GEMM weight or the embedding
+        (the float parameter is then an empty tensor), else dequantized into it."""
+        for (module, attr), parts in quant_parts.items():
+            param = getattr(module, attr)
+            parts.sort(key=lambda part: part[0])
+            fills = sum(p.shape[0] for _, p in parts) == param.shape[0]
+            if fills and attr == "weight" and isinstance(module, (Linear, nn.Embedding)):
+                quant = QuantizedWeight.pack(QuantBlocks.cat([p for _, p in parts]))
+                empty = nn.Parameter(torch.empty(0, dtype=param.dtype, device=self._device), requires_grad=False)
+                if isinstance(module, Linear):
+                    module.quantize(quant, empty)
+                else:
+                    self._quant_embed = quant
+                    module.weight = empty
+                    self.register_buffer("quant_embed_weight", quant.packed)
+                continue
+            for start, blocks in parts:
+                self._materialize(module, attr)[start:start + blocks.shape[0]].copy_(blocks.dequantize())
+
+    def checkpoint_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """``(hf_name, tensor)`` of the weights as they are now (views of the fused parameters)."""
+        for name, (module, attr, start, length) in self._checkpoint_map().items():
+            yield name, getattr(module, attr)[start:start + length]
+
+    def weight_formats(self) -> str:
+        """What the GEMM weights are held as, e.g. ``Q4_1 x210, Q8_0 x1`` or ``bfloat16``."""
+        counts: dict[str, int] = {}
+        quants = [m.quant for m in self.modules() if isinstance(m, Linear)] + [self._quant_embed]
+        for q in quants:
+            key = str(self.dtype).removeprefix("torch.") if q is None else q.qtype
+            counts[key] = counts.get(key, 0) + 1
+        return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+
     def init_dummy_weights(self, seed: int = 0, std: float = 0.02) -> None:
         """Random weights, seeded, drawn in place in the parameters' own dtype and device."""
         gen = torch.Generator(device=self.device).manual_seed(seed)
+        for module in self.modules():
+            for attr, param in module._parameters.items():
+                if param is not None:
+                    self._materialize(module, attr)
         with torch.no_grad():
             for name, param in self.named_parameters():
                 if name.endswith("norm.weight"):
@@ -124,37 +184,37 @@ class LlamaForCausalLM(nn.Module):
                 else:
                     param.normal_(0.0, std, generator=gen)
 
-    def _checkpoint_map(self) -> dict[str, tuple[torch.Tensor, int, int]]:
-        """HF name -> (parameter, first row, number of rows) of the slice it fills."""
+    def _checkpoint_map(self) -> dict[str, tuple[nn.Module, str, int, int]]:
+        """HF name -> (module, parameter name, first row, number of rows) of the slice it fills."""
         a = self.arch
-        m: dict[str, tuple[torch.Tensor, int, int]] = {}
+        m: dict[str, tuple[nn.Module, str, int, int]] = {}
 
-        def whole(name: str, p: torch.Tensor) -> None:
-            m[name] = (p, 0, p.shape[0])
+        def whole(name: str, module: nn.Module, attr: str = "weight") -> None:
+            m[name] = (module, attr, 0, getattr(module, attr).shape[0])
 
-        whole("model.embed_tokens.weight", self.embed_tokens.weight)
-        whole("model.norm.weight", self.norm.weight)
+        whole("model.embed_tokens.weight", self.embed_tokens)
+        whole("model.norm.weight", self.norm)
         if self.lm_head is not None:
-            whole("lm_head.weight", self.lm_head.weight)
+            whole("lm_head.weight", self.lm_head)
         shards = (("q_proj", 0, a.q_size), ("k_proj", a.q_size, a.kv_size),
                   ("v_proj", a.q_size + a.kv_size, a.kv_size))
         for i, layer in enumerate(self.layers):
             pre = f"model.layers.{i}."
             attn, mlp = layer.self_attn, layer.mlp
             for shard, start, length in shards:
-                m[f"{pre}self_attn.{shard}.weight"] = (attn.qkv_proj.weight, start, length)
+                m[f"{pre}self_attn.{shard}.weight"] = (attn.qkv_proj, "weight", start, length)
                 if a.attention_bias:
-                    m[f"{pre}self_attn.{shard}.bias"] = (attn.qkv_proj.bias, start, length)
-            whole(f"{pre}self_attn.o_proj.weight", attn.o_proj.weight)
+                    m[f"{pre}self_attn.{shard}.bias"] = (attn.qkv_proj, "bias", start, length)
+            whole(f"{pre}self_attn.o_proj.weight", attn.o_proj)
             if a.qk_norm:
-                whole(f"{pre}self_attn.q_norm.weight", attn.q_norm.weight)
-                whole(f"{pre}self_attn.k_norm.weight", attn.k_norm.weight)
+                whole(f"{pre}self_attn.q_norm.weight", attn.q_norm)
+                whole(f"{pre}self_attn.k_norm.weight", attn.k_norm)
             inter = a.intermediate_size
-            m[f"{pre}mlp.gate_proj.weight"] = (mlp.gate_up_proj.weight, 0, inter)
-            m[f"{pre}mlp.up_proj.weight"] = (mlp.gate_up_proj.weight, inter, inter)
-            whole(f"{pre}mlp.down_proj.weight", mlp.down_proj.weight)
-            whole(f"{pre}input_layernorm.weight", layer.input_layernorm.weight)
-            whole(f"{pre}post_attention_layernorm.weight", layer.post_attention_layernorm.weight)
+            m[f"{pre}mlp.gate_proj.weight"] = (mlp.gate_up_proj, "weight", 0, inter)
+            m[f"{pre}mlp.up_proj.weight"] = (mlp.gate_up_proj, "weight", inter, inter)
+            whole(f"{pre}mlp.down_proj.weight", mlp.down_proj)
+            whole(f"{pre}input_layernorm.weight", layer.input_layernorm)
+            whole(f"{pre}post_attention_layernorm.weight", layer.post_attention_layernorm)
         return m
 
 
@@ -178,13 +238,19 @@ class _Attention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = h.shape[0]
         qkv = self.qkv_proj(h)  # (num_tokens, q_size + 2 * kv_size)
+        ops = cpu_ops_for(h)
+        if ops is not None and not self.qk_norm:  # RoPE and the cache write in one kernel
+            cos, sin = cos_sin
+            q = ops.qkv_rope_and_cache(qkv, cos, sin, kv_cache, meta.slot_mapping, self.num_heads,
+                                       self.num_kv_heads)  # (T, H, head_dim)
+            out = cached_attention(q, kv_cache, meta, self.scale, self.window)  # (T, H, head_dim)
+            return self.o_proj(out.view(num_tokens, self.q_size))  # (T, hidden_size)
         qk = qkv[:, :self.q_size + self.kv_size].view(
             num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)  # (T, H + Hkv, head_dim)
         v = qkv[:, self.q_size + self.kv_size:].view(
             num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, head_dim)
         if self.qk_norm:
             qk = torch.cat((self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])), dim=1)
-        ops = cpu_ops_for(h)
         if ops is not None:  # RoPE and the cache write in one kernel, then attention over the cache
             q = torch.empty(num_tokens, self.num_heads, self.head_dim, dtype=h.dtype)
             cos, sin = cos_sin
