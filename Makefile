@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: venv model browser serve test bench clean
+.PHONY: venv model browser ibverbs serve test bench clean
 
 venv: $(STAMP)
 
@@ -32,11 +32,22 @@ browser:
 	  fi; \
 	fi
 
+# Mooncake's store (the KV store's Mooncake backend and its tests) links libibverbs even over TCP; installed once,
+# when missing and we are root.
+ibverbs:
+	@if ! ldconfig -p | grep -q libibverbs.so.1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs1; \
+	  else \
+	    echo "the Mooncake KV store needs libibverbs1: run 'sudo apt-get install libibverbs1'" >&2; \
+	  fi; \
+	fi
+
 # pdserve up prints a ready-to-paste curl line once the cluster answers.
 serve: venv model
 	$(BIN)/pdserve up --port $(PORT)
 
-test: venv model browser
+test: venv model browser ibverbs
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
 
 bench: venv model

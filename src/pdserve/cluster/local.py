@@ -7,7 +7,6 @@ SIGKILL after a grace period); children also get SIGTERM if the launcher itself 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from pdserve import security
 from pdserve.cluster.startup import StartupProgress, summary
 from pdserve.kv.shm import remove_stale_files
 from pdserve.progress import PROGRESS_FILE_ENV
+from pdserve.runtime import die_with_parent
 from pdserve.server.monitor_args import monitor_args_to_argv, monitor_options_from_args
 from pdserve.settings import engine_argv, engine_config_from_args, store_argv, store_config_from_args
 
@@ -288,12 +288,7 @@ def _cluster_status(url: str, api_key: str | None) -> dict | None:
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the launcher dies (Linux), so no worker is orphaned."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        return
+    die_with_parent()
 
 
 def split_cores(cores: list[int], num_workers: int) -> list[str]:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from pdserve.config import format_size
+from pdserve.runtime import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +113,8 @@ class StoreServer:
         raise RuntimeError("Mooncake's store client did not mount its memory in time")
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        from pdserve.cluster.local import _die_with_parent
-
         log = open(self.log_dir / f"{name}.log", "w")
-        self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+        self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
                                            cwd=self.log_dir))
         log.close()
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pdserve.config import KVStoreConfig
+from pdserve.kv.blocks import tensor_from_buffer
 from pdserve.kv.store.codec import pack_header, unpack
 from pdserve.kv.store.disk import DiskTier
 from pdserve.kv.store.host import HostPool, open_pool
@@ -223,7 +224,7 @@ class TieredStore:
     def _put_payloads(self, payloads: list, cache: torch.Tensor, block_ids: list[int]) -> int:
         shape = self.ns.block_shape
         for payload, b in zip(payloads, block_ids):
-            data = torch.frombuffer(payload, dtype=cache.dtype).view(shape)  # (layers, 2, block_size, heads, dim)
+            data = tensor_from_buffer(payload, cache.dtype).view(shape)  # (layers, 2, block_size, heads, dim)
             cache[:, :, b].copy_(data)
         return len(payloads)
 
