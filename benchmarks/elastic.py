@@ -10,6 +10,8 @@ request), the last started once per objective set since the objectives steer it.
 2. Per layout, per workload, a sweep of Poisson rates with `pdserve bench` (fresh prompts at each rate):
    prefill-heavy (long prompts, short outputs), decode-heavy (short prompts, long outputs), phase-shifting
    (the two alternating on one cluster, --phase-s seconds each), and the Azure code trace's lengths.
+   Admission is off in every cluster (`--admission-ttft-slack 0`): a refused request counts as a miss,
+   and with the default objectives a fixed layout would refuse requests that meet this run's objectives.
 3. Scoring, per request: TTFT and TPOT (and, tight, the ITL p99) within objective; attainment at each rate;
    goodput capacity = the highest rate whose attainment is >= 90%. With --repeats N the sweeps run N
    times and the report gives medians (and every run's figure).
@@ -199,7 +201,8 @@ class _Cluster:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         with open(self.log, "w") as f:
-            self.proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "up", "--port", str(port), *self.flags],
+            self.proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "up", "--port", str(port),
+                                          "--admission-ttft-slack", "0", *self.flags],
                                          stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         wait_healthy(self.url, self.proc, 600)
         time.sleep(3.0)  # the controller's first moves (auto) and the workers' first stats

@@ -141,3 +141,50 @@ class _Sent:
 
     def send(self, data: bytes) -> None:
         self.sent.append(data)
+
+
+PLAN = {"predicted_goodput_rps": 4.4, "price_per_hour": 0.08, "planned_by": "pdserve plan",
+        "cost_per_mtok": {"cached_input_per_mtok": 0.0036, "uncached_input_per_mtok": 0.036,
+                          "output_per_mtok": 0.057, "blended_per_mtok": 0.039}}
+
+
+def test_the_planners_figures_sit_beside_the_live_cost():
+    import argparse
+    import json
+
+    from pdserve.server.monitor_args import monitor_args_to_argv, monitor_options_from_args
+
+    options = monitor_options_from_args(argparse.Namespace(planned=json.dumps(PLAN), price_per_hour=[]))
+    client = _client(uptime_s=3600.0, busy_s=10.0, prefill_busy_s=4.0)
+    monitor = ClusterMonitor(client, options)
+    metrics = Metrics("m")
+    monitor.attach(metrics)
+    monitor.sample(time_s=1.0)
+    planned = cluster_status(client, monitor)["cost"]["planned"]
+    assert planned["cost_per_million_tokens"] == {"input": 0.036, "cached_input": 0.0036, "output": 0.057,
+                                                  "blended": 0.039}
+    assert planned["price_per_hour"] == 0.08 and planned["goodput_rps"] == 4.4
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    assert {s.labels["kind"]: s.value for s in families["pdserve:planned_cost_per_million_tokens"].samples} == \
+        planned["cost_per_million_tokens"]
+    assert families["pdserve:planned_price_per_hour"].samples[0].value == 0.08
+    # ``pdserve up`` hands the cluster file's figures to its frontend as they are
+    assert monitor_args_to_argv(argparse.Namespace(planned=json.dumps(PLAN), price_per_hour=[])) == \
+        ["--planned", json.dumps(PLAN)]
+
+
+def test_without_a_plan_there_is_nothing_planned_and_bad_figures_are_named():
+    import argparse
+
+    from pdserve.server.monitor_args import monitor_options_from_args
+
+    client = _client()
+    monitor = ClusterMonitor(client, MonitorOptions())
+    metrics = Metrics("m")
+    monitor.attach(metrics)
+    assert cluster_status(client, monitor)["cost"]["planned"] is None
+    assert "pdserve:planned_cost_per_million_tokens" not in metrics.render().decode()
+    for bad, message in (("{", "not JSON"), ('{"cost_per_mtok": {"output_per_mtok": -1}}', "output_per_mtok"),
+                         ('{"planned_by": "me"}', "neither"), ("[1]", "mapping")):
+        with pytest.raises(ValueError, match=message):
+            monitor_options_from_args(argparse.Namespace(planned=bad, price_per_hour=[]))

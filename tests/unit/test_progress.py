@@ -53,6 +53,12 @@ def test_summary_screen():
     assert "http://127.0.0.1:8000/dashboard" in text and "curl http://127.0.0.1:8000/v1/completions" in text
     assert "secret" not in text and "$PDSERVE_API_KEY" in text
     assert "pdserve is ready at http://127.0.0.1:8000" in summary("http://127.0.0.1:8000", None, "m")
+    assert "planned" not in text
+    status["cost"]["planned"] = {"cost_per_million_tokens": {"input": 0.036, "cached_input": 0.0036, "output": 0.057,
+                                                             "blended": 0.039},
+                                 "price_per_hour": 0.08, "goodput_rps": 4.4, "planned_by": "pdserve plan"}
+    text = summary("http://127.0.0.1:8000", status, "smollm2-135m")
+    assert "planned    input $0.0360, output $0.0570 per million tokens at 4.40 req/s (pdserve plan)" in text
 
 
 def test_summary_screen_in_mode_auto():

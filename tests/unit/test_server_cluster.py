@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+from dataclasses import replace
 
 import pytest
 
@@ -111,6 +113,13 @@ def test_planner_best_cluster_file_deploys_the_simulated_layout(tmp_path):
     path = spec.dump(tmp_path / "best-cluster.yaml")
     assert load_cluster(path) == spec
     args = _up_args(["--config", str(path)])
+    assert args.planned is None  # predicted: gives no cost, so nothing is shown beside the live one
+    with_cost = replace(spec, extra={"price_per_hour": 9.0, "cost_per_mtok": {"output_per_mtok": 0.2}})
+    planned = json.loads(_up_args(["--config", str(with_cost.dump(tmp_path / "b.yaml"))]).planned)
+    assert planned == {"price_per_hour": 9.0, "cost_per_mtok": {"output_per_mtok": 0.2}}
+    bad = replace(spec, extra={"price_per_hour": "nine"})
+    with pytest.raises(ValueError, match="b2.yaml: predicted: .*price_per_hour"):
+        _up_args(["--config", str(bad.dump(tmp_path / "b2.yaml"))])
     assert (args.prefill, args.decode, args.colocated, args.routing) == (2, 3, 0, "least_loaded")
     assert args.model == "smollm2-135m"
     for pool, expected in (("prefill", (8192, 128)), ("decode", (2048, 256))):

@@ -113,7 +113,8 @@ def apply_up_config(args: argparse.Namespace) -> argparse.Namespace:
         values = {"model": f.model, **f.engine, **layout, "mode": s.mode, "kv_connector": s.kv_connector,
                   "routing": s.routing,
                   "min_remote_prefill_tokens": s.min_remote_prefill_tokens, "host": s.host, "port": s.port,
-                  "price_per_hour": s.price_per_hour_flags(), **s.kv_store_settings()}
+                  "price_per_hour": s.price_per_hour_flags(), **s.kv_store_settings(),
+                  "planned": _planned(f.predicted, args.config)}
         for key, value in values.items():
             if key not in given and value is not None:
                 setattr(args, key, value)
@@ -135,6 +136,22 @@ def apply_up_config(args: argparse.Namespace) -> argparse.Namespace:
         args.prefill_given = args.prefill_given and args.prefill > 0
         args.decode_given = args.decode_given and args.decode > 0
     return args
+
+
+def _planned(predicted: dict, path: str) -> str | None:
+    """The cluster file's ``predicted:`` for the frontend's ``--planned`` (JSON), when it gives a cost or a price
+    (a file the planner wrote does); ValueError naming the file when its figures are malformed."""
+    import json
+
+    from pdserve.server.cost import planned
+
+    if not predicted or not ({"cost_per_mtok", "price_per_hour"} & set(predicted)):
+        return None
+    try:
+        planned(predicted)
+    except ValueError as e:
+        raise ValueError(f"{path}: predicted: {e}") from None
+    return json.dumps(predicted)
 
 
 def _parser_defaults() -> dict:

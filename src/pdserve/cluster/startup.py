@@ -92,6 +92,13 @@ def summary(url: str, status: dict | None, served_model: str, api_key: str | Non
                          f"KV {w['num_blocks']} blocks  ${w.get('price_per_hour', 0):.3f}/h")
         if price is not None:
             lines.append(f"  cost       ${price:.3f}/h in all (prices: --price-per-hour, docs/monitoring.md)")
+        plan = status.get("cost", {}).get("planned")
+        if plan:
+            per_m = plan["cost_per_million_tokens"]
+            figures = ", ".join(f"{kind.replace('_', ' ')} ${per_m[kind]:.4f}" for kind in ("input", "output")
+                                if per_m.get(kind) is not None)
+            lines.append(f"  planned    {figures} per million tokens at {plan.get('goodput_rps') or 0:.2f} req/s "
+                         f"({plan.get('planned_by') or 'the cluster file'}); live beside it on the dashboard")
         objectives = (status.get("elastic") or {}).get("objectives") or status.get("slo")
         if objectives and (objectives.get("ttft_s") or objectives.get("tpot_s")):
             steer = ": the elastic controller moves cores and roles to meet them" if status.get("elastic") else ""

@@ -12,7 +12,8 @@ Top level: ``mode`` (auto, colocated, disaggregated; None before any worker answ
 device, queue, running batch, KV use, prefix-cache hit rate, busy time, price), ``rates`` and ``latency``
 (over the last ``RATE_WINDOW_S``), ``attainment`` (the frontend's rolling attainment per phase, what the
 controller reads), ``slo`` (objectives and attainment from the request counters, when objectives are set),
-``cost`` (now, in total and over the rolling windows), ``elastic`` (the controller's objectives, window and
+``cost`` (now, in total and over the rolling windows; ``planned``: the planner's figures for this layout
+when the cluster was started from a plan, else None), ``elastic`` (the controller's objectives, window and
 recent decisions with their reasons; None when it is off), ``history`` (points over time;
 ``history_since`` returns only newer ones).
 """
@@ -104,7 +105,7 @@ def cost_section(client, monitor: ClusterMonitor, now: Snapshot, recent: dict) -
     windows = {name: monitor.window(seconds, now)["cost"] for name, seconds in WINDOWS_S.items()}
     windows["total"] = monitor.window(None, now)["cost"]
     return {"price_per_hour": u.price_per_hour, "cost_usd": u.cost_usd, "device_hours": u.device_hours,
-            "prices": monitor.prices or None, "windows": windows}
+            "prices": monitor.prices or None, "windows": windows, "planned": monitor.options.planned}
 
 
 def elastic_section(client, monitor: ClusterMonitor, now: Snapshot, recent: dict) -> dict | None:

@@ -11,6 +11,11 @@ worker pays for its uptime. Its busy and prefill seconds are those of its latest
 turns two of them into the figures between (``then=None``: since start): cost, device-hours by role,
 tokens by kind and cost per million tokens by kind, apportioned by ``sim.cost.token_costs`` (the same
 split as the planner; that module's docstring is the one description of it).
+
+``planned`` reads the planner's predicted figures for the running layout (a cluster file's ``predicted:``,
+as ``pdserve plan`` writes it) into the same kinds, so that they sit beside the live ones. The planner's
+figures are at its predicted goodput (the rate its unit sustains under the objectives); the live ones are
+at the load the cluster has, so an idle cluster costs more per token than planned.
 """
 from __future__ import annotations
 
@@ -22,6 +27,36 @@ from pdserve.sim.cost import DEFAULT_CACHED_WEIGHT, token_costs
 POOLS = {"prefill": "prefill", "decode": "decode", "both": "colocated"}  # worker role -> pool name
 ROLES = tuple(POOLS)
 KINDS = ("input", "cached_input", "output")  # input: computed prompt tokens; cached_input: prefix-cache hits
+
+
+PLANNED_KINDS = {"input": "uncached_input_per_mtok", "cached_input": "cached_input_per_mtok",
+                 "output": "output_per_mtok", "blended": "blended_per_mtok"}  # our kind -> the planner's key
+
+
+def planned(predicted: dict) -> dict:
+    """The planner's figures (``predicted:`` of a cluster file) as {"cost_per_million_tokens": {kind: USD},
+    "price_per_hour", "goodput_rps", "planned_by"}; ValueError naming what is malformed."""
+    if not isinstance(predicted, dict):
+        raise ValueError(f"the planned figures must be a mapping, got {type(predicted).__name__}")
+    per_m = predicted.get("cost_per_mtok") or {}
+    if not isinstance(per_m, dict):
+        raise ValueError("the planned figures' cost_per_mtok must be a mapping of kind to USD")
+    out = {"cost_per_million_tokens": {kind: _usd(per_m.get(key), f"cost_per_mtok.{key}")
+                                       for kind, key in PLANNED_KINDS.items()},
+           "price_per_hour": _usd(predicted.get("price_per_hour"), "price_per_hour"),
+           "goodput_rps": _usd(predicted.get("predicted_goodput_rps"), "predicted_goodput_rps"),
+           "planned_by": str(predicted.get("planned_by", "")) or None}
+    if all(v is None for v in out["cost_per_million_tokens"].values()) and out["price_per_hour"] is None:
+        raise ValueError("the planned figures give neither cost_per_mtok nor price_per_hour")
+    return out
+
+
+def _usd(value, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"the planned figures' {name} must be a number >= 0, got {value!r}")
+    return float(value)
 
 
 def parse_prices(values: list[str] | tuple[str, ...]) -> dict[str, float]:

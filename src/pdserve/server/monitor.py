@@ -39,6 +39,7 @@ class MonitorOptions:
     sample_interval_s: float = 2.0
     history_len: int = 450  # points kept (15 minutes at 2 s)
     point_window_s: float = 30.0  # each history point's figures are over this window
+    planned: dict | None = None  # the planner's figures for this layout (server/cost.py ``planned``)
 
     def __post_init__(self) -> None:
         for name in ("slo_ttft_s", "slo_tpot_s"):
@@ -167,6 +168,18 @@ class CostCollector:
             for kind, value in figures["cost_per_million_tokens"].items():
                 per_m.add_metric([kind, name], math.nan if value is None else value)
         yield per_m
+        plan = mon.options.planned
+        if plan is not None:
+            planned = GaugeMetricFamily("pdserve:planned_cost_per_million_tokens",
+                                        "USD per million tokens by kind that the planner predicted for this layout "
+                                        "at its predicted goodput", labels=["kind"])
+            for kind, value in plan["cost_per_million_tokens"].items():
+                if value is not None:
+                    planned.add_metric([kind], value)
+            yield planned
+            if plan["price_per_hour"] is not None:
+                yield GaugeMetricFamily("pdserve:planned_price_per_hour", "USD per hour the planner predicted for "
+                                        "this layout", value=plan["price_per_hour"])
         u = now.usage
         yield CounterMetricFamily("pdserve:cost_usd", "What the workers' devices cost since they started, USD",
                                   value=u.cost_usd)

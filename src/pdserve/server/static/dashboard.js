@@ -97,6 +97,11 @@
     const cost = body.cost || {};
     const per = ((cost.windows || {}).total || {}).cost_per_million_tokens || {};
     $("cost").textContent = `${usd(per.input)} · ${usd(per.cached_input)} · ${usd(per.output)}`;
+    const planned = cost.planned && cost.planned.cost_per_million_tokens;
+    $("planned-card").hidden = !planned;
+    if (planned) {
+      $("planned").textContent = `${usd(planned.input)} · ${usd(planned.cached_input)} · ${usd(planned.output)}`;
+    }
     $("spend").textContent = `${usd(cost.price_per_hour)}/h · ${usd(cost.cost_usd, 4)}`;
     const tokens = ((cost.windows || {}).total || {}).tokens;
     $("tokens").textContent = tokens ? `${tokens.input} · ${tokens.cached_input} · ${tokens.output}` : "-";
@@ -225,11 +230,16 @@
       { name: "input", values: per("input") },
       { name: "cached input", values: per("cached_input") },
       { name: "output", values: per("output") },
-    ], { format: (v) => usd(v) });
+    ], { format: (v) => usd(v), target: plannedOutput(body) });  // dashed: the planner's output cost
     lineChart($("chart-load"), t, [
       { name: "running", values: get((p) => p.load && p.load.num_running) },
       { name: "waiting", values: get((p) => p.load && p.load.num_waiting) },
     ], { format: (v) => num(v, Number.isInteger(v) ? 0 : 1) });
+  }
+
+  function plannedOutput(body) {
+    const planned = body.cost && body.cost.planned;
+    return planned ? planned.cost_per_million_tokens.output : undefined;
   }
 
   // ---- a small SVG line chart -----------------------------------------------------------------------
