@@ -52,7 +52,6 @@ class InstanceView:
             n += 1
         return n
 
-
     def num_store_blocks(self, block_hashes: list[int], start: int) -> int:
         """Blocks after the first ``start`` of a request that this instance could load from the KV store."""
         if self.store is None:
