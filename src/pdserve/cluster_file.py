@@ -17,6 +17,10 @@ Format (YAML; docs/cluster.md has the reference)::
                                    #   (live cost, docs/monitoring.md; default: the hardware catalogue's)
       pools:                       # per-pool engine settings over `engine` (prefill | decode | colocated)
         prefill: {max_num_batched_tokens: 8192}
+      kv_store:                    # the KV store tiers every worker uses (docs/kv_store.md): the names of
+        kv_host_memory: 4GiB       #   `pdserve worker`'s KV store flags; kv_remote: redis | mooncake starts
+        kv_disk: /var/cache/kv:100GiB  # that server on this host (pdserve up), or redis://host:port
+        kv_remote: redis
     planning:                      # what only the simulator and planner read
       hardware: h100-sxm           # every pool, or {prefill: h100-sxm, decode: h200}
       tp: 1                        # every pool, or {prefill: 1, decode: 2}
@@ -43,7 +47,7 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
-from pdserve.settings import engine_settings_from_mapping
+from pdserve.settings import engine_settings_from_mapping, store_config
 
 class Serving(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
     mode: Literal["auto", "colocated", "disaggregated"] = "disaggregated"
@@ -58,12 +62,30 @@ class Serving(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw
     max_inflight: int | None = None
     pools: dict[Literal["prefill", "decode", "colocated"], dict[str, Any]] = {}
     price_per_hour: float | dict[Literal["prefill", "decode", "colocated"], float] | None = None
+    kv_store: dict[str, Any] = {}
 
     def __post_init__(self) -> None:
+        try:
+            store_config(**{k: v for k, v in self.kv_store.items() if k != "kv_remote_memory"})
+        except ValueError as e:
+            raise ValueError(f"serving.kv_store: {e}") from None
         prices = self.price_per_hour if isinstance(self.price_per_hour, dict) else {"": self.price_per_hour}
         for pool, usd in prices.items():
             if usd is not None and not (usd >= 0 and math.isfinite(usd)):
                 raise ValueError(f"serving.price_per_hour{'.' + pool if pool else ''}: expected USD >= 0, got {usd}")
+
+    def kv_store_settings(self) -> dict[str, Any]:
+        """``kv_store`` as `pdserve up`'s argument values (sizes parsed)."""
+        from pdserve.config import parse_size
+        from pdserve.settings import STORE_SETTINGS
+
+        out = {}
+        for k, v in self.kv_store.items():
+            if k == "kv_remote_memory":
+                out[k] = parse_size(v)
+            else:
+                out[k] = STORE_SETTINGS[k].parse(v) if isinstance(v, str) else v
+        return out
 
     def price_per_hour_flags(self) -> list[str] | None:
         """``price_per_hour`` as ``--price-per-hour`` values (None: not given)."""

@@ -104,6 +104,67 @@ class SchedulerConfig:
             raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
 
 
+def parse_disk(text: str) -> tuple[str, int]:
+    """``DIR[:SIZE]`` -> (directory, bytes); the size defaults to ``DEFAULT_DISK_BYTES``."""
+    path, sep, size = text.rpartition(":")
+    if sep and path and re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*[a-zA-Z]*\s*", size):
+        return path, parse_size(size)
+    return text, DEFAULT_DISK_BYTES
+
+
+DEFAULT_DISK_BYTES = 16 * 2**30
+REMOTE_SCHEMES = ("redis", "rediss", "mooncake")
+
+
+@dataclass(frozen=True)
+class KVStoreConfig:
+    """The KV store tiers beside a worker's own cache (kv/store/, docs/kv_store.md); all off by default.
+
+    ``host_memory_bytes``: a pool in shared memory that every worker of this model on the host shares;
+    ``disk``: ``DIR[:SIZE]``, block files under DIR within SIZE bytes; ``remote``: a store shared across
+    hosts, ``redis://host:port[/db]`` (the Redis protocol: Redis, Valkey) or ``mooncake://master:port``
+    (Mooncake's store; ``?metadata=URL`` when its metadata server is not the master's). ``pdserve up`` also
+    takes ``redis`` or ``mooncake`` alone: it starts that server on this host and stops it on exit."""
+
+    host_memory_bytes: int = field(default=0, metadata={
+        "name": "kv_host_memory", "parse": parse_size, "show": format_size,
+        "help": "host-memory KV tier shared by this host's workers, e.g. 4GiB (0: off)"})
+    disk: str = field(default="", metadata={
+        "name": "kv_disk", "help": "disk KV tier: DIR[:SIZE], e.g. /var/cache/pdserve-kv:100GiB"})
+    remote: str = field(default="", metadata={
+        "name": "kv_remote", "help": "remote KV tier shared across hosts: redis://host:port or mooncake://host:port"})
+    save_queue_bytes: int = field(default=256 * 2**20, metadata={
+        "name": "kv_save_queue", "parse": parse_size, "show": format_size,
+        "help": "KV bytes waiting to be saved to the store; saves beyond it are dropped"})
+    timeout_s: float = field(default=1.0, metadata={
+        "name": "kv_store_timeout", "help": "seconds a remote-tier call may take before the tier is skipped"})
+
+    def __post_init__(self) -> None:
+        if self.host_memory_bytes < 0 or self.save_queue_bytes < 0:
+            raise ValueError("KV store sizes must be >= 0")
+        if self.disk and self.disk_bytes <= 0:
+            raise ValueError(f"kv_disk: the size must be > 0, got {self.disk!r}")
+        if self.remote:
+            scheme = self.remote.split("://", 1)[0]
+            if scheme not in REMOTE_SCHEMES:
+                raise ValueError(f"kv_remote must start with one of {[s + '://' for s in REMOTE_SCHEMES]}, "
+                                 f"got {self.remote!r}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"kv_store_timeout must be > 0, got {self.timeout_s}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host_memory_bytes or self.disk or self.remote)
+
+    @property
+    def disk_path(self) -> str:
+        return parse_disk(self.disk)[0] if self.disk else ""
+
+    @property
+    def disk_bytes(self) -> int:
+        return parse_disk(self.disk)[1] if self.disk else 0
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything one engine needs, as slices."""

@@ -230,14 +230,42 @@ class Stats(msgspec.Struct, tag=23, tag_field="t", omit_defaults=True):
     prefill_busy_s: float = 0.0  # the part of busy_s spent on prefill (sim/cost.py: step_prefill_share)
     uptime_s: float = 0.0  # seconds since the worker's engine was ready (what its device is paid for)
     core_s: float = 0.0  # a CPU worker: core-seconds since ready (its cores over time; none while parked)
+    # The KV store (kv/store/), when the worker uses one: each tier, and the save queue.
+    kv_store: list[KVStoreTierStats] = []
+    kv_store_save_drops: int = 0  # saves dropped because the queue was full
+    kv_store_queued_bytes: int = 0
+    kv_store_loaded_tokens: int = 0  # prompt tokens loaded from the store instead of computed
 
 
-class KVEvents(msgspec.Struct, tag=24, tag_field="t"):
-    """Block hashes this worker's prefix cache stored / evicted since its last KVEvents."""
+class KVStoreTierStats(msgspec.Struct, omit_defaults=True):
+    """One KV store tier as a worker uses it (kv/store/): counters since start (blocks, bytes, seconds), its
+    use now. ``hits``/``misses``: blocks found / not found there by this worker's loads."""
+
+    tier: str  # "host" | "disk" | "remote"
+    hits: int = 0
+    misses: int = 0
+    load_bytes: int = 0
+    load_s: float = 0.0
+    num_loads: int = 0
+    save_bytes: int = 0
+    save_s: float = 0.0
+    num_saves: int = 0
+    evictions: int = 0
+    errors: int = 0
+    used_bytes: int = 0
+    capacity_bytes: int = 0
+
+
+class KVEvents(msgspec.Struct, tag=24, tag_field="t", omit_defaults=True):
+    """Block hashes this worker's prefix cache stored / evicted since its last KVEvents; with ``tier``, what
+    this worker stored in (or evicted from) a KV store tier at ``location`` (a host name for the host and disk
+    tiers, the store's URL for the remote one)."""
 
     worker_id: str
     stored: list[int]
     evicted: list[int]
+    tier: str = ""
+    location: str = ""
 
 
 class KVReservationMsg(msgspec.Struct, tag=25, tag_field="t", omit_defaults=True):

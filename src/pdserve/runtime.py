@@ -93,3 +93,15 @@ def parse_cpu_list(text: str) -> list[int]:
     if not cores:
         raise ValueError(f"no cores in {text!r}")
     return cores
+
+
+def die_with_parent() -> None:
+    """In a child, before exec: get SIGTERM when the process that started it dies (Linux), so none is orphaned."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        return

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pdserve.config import CacheConfig, EngineConfig, KVStoreConfig, ModelConfig, SchedulerConfig
 
 SLICES = (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig))
 
@@ -128,3 +128,42 @@ def _type(s: Setting):
     if s.default is None:
         return s.meta.get("type", str)
     return type(s.default)
+
+
+# -- the KV store's settings: worker flags (`pdserve worker`, `pdserve up`) and cluster files' serving.kv_store --
+STORE_SETTINGS = {f.metadata.get("name", f.name): Setting("store", f, f.metadata.get("name", f.name))
+                  for f in dataclasses.fields(KVStoreConfig)}
+
+
+def add_store_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """One flag per KV store setting (``--kv-host-memory``, ``--kv-disk``, ``--kv-remote``, ...)."""
+    g = parser.add_argument_group("KV store (docs/kv_store.md)")
+    for s in STORE_SETTINGS.values():
+        shown = f" (default {s.show(s.default)})" if s.default else ""
+        g.add_argument(s.flag, dest=s.name, default=s.default, type=s.parse if "parse" in s.meta else _type(s),
+                       help=s.meta.get("help", "") + shown)
+    return parser
+
+
+def store_config(**settings: Any) -> KVStoreConfig:
+    """A KVStoreConfig from setting names (``kv_host_memory="4GiB"``); ValueError on unknown names or values."""
+    unknown = sorted(set(settings) - set(STORE_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown KV store setting(s) {unknown}; known: {sorted(STORE_SETTINGS)}")
+    values = {STORE_SETTINGS[k].field.name: STORE_SETTINGS[k].parse(v) if isinstance(v, str) else v
+              for k, v in settings.items()}
+    return KVStoreConfig(**values)
+
+
+def store_config_from_args(args: argparse.Namespace, **overrides: Any) -> KVStoreConfig:
+    return store_config(**{**{name: getattr(args, name) for name in STORE_SETTINGS}, **overrides})
+
+
+def store_argv(config: KVStoreConfig) -> list[str]:
+    """The flags that rebuild ``config`` (settings at their default are left out)."""
+    argv: list[str] = []
+    for s in STORE_SETTINGS.values():
+        value = getattr(config, s.field.name)
+        if value != s.default:
+            argv += [s.flag, s.show(value)]
+    return argv

@@ -10,12 +10,14 @@ import pytest
 
 from pdserve.bench.arrivals import ArrivalConfig, arrival_times, gamma_arrivals, poisson_arrivals
 from pdserve.bench.workloads import (
+    TOKEN_ID_MARGIN,
     PromptBuilder,
     WorkloadConfig,
     build_shapes,
     build_workload,
     load_azure,
     load_mooncake,
+    multi_turn_conversations,
 )
 
 TRACES = Path(__file__).resolve().parents[3] / "shared" / "data" / "traces"
@@ -129,6 +131,16 @@ def test_mooncake_sample_trace_prefix_sharing():
         pa, pb = builder.prompt_token_ids(a), builder.prompt_token_ids(b)
         expected = min(shared * a.block_size, len(pa), len(pb))
         assert pa[:expected] == pb[:expected]
+
+
+def test_multi_turn_conversations_lengths_range_and_seed():
+    convs = multi_turn_conversations(3, 4, first_len=50, turn_len=7, seed=1, vocab_size=5000)
+    assert [[len(m) for m in c] for c in convs] == [[50, 7, 7, 7]] * 3
+    ids = [t for c in convs for m in c for t in m]
+    assert min(ids) >= TOKEN_ID_MARGIN and max(ids) < 5000 - TOKEN_ID_MARGIN
+    assert convs[0][0] != convs[1][0], "conversations share no first message"
+    assert multi_turn_conversations(3, 4, 50, 7, seed=1, vocab_size=5000) == convs
+    assert multi_turn_conversations(3, 4, 50, 7, seed=2, vocab_size=5000) != convs
 
 
 def test_azure_csv_parsing(tmp_path: Path):

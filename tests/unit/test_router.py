@@ -55,6 +55,45 @@ def test_prefix_match_stops_at_first_missing_block():
     assert view.num_cached_prefix_blocks(hashes) == 1
 
 
+def test_store_index_reach_eviction_and_bound():
+    from pdserve.router.store_index import StoreIndex
+
+    hashes = hash_block_tokens(list(range(80)), 16)  # 5 blocks
+    index = StoreIndex(max_blocks=4)
+    index.apply("host", "hostA", hashes[:3], [])
+    assert index.num_prefix_blocks(hashes, 0, "hostA") == 3
+    assert index.num_prefix_blocks(hashes, 1, "hostA") == 2  # after a worker's own cached first block
+    assert index.num_prefix_blocks(hashes, 0, "hostB") == 0  # another host's memory is out of reach
+    index.apply("remote", "redis://store:6379", hashes[:2], [])
+    assert index.num_prefix_blocks(hashes, 0, "hostB") == 2  # a remote store is reachable from every host
+    index.apply("host", "hostA", [], [hashes[1]])
+    assert index.num_prefix_blocks(hashes, 0, "hostA") == 3  # hashes[1] is still in the remote store
+    index.apply("host", "hostA", hashes[3:], [])  # hostA now names hashes 0, 2, 3, 4: at its bound
+    index.apply("host", "hostA", [hashes[1]], [])  # one more: the least recently stored (hashes[0]) goes
+    assert len(index) == 4 + 2
+    assert index.num_prefix_blocks(hashes, 0, "hostA") == 5  # hashes[0] and [1] from the remote store
+    with pytest.raises(ValueError):
+        StoreIndex(max_blocks=0)
+
+
+def test_prefix_aware_counts_store_blocks_below_cached_ones():
+    hashes = hash_block_tokens(list(range(64)), 16)  # 4 blocks
+    tracker = InstanceTracker()
+    views = _views(0, 0, 0)
+    for v, host in zip(views, ("hostA", "hostB", "hostB")):
+        v.host = host
+        tracker.add(v)
+    tracker.apply_store_events("host", "hostB", hashes, [])
+    assert views[1].num_store_blocks(hashes, 0) == 4 and views[0].num_store_blocks(hashes, 0) == 0
+    assert PrefixAware().choose(views, hashes) == "w1"  # hostB's pool holds the prefix; w1 first on ties
+    views[2].cached_block_hashes = set(hashes[:2])  # w2: 2 cached + 2 from the store beats w1's 4 from the store
+    assert PrefixAware().choose(views, hashes) == "w2"
+    views[1].num_waiting = 3  # 0.5 * 4 - 3 < 0: the idle worker on the other host wins
+    views[2].num_waiting = 4
+    assert PrefixAware().choose(views, hashes) == "w0"
+    assert PrefixAware(store_weight=0.0).choose(_views(0, 0), hashes) == "w0"
+
+
 def test_decode_policy_needs_room_then_smallest_batch():
     views = _views(0, 0, 0, role="decode")
     views[0].num_free_blocks, views[0].num_running = 2, 0

@@ -222,7 +222,7 @@ class _PartialSource(RemotePrefill):
     def has_external(self, request_id):
         return True
 
-    def num_external_tokens(self, request_id, num_prompt_tokens, num_local_hit_tokens):
+    def num_external_tokens(self, request_id, num_prompt_tokens, num_local_hit_tokens, block_hashes=()):
         return max(0, self.n - num_local_hit_tokens) if request_id not in self._held else 0
 
 

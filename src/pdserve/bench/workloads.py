@@ -368,3 +368,15 @@ def _parse_azure_time(text: str) -> datetime:
         head, frac = text.split(".", 1)
         text = f"{head}.{frac[:6].ljust(6, '0')}"
     return datetime.fromisoformat(text)
+
+
+def multi_turn_conversations(num_conversations: int, num_turns: int, first_len: int, turn_len: int, seed: int = 0,
+                             vocab_size: int = 49152) -> list[list[list[int]]]:
+    """Conversations of ``num_turns`` user messages: a first message of ``first_len`` tokens (a system prompt and
+    a question), then ``turn_len`` tokens a turn. A turn's prompt is every earlier message and answer plus its own
+    message (the caller appends the answers it gets), so each turn reuses all of the previous turn's KV, prompt
+    and output. Random token ids in ``[TOKEN_ID_MARGIN, vocab_size - TOKEN_ID_MARGIN)``, seeded."""
+    rng = np.random.default_rng(seed)
+    low, high = TOKEN_ID_MARGIN, vocab_size - TOKEN_ID_MARGIN
+    return [[rng.integers(low, high, first_len if t == 0 else turn_len).tolist() for t in range(num_turns)]
+            for _ in range(num_conversations)]

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pdserve.settings import add_engine_flags
+from pdserve.config import parse_size
+from pdserve.settings import add_engine_flags, add_store_flags
 from pdserve.router.policies import POLICIES
 from pdserve.server.main import DEFAULT_OBJECTIVES, add_api_args, add_elastic_bounds_args, add_objective_args
 from pdserve.server.monitor_args import add_monitor_args
@@ -79,6 +80,9 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     add_monitor_args(p)
     add_elastic_bounds_args(p)
     add_engine_flags(p)
+    add_store_flags(p)
+    p.add_argument("--kv-remote-memory", type=parse_size, default=2 * 2**30,
+                   help="the memory of the KV store server started for --kv-remote redis|mooncake (default 2GiB)")
 
 
 def run_up_with_config(args: argparse.Namespace) -> int:
@@ -109,7 +113,7 @@ def apply_up_config(args: argparse.Namespace) -> argparse.Namespace:
         values = {"model": f.model, **f.engine, **layout, "mode": s.mode, "kv_connector": s.kv_connector,
                   "routing": s.routing,
                   "min_remote_prefill_tokens": s.min_remote_prefill_tokens, "host": s.host, "port": s.port,
-                  "price_per_hour": s.price_per_hour_flags(),
+                  "price_per_hour": s.price_per_hour_flags(), **s.kv_store_settings(),
                   "planned": _planned(f.predicted, args.config)}
         for key, value in values.items():
             if key not in given and value is not None:

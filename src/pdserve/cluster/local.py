@@ -7,11 +7,11 @@ SIGKILL after a grace period); children also get SIGTERM if the launcher itself 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,10 +25,11 @@ from pdserve import security
 from pdserve.cluster.startup import StartupProgress, summary
 from pdserve.kv.shm import remove_stale_files
 from pdserve.progress import PROGRESS_FILE_ENV
+from pdserve.runtime import die_with_parent
 from pdserve.server.auth import API_KEY_ENV
 from pdserve.server.main import frontend_api_argv, frontend_env
 from pdserve.server.monitor_args import monitor_args_to_argv, monitor_options_from_args
-from pdserve.settings import engine_argv, engine_config_from_args
+from pdserve.settings import engine_argv, engine_config_from_args, store_argv, store_config_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class LocalCluster:
         self.tmpdir = Path(tempfile.mkdtemp(prefix="pdserve-up-"))
         self._stopping = False
         self.progress = StartupProgress()
+        self.store_server = None  # the KV store server started for --kv-remote redis|mooncake (cluster/store_server.py)
         # Beyond loopback every internal socket needs the cluster's keys: made here, handed down in the
         # environment (security.py)
         self.env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}  # workers need no API key
@@ -71,6 +73,7 @@ class LocalCluster:
         """Start everything; return the base URL once /health answers 200. Raises RuntimeError (after
         stopping what started) when a child exits or the cluster is not ready in time."""
         roles = self._roles()
+        self._start_store_server()
         placements = split_cores(sorted(os.sched_getaffinity(0)), len(roles))
         for i, role in enumerate(roles):
             self._start_worker(i, role, None if self.args.no_pin else placements[i])
@@ -147,9 +150,9 @@ class LocalCluster:
                 child.proc.kill()
                 child.proc.wait()
         remove_stale_files()  # KV cache files of workers that were killed
-        for f in self.tmpdir.glob("*"):
-            f.unlink(missing_ok=True)
-        self.tmpdir.rmdir()
+        if self.store_server is not None:
+            self.store_server.stop()
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
 
     def worker_argv(self, i: int, role: str, cpus: str | None, ready_file: Path) -> list[str]:
         """The command line of worker ``i``: the engine flags, with its pool's engine settings from a cluster
@@ -159,6 +162,8 @@ class LocalCluster:
         argv = [sys.executable, "-m", "pdserve.worker.main", "--role", role, "--host", self.args.internal_host,
                 "--kv-connector", self.args.kv_connector, "--ready-file", str(ready_file),
                 "--worker-id", f"{role}-{i}", *engine_argv(engine_config_from_args(self.args, **overrides))]
+        if getattr(self.args, "kv_host_memory", None) is not None:  # a namespace from `pdserve up`'s parser
+            argv += store_argv(store_config_from_args(self.args))
         if cpus is not None:
             argv += ["--cpus", cpus]
         if getattr(self.args, "trace_dir", None):
@@ -181,6 +186,16 @@ class LocalCluster:
         if a.prefill < 0 or a.decode < 1:
             raise ValueError("a disaggregated cluster needs --decode >= 1 (and --prefill >= 0)")
         return ["prefill"] * a.prefill + ["decode"] * a.decode
+
+    def _start_store_server(self) -> None:
+        """``--kv-remote redis|mooncake``: start that server here; the workers get its URL."""
+        from pdserve.cluster.store_server import KINDS, StoreServer
+
+        kind = getattr(self.args, "kv_remote", "")
+        if kind not in KINDS:
+            return
+        self.store_server = StoreServer(kind, self.args.internal_host, self.args.kv_remote_memory, self.tmpdir)
+        self.args.kv_remote = self.store_server.start()
 
     def _start_worker(self, i: int, role: str, cpus: str | None) -> None:
         ready, progress = self.tmpdir / f"worker-{i}.json", self.tmpdir / f"progress-{i}.jsonl"
@@ -280,12 +295,7 @@ def _cluster_status(url: str, api_key: str | None) -> dict | None:
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the launcher dies (Linux), so no worker is orphaned."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        return
+    die_with_parent()
 
 
 def split_cores(cores: list[int], num_workers: int) -> list[str]:

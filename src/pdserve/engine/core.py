@@ -16,7 +16,7 @@ from pdserve.engine.runner import ModelRunner
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.engine.step_budget import PrefillBudget, StepCosts
 from pdserve.errors import InvalidRequestError, OverloadedError
-from pdserve.kv.base import RemotePrefill
+from pdserve.kv.base import ExternalKV, ExternalSources, RemotePrefill
 from pdserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,9 @@ class EngineCore:
         self.kv = KVCacheManager(self.num_blocks, self.block_size, config.cache.enable_prefix_caching,
                                  max_events=MAX_KV_EVENTS if record_kv_events else 0)
         self.remote = RemotePrefill()  # the scheduler side of disaggregation (kv/base.py)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, external=self.remote)
+        # Every scheduler side of a KV connector, as one: disaggregation's first, then any added (a KV store).
+        self.external = ExternalSources({"remote": self.remote})
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, external=self.external)
         self.runner = ModelRunner(self.model, kv_caches, self.block_size, self.device)
         self.step_costs = StepCosts()  # this engine's step time, learned online (engine/step_budget.py)
         self.prefill_budget = PrefillBudget()
@@ -191,17 +193,23 @@ class EngineCore:
         self.step_costs.observe(num_decodes, decode_ctx, num_prefill, attn, seconds)
 
     # -- KV loaded from outside, KV held for a save (the KV connector seam, kv/base.py) ------------------
+    def add_external(self, name: str, source: ExternalKV) -> None:
+        """Another connector's scheduler side (``kv.base.ExternalKV``), asked after disaggregation's."""
+        self.external.add(name, source)
+
     def take_reservations(self) -> list[KVReservation]:
         """Blocks allocated for loads from outside (a remote prefill) since the last call."""
         out, self._reservations = self._reservations, []
         return out
 
     def finish_load(self, request_id: str, first_token_id: int | None = None,
-                    first_logprobs: TokenLogprobs | None = None) -> EngineOutput | None:
+                    first_logprobs: TokenLogprobs | None = None,
+                    num_loaded_tokens: int | None = None) -> EngineOutput | None:
         """The request's KV has landed. A remote prefill's request joins the running batch with the first
-        token its prefill worker sampled (and that token's logprobs, when asked for)."""
+        token its prefill worker sampled (and that token's logprobs, when asked for); a store load's
+        continues its prefill after the ``num_loaded_tokens`` loaded (None: all reserved)."""
         request = self.scheduler.awaiting_kv.get(request_id)
-        out = self.scheduler.finish_load(request_id, first_token_id)
+        out = self.scheduler.finish_load(request_id, first_token_id, num_loaded_tokens)
         if out is None:
             return None
         if first_logprobs is not None:
@@ -216,10 +224,12 @@ class EngineCore:
         """The load will not happen: compute the request here."""
         self.scheduler.fail_load(request_id)
 
-    def release_kv(self, request_id: str) -> None:
-        """A held request's save is over: free its blocks."""
-        self.scheduler.release_kv(request_id)
-        self.remote.forget([request_id])
+    def release_kv(self, request_id: str, holder: str = "remote") -> None:
+        """``holder``'s save of a held request is over: its blocks are freed once no source holds them."""
+        if holder == "remote":
+            self.remote.forget([request_id])
+        if self.external.release(request_id, holder):
+            self.scheduler.release_kv(request_id)
 
     def take_kv_events(self) -> tuple[list[int], list[int]]:
         """Block hashes stored and evicted since the last call (when built with record_kv_events)."""

@@ -19,7 +19,7 @@ from pdserve.config import SchedulerConfig
 from pdserve.engine.kv_manager import KVCacheManager
 from pdserve.engine.outputs import EngineOutput, KVReservation, TokenLogprobs
 from pdserve.engine.request import Request, RequestStatus
-from pdserve.kv.base import ExternalKV
+from pdserve.kv.base import ExternalKV, ExternalSources
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,13 @@ class Scheduler:
                 self.waiting.remove(request)
             self.awaiting_kv.pop(rid, None)
             self._num_after_load.pop(rid, None)
-            self.held.pop(rid, None)
+            was_held = self.held.pop(rid, None) is not None
+            if was_held and isinstance(self.external, ExternalSources) and not self.external.on_aborted(rid):
+                self.held[rid] = request  # another holder (a store save) still reads its blocks
+                self.requests[rid] = request
+                continue
+            if not was_held and isinstance(self.external, ExternalSources):
+                self.external.on_aborted(rid)
             was_finished = request.is_finished
             request.status = RequestStatus.FINISHED_ABORTED
             self.kv.free(request)
@@ -118,18 +124,26 @@ class Scheduler:
             self.kv.free(request)
             self.requests.pop(request_id, None)
 
-    def finish_load(self, request_id: str, first_token_id: int | None = None) -> EngineOutput | None:
+    def finish_load(self, request_id: str, first_token_id: int | None = None,
+                    num_loaded_tokens: int | None = None) -> EngineOutput | None:
         """The request's external KV has landed in its blocks. With ``first_token_id`` (a remote prefill:
         the whole prompt arrived with its first token) the request joins the running batch as a decode and
-        the output carries that token; without, it continues its prefill after the loaded tokens.
+        the output carries that token; without (a store load), it continues its prefill after the loaded tokens
+        (``num_loaded_tokens`` of the reserved ones, the leading ones, when fewer than all landed).
         None when the request is not awaiting a load (aborted meanwhile)."""
         request = self.awaiting_kv.pop(request_id, None)
         if request is None:
             return None
-        request.num_computed_tokens = self._num_after_load.pop(request_id)
+        num_after_load = self._num_after_load.pop(request_id)
+        if num_loaded_tokens is not None and first_token_id is None:
+            num_after_load = min(num_after_load, request.num_computed_tokens + max(0, num_loaded_tokens))
+        request.num_computed_tokens = num_after_load
         self.kv.cache_blocks(request, request.num_computed_tokens)
         request.status = RequestStatus.RUNNING
+        if isinstance(self.external, ExternalSources):
+            self.external.on_loaded(request_id)
         if first_token_id is None:
+            request.num_cached_tokens = request.num_computed_tokens  # loaded, not computed here
             self.running.append(request)
             return None
         assert request.num_computed_tokens == request.num_tokens, request
@@ -197,7 +211,7 @@ class Scheduler:
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
             if may_load:
                 num_external = external.num_external_tokens(request.request_id, request.num_prompt_tokens,
-                                                            num_hit_tokens)
+                                                            num_hit_tokens, request.block_hashes)
                 if num_external > 0:  # loading costs no step budget: allocate and wait for the data
                     if not self._reserve_for_load(request, hits, num_hit_tokens, num_external, out):
                         break
@@ -308,8 +322,12 @@ class Scheduler:
     def _finish(self, request: Request, out: EngineOutput) -> None:
         out.finish_reason = request.finish_reason
         out.stop_reason = request.stop_reason
-        if self.external is not None and self.external.on_finished(request.request_id):
-            out.kv_block_ids = self.kv.block_ids(request.request_id)
+        block_ids = self.kv.block_ids(request.request_id)
+        num_full = min(request.num_computed_tokens // self.kv.block_size, len(block_ids))
+        hashes = request.update_block_hashes(self.kv.block_size)[:num_full]
+        if self.external is not None and self.external.on_finished(request.request_id, block_ids[:len(hashes)],
+                                                                   hashes):
+            out.kv_block_ids = block_ids
             self.held[request.request_id] = request
             return
         self.kv.free(request)

@@ -11,6 +11,10 @@ The rules every connector keeps (the base class keeps the first two for its subc
 ok only for blocks that match the request's current reservation; a source never writes after the
 reservation's deadline; a target that ``cancel``s a request never writes a late arrival for it into its cache.
 Connectors are found by name in ``kv.registry`` (``module:Class`` for out-of-tree ones).
+
+A store connector (capability ``is_store``, ``kv.store.connector``) moves blocks by hash instead: the worker
+``start_load``s a request's blocks that the scheduler side found in the store and ``start_save``s a finished
+request's blocks (``SaveJob.block_hashes``, no reservation); both report as above.
 """
 from __future__ import annotations
 
@@ -20,9 +24,10 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
+from pdserve.config import KVStoreConfig
 from pdserve.kv.base import ConnectorCapabilities, LoadDone, SaveDone
 from pdserve.protocol import KVReservationMsg, KVTarget
 
@@ -34,24 +39,38 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ConnectorConfig:
-    """Where a connector runs: the worker's id, the interface (and port, 0: any) its data plane binds."""
+    """Where a connector runs: the worker's id, the interface (and port, 0: any) its data plane binds; a store
+    connector's tiers (``store``) and the identity of the model whose blocks it keeps (``model``)."""
 
     worker_id: str
     host: str = "127.0.0.1"
     port: int = 0
+    store: KVStoreConfig | None = None
+    model: str = ""
 
 
 @dataclass
 class SaveJob:
     """One request's KV to send: blocks ``src_block_ids[k:]`` of the local cache into
     ``reservation.block_ids[k:]`` of the target, ``k = reservation.num_cached_tokens // block_size`` (the
-    target's own prefix hits), with the first token the source sampled."""
+    target's own prefix hits), with the first token the source sampled. To a store: no reservation, the
+    blocks ``src_block_ids`` under ``block_hashes``."""
 
     request_id: str
     src_block_ids: list[int]
-    reservation: KVReservationMsg
-    first_token_id: int
+    reservation: KVReservationMsg | None
+    first_token_id: int = -1
     first_logprobs: list | None = None
+    block_hashes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class LoadJob:
+    """A store load: the blocks under ``block_hashes`` into the local cache's ``block_ids`` (same order)."""
+
+    request_id: str
+    block_ids: list[int]
+    block_hashes: list[int]
 
 
 class KVConnector(abc.ABC):
@@ -100,6 +119,11 @@ class KVConnector(abc.ABC):
         """Start sending ``job``'s blocks of ``cache``; returns at once. Its blocks must stay allocated until
         its ``SaveDone`` comes out of ``poll_saves``. A failure is a ``SaveDone`` with ``ok`` false (and the
         target told, so it computes the prompt itself), never an exception."""
+
+    def start_load(self, job: LoadJob, cache: torch.Tensor) -> None:
+        """A store connector (``is_store``): start loading ``job``'s blocks into ``cache``; returns at once, and
+        the ``LoadDone`` (its ``num_tokens``: the leading tokens that landed) comes out of ``poll_loads``."""
+        raise NotImplementedError(f"{type(self).__name__} does not load blocks by hash")
 
     @abc.abstractmethod
     def poll_saves(self) -> list[SaveDone]:

@@ -10,7 +10,8 @@ import importlib
 
 from pdserve.kv.connector import ConnectorConfig, KVConnector
 
-BUILTIN = {"shm": "pdserve.kv.shm:ShmConnector", "tcp": "pdserve.kv.tcp:TcpConnector"}
+BUILTIN = {"shm": "pdserve.kv.shm:ShmConnector", "tcp": "pdserve.kv.tcp:TcpConnector",
+           "store": "pdserve.kv.store.connector:StoreConnector"}
 
 
 def connector_class(name: str) -> type[KVConnector]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pdserve.router.store_index import StoreIndex
+
 
 @dataclass
 class InstanceView:
@@ -28,6 +30,8 @@ class InstanceView:
     step_target_s: float | None = None  # stall-free chunking's target (None: no bound)
     max_step_tokens: int = 2048
     cores: tuple[int, ...] | None = None  # () parked: no work is routed to it; None: not reported
+    host: str = ""  # where it runs: which KV store tiers it reaches (its host's, and every remote one)
+    store: StoreIndex | None = None  # the cluster-wide KV store index (None: no store)
 
     @property
     def is_parked(self) -> bool:
@@ -48,15 +52,27 @@ class InstanceView:
             n += 1
         return n
 
+    def num_store_blocks(self, block_hashes: list[int], start: int) -> int:
+        """Blocks after the first ``start`` of a request that this instance could load from the KV store."""
+        if self.store is None:
+            return 0
+        return self.store.num_prefix_blocks(block_hashes, start, self.host)
+
 
 class InstanceTracker:
     """Keeps ``InstanceView``s up to date from stats and KV events. Not thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: StoreIndex | None = None) -> None:
         self.instances: dict[str, InstanceView] = {}
+        self.store = store if store is not None else StoreIndex()
 
     def add(self, view: InstanceView) -> None:
+        view.store = self.store
         self.instances[view.instance_id] = view
+
+    def apply_store_events(self, tier: str, location: str, stored: list[int], evicted: list[int]) -> None:
+        """A worker stored (evicted) blocks in a KV store tier at ``location`` (router/store_index.py)."""
+        self.store.apply(tier, location, stored, evicted)
 
     def remove(self, instance_id: str) -> None:
         self.instances.pop(instance_id, None)

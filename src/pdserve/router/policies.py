@@ -47,24 +47,31 @@ class LeastLoaded:
 class PrefixAware:
     """The longest cached prefix, weighed against queue length.
 
-    score = cached_blocks - load_weight * queue_len; the highest score wins, then the shorter queue.
-    ``load_weight`` is in blocks per queued request: with 1.0, one more queued request cancels one block
-    of prefix hit. A request with no full block falls back to least loaded."""
+    score = cached_blocks + store_weight * store_blocks - load_weight * queue_len; the highest score wins, then
+    the shorter queue. ``cached_blocks``: the leading blocks in the instance's own cache; ``store_blocks``: the
+    blocks after them it could load from the KV store (its host's tiers, a remote store), worth ``store_weight``
+    of a cached one (a load is not free). ``load_weight`` is in blocks per queued request: with 1.0, one more
+    queued request cancels one block of prefix hit. A request with no full block falls back to least loaded."""
 
     name = "prefix_aware"
 
-    def __init__(self, load_weight: float = 1.0) -> None:
-        if load_weight < 0:
-            raise ValueError(f"load_weight must be >= 0, got {load_weight}")
+    def __init__(self, load_weight: float = 1.0, store_weight: float = 0.5) -> None:
+        if load_weight < 0 or store_weight < 0:
+            raise ValueError(f"load_weight and store_weight must be >= 0, got {load_weight}, {store_weight}")
         self.load_weight = load_weight
+        self.store_weight = store_weight
 
     def choose(self, instances: Sequence[InstanceView], block_hashes: Sequence[int]) -> str | None:
         if not instances:
             return None
         hashes = list(block_hashes)
-        best = max(instances, key=lambda v: (v.num_cached_prefix_blocks(hashes) - self.load_weight * v.queue_len,
-                                             -v.queue_len))
-        return best.instance_id
+
+        def score(v: InstanceView) -> tuple[float, int]:
+            cached = v.num_cached_prefix_blocks(hashes)
+            stored = v.num_store_blocks(hashes, cached) if self.store_weight else 0
+            return cached + self.store_weight * stored - self.load_weight * v.queue_len, -v.queue_len
+
+        return max(instances, key=score).instance_id
 
 
 class DecodePolicy:

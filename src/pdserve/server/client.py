@@ -321,7 +321,10 @@ class FrontendClient:
                                           step_target_s=msg.step_target_s,
                                           cores=None if msg.cpus is None else tuple(msg.cpus))
         elif isinstance(msg, p.KVEvents):
-            self.tracker.apply_kv_events(msg.worker_id, msg.stored, msg.evicted)
+            if msg.tier:  # a KV store tier's events: the cluster-wide store index (router/store_index.py)
+                self.tracker.apply_store_events(msg.tier, msg.location, msg.stored, msg.evicted)
+            else:
+                self.tracker.apply_kv_events(msg.worker_id, msg.stored, msg.evicted)
         elif isinstance(msg, p.KVReservationMsg):
             self.execute(self.flow.on_reservation(wid, msg.request_id, msg))
         elif isinstance(msg, p.PrefillDone):
@@ -352,7 +355,7 @@ class FrontendClient:
             self.tracker.add(InstanceView(info.worker_id, info.role, num_blocks=info.num_blocks,
                                           num_free_blocks=info.num_blocks, block_size=info.block_size))
         view = self.tracker.instances[info.worker_id]  # a Configure's answer: the worker's current state
-        view.role, view.step_target_s = info.role, info.step_target_s
+        view.role, view.step_target_s, view.host = info.role, info.step_target_s, info.host
         view.cores = None if info.cpus is None else tuple(info.cpus)
         self.flow.on_worker_alive(info.worker_id)
 

@@ -4,6 +4,12 @@ Request latencies are observed at the frontend (histograms). Worker state (runni
 worker totals (tokens, prefix-cache queries and hits) are read from each worker's latest Stats message at
 scrape time, labelled by worker and role. KV transfers are observed from PrefillDone reports.
 
+The KV store (kv/store/), per worker and tier, from the workers' Stats: ``pdserve:kv_store_hits_total`` and
+``_misses_total`` (blocks found / not found by loads), ``_load_bytes_total``, ``_save_bytes_total``,
+``_load_seconds`` and ``_save_seconds`` (summaries: count and sum), ``_evictions_total``, ``_errors_total``,
+``_used_bytes`` and ``_capacity_bytes``; per worker ``pdserve:kv_store_save_drops_total`` (saves dropped by a
+full queue) and ``pdserve:kv_store_loaded_tokens_total`` (prompt tokens loaded instead of computed).
+
 pdserve's own request totals: ``pdserve:tokens_total{kind}`` (``input``: prompt tokens computed,
 ``cached_input``: prompt tokens found in the prefix cache, ``output``: tokens generated; the kinds of
 ``sim/cost.py``), and, once objectives are set (``set_objectives``), ``pdserve:slo_requests_total``
@@ -15,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                     20.0, 40.0, 80.0, 160.0, 640.0)
@@ -198,6 +204,7 @@ class _WorkerCollector:
             "vllm:num_preemptions": ("Preemptions", lambda s: s.num_preemptions),
         }
         stats = [s for s in self.worker_stats() if s is not None]
+        yield from _store_families(self.model_name, stats)
         for name, (doc, get) in gauges.items():
             family = GaugeMetricFamily(name, doc, labels=labels)
             for s in stats:
@@ -208,3 +215,51 @@ class _WorkerCollector:
             for s in stats:
                 family.add_metric([self.model_name, s.worker_id, s.role], get(s))
             yield family
+
+
+_STORE_COUNTERS = {
+    "pdserve:kv_store_hits": ("KV store blocks loaded, by tier", "hits"),
+    "pdserve:kv_store_misses": ("KV store blocks looked for by a load and not found (or corrupt), by tier", "misses"),
+    "pdserve:kv_store_load_bytes": ("KV store bytes loaded, by tier", "load_bytes"),
+    "pdserve:kv_store_save_bytes": ("KV store bytes saved, by tier", "save_bytes"),
+    "pdserve:kv_store_evictions": ("KV store blocks evicted, by tier", "evictions"),
+    "pdserve:kv_store_errors": ("KV store calls that failed (the tier was skipped a while)", "errors"),
+}
+_STORE_GAUGES = {
+    "pdserve:kv_store_used_bytes": ("KV store bytes held now, by tier", "used_bytes"),
+    "pdserve:kv_store_capacity_bytes": ("KV store budget, by tier", "capacity_bytes"),
+}
+
+
+def _store_families(model_name: str, stats: list) -> Iterator:
+    """The KV store's counters from the workers' Stats (only workers that use a store report any)."""
+    labels = ["model_name", "worker", "tier"]
+    with_store = [s for s in stats if s.kv_store]
+    for name, (doc, field) in _STORE_COUNTERS.items():
+        family = CounterMetricFamily(name, doc, labels=labels)
+        for s in with_store:
+            for t in s.kv_store:
+                family.add_metric([model_name, s.worker_id, t.tier], getattr(t, field))
+        yield family
+    for name, (doc, field) in _STORE_GAUGES.items():
+        family = GaugeMetricFamily(name, doc, labels=labels)
+        for s in with_store:
+            for t in s.kv_store:
+                family.add_metric([model_name, s.worker_id, t.tier], getattr(t, field))
+        yield family
+    for kind, count, total in (("load", "num_loads", "load_s"), ("save", "num_saves", "save_s")):
+        family = SummaryMetricFamily(f"pdserve:kv_store_{kind}_seconds",
+                                     f"KV store {kind} time by tier (count: {'loads' if kind == 'load' else 'blocks saved'})",
+                                     labels=labels)
+        for s in with_store:
+            for t in s.kv_store:
+                family.add_metric([model_name, s.worker_id, t.tier], getattr(t, count), getattr(t, total))
+        yield family
+    for name, doc, get in (("pdserve:kv_store_save_drops", "KV store saves dropped (the save queue was full)",
+                            lambda s: s.kv_store_save_drops),
+                           ("pdserve:kv_store_loaded_tokens", "Prompt tokens loaded from the KV store, not computed",
+                            lambda s: s.kv_store_loaded_tokens)):
+        family = CounterMetricFamily(name, doc, labels=["model_name", "worker"])
+        for s in with_store:
+            family.add_metric([model_name, s.worker_id], get(s))
+        yield family

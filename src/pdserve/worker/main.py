@@ -9,7 +9,7 @@ import sys
 
 from pdserve.protocol import ROLES
 from pdserve.runtime import add_cpu_args, apply_cpu_args, freeze_startup_objects, keep_freed_memory
-from pdserve.settings import add_engine_flags, engine_config_from_args
+from pdserve.settings import add_engine_flags, add_store_flags, engine_config_from_args, store_config_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace-file", default=None,
                         help="write an event trace (steps, transfers) here, for `pdserve profile --live`")
     add_engine_flags(parser)
+    add_store_flags(parser)
     add_cpu_args(parser)
 
 
@@ -43,7 +44,8 @@ def run_worker(args: argparse.Namespace) -> int:
     options = WorkerOptions(role=args.role, host=args.host, port=args.port, kv_connector=args.kv_connector,
                             kv_port=args.kv_port, worker_id=args.worker_id,
                             transfer_timeout_s=args.transfer_timeout, log_stats_interval_s=args.log_stats_interval,
-                            trace_path=args.trace_file, cpus=tuple(cores) if cores else None)
+                            trace_path=args.trace_file, cpus=tuple(cores) if cores else None,
+                            kv_store=store_config_from_args(args))
     worker = Worker(None, options, engine_factory=lambda alloc: EngineCore(config, alloc, record_kv_events=True))
     if cores:
         logger.info("worker %s pinned to cores %s", worker.worker_id, cores)

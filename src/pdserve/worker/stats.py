@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from pdserve import protocol as p
-from pdserve.kv.base import SaveDone
+from pdserve.kv.base import LoadDone, SaveDone
 from pdserve.worker.busy import BusyMeter
 
 logger = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ class WorkerStats:
     _last_log_s: float = field(default_factory=time.monotonic)
     _last_prompt_tokens: int = 0
     _last_generation_tokens: int = 0
+    store_loaded_tokens: int = 0
 
     def on_save(self, done: SaveDone) -> None:
         t = self.transfers
@@ -39,8 +40,23 @@ class WorkerStats:
         logger.debug("request %s: %d blocks, %d bytes to %s in %.2f ms (%s)", done.request_id, done.num_blocks,
                      done.kv_bytes, done.target_worker_id, done.seconds * 1e3, "ok" if done.ok else done.error)
 
-    def message(self, s, num_held_kv: int, role: str, cpus: list[int] | None, busy: BusyMeter) -> p.Stats:
-        """The Stats message from the engine's ``EngineStats`` ``s`` and the worker's ``busy`` meter."""
+    def on_store_load(self, load: LoadDone) -> None:
+        if load.ok:
+            self.store_loaded_tokens += max(0, load.num_tokens)
+
+    def message(self, s, num_held_kv: int, role: str, cpus: list[int] | None, busy: BusyMeter,
+                store=None) -> p.Stats:
+        """The Stats message from the engine's ``EngineStats`` ``s``, the worker's ``busy`` meter and its KV store
+        connector (``store``, None: none)."""
+        msg = self._message(s, num_held_kv, role, cpus, busy)
+        if store is not None:
+            msg.kv_store = [p.KVStoreTierStats(**vars(t)) for t in store.tier_stats()]
+            msg.kv_store_save_drops = store.queue.num_dropped
+            msg.kv_store_queued_bytes = store.queue.queued_bytes
+            msg.kv_store_loaded_tokens = self.store_loaded_tokens
+        return msg
+
+    def _message(self, s, num_held_kv: int, role: str, cpus: list[int] | None, busy: BusyMeter) -> p.Stats:
         t = self.transfers
         now = time.monotonic()
         return p.Stats(self.worker_id, role, time.time(), s.num_running, s.num_waiting, s.num_awaiting_kv,
