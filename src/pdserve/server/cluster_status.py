@@ -13,7 +13,8 @@ device, queue, running batch, KV use, prefix-cache hit rate, busy time, price), 
 (over the last ``RATE_WINDOW_S``), ``attainment`` (the frontend's rolling attainment per phase, what the
 controller reads), ``slo`` (objectives and attainment from the request counters, when objectives are set),
 ``cost`` (now, in total and over the rolling windows), ``elastic`` (the controller's objectives, window and
-recent decisions with their reasons; None when it is off), ``history`` (points over time;
+recent decisions with their reasons; None when it is off), ``ray`` (the Ray cluster's nodes and resources and
+where each worker runs, when the workers run on Ray; None otherwise), ``history`` (points over time;
 ``history_since`` returns only newer ones).
 """
 from __future__ import annotations
@@ -111,6 +112,14 @@ def elastic_section(client, monitor: ClusterMonitor, now: Snapshot, recent: dict
     return client.elastic.status() if client.elastic is not None else None
 
 
+def ray_section(client, monitor: ClusterMonitor, now: Snapshot, recent: dict) -> dict | None:
+    """Ray's facts when the workers were found through Ray (server/ray_directory.py): the cluster's address
+    and namespace, its nodes with their resources and labels, the resources in all and available, and where
+    each worker runs (node, resources, whether Ray restarted it). None otherwise."""
+    directory = getattr(client, "directory", None)
+    return directory.status() if directory is not None else None
+
+
 SECTIONS: dict[str, Callable[..., object]] = {
     "workers": workers_section,
     "rates": rates_section,
@@ -119,4 +128,5 @@ SECTIONS: dict[str, Callable[..., object]] = {
     "slo": slo_section,
     "cost": cost_section,
     "elastic": elastic_section,
+    "ray": ray_section,
 }
