@@ -10,7 +10,8 @@ Format (YAML; docs/cluster.md has the reference)::
       mode: disaggregated          # auto | colocated | disaggregated
       prefill: 1                   # workers per pool (colocated mode: `colocated: N`)
       decode: 1
-      kv_connector: shm            # shm | tcp | module:Class
+      kv_connector: shm            # shm | tcp | auto | module:Class (default: shm; auto on Ray)
+      kv_layerwise: true           # prefill sends KV layer by layer as computed (false: whole, at the end)
       routing: prefix_aware        # round_robin | least_loaded | prefix_aware
       min_remote_prefill_tokens: 0
       price_per_hour: 0.08         # USD per worker-hour, every worker or {prefill: 2.99, decode: 1.79}
@@ -21,6 +22,13 @@ Format (YAML; docs/cluster.md has the reference)::
         kv_host_memory: 4GiB       #   `pdserve worker`'s KV store flags; kv_remote: redis | mooncake starts
         kv_disk: /var/cache/kv:100GiB  # that server on this host (pdserve up), or redis://host:port
         kv_remote: redis
+      backend: local               # local: processes on this machine | ray: actors on a Ray cluster
+      ray:                         # backend ray (docs/ray.md)
+        address: 10.0.0.1:6379     #   a running cluster (omit: RAY_ADDRESS, else start a local one)
+        strategy: PACK             #   placement groups' strategy: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+        pools:                     #   what each worker of a pool asks of Ray
+          prefill: {num_cpus: 8, num_gpus: 1, resources: {h100: 1}}
+          decode: {num_cpus: 8, num_gpus: 1, label_selector: {accelerator: h200}}
     planning:                      # what only the simulator and planner read
       hardware: h100-sxm           # every pool, or {prefill: h100-sxm, decode: h200}
       tp: 1                        # every pool, or {prefill: 1, decode: 2}
@@ -49,12 +57,30 @@ import yaml
 
 from pdserve.settings import engine_settings_from_mapping, store_config
 
+class RayPlacement(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: dict[str, float] = {}
+    label_selector: dict[str, str] = {}
+
+
+class RaySettings(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
+    address: str | None = None
+    namespace: str | None = None
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_restarts: int = 10
+    pools: dict[Literal["prefill", "decode", "colocated"], RayPlacement] = {}
+
+
 class Serving(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
     mode: Literal["auto", "colocated", "disaggregated"] = "disaggregated"
     prefill: int = 1
     decode: int = 1
     colocated: int = 1
-    kv_connector: str = "shm"
+    kv_connector: str | None = None  # None: the launcher's default (shm; auto on Ray)
+    kv_layerwise: bool = True
+    backend: Literal["local", "ray"] = "local"
+    ray: RaySettings | None = None
     routing: Literal["round_robin", "least_loaded", "prefix_aware"] = "prefix_aware"
     min_remote_prefill_tokens: int = 0
     host: str | None = None

@@ -10,7 +10,8 @@ Channels:
   ``FailRemoteKV``, ``ForwardReservation``, ``KVDigestRequest``, ``Configure``, ``Shutdown`` one way; ``WorkerInfo``, ``Outputs``,
   ``ErrorMsg``, ``Stats``, ``KVEvents``, ``KVReservationMsg``, ``PrefillDone``, ``KVDigestReply`` back.
 - KV data plane, prefill worker -> decode worker, owned by the KV connector (kv/): the built-in connectors
-  send ``KVTransferDone`` over ZMQ PUSH -> PULL (tcp: followed by the block data as raw frames); others may
+  send ``KVTransferDone`` over ZMQ PUSH -> PULL (tcp: followed by the block data as raw frames), layer-wise
+  streams send ``KVLayerData`` ahead of it as each layer is computed; others may
   carry it their own way. No tensors ever travel on the control channel.
 
 This module imports nothing of pdserve's: every package may import it.
@@ -72,7 +73,10 @@ class KVTarget(msgspec.Struct, omit_defaults=True):
     ``connector``: the name of the KV connector the decode worker runs (a registry name such as ``shm``, or
     ``module:Class``); the prefill worker sends with the same connector. ``address``: the decode worker's
     KV data-plane endpoint; ``host``: its host name; ``shape``/``dtype``: its cache layout, which a sender
-    checks against its own; ``params``: connector-specific strings (the shm connector's file path)."""
+    checks against its own; ``params``: connector-specific strings (the shm connector's file path).
+    ``host`` names the node (``kv.connector.node_name``: the host name, or the node a launcher such as Ray
+    placed the worker on). ``alternatives``: a target that can receive in several ways (the ``auto``
+    connector: shared memory within a node, TCP across nodes) lists one target per way; the sender picks."""
 
     worker_id: str
     connector: str
@@ -81,6 +85,7 @@ class KVTarget(msgspec.Struct, omit_defaults=True):
     shape: list[int] = []
     dtype: str = ""
     params: dict[str, str] = {}
+    alternatives: list[KVTarget] = []
 
 
 # ---- frontend -> worker ---------------------------------------------------------------------------------
@@ -324,19 +329,33 @@ class KVTransferDone(msgspec.Struct, tag=40, tag_field="t", omit_defaults=True):
     num_frames: int = 0
     error: str = ""
     checksum: Union[int, None] = None  # of the blocks' data as sent (kv/faults.py: verification is opt-in)
+    streamed: bool = False  # the blocks came layer by layer before this notice (``KVLayerData``); no frames
+
+
+class KVLayerData(msgspec.Struct, tag=41, tag_field="t", omit_defaults=True):
+    """Layers ``[layer_start, layer_end)`` of ``dst_block_ids``, sent as soon as the prefill worker computed
+    them (layer-wise streaming), before the request's ``KVTransferDone`` (``streamed``). tcp: ``num_frames``
+    frames follow, together shaped ``(layer_end - layer_start, 2, len(dst_block_ids), block_size,
+    num_kv_heads, head_dim)`` split along the blocks; shm writes in place and sends none of these."""
+
+    request_id: str
+    layer_start: int
+    layer_end: int
+    dst_block_ids: list[int]
+    num_frames: int = 0
 
 
 ToWorker = Union[Hello, AddRequest, Abort, FailRemoteKV, ForwardReservation, KVDigestRequest, Shutdown, Configure,
                  CheckIntegrity]
 FromWorker = Union[WorkerInfo, Outputs, ErrorMsg, Stats, KVEvents, KVReservationMsg, PrefillDone,
                    KVDigestReply, IntegrityReply]
-KVPlane = KVTransferDone
+KVPlane = Union[KVTransferDone, KVLayerData]
 _heartbeat = msgspec.msgpack.Decoder(Heartbeat)
 
 MESSAGE_TYPES: tuple[type, ...] = (Hello, AddRequest, Abort, FailRemoteKV, ForwardReservation,
                                    KVDigestRequest, Shutdown, Configure, CheckIntegrity, WorkerInfo, Outputs,
                                    ErrorMsg, Stats, KVEvents, KVReservationMsg, PrefillDone, KVDigestReply,
-                                   IntegrityReply, Heartbeat, KVTransferDone)
+                                   IntegrityReply, Heartbeat, KVTransferDone, KVLayerData)
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(ToWorker)

@@ -8,6 +8,8 @@ from pdserve import protocol as p
 
 _TARGET = p.KVTarget("decode-1", "shm", "tcp://127.0.0.1:5000", "host-a", [30, 2, 8, 16, 3, 64], "float32",
                      {"path": "/dev/shm/pdserve-kv-1-ab"})
+_AUTO = p.KVTarget("decode-1", "auto", "", "node-a", [30, 2, 8, 16, 3, 64], "float32",
+                   alternatives=[_TARGET, p.KVTarget("decode-1", "tcp", "tcp://10.0.0.2:5001", "node-a")])
 _RESERVATION = p.KVReservationMsg("r1", [4, 5, 6], 16, _TARGET, 1234.5)
 _LOGPROBS = [p.LogprobEntry(7, -0.25, 1, [7, 9], [-0.25, -1.5])]
 
@@ -42,6 +44,7 @@ FROM_WORKER = [
     p.Stats("decode-1", "decode", 1.5, busy_s=12.5, prefill_busy_s=3.25, uptime_s=60.0, core_s=90.0),
     p.KVEvents("decode-1", [1, -2, 2**63 - 1], [3]),
     _RESERVATION,
+    p.KVReservationMsg("r2", [4], 0, _AUTO),
     p.PrefillDone("r1", True, 7, 16, 4096, 0.002),
     p.PrefillDone("r2", False, error="reservation deadline passed"),
     p.KVDigestReply("decode-1", "q1", ["ab" * 32, ""]),
@@ -51,6 +54,8 @@ FROM_WORKER = [
 KV_PLANE = [
     p.KVTransferDone("r1", True, [5, 6], 7, _LOGPROBS, 4096, 1),
     p.KVTransferDone("r2", False, error="aborted"),
+    p.KVTransferDone("r3", True, [5, 6], 7, streamed=True),
+    p.KVLayerData("r3", 4, 5, [5, 6], 1),
 ]
 
 

@@ -196,3 +196,34 @@ def test_up_with_a_bad_cluster_file_says_which_key(tmp_path):
                          text=True, timeout=120)
     assert run.returncode == 2
     assert "unknown field `modde`" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_ray_backend_from_a_cluster_file_and_flags(tmp_path):
+    """`serving: {backend: ray}` and `--ray`: the address, each pool's placement, connector auto unless named; a
+    pool the placement names wrong, or --mode auto, is a clear error. (The cluster itself: tests/e2e/test_e2e_ray.py.)"""
+    from pdserve.cluster.ray_launcher import Placement, RayCluster
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text("model: smollm2-135m\nserving:\n  backend: ray\n  prefill: 2\n  ray:\n    address: 10.1.2.3:6379\n"
+                    "    strategy: SPREAD\n    pools:\n      prefill: {num_cpus: 4, num_gpus: 1, resources: {h100: 1}}\n"
+                    "      decode: {label_selector: {accelerator: h200}}\n")
+    args = _up_args(["--config", str(path)])
+    assert (args.ray, args.ray_strategy, args.kv_connector, args.mode, args.prefill) == \
+        ("10.1.2.3:6379", "SPREAD", "auto", "disaggregated", 2)
+    assert args.ray_placements["prefill"] == Placement(4, 1, {"h100": 1})
+    assert args.ray_placements["prefill"].bundle() == {"CPU": 4, "GPU": 1, "h100": 1}
+    assert args.ray_placements["decode"].label_selector == {"accelerator": "h200"}
+    pool = RayCluster(args)._plan()[0]
+    worker_args = RayCluster(args)._worker_args(pool, "prefill-0")
+    assert worker_args[:6] == ["--role", "prefill", "--kv-connector", "auto", "--worker-id", "prefill-0"]
+    args = _up_args(["--ray", "--kv-connector", "tcp", "--no-kv-layerwise"])
+    assert (args.ray, args.kv_connector, args.mode) == ("", "tcp", "disaggregated")
+    assert "--no-kv-layerwise" in RayCluster(args)._worker_args(RayCluster(args)._plan()[0], "prefill-0")
+    assert _up_args([]).kv_connector == "shm"  # the local launcher's default is unchanged
+    with pytest.raises(ValueError, match="unknown pool 'prefil'"):
+        _up_args(["--ray", "--ray-placement", '{"prefil": {"num_cpus": 2}}'])
+    with pytest.raises(ValueError, match="--mode auto"):
+        _up_args(["--ray", "--mode", "auto"])
+    path.write_text("model: smollm2-135m\nserving: {backend: ray, ray: {pools: {decode: {num_cpu: 2}}}}\n")
+    with pytest.raises(ValueError, match="num_cpu"):
+        _up_args(["--config", str(path)])

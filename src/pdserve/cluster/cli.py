@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+import msgspec
 
 from pdserve.config import parse_size
 from pdserve.settings import add_engine_flags, add_store_flags
@@ -54,9 +57,13 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill", type=int, default=None, help="prefill workers (default 1)")
     p.add_argument("--decode", type=int, default=None, help="decode workers (default 1)")
     p.add_argument("--colocated", type=int, default=0, help="colocated workers (role both) instead")
-    p.add_argument("--kv-connector", "--kv-transfer", dest="kv_connector", default="shm",
-                   help="how KV moves from prefill to decode workers: shm (default: same host), tcp, or "
-                        "module:Class for an out-of-tree connector (kv/registry.py)")
+    p.add_argument("--kv-connector", "--kv-transfer", dest="kv_connector", default=None,
+                   help="how KV moves from prefill to decode workers: shm (default: same host), tcp, auto (the "
+                        "default with --ray: shared memory within a node, TCP across), or module:Class for an "
+                        "out-of-tree connector (kv/registry.py)")
+    p.add_argument("--kv-layerwise", action=argparse.BooleanOptionalAction, default=True,
+                   help="prefill workers send a prompt's KV layer by layer as it is computed (default); "
+                        "--no-kv-layerwise: the whole request once computed")
     p.add_argument("--host", default="127.0.0.1", help="the HTTP API's interface (default %(default)s)")
     p.add_argument("--internal-host", default="127.0.0.1",
                    help="the interface of the workers' and frontend's internal sockets (default %(default)s: "
@@ -76,6 +83,16 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-debug-endpoints", action="store_true")
     p.add_argument("--trace-dir", default=None,
                    help="every process writes an event trace here (for `pdserve profile --live`)")
+    g = p.add_argument_group("Ray (docs/ray.md)")
+    g.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the workers as Ray actors: on the Ray cluster at ADDRESS, or (no ADDRESS) the one in "
+                        "RAY_ADDRESS, else a local one started here")
+    g.add_argument("--ray-namespace", default=None, help="the Ray namespace of this cluster's actors (default: new)")
+    g.add_argument("--ray-placement", default=None, metavar="JSON",
+                   help='what each pool\'s workers ask of Ray, e.g. \'{"prefill": {"num_cpus": 8, "num_gpus": 1, '
+                        '"resources": {"h100": 1}}, "decode": {"label_selector": {"accelerator": "h200"}}}\'')
+    g.add_argument("--ray-strategy", default=None, choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+                   help="placement groups' strategy (default PACK)")
     add_objective_args(p, defaults=DEFAULT_OBJECTIVES)
     add_monitor_args(p)
     add_elastic_bounds_args(p)
@@ -86,13 +103,22 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_up_with_config(args: argparse.Namespace) -> int:
-    from pdserve.cluster.local import run_up
-
     try:
         args = apply_up_config(args)
     except ValueError as e:
         print(f"pdserve up: error: {e}", file=sys.stderr)
         return 2
+    if args.ray is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:  # not imported here: Ray reads its settings at import
+            print("pdserve up: error: --ray needs Ray: pip install 'pdserve[ray]'", file=sys.stderr)
+            return 2
+        from pdserve.cluster.ray_launcher import run_ray_up
+
+        return run_ray_up(args)
+    from pdserve.cluster.local import run_up
+
     return run_up(args)
 
 
@@ -111,7 +137,7 @@ def apply_up_config(args: argparse.Namespace) -> argparse.Namespace:
         layout = {"colocated": s.colocated, "prefill": None, "decode": None} if s.mode == "colocated" else \
             {"colocated": 0, "prefill": s.prefill, "decode": s.decode}
         values = {"model": f.model, **f.engine, **layout, "mode": s.mode, "kv_connector": s.kv_connector,
-                  "routing": s.routing,
+                  "kv_layerwise": s.kv_layerwise, "routing": s.routing,
                   "min_remote_prefill_tokens": s.min_remote_prefill_tokens, "host": s.host, "port": s.port,
                   "price_per_hour": s.price_per_hour_flags(), **s.kv_store_settings(),
                   "planned": _planned(f.predicted, args.config)}
@@ -121,6 +147,32 @@ def apply_up_config(args: argparse.Namespace) -> argparse.Namespace:
         # Per-pool engine settings apply to that pool's workers, unless a flag sets them for all.
         args.pool_settings = {pool: {k: v for k, v in settings.items() if k not in given}
                               for pool, settings in s.pools.items()}
+        if s.backend == "ray" or s.ray is not None:
+            r = s.ray or cluster_file.RaySettings()
+            if args.ray is None:
+                args.ray = r.address or ""
+            for key, value in (("ray_namespace", r.namespace), ("ray_strategy", r.strategy)):
+                if getattr(args, key) is None:
+                    setattr(args, key, value)
+            args.ray_max_restarts = r.max_restarts
+            if args.ray_placement is None and r.pools:
+                args.ray_placement = json.dumps({pool: msgspec.to_builtins(p) for pool, p in r.pools.items()})
+    args.kv_connector_given = args.kv_connector is not None
+    if args.kv_connector is None:
+        args.kv_connector = "auto" if args.ray is not None else "shm"
+    if args.ray is not None:
+        from pdserve.cluster.ray_launcher import placements_from
+
+        try:
+            spec = json.loads(args.ray_placement) if args.ray_placement else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--ray-placement is not JSON: {e}") from None
+        args.ray_placements = placements_from(spec)
+        if args.mode == "auto":
+            raise ValueError("--mode auto moves cores between the workers of one host; with --ray give a layout "
+                             "(--prefill/--decode, or --colocated)")
+        if args.mode is None and not args.colocated:
+            args.mode = "disaggregated"  # the default layout: 1 prefill + 1 decode worker, as Ray places them
     args.prefill_given = args.prefill is not None
     args.decode_given = args.decode is not None
     if args.mode is None:

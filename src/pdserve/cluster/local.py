@@ -166,6 +166,8 @@ class LocalCluster:
             argv += store_argv(store_config_from_args(self.args))
         if cpus is not None:
             argv += ["--cpus", cpus]
+        if not getattr(self.args, "kv_layerwise", True):
+            argv.append("--no-kv-layerwise")
         if getattr(self.args, "trace_dir", None):
             argv += ["--trace-file", str(Path(self.args.trace_dir) / f"worker-{role}-{i}.jsonl")]
         return argv
@@ -206,33 +208,7 @@ class LocalCluster:
         logger.info("started worker %s-%d%s", role, i, f" on core {cpus}" if cpus is not None else "")
 
     def _start_frontend(self, addresses: str) -> None:
-        a = self.args
-        argv = [sys.executable, "-m", "pdserve.server.main", "--workers", addresses, "--model", a.model,
-                "--host", a.host, "--port", str(a.port), "--routing", a.routing,
-                "--min-remote-prefill-tokens", str(a.min_remote_prefill_tokens),
-                "--worker-timeout", str(a.worker_timeout), "--internal-host", a.internal_host,
-                "--request-timeout", str(a.request_timeout)]
-        if a.admission_ttft_slack:
-            argv += ["--admission-ttft-slack", str(a.admission_ttft_slack)]
-        if a.served_model_name:
-            argv += ["--served-model-name", a.served_model_name]
-        argv += frontend_api_argv(a)
-        if a.enable_debug_endpoints:
-            argv.append("--enable-debug-endpoints")
-        if a.trace_dir:
-            argv += ["--trace-file", str(Path(a.trace_dir) / "frontend.jsonl")]
-        for flag, value in (("--slo-ttft", a.slo_ttft), ("--slo-tpot", a.slo_tpot), ("--slo-itl-p99", a.slo_itl_p99)):
-            if value is not None:
-                argv += [flag, str(value)]
-        if a.mode == "auto":
-            argv += ["--elastic", "--path-choice", "--elastic-initial", self.initial_layout(),
-                     "--min-prefill-workers", str(a.min_prefill_workers), "--min-decode-workers",
-                     str(a.min_decode_workers), "--min-decode-cores", str(a.min_decode_cores)]
-            for flag, value in (("--max-prefill-workers", a.max_prefill_workers),
-                                ("--max-decode-workers", a.max_decode_workers)):
-                if value is not None:
-                    argv += [flag, str(value)]
-        argv += monitor_args_to_argv(a)
+        argv = frontend_argv(self.args, ["--workers", addresses], self.initial_layout())
         self.children.append(Child("frontend", _spawn(argv, {**self.env, **self.frontend_env})))
 
     def _wait_ready(self, child: Child, deadline: float) -> None:
@@ -276,6 +252,37 @@ def run_up(args: argparse.Namespace) -> int:
     finally:
         cluster.progress.close()
         cluster.stop()
+
+
+def frontend_argv(a: argparse.Namespace, workers: list[str], initial_layout: str = "split") -> list[str]:
+    """The frontend's command line for ``pdserve up``'s arguments; ``workers``: how it finds them
+    (``--workers ADDRESSES``, or Ray's ``--ray-address/--ray-namespace``)."""
+    argv = [sys.executable, "-m", "pdserve.server.main", *workers, "--model", a.model,
+            "--host", a.host, "--port", str(a.port), "--routing", a.routing,
+            "--min-remote-prefill-tokens", str(a.min_remote_prefill_tokens),
+            "--worker-timeout", str(a.worker_timeout), "--internal-host", a.internal_host,
+            "--request-timeout", str(a.request_timeout)]
+    if a.admission_ttft_slack:
+        argv += ["--admission-ttft-slack", str(a.admission_ttft_slack)]
+    if a.served_model_name:
+        argv += ["--served-model-name", a.served_model_name]
+    argv += frontend_api_argv(a)
+    if a.enable_debug_endpoints:
+        argv.append("--enable-debug-endpoints")
+    if a.trace_dir:
+        argv += ["--trace-file", str(Path(a.trace_dir) / "frontend.jsonl")]
+    for flag, value in (("--slo-ttft", a.slo_ttft), ("--slo-tpot", a.slo_tpot), ("--slo-itl-p99", a.slo_itl_p99)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if a.mode == "auto":
+        argv += ["--elastic", "--path-choice", "--elastic-initial", initial_layout,
+                 "--min-prefill-workers", str(a.min_prefill_workers), "--min-decode-workers",
+                 str(a.min_decode_workers), "--min-decode-cores", str(a.min_decode_cores)]
+        for flag, value in (("--max-prefill-workers", a.max_prefill_workers),
+                            ("--max-decode-workers", a.max_decode_workers)):
+            if value is not None:
+                argv += [flag, str(value)]
+    return argv + monitor_args_to_argv(a)
 
 
 def _spawn(argv: list[str], env: dict | None = None) -> subprocess.Popen:

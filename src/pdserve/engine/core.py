@@ -5,6 +5,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -22,6 +23,17 @@ from pdserve.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 KVCacheAllocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+
+
+class LayerSink(Protocol):
+    """What the engine tells a layer-wise saver (``kv.layerwise.LayerwiseSaves``) about a step."""
+
+    def begin_step(self, chunks: list[tuple[str, int, int, list[int]]]) -> bool:
+        """The step computes these ``(request_id, start, num_tokens, block_ids)`` chunks; True: call
+        ``layer_done`` after each layer of its forward pass."""
+
+    def layer_done(self, layer: int) -> None:
+        """Layer ``layer``'s KV of every chunk is written (queued, on an accelerator)."""
 MAX_KV_EVENTS = 65536
 
 
@@ -68,7 +80,8 @@ class EngineCore:
                              f"block of {self.kv_bytes_per_block} bytes")
         shape = (self.arch.num_layers, 2, self.num_blocks, self.block_size, self.arch.num_kv_heads,
                  self.arch.head_dim)  # (layers, k|v, blocks, block_size, kv_heads, head_dim)
-        if kv_cache_allocator is None:
+        if kv_cache_allocator is None or self.device.type != "cpu":
+            # An allocator places host caches (shared memory); a cache on an accelerator lives there.
             self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         else:
             self.kv_cache = kv_cache_allocator(shape, self.dtype)
@@ -85,6 +98,9 @@ class EngineCore:
         self._reservations: list[KVReservation] = []
         # Called with every step's SchedulerOutput before it runs (tracing: worker/trace.py); None: nothing.
         self.schedule_observer: Callable[[SchedulerOutput], None] | None = None
+        # Told which requests' chunks a step computes and when each layer is written (layer-wise KV saves,
+        # kv/layerwise.py: a prefill worker sends a layer while the next ones compute); None: nothing.
+        self.layer_saves: LayerSink | None = None
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
         self._num_steps = 0
@@ -153,8 +169,12 @@ class EngineCore:
         if sched.is_empty:
             return []
         block_ids = {c.request.request_id: self.kv.block_ids(c.request.request_id) for c in sched.chunks}
+        on_layer = None
+        if self.layer_saves is not None and self.layer_saves.begin_step(
+                [(c.request.request_id, c.start, c.num_tokens, block_ids[c.request.request_id]) for c in sched.chunks]):
+            on_layer = self.layer_saves.layer_done
         start = time.perf_counter()
-        tokens, logprobs = self.runner.execute(sched, block_ids)
+        tokens, logprobs = self.runner.execute(sched, block_ids, on_layer)
         self._observe_step(sched, time.perf_counter() - start)
         outputs = self.scheduler.update_from_output(sched, tokens, logprobs)
         self._num_steps += 1

@@ -2,6 +2,8 @@
 device once, runs one forward pass, computes logits only where a token is sampled, and samples."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from pdserve.engine.outputs import TokenLogprobs
@@ -20,10 +22,11 @@ class ModelRunner:
         self.sampler = Sampler(device)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, block_ids: dict[str, list[int]]
-                ) -> tuple[dict[str, int], dict[str, TokenLogprobs]]:
+    def execute(self, sched: SchedulerOutput, block_ids: dict[str, list[int]],
+                on_layer: Callable[[int], None] | None = None) -> tuple[dict[str, int], dict[str, TokenLogprobs]]:
         """Compute every chunk of ``sched``; return the sampled token (and logprobs where asked) of each
-        request whose chunk reaches the end of its tokens."""
+        request whose chunk reaches the end of its tokens. ``on_layer(i)``: called once layer ``i``'s KV is
+        written (layer-wise KV saves)."""
         # Prefill chunks (several tokens) first, then decodes: the layout attention expects.
         chunks = sorted(sched.chunks, key=lambda c: c.num_tokens == 1)
         input_ids: list[int] = []
@@ -41,7 +44,7 @@ class ModelRunner:
                               self.block_size, self.device)
         ids_t = torch.tensor(input_ids, dtype=torch.long).to(self.device)
         pos_t = torch.tensor(positions, dtype=torch.long).to(self.device)
-        hidden = self.model(ids_t, pos_t, self.kv_caches, meta)  # (num_tokens, hidden_size)
+        hidden = self.model(ids_t, pos_t, self.kv_caches, meta, on_layer)  # (num_tokens, hidden_size)
         if not sampled_chunks:
             return {}, {}
         rows = torch.tensor(sample_rows, dtype=torch.long).to(self.device)

@@ -8,6 +8,11 @@ request this side no longer holds is refused at once (the decode worker computes
 computed prompt that gets no reservation within ``hold_timeout_s`` is released. An abort while the save
 runs waits for it (the connector is reading the blocks).
 
+Layer-wise (``stream=True``): a reservation that arrives while the prompt is still computing starts a stream
+at once (``StartStream``: the layers computed so far go now, the rest as each is computed); the save that
+follows the computed prompt then closes it. An abort while streaming tells the target no KV will come
+(behind the layers already queued) and aborts at once.
+
 Pure: no sockets, no clock (``now`` is passed in), no engine; the caller carries out the actions.
 """
 from __future__ import annotations
@@ -27,6 +32,14 @@ class StartSave:
     reservation: KVReservationMsg
     first_token_id: int
     first_logprobs: list | None
+
+
+@dataclass(frozen=True)
+class StartStream:
+    """Start sending the request's KV into ``reservation``'s blocks layer by layer as it is computed."""
+
+    request_id: str
+    reservation: KVReservationMsg
 
 
 @dataclass(frozen=True)
@@ -64,7 +77,7 @@ class AbortNow:
     request_id: str
 
 
-PrefillAction = StartSave | Refuse | ReleaseBlocks | ReportDone | AbortNow
+PrefillAction = StartSave | StartStream | Refuse | ReleaseBlocks | ReportDone | AbortNow
 
 
 @dataclass
@@ -80,10 +93,11 @@ class _Held:
 
 
 class PrefillSide:
-    def __init__(self, hold_timeout_s: float) -> None:
+    def __init__(self, hold_timeout_s: float, stream: bool = False) -> None:
         if hold_timeout_s <= 0:
             raise ValueError(f"hold_timeout_s must be > 0, got {hold_timeout_s}")
         self.hold_timeout_s = hold_timeout_s
+        self.stream = stream
         self._held: dict[str, _Held] = {}
 
     def __len__(self) -> int:
@@ -115,6 +129,8 @@ class PrefillSide:
         if held is None or held.is_aborted:
             return [Refuse(reservation, "the prefill worker no longer holds this request")]
         held.reservation = reservation
+        if self.stream and held.block_ids is None:
+            return [StartStream(reservation.request_id, reservation)]
         return self._maybe_save(reservation.request_id, held)
 
     def saved(self, done: SaveDone) -> list[PrefillAction]:

@@ -2,7 +2,8 @@
 
 The cache is one tensor ``(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)``; a block of one
 layer's keys (or values) is contiguous, so a request's blocks move as strided copies over runs of
-consecutive block ids.
+consecutive block ids, all layers at once or a range of layers (layer-wise streaming). The cache may be on
+any device: moving its blocks to and from host memory is ``kv/staging.py``'s.
 """
 from __future__ import annotations
 
@@ -37,38 +38,59 @@ def block_runs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, i
     return runs
 
 
-def copy_blocks(dst: torch.Tensor, dst_ids: list[int], src: torch.Tensor, src_ids: list[int]) -> None:
-    """``dst[:, :, dst_ids] = src[:, :, src_ids]`` as strided copies over runs (no gather temporary)."""
+ALL_LAYERS = slice(None)
+
+
+def copy_blocks(dst: torch.Tensor, dst_ids: list[int], src: torch.Tensor, src_ids: list[int],
+                layers: slice = ALL_LAYERS, src_layers: slice | None = None) -> None:
+    """``dst[layers, :, dst_ids] = src[src_layers, :, src_ids]`` as strided copies over runs (no gather
+    temporary). ``src_layers`` defaults to ``layers`` (both tensors hold every layer)."""
+    src_layers = layers if src_layers is None else src_layers
     for s, d, n in block_runs(src_ids, dst_ids):
         # (num_layers, 2, n, block_size, num_kv_heads, head_dim)
-        dst[:, :, d:d + n].copy_(src[:, :, s:s + n])
+        dst[layers, :, d:d + n].copy_(src[src_layers, :, s:s + n], non_blocking=dst.device != src.device)
 
 
-def gather_blocks(src: torch.Tensor, src_ids: list[int]) -> torch.Tensor:
-    """The blocks ``src_ids`` as one contiguous tensor (num_layers, 2, len(src_ids), ...)."""
-    out = torch.empty((src.shape[0], src.shape[1], len(src_ids), *src.shape[3:]), dtype=src.dtype)
-    copy_blocks(out, list(range(len(src_ids))), src, src_ids)
+def gather_blocks(src: torch.Tensor, src_ids: list[int], layers: slice = ALL_LAYERS) -> torch.Tensor:
+    """The blocks ``src_ids`` of ``layers`` as one contiguous tensor on ``src``'s device
+    (num_layers_in_slice, 2, len(src_ids), block_size, num_kv_heads, head_dim)."""
+    num_layers = len(range(*layers.indices(src.shape[0])))
+    out = torch.empty((num_layers, src.shape[1], len(src_ids), *src.shape[3:]), dtype=src.dtype, device=src.device)
+    copy_blocks(out, list(range(len(src_ids))), src, src_ids, ALL_LAYERS, layers)
+    return out
+
+
+def frames_to_tensors(cache: torch.Tensor, num_blocks: int, buffers: list, num_layers: int | None = None
+                      ) -> list[torch.Tensor]:
+    """Received contiguous block data (``gather_blocks`` layout, split along the blocks across ``buffers``)
+    as host tensors (num_layers, 2, n, block_size, num_kv_heads, head_dim), no copy. ValueError unless they
+    hold exactly ``num_blocks`` blocks of ``num_layers`` layers (default: every layer of ``cache``)."""
+    num_layers = cache.shape[0] if num_layers is None else num_layers
+    block_shape = (num_layers, cache.shape[1], -1, *cache.shape[3:])
+    per_block = num_layers * cache.shape[1] * cache[0, 0, 0].numel()  # elements of one block's layers
+    out, i = [], 0
+    for buffer in buffers:
+        data = tensor_from_buffer(buffer, cache.dtype)
+        if data.numel() % per_block:
+            raise ValueError(f"a frame of {data.numel()} elements is not a whole number of blocks")
+        data = data.view(block_shape)
+        i += data.shape[2]
+        if i > num_blocks:
+            raise ValueError(f"more blocks arrived than the {num_blocks} announced")
+        out.append(data)
+    if i != num_blocks:
+        raise ValueError(f"{i} blocks arrived, {num_blocks} announced")
     return out
 
 
 def scatter_frames(cache: torch.Tensor, dst_ids: list[int], buffers: list) -> None:
-    """Copy received contiguous block data (``gather_blocks`` layout, split across ``buffers``) into
+    """Copy received contiguous block data (``gather_blocks`` layout, split across ``buffers``) into a host
     ``cache`` at ``dst_ids``. ValueError when the buffers do not hold exactly ``len(dst_ids)`` blocks."""
-    # (num_layers, 2, n, block_size, num_kv_heads, head_dim) per buffer
-    block_shape = (cache.shape[0], cache.shape[1], -1, *cache.shape[3:])
     i = 0
-    for buffer in buffers:
-        data = tensor_from_buffer(buffer, cache.dtype)
-        if data.numel() % (block_bytes(cache) // cache.element_size()):
-            raise ValueError(f"a frame of {data.numel()} elements is not a whole number of blocks")
-        data = data.view(block_shape)
+    for data in frames_to_tensors(cache, len(dst_ids), buffers):
         n = data.shape[2]
-        if i + n > len(dst_ids):
-            raise ValueError(f"more blocks arrived than the {len(dst_ids)} announced")
         copy_blocks(cache, dst_ids[i:i + n], data, list(range(n)))
         i += n
-    if i != len(dst_ids):
-        raise ValueError(f"{i} blocks arrived, {len(dst_ids)} announced")
 
 
 def check_layout(cache: torch.Tensor, shape: list[int], dtype: str) -> None:

@@ -7,6 +7,13 @@ One ``KVConnector`` per worker and connector kind. A decode worker (the *target*
 reserved blocks with ``start_save`` (asynchronous: it returns at once) and collects finished saves from
 ``poll_saves``; only then may it free the blocks. Nothing here blocks the engine step.
 
+Layer-wise streaming (capability ``layerwise``): a source may be handed a request's KV one layer at a time,
+while the prompt is still being computed (``save_layer``: that layer's blocks as the forward pass of a
+chunk of the prompt wrote them), so the transfer of earlier layers and chunks overlaps the compute of later
+ones; the request's ``start_save`` then only closes the stream (``SaveJob.streamed``: the notice with the
+first token, which the target takes as "every layer of every block has landed"). ``kv.layerwise`` keeps
+track of what was computed and sent; a source that is not layer-wise gets the whole request at the end.
+
 The rules every connector keeps (the base class keeps the first two for its subclasses): a load is reported
 ok only for blocks that match the request's current reservation; a source never writes after the
 reservation's deadline; a target that ``cancel``s a request never writes a late arrival for it into its cache.
@@ -22,6 +29,7 @@ import abc
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +43,16 @@ if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
+
+NODE_ENV = "PDSERVE_NODE"
+
+
+def node_name() -> str:
+    """The node this process runs on, as KV targets name it (``KVTarget.host``): ``PDSERVE_NODE`` where a
+    launcher placed the worker on a node of its own (Ray: the node's id, so that several Ray nodes on one
+    machine are still different nodes), else the host name. Connectors that need a shared host (shared
+    memory, CUDA IPC) are used only between workers of the same node."""
+    return os.environ.get(NODE_ENV) or socket.gethostname()
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,7 @@ class SaveJob:
     first_token_id: int = -1
     first_logprobs: list | None = None
     block_hashes: list[int] = field(default_factory=list)
+    streamed: bool = False  # every block of every layer went out by ``save_layer``: only the notice is left
 
 
 @dataclass
@@ -71,6 +90,21 @@ class LoadJob:
     request_id: str
     block_ids: list[int]
     block_hashes: list[int]
+
+
+@dataclass
+class LayerJob:
+    """Layers ``[layer_start, layer_end)`` of a request's blocks ``src_block_ids`` (the local cache) into the
+    target's ``dst_block_ids`` of ``reservation``, computed and ready to go. ``ready``: the event the
+    compute stream recorded once they were written (``kv.staging.Staging.mark``; None on CPU)."""
+
+    request_id: str
+    reservation: KVReservationMsg
+    layer_start: int
+    layer_end: int
+    src_block_ids: list[int]
+    dst_block_ids: list[int]
+    ready: object = None
 
 
 class KVConnector(abc.ABC):
@@ -83,6 +117,12 @@ class KVConnector(abc.ABC):
     def __init__(self, config: ConnectorConfig) -> None:
         self.config = config
         self.cache: torch.Tensor | None = None
+
+    @classmethod
+    def can_reach(cls, target: KVTarget, cache: torch.Tensor) -> bool:
+        """Whether a source with ``cache`` (on its device) can send to ``target`` this way (a connector that
+        needs a shared host: only on the target's node)."""
+        return not cls.capabilities.same_host_only or not target.host or target.host == node_name()
 
     # -- the cache ----------------------------------------------------------------------------------------
     def allocate_cache(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -124,6 +164,13 @@ class KVConnector(abc.ABC):
         """A store connector (``is_store``): start loading ``job``'s blocks into ``cache``; returns at once, and
         the ``LoadDone`` (its ``num_tokens``: the leading tokens that landed) comes out of ``poll_loads``."""
         raise NotImplementedError(f"{type(self).__name__} does not load blocks by hash")
+
+    def save_layer(self, job: LayerJob, cache: torch.Tensor) -> None:
+        """Capability ``layerwise``: start sending ``job``'s layers of ``cache``; returns at once. Jobs of one
+        request go out in order, before its ``start_save`` (``SaveJob.streamed``), which reports a failure
+        of any of them. A block may be sent again (a block the next chunk of the prompt fills further): the
+        last copy wins."""
+        raise NotImplementedError(f"{type(self).__name__} does not save layer by layer")
 
     @abc.abstractmethod
     def poll_saves(self) -> list[SaveDone]:

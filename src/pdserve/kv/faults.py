@@ -3,7 +3,8 @@
 ``PDSERVE_FAULTS="kv_drop=0.5,kv_delay_s=1.5,kv_corrupt=1,seed=3"`` in a worker's environment makes its
 connectors drop a transfer's notice (the target waits for its deadline, then computes the prompt), delay a
 send, or flip a byte of the data sent, each with the given probability (delay: always, by that many
-seconds). Unset, nothing is injected. Corruption is only detectable with checksums, so it turns them on
+seconds); ``kv_cut_layer=N`` cuts every layer-wise stream before layer N (the layers below it land, the rest
+and the stream's end fail, as a connection lost mid-stream would). Unset, nothing is injected. Corruption is only detectable with checksums, so it turns them on
 (``PDSERVE_KV_VERIFY=1`` turns them on without faults: every transfer carries a checksum of its data that
 the target verifies before it uses the blocks; they cost a pass over the data on both sides, so they are off
 by default: shared memory and TCP deliver what was written).
@@ -20,6 +21,7 @@ class KVFaults:
     kv_drop: float = 0.0
     kv_delay_s: float = 0.0
     kv_corrupt: float = 0.0
+    kv_cut_layer: int = -1
     seed: int = 0
     rng: random.Random = field(default_factory=random.Random)
 
@@ -29,7 +31,7 @@ class KVFaults:
         faults = cls()
         for item in filter(None, (x.strip() for x in text.split(","))):
             name, _, value = item.partition("=")
-            if name not in ("kv_drop", "kv_delay_s", "kv_corrupt", "seed"):
+            if name not in ("kv_drop", "kv_delay_s", "kv_corrupt", "kv_cut_layer", "seed"):
                 raise ValueError(f"PDSERVE_FAULTS: unknown fault {name!r}")
             setattr(faults, name, type(getattr(faults, name))(value))
         faults.rng = random.Random(faults.seed)
@@ -41,6 +43,10 @@ class KVFaults:
 
     def drops(self) -> bool:
         return self.kv_drop > 0 and self.rng.random() < self.kv_drop
+
+    def cuts(self, layer_end: int) -> bool:
+        """Whether a layer job that ends at ``layer_end`` is past the cut."""
+        return 0 <= self.kv_cut_layer < layer_end
 
     def corrupts(self) -> bool:
         return self.kv_corrupt > 0 and self.rng.random() < self.kv_corrupt

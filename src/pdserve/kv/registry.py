@@ -10,7 +10,8 @@ import importlib
 
 from pdserve.kv.connector import ConnectorConfig, KVConnector
 
-BUILTIN = {"shm": "pdserve.kv.shm:ShmConnector", "tcp": "pdserve.kv.tcp:TcpConnector",
+BUILTIN = {"auto": "pdserve.kv.auto:AutoConnector", "shm": "pdserve.kv.shm:ShmConnector",
+           "tcp": "pdserve.kv.tcp:TcpConnector", "cuda_ipc": "pdserve.kv.cuda_ipc:CudaIpcConnector",
            "store": "pdserve.kv.store.connector:StoreConnector"}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pdserve.kv.base import ConnectorCapabilities
-from pdserve.kv.blocks import DTYPE_NAMES, check_layout, copy_blocks, flip_a_byte
+from pdserve.kv.blocks import ALL_LAYERS, DTYPE_NAMES, check_layout, flip_a_byte
 from pdserve.kv.connector import ConnectorConfig
 from pdserve.kv.zmq_connector import ZmqConnector
 from pdserve.protocol import KVTarget
@@ -27,8 +27,11 @@ _FILE_RE = re.compile(r"pdserve-kv-(\d+)-[0-9a-f]+$")
 
 
 class ShmConnector(ZmqConnector):
+    """A target's cache must be in host memory (it places it); a source's may be anywhere (its blocks are
+    staged through host memory on the way, kv/staging.py)."""
+
     capabilities = ConnectorCapabilities(is_target=True, places_cache=True, writes_remotely=True,
-                                         same_host_only=True)
+                                         same_host_only=True, layerwise=True)
 
     def __init__(self, config: ConnectorConfig) -> None:
         super().__init__(config)
@@ -56,19 +59,21 @@ class ShmConnector(ZmqConnector):
             self.path = None
 
     def _target_params(self) -> dict[str, str]:
-        assert self.path is not None, "the shm connector places the cache it advertises"
+        if self.path is None:
+            raise ValueError("the shm connector receives only into a host cache it placed in shared memory")
         return {"path": str(self.path)}
 
-    def _write(self, cache: torch.Tensor, src: list[int], dst: list[int], target: KVTarget) -> list:
+    def _write(self, cache: torch.Tensor, src: list[int], dst: list[int], target: KVTarget,
+               layers: slice = ALL_LAYERS, ready=None) -> list:
         remote = self._map(target)
         check_layout(cache, list(remote.shape), target.dtype)
-        copy_blocks(remote, dst, cache, src)
+        self.staging(cache).copy_between(remote, dst, cache, src, layers, ready)
         return []
 
     def _corrupt_target_block(self, target: KVTarget, block_id: int) -> None:
         flip_a_byte(self._map(target), block_id)
 
-    def _read(self, dst: list[int], frames: list) -> None:
+    def _read(self, dst: list[int], frames: list, layers: slice = ALL_LAYERS) -> None:
         if frames:
             raise ValueError("the shm connector carries no block frames")
 

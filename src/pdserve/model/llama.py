@@ -7,7 +7,7 @@ hidden states; ``compute_logits`` turns the rows the caller picks into float32 l
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -52,8 +52,9 @@ class LlamaForCausalLM(nn.Module):
         return self._device
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """input_ids, positions: (num_tokens,) int64; kv_caches: one per layer, layout in attention.py.
+        ``on_layer(i)``: called after layer ``i`` (its KV is in the cache; layer-wise KV saves).
         Returns final-normed hidden states (num_tokens, hidden_size)."""
         if self._quant_embed is not None:
             h = self._quant_embed.embedding(input_ids, self.dtype)  # (num_tokens, hidden_size)
@@ -61,8 +62,10 @@ class LlamaForCausalLM(nn.Module):
             h = self.embed_tokens(input_ids)  # (num_tokens, hidden_size)
         cos_sin = self.rope.lookup(positions)  # once for all layers
         residual: torch.Tensor | None = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             h, residual = layer(h, residual, cos_sin, kv_cache, meta)
+            if on_layer is not None:
+                on_layer(i)
         return self.norm.add_forward(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -39,9 +39,12 @@ from pdserve.tracing import Tracer
 logger = logging.getLogger(__name__)
 
 class FrontendClient:
-    def __init__(self, options: FrontendOptions, metrics=None) -> None:
+    def __init__(self, options: FrontendOptions, metrics=None, directory=None) -> None:
+        """``directory``: where to find workers besides ``options.worker_addresses`` (``poll()`` -> records with
+        ``address``, blocking, run on a thread; ``status()``), e.g. ``server.ray_directory.RayDirectory``."""
         self.options = options
         self.metrics = metrics
+        self.directory = directory
         self.context = zmq.asyncio.Context.instance()
         self.frontend_id = uuid.uuid4().hex[:8]
         self.tracker = InstanceTracker()
@@ -61,6 +64,7 @@ class FrontendClient:
         self._tracked: dict[str, Tracked] = {}
         self._digests: dict[str, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
+        self._readers: dict[int, asyncio.Task] = {}  # id(WorkerConn) -> its reader task
         self._ids = itertools.count()
         self._trace = Tracer(options.trace_path, "frontend", role="frontend")
 
@@ -69,15 +73,11 @@ class FrontendClient:
         """Connect to every worker and wait (up to connect_timeout_s) until each has introduced itself."""
         self._tasks += self.liveness.start()
         for address in self.options.worker_addresses:
-            sock = self.context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)
-            sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues for a worker that is not connected
-            security.connect(sock, address)
-            conn = WorkerConn(address, sock)
-            self._pending.append(conn)
-            self._tasks.append(asyncio.create_task(self._reader(conn)))
+            self._connect(address)
+        if self.directory is not None:
+            for record in await asyncio.to_thread(self.directory.poll):
+                self._connect(record["address"])
+            self._tasks.append(asyncio.create_task(self._discover()))
         deadline = time.monotonic() + self.options.connect_timeout_s
         while any(c.info is None for c in self._pending) and time.monotonic() < deadline:
             for conn in self._pending:
@@ -91,13 +91,55 @@ class FrontendClient:
             self._tasks.append(asyncio.create_task(self.elastic.run()))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._readers.values()]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)  # wait until every task has ended
+        await asyncio.gather(*self._tasks, *self._readers.values(), return_exceptions=True)  # every task ended
         for conn in self._pending:
             conn.socket.close(0)
         self.liveness.close()
+        if self.directory is not None:
+            self.directory.close()
         self._trace.close()
+
+    def _connect(self, address: str) -> WorkerConn:
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues for a worker that is not connected
+        security.connect(sock, address)
+        conn = WorkerConn(address, sock)
+        self._pending.append(conn)
+        self._readers[id(conn)] = asyncio.create_task(self._reader(conn))
+        return conn
+
+    async def _discover(self) -> None:
+        """Follow the directory: connect to workers at addresses not seen yet (new ones, or ones restarted
+        elsewhere; their WorkerInfo re-admits them in place of the old connection, ``_on_info``)."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                records = await asyncio.to_thread(self.directory.poll)
+            except Exception as e:  # noqa: BLE001  the directory's backend (Ray) failing must not end the loop
+                logger.warning("cannot read the worker directory: %s", e)
+                continue
+            known = {c.address for c in self._pending}
+            for record in records:
+                if record["address"] not in known:
+                    logger.info("worker %s found at %s", record.get("worker_id", "?"), record["address"])
+                    self.liveness.hello(self._connect(record["address"]))
+            for conn in self._pending:
+                if conn.info is None:
+                    self.liveness.hello(conn)
+
+    def _retire(self, conn: WorkerConn) -> None:
+        """A connection to an address its worker left (restarted elsewhere): closed, forgotten."""
+        task = self._readers.pop(id(conn), None)
+        if task is not None:
+            task.cancel()
+        if conn in self._pending:
+            self._pending.remove(conn)
+        conn.socket.close(0)
 
     # -- queries -------------------------------------------------------------------------------------
     @property
@@ -344,7 +386,13 @@ class FrontendClient:
                 fut.set_result(msg.digests if isinstance(msg, p.KVDigestReply) else msg.error)
 
     def _on_info(self, conn: WorkerConn, info: p.WorkerInfo) -> None:
-        if conn.info is None:
+        old = self.conns.get(info.worker_id)
+        if old is not None and old is not conn:  # the worker is back on another address (restarted elsewhere)
+            if old.is_alive:
+                self.liveness.dead(info.worker_id, old, f"came back at {conn.address}")
+            self._retire(old)
+            self.liveness.readmit(conn, info)
+        elif conn.info is None:
             logger.info("worker %s (%s, pid %d on %s) connected", info.worker_id, info.role, info.pid, info.host)
         elif not conn.is_alive:
             self.liveness.readmit(conn, info)

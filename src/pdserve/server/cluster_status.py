@@ -14,7 +14,8 @@ device, queue, running batch, KV use, prefix-cache hit rate, busy time, price), 
 controller reads), ``slo`` (objectives and attainment from the request counters, when objectives are set),
 ``cost`` (now, in total and over the rolling windows; ``planned``: the planner's figures for this layout
 when the cluster was started from a plan, else None), ``elastic`` (the controller's objectives, window and
-recent decisions with their reasons; None when it is off), ``history`` (points over time;
+recent decisions with their reasons; None when it is off), ``ray`` (the Ray cluster's nodes and resources and
+where each worker runs, when the workers run on Ray; None otherwise), ``history`` (points over time;
 ``history_since`` returns only newer ones).
 """
 from __future__ import annotations
@@ -112,6 +113,14 @@ def elastic_section(client, monitor: ClusterMonitor, now: Snapshot, recent: dict
     return client.elastic.status() if client.elastic is not None else None
 
 
+def ray_section(client, monitor: ClusterMonitor, now: Snapshot, recent: dict) -> dict | None:
+    """Ray's facts when the workers were found through Ray (server/ray_directory.py): the cluster's address
+    and namespace, its nodes with their resources and labels, the resources in all and available, and where
+    each worker runs (node, resources, whether Ray restarted it). None otherwise."""
+    directory = getattr(client, "directory", None)
+    return directory.status() if directory is not None else None
+
+
 SECTIONS: dict[str, Callable[..., object]] = {
     "workers": workers_section,
     "rates": rates_section,
@@ -120,4 +129,5 @@ SECTIONS: dict[str, Callable[..., object]] = {
     "slo": slo_section,
     "cost": cost_section,
     "elastic": elastic_section,
+    "ray": ray_section,
 }

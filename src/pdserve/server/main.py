@@ -16,8 +16,12 @@ from pdserve.server.monitor_args import add_monitor_args, monitor_options_from_a
 
 
 def add_frontend_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", required=True,
+    parser.add_argument("--workers", default="",
                         help="comma-separated worker control addresses, e.g. tcp://127.0.0.1:5555,tcp://...")
+    parser.add_argument("--ray-address", default=None,
+                        help="find the workers on this Ray cluster instead (the named actors of --ray-namespace, "
+                             "as `pdserve up --ray` starts them), following them as Ray restarts them")
+    parser.add_argument("--ray-namespace", default=None, help="the Ray namespace of the workers (--ray-address)")
     parser.add_argument("--model", default="smollm2-135m", help="model (for the tokenizer)")
     parser.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
@@ -140,9 +144,19 @@ def run_frontend(args: argparse.Namespace) -> int:
 
     try:
         monitor_options = monitor_options_from_args(args)
+        if not args.workers and not args.ray_address:
+            raise ValueError("give the workers' addresses (--workers) or where to find them (--ray-address)")
+        if args.ray_address and not args.ray_namespace:
+            raise ValueError("--ray-address needs --ray-namespace (the namespace `pdserve up --ray` printed)")
     except ValueError as e:
         print(f"pdserve frontend: error: {e}", file=sys.stderr)
         return 2
+    directory = None
+    if args.ray_address:
+        from pdserve.server.ray_directory import RayDirectory
+
+        directory = RayDirectory(args.ray_address, args.ray_namespace)
+        directory.connect()  # on the main thread (Ray wants it there); uvicorn's signal handlers come after
     options = FrontendOptions(tuple(a.strip() for a in args.workers.split(",") if a.strip()),
                               routing=args.routing, prefix_load_weight=args.prefix_load_weight,
                               min_remote_prefill_tokens=args.min_remote_prefill_tokens,
@@ -152,7 +166,7 @@ def run_frontend(args: argparse.Namespace) -> int:
                               elastic_initial=args.elastic_initial, bounds=bounds_from_args(args),
                               internal_host=args.internal_host, request_timeout_s=args.request_timeout or None,
                               admission_ttft_slack=args.admission_ttft_slack)
-    client = FrontendClient(options)
+    client = FrontendClient(options, directory=directory)
 
     def load():
         from pdserve.model.loader import checkpoint_path

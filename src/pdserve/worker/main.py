@@ -22,6 +22,9 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
                         help="KV connector: how prefill workers write into this worker's cache (decode/both "
                              "roles): shm (same host), tcp, or module:Class for an out-of-tree connector")
     parser.add_argument("--kv-port", type=int, default=0, help="KV data-plane port (default: chosen by the OS)")
+    parser.add_argument("--kv-layerwise", action=argparse.BooleanOptionalAction, default=True,
+                        help="prefill: send a prompt's KV layer by layer as each is computed, overlapping the "
+                             "transfer with the compute (default); --no-kv-layerwise: the whole request at the end")
     parser.add_argument("--worker-id", default="", help="name in logs and metrics (default role@host:port)")
     parser.add_argument("--transfer-timeout", type=float, default=30.0,
                         help="seconds a decode worker waits for KV before computing the prompt itself")
@@ -35,21 +38,7 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from pdserve.engine.core import EngineCore
-    from pdserve.worker.process import Worker, WorkerOptions
-
-    cores = apply_cpu_args(args)
-    keep_freed_memory()  # before the engine allocates anything: no page faults on per-step temporaries
-    config = engine_config_from_args(args)
-    options = WorkerOptions(role=args.role, host=args.host, port=args.port, kv_connector=args.kv_connector,
-                            kv_port=args.kv_port, worker_id=args.worker_id,
-                            transfer_timeout_s=args.transfer_timeout, log_stats_interval_s=args.log_stats_interval,
-                            trace_path=args.trace_file, cpus=tuple(cores) if cores else None,
-                            kv_store=store_config_from_args(args))
-    worker = Worker(None, options, engine_factory=lambda alloc: EngineCore(config, alloc, record_kv_events=True))
-    if cores:
-        logger.info("worker %s pinned to cores %s", worker.worker_id, cores)
-    freeze_startup_objects()  # the engine is built: no full GC pass walks it in the middle of a step
+    worker = build_worker(args)
     record = json.dumps(worker.ready_record())
     if args.ready_file:
         with open(args.ready_file + ".tmp", "w") as f:
@@ -69,6 +58,27 @@ def run_worker(args: argparse.Namespace) -> int:
         worker.close()
         logger.info("worker %s stopped", worker.worker_id)
     return 0
+
+
+def build_worker(args: argparse.Namespace):
+    """The worker ``pdserve worker``'s arguments describe, built and ready to run (a launcher that runs
+    workers in processes of its own, such as Ray's actors, calls this too)."""
+    from pdserve.engine.core import EngineCore
+    from pdserve.worker.process import Worker, WorkerOptions
+
+    cores = apply_cpu_args(args)
+    keep_freed_memory()  # before the engine allocates anything: no page faults on per-step temporaries
+    config = engine_config_from_args(args)
+    options = WorkerOptions(role=args.role, host=args.host, port=args.port, kv_connector=args.kv_connector,
+                            kv_port=args.kv_port, kv_layerwise=args.kv_layerwise, worker_id=args.worker_id,
+                            transfer_timeout_s=args.transfer_timeout, log_stats_interval_s=args.log_stats_interval,
+                            trace_path=args.trace_file, cpus=tuple(cores) if cores else None,
+                            kv_store=store_config_from_args(args))
+    worker = Worker(None, options, engine_factory=lambda alloc: EngineCore(config, alloc, record_kv_events=True))
+    if cores:
+        logger.info("worker %s pinned to cores %s", worker.worker_id, cores)
+    freeze_startup_objects()  # the engine is built: no full GC pass walks it in the middle of a step
+    return worker
 
 
 def main(argv: list[str] | None = None) -> int:

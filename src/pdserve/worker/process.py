@@ -36,6 +36,7 @@ from pdserve.flow.store import StoreLoads
 from pdserve.config import KVStoreConfig, ModelConfig
 from pdserve.kv.blocks import block_digest
 from pdserve.kv.connector import ConnectorConfig, KVConnector, LoadJob, SaveJob
+from pdserve.kv.layerwise import LayerwiseSaves
 from pdserve.kv.registry import make_connector
 from pdserve.kv.store.scheduler_side import StoreExternal
 from pdserve.runtime import move_to_cores
@@ -58,6 +59,7 @@ class WorkerOptions:
     port: int = 0  # control socket; 0: the OS picks
     kv_connector: str = "shm"  # decode/both: how prefill workers reach this worker's cache (kv/registry.py)
     kv_port: int = 0
+    kv_layerwise: bool = True  # prefill: stream a prompt's KV layer by layer as computed (else whole, at the end)
     worker_id: str = ""  # default: role@host:port
     transfer_timeout_s: float = 30.0  # decode: a reservation not filled by then falls back to local prefill
     hold_timeout_s: float = 120.0  # prefill: KV held this long without a reservation is released
@@ -110,7 +112,10 @@ class Worker:
         self.connector.register_cache(core.kv_cache)
         self.kv_target = self.connector.target() if self.is_target else None
         self.decode = DecodeSide(options.transfer_timeout_s, self.connector.capabilities.writes_remotely)
-        self.prefill = PrefillSide(options.hold_timeout_s)
+        self.prefill = PrefillSide(options.hold_timeout_s, stream=options.kv_layerwise)
+        self.layer_saves = LayerwiseSaves(core.kv_cache)
+        if options.kv_layerwise:
+            core.layer_saves = self.layer_saves
         self._sources: dict[str, KVConnector] = {self.connector.name: self.connector}
         self._peers: set[bytes] = set()
         self.heartbeats = Heartbeats(self.worker_id)
@@ -276,6 +281,8 @@ class Worker:
         self._trace.emit("add", rid=rid, t=round(time.monotonic(), 6), remote_kv=msg.remote_kv, hold_kv=msg.hold_kv)
         if msg.hold_kv:
             self.prefill.add(rid)
+            if self.options.kv_layerwise:
+                self.layer_saves.track(rid)
         if msg.remote_kv:
             self.decode.add(rid)
 
@@ -289,6 +296,7 @@ class Worker:
                 self._abort_engine(rid)
 
     def _abort_engine(self, rid: str) -> None:
+        self.layer_saves.forget(rid)
         if rid in self.store_flow:  # its store load may still write into its blocks: abort when it reports
             self._execute_store(self.store_flow.abort(rid))
             return
@@ -368,12 +376,20 @@ class Worker:
             if isinstance(a, fp.StartSave):
                 self._trace.emit("reservation", rid=a.request_id, t=round(time.monotonic(), 6), done=True)
                 connector = self._source(a.reservation.target.connector)
+                streamed = self.layer_saves.finish(a.request_id, a.block_ids)
                 connector.start_save(SaveJob(a.request_id, a.block_ids, a.reservation, a.first_token_id,
-                                             a.first_logprobs), self.core.kv_cache)
+                                             a.first_logprobs, streamed), self.core.kv_cache)
                 self._watch(connector)
+            elif isinstance(a, fp.StartStream):
+                self._trace.emit("stream", rid=a.request_id, t=round(time.monotonic(), 6))
+                connector = self._source(a.reservation.target.connector)
+                if connector.capabilities.layerwise:
+                    self.layer_saves.open(a.request_id, connector, a.reservation)
+                    self._watch(connector)
             elif isinstance(a, fp.Refuse):
                 self._source(a.reservation.target.connector).refuse(a.reservation, a.reason)
             elif isinstance(a, fp.ReleaseBlocks):
+                self.layer_saves.forget(a.request_id)
                 self.core.release_kv(a.request_id)
             elif isinstance(a, fp.ReportDone):
                 owner = self._owner.pop(a.request_id, None)
@@ -445,6 +461,7 @@ class Worker:
             if rid in self.prefill:  # the first token goes to the decode worker with the KV
                 if out.finish_reason == "abort" or not out.new_token_ids:
                     self.prefill.ended_without_output(rid)
+                    self.layer_saves.forget(rid)
                     self._owner.pop(rid, None)
                     continue
                 self._execute_prefill(self.prefill.computed(
