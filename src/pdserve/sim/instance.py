@@ -147,6 +147,10 @@ class Instance:
             n += 1
         return n
 
+    def num_store_blocks(self, block_hashes: Sequence[int], start: int) -> int:
+        """The simulator models no KV store tier (docs/sim.md): nothing loads from one."""
+        return 0
+
 
 class SimTracker:
     """The router's instance tracker over simulated instances: the views are the instances themselves, whose
