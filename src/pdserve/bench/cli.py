@@ -6,6 +6,9 @@
     pdserve bench compare a.json b.json [...] [--out-dir DIR]
 
 ``register(subparsers)`` adds the subcommand to pdserve's CLI; ``python -m pdserve.bench.cli`` runs it alone.
+
+(Over 400 lines: it is flags and their checks, one per workload and load shape, read as one list; the load
+generator, workloads and reports are loadgen.py, workloads.py and report.py.)
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Runs inside the frontend's asyncio loop. One DEALER socket per worker; one reade
 worker messages into events of ``flow.frontend.FrontendFlow`` (the hand-off: routing, reservations, fall
 back, retry, migration, deadlines) and carries out its actions; ``server/liveness.py`` tells which workers
 are alive, so that no client waits forever.
+
+(Over 400 lines: the reader tasks and the flow's actions share one state, the sockets and the streams; the
+hand-off's decisions are flow/frontend.py's, liveness and bookkeeping are liveness.py's and requests.py's.)
 """
 from __future__ import annotations
 

@@ -22,6 +22,9 @@ Method (fast search: simulate a unit, then scale):
 4. A unit's goodput scales linearly with the number of units that fit the card count or the hourly
    budget (independent units behind a load balancer); cost per million tokens comes from the unit's
    simulation at its goodput rate.
+
+(Over 400 lines: the search is one method, steps 1-4 above, sharing the unit cache and the probe; the
+command line, the cluster file and the workload are in plan_cli.py, cluster_file.py and workload.py.)
 """
 from __future__ import annotations
 

@@ -10,6 +10,10 @@ their actions: messages to the frontend, connector loads and saves, engine calls
 Roles: ``both`` computes prompts and tokens; ``prefill`` computes prompts and sends their KV to the decode
 worker whose reservation the frontend forwards; ``decode`` reserves blocks for a remote prefill, waits for the
 KV, then generates (a request without ``remote_kv`` it computes itself).
+
+(Over 400 lines: the loop and the executors of the hand-off's actions share the engine, the control socket
+and the connectors; the KV store, heartbeats, stats, tracing and wire formats are store_io.py, heartbeat.py,
+stats.py, trace.py and wire.py.)
 """
 from __future__ import annotations
 
@@ -29,21 +33,19 @@ from pdserve.engine.outputs import EngineOutput
 from pdserve.errors import InvalidRequestError, PdserveError
 from pdserve.flow import decode as fd
 from pdserve.flow import prefill as fp
-from pdserve.flow import store as fs
 from pdserve.flow.decode import DecodeSide
 from pdserve.flow.prefill import PrefillSide
-from pdserve.flow.store import StoreLoads
-from pdserve.config import KVStoreConfig, ModelConfig
+from pdserve.config import KVStoreConfig
 from pdserve.kv.blocks import block_digest
-from pdserve.kv.connector import ConnectorConfig, KVConnector, LoadJob, SaveJob
+from pdserve.kv.connector import ConnectorConfig, KVConnector, SaveJob
 from pdserve.kv.layerwise import LayerwiseSaves
 from pdserve.kv.registry import make_connector
-from pdserve.kv.store.scheduler_side import StoreExternal
 from pdserve.runtime import move_to_cores
 from pdserve.sampling_params import SamplingParams
 from pdserve.worker.busy import BusyMeter, device_info
 from pdserve.worker.heartbeat import Heartbeats
 from pdserve.worker.stats import WorkerStats
+from pdserve.worker.store_io import WorkerStore
 from pdserve.worker.trace import WorkerTracer
 from pdserve.worker.wire import logprobs_from_wire, logprobs_to_wire, output_to_wire
 
@@ -128,11 +130,11 @@ class Worker:
         self.poller = zmq.Poller()
         self.poller.register(self.control, zmq.POLLIN)
         self._watch(self.connector)
-        self.store: KVConnector | None = None  # the KV store's worker side, when tiers are configured
-        self.store_side: StoreExternal | None = None  # ... and its scheduler side, in the engine
-        self.store_flow = StoreLoads()
+        self.store: WorkerStore | None = None  # the KV store tiers beside the cache, when configured
         if options.kv_store is not None and options.kv_store.enabled:
-            self._open_store(options.kv_store)
+            self.store = WorkerStore(core, options.kv_store, self.worker_id, options.host, self._route_outputs,
+                                     self._abort_engine)
+            self._watch(self.store.connector)
 
     # -- public --------------------------------------------------------------------------------------
     def info(self) -> p.WorkerInfo:
@@ -160,8 +162,8 @@ class Worker:
             self._poll_connectors()
             self._expire()
             outputs = self._step()
-            if self.store_side is not None:
-                self._start_store_io()  # the saves of requests this step finished
+            if self.store is not None:
+                self.store.start_io()  # the saves of requests this step finished
             self._trace.step_end()
             self._send_reservations()
             self._route_outputs(outputs)
@@ -297,8 +299,8 @@ class Worker:
 
     def _abort_engine(self, rid: str) -> None:
         self.layer_saves.forget(rid)
-        if rid in self.store_flow:  # its store load may still write into its blocks: abort when it reports
-            self._execute_store(self.store_flow.abort(rid))
+        if self.store is not None and rid in self.store:  # its load may still write into its blocks: abort
+            self.store.abort(rid)                            # when it reports
             return
         self.core.abort_requests([rid])
         self._owner.pop(rid, None)
@@ -310,13 +312,7 @@ class Worker:
             for load in self.connector.poll_loads():
                 self._execute_decode(self.decode.loaded(load))
         if self.store is not None:
-            for load in self.store.poll_loads():
-                self.stats.on_store_load(load)
-                self._trace.emit("kv_load", rid=load.request_id, e=round(load.finished_at, 6), bytes=load.kv_bytes,
-                                 tokens=load.num_tokens, ok=load.ok)
-                self._execute_store(self.store_flow.loaded(load))
-            for done in self.store.poll_saves():
-                self._execute_store(self.store_flow.saved(done))
+            self.store.poll(self.stats, self._trace)
         for connector in self._sources.values():
             for done in connector.poll_saves():
                 self.stats.on_save(done)
@@ -378,7 +374,7 @@ class Worker:
                 connector = self._source(a.reservation.target.connector)
                 streamed = self.layer_saves.finish(a.request_id, a.block_ids)
                 connector.start_save(SaveJob(a.request_id, a.block_ids, a.reservation, a.first_token_id,
-                                             a.first_logprobs, streamed), self.core.kv_cache)
+                                             a.first_logprobs, streamed=streamed), self.core.kv_cache)
                 self._watch(connector)
             elif isinstance(a, fp.StartStream):
                 self._trace.emit("stream", rid=a.request_id, t=round(time.monotonic(), 6))
@@ -404,48 +400,6 @@ class Worker:
         for r in self.core.take_reservations():  # a store load's reservation is the store's (_start_store_io)
             if self.kv_target is not None and r.request_id in self.decode:
                 self._execute_decode(self.decode.reserved(r, self.kv_target, now))
-
-    # -- the KV store ---------------------------------------------------------------------------------------
-    def _open_store(self, config: KVStoreConfig) -> None:
-        store = make_connector("store", ConnectorConfig(self.worker_id, self.options.host, store=config,
-                                                        model=model_identity(self.core.config.model)))
-        store.register_cache(self.core.kv_cache)
-        self.store = store
-        self.store_side = StoreExternal(self.core.block_size, store.lookup, store.can_save)
-        self.core.add_external("store", self.store_side)
-        self._watch(store)
-        observer = self.core.schedule_observer  # loads start as soon as the step is scheduled, before it runs
-
-        def on_schedule(sched) -> None:
-            if observer is not None:
-                observer(sched)
-            self._start_store_io()
-
-        self.core.schedule_observer = on_schedule
-
-    def _start_store_io(self) -> None:
-        cache = self.core.kv_cache
-        for load in self.store_side.take_loads():
-            self.store_flow.started(load.request_id)
-            self.store.start_load(LoadJob(load.request_id, load.block_ids, load.block_hashes), cache)
-        for save in self.store_side.take_saves():
-            self.store_flow.saving(save.request_id)
-            self.store.start_save(SaveJob(save.request_id, save.block_ids, None, block_hashes=save.block_hashes),
-                                  cache)
-
-    def _execute_store(self, actions: list[fs.StoreAction]) -> None:
-        for a in actions:
-            if isinstance(a, fs.Continue):
-                out = self.core.finish_load(a.request_id, num_loaded_tokens=a.num_tokens)
-                if out is not None:
-                    self._route_outputs([out])
-            elif isinstance(a, fs.ComputeLocally):
-                logger.info("request %s: computing its prompt (%s)", a.request_id, a.reason)
-                self.core.fail_load(a.request_id)
-            elif isinstance(a, fs.AbortNow):
-                self._abort_engine(a.request_id)
-            elif isinstance(a, fs.Release):
-                self.core.release_kv(a.request_id, "store")
 
     def _expire(self) -> None:
         if len(self.decode):
@@ -485,14 +439,12 @@ class Worker:
             return
         self._last_stats_s = now
         s = self.core.stats()
-        stats = self.stats.message(s, len(self.prefill), self.role, self.cpus, self.busy, self.store)
+        stats = self.stats.message(s, len(self.prefill), self.role, self.cpus, self.busy,
+                                   self.store.connector if self.store is not None else None)
         stored, evicted = self.core.take_kv_events()
         events = [p.KVEvents(self.worker_id, stored, evicted)] if stored or evicted else []
         if self.store is not None:
-            host = socket.gethostname()
-            events += [p.KVEvents(self.worker_id, e.stored, e.evicted, e.tier,
-                                  self.options.kv_store.remote if e.tier == "remote" else host)
-                       for e in self.store.take_events()]
+            events += self.store.kv_events()
         for peer in self._peers:
             self._send(peer, stats)
             for event in events:
@@ -517,8 +469,3 @@ class Worker:
         except zmq.ZMQError as e:
             logger.warning("cannot send %s: %s", type(msg).__name__, e)
 
-
-def model_identity(model: ModelConfig) -> str:
-    """What makes a worker's KV: the checkpoint (or known name), how it is loaded, and a dummy model's seed."""
-    seed = f"|seed={model.seed}" if model.load_format == "dummy" else ""
-    return f"{model.model}|{model.load_format}{seed}"

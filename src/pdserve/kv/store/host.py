@@ -15,6 +15,9 @@ outside it, as strided copies over runs of consecutive slots and cache blocks (o
 
 Every attached process holds a shared lock on the file's second byte; the last one to detach removes the
 file. A pool outlives a worker that crashes (the next one on the host finds its blocks).
+
+(Over 400 lines: the pool's layout, its lock and its allocator are one shared-memory format, read and
+written by every process attached; split, the offsets would be read across files.)
 """
 from __future__ import annotations
 
