@@ -222,3 +222,26 @@ def test_fault_plan_errors():
             KVFaults.from_env()
     finally:
         del os.environ["PDSERVE_FAULTS"]
+
+
+def test_shm_source_lets_go_of_a_dead_targets_cache():
+    """A restarted decode worker places a new cache file: the source maps it and drops the mapping of the
+    old one, whose file is gone (else each restart would keep a whole KV pool mapped in the prefill worker)."""
+    source = make_connector("shm", ConnectorConfig("prefill-test"))
+    src = _source_cache()
+    try:
+        for i in range(3):
+            conn, cache = _target("shm")
+            try:
+                source.start_save(SaveJob(f"r{i}", SRC_BLOCKS, _reservation(conn, rid=f"r{i}"), 42), src)
+                deadline = time.monotonic() + 30
+                while not (done := source.poll_saves()):
+                    assert time.monotonic() < deadline, "the save never finished"
+                    time.sleep(0.01)
+                assert done[0].ok, done[0].error
+                _check_blocks(cache, src)
+                assert len(source._maps) == 1  # this target's cache only
+            finally:
+                conn.close()  # removes its file, as a dead worker's launcher does
+    finally:
+        source.close()

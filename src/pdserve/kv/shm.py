@@ -89,6 +89,11 @@ class ShmConnector(ZmqConnector):
             if os.path.getsize(path) != expected:
                 raise ValueError(f"{path} is not {expected} bytes")
             remote = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(target.shape)
+            # A dead target's file is removed (by its launcher, or remove_stale_files): let its mapping go too,
+            # or every restart of a decode worker would keep a whole KV pool mapped here (a save in flight
+            # holds its own reference)
+            for gone in [p for p in self._maps if not os.path.exists(p)]:
+                del self._maps[gone]
             self._maps[path] = remote
         return remote
 

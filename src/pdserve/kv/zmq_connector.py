@@ -32,6 +32,7 @@ from pdserve.protocol import (KVLayerData, KVReservationMsg, KVTarget, KVTransfe
 logger = logging.getLogger(__name__)
 
 SEND_TIMEOUT_S = 30.0
+MAX_PUSH_SOCKETS = 64  # source side: sockets to targets kept open (each a pipe and a connection)
 
 
 class ZmqConnector(KVConnector):
@@ -238,6 +239,10 @@ class ZmqConnector(KVConnector):
             sock.setsockopt(zmq.SNDHWM, 0)
             security.connect(sock, address)
             self._push[address] = sock
+            if len(self._push) > MAX_PUSH_SOCKETS:  # targets come and go (restarts): the longest unused goes
+                self._push.pop(next(iter(self._push))).close()  # (its linger still delivers what is queued)
+        else:
+            self._push[address] = self._push.pop(address)  # most recently used last
         if not frames:
             sock.send(encode(notice))
             return
