@@ -178,3 +178,10 @@ def test_a_minimal_backend_needs_only_names_and_is_available():
     cache = backend.allocate_kv_cache((1, 2, 3, 4, 1, 2), torch.float32, torch.device("cpu"))
     assert cache.shape == (1, 2, 3, 4, 1, 2) and not cache.any()
     backend.synchronize(torch.device("cpu"))  # no streams: nothing to wait for
+
+
+def test_pdserve_up_refuses_an_unknown_device_before_starting_workers(capsys):
+    from pdserve.cli import main
+
+    assert main(["up", "--device", "nosuchchip"]) == 2
+    assert "pdserve up: error: unknown device 'nosuchchip': known devices are auto, cpu, cuda" in capsys.readouterr().err
