@@ -30,7 +30,12 @@ def test_plan_writes_ranked_pareto_and_cluster(tmp_path, capsys):
     spec = load_cluster(out / "best-cluster.yaml")
     assert spec.num_cards == ranked[0]["cards"]
     assert yaml.safe_load((out / "best-cluster.yaml").read_text())["predicted"]["planned_by"] == "pdserve plan"
-    assert "goodput" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "goodput" in printed and "cached in" in printed and "attainment" in printed
+    for r in ranked:  # the headroom brackets the goodput from above
+        assert r["attainment"] >= 0.9
+        assert r["misses_at_rps"] is None or r["misses_at_rps"] > r["goodput_rps"]
+    assert any(r["misses_at_rps"] is not None for r in ranked)
 
 
 def test_probe_requests_are_distinct_prompts():

@@ -78,6 +78,7 @@ def run_plan_command(args) -> int:
     pareto_plot(rows, out / "pareto.png")
     best_cluster(rows[0]).dump(out / "best-cluster.yaml")
     print(format_table(rows, args.top))
+    print(format_details(rows, min(3, args.top), args.attainment))
     if planner.num_capped:
         print(f"note: {planner.num_capped} probes needed more than --max-probe-requests x instances requests to "
               "show sustained load and counted as misses; goodputs near that limit are lower bounds")
@@ -95,6 +96,27 @@ def format_table(rows: list[dict], top: int) -> str:
                      f"{r['cost_per_mtok']['uncached_input_per_mtok']:>10.4f}{r['cost_per_mtok']['output_per_mtok']:>11.4f}"
                      f"{r['ttft_p90_s'] * 1e3:>8.0f}{r['tpot_p90_s'] * 1e3:>8.1f}")
     lines.append("(goodput in req/s at the attainment target; TTFT/TPOT p90 in ms of one unit at its goodput)")
+    return "\n".join(lines)
+
+
+def format_details(rows: list[dict], top: int, target: float) -> str:
+    """What a buyer reads for the best few plans: cards by kind, cost per million tokens by kind of token,
+    attainment at the goodput, and the headroom to the rate where attainment falls under the target."""
+    lines = []
+    for r in rows[:top]:
+        c = r["cost_per_mtok"]
+        kinds = ", ".join(f"{n} x {hw}" for hw, n in sorted(r["cards_by_kind"].items()))
+        if r["misses_at_rps"] is None:
+            edge = "no probed rate missed it"
+        else:
+            edge = (f"under it between {r['goodput_rps']:.1f} and {r['misses_at_rps']:.1f} req/s "
+                    f"(+{r['misses_at_rps'] / r['goodput_rps'] - 1:.0%} at most)")
+        lines += [f"#{r['rank']}: {kinds}; ${r['price_per_hour']:,.0f}/h, {r['power_kw_tdp']:.1f} kW (TDP)",
+                  f"    $/Mtok: cached in {c['cached_input_per_mtok']:.4f}, uncached in "
+                  f"{c['uncached_input_per_mtok']:.4f}, out {c['output_per_mtok']:.4f}, blended "
+                  f"{c['blended_per_mtok']:.4f}",
+                  f"    attainment {r['attainment']:.1%} at {r['goodput_rps']:.1f} req/s (target {target:.0%}); "
+                  f"{edge}"]
     return "\n".join(lines)
 
 

@@ -52,6 +52,7 @@ AUTO_PRECISIONS = ("bf16", "fp8")  # --precision auto: bf16 everywhere, fp8 wher
 class Candidate:
     spec: ClusterSpec  # one unit
     goodput: float = 0.0  # unit req/s at the attainment target
+    miss_rate: float | None = None  # the lowest unit rate probed that missed it (None: none did)
     probe: dict | None = None  # the unit's simulation at that rate
 
     @property
@@ -126,7 +127,7 @@ class Planner:
             raise ValueError(f"{self.model.name} ({', '.join(self.precisions)}) fits none of {self.hardware}")
         bar = _bar(len(units), self.progress, "planning")
         for cand in units:
-            cand.goodput, cand.probe = self.max_rate(cand.spec, self._rate_guess(cand.spec))
+            cand.goodput, cand.miss_rate, cand.probe = self.rate_bracket(cand.spec, self._rate_guess(cand.spec))
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -135,8 +136,16 @@ class Planner:
 
     def max_rate(self, spec: ClusterSpec, guess: float, slo=None, output_len: int | None = None,
                  iters: int = 3) -> tuple[float, dict | None]:
-        """Highest Poisson rate (req/s) with attainment >= target (bracketed from ``guess`` by factors
-        of 1.5, then ``iters`` bisections), and the simulation at that rate."""
+        """Highest Poisson rate (req/s) with attainment >= target, and the simulation at that rate."""
+        lo, _, best = self.rate_bracket(spec, guess, slo, output_len, iters)
+        return lo, best
+
+    def rate_bracket(self, spec: ClusterSpec, guess: float, slo=None, output_len: int | None = None,
+                     iters: int = 3) -> tuple[float, float | None, dict | None]:
+        """The highest Poisson rate (req/s) with attainment >= target and the lowest probed rate that
+        missed it (bracketed from ``guess`` by factors of 1.5, then ``iters`` bisections), and the
+        simulation at the first. A rate counted as a miss for want of probe requests (a lower bound) is
+        no measured miss: the second is then the lowest simulated miss, or None."""
         cap = self.max_probe_requests * sum(p.instances for p in spec.pools.values())
 
         def ok(rate: float) -> tuple[bool, dict | None]:
@@ -150,6 +159,7 @@ class Planner:
         rate = max(guess, 1e-3)
         good, r = ok(rate)
         lo, hi, best = (rate, None, r) if good else (0.0, rate, None)
+        missed = [] if good or r is None else [rate]  # rates whose simulation missed the target
         for _ in range(16):
             if good:
                 if hi is not None:
@@ -164,18 +174,19 @@ class Planner:
                 lo, best = rate, r
             else:
                 hi = rate
+                missed += [rate] if r is not None else []
             if lo > 0 and hi is not None:
                 break
-        if lo == 0.0 or hi is None:
-            return lo, best
-        for _ in range(iters):
-            mid = (lo + hi) / 2
-            good, r = ok(mid)
-            if good:
-                lo, best = mid, r
-            else:
-                hi = mid
-        return lo, best
+        if lo > 0.0 and hi is not None:
+            for _ in range(iters):
+                mid = (lo + hi) / 2
+                good, r = ok(mid)
+                if good:
+                    lo, best = mid, r
+                else:
+                    hi = mid
+                    missed += [mid] if r is not None else []
+        return lo, min(missed, default=None), best
 
     def simulate(self, spec: ClusterSpec, rate: float, slo=None, output_len: int | None = None) -> dict:
         n = min(len(self.base), max(self.probe_requests, math.ceil(rate * self.min_probe_s)))
@@ -335,6 +346,9 @@ def rank(cands: list[Candidate], catalogue, cards: int | None, budget: float | N
                                                    "output_per_mtok", "blended_per_mtok")},
             "ttft_p90_s": c.probe["ttft_s"]["p90"], "tpot_p90_s": c.probe["tpot_s"]["p90"],
             "attainment": c.probe["slo_attainment"], "output_tokens_per_s": n_units * c.probe["output_throughput"],
+            # Headroom: attainment falls under the target between the goodput and this rate (the lowest
+            # probed rate that missed; None: none did)
+            "misses_at_rps": n_units * c.miss_rate if c.miss_rate is not None else None,
         })
     rows.sort(key=lambda r: (-r["goodput_rps"], r["cost_per_mtok"]["blended_per_mtok"]))
     for i, r in enumerate(rows, 1):
