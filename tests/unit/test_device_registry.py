@@ -185,3 +185,21 @@ def test_pdserve_up_refuses_an_unknown_device_before_starting_workers(capsys):
 
     assert main(["up", "--device", "nosuchchip"]) == 2
     assert "pdserve up: error: unknown device 'nosuchchip': known devices are auto, cpu, cuda" in capsys.readouterr().err
+
+
+def test_the_engine_warns_when_the_kv_cache_exceeds_free_memory(testchip, caplog):
+    from pdserve.engine.core import _warn_if_over_memory
+
+    class Small(CpuBackend):
+        name = "small"
+
+        def memory_info(self, device):
+            return 1 << 20, 1 << 30
+
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.WARNING, logger="pdserve.engine.core"):
+        _warn_if_over_memory(Small(), cpu, 1 << 19)
+        _warn_if_over_memory(get_backend("testchip"), cpu, 1 << 40)  # no memory_info: nothing to say
+        assert not caplog.records
+        _warn_if_over_memory(Small(), cpu, 2 << 20)
+    assert "KV cache (0.00 GiB) is larger than small (cpu)'s free memory" in caplog.records[0].message

@@ -82,6 +82,7 @@ class EngineCore:
                              f"block of {self.kv_bytes_per_block} bytes")
         shape = (self.arch.num_layers, 2, self.num_blocks, self.block_size, self.arch.num_kv_heads,
                  self.arch.head_dim)  # (layers, k|v, blocks, block_size, kv_heads, head_dim)
+        _warn_if_over_memory(self.backend, self.device, self.num_blocks * self.kv_bytes_per_block)
         if kv_cache_allocator is None or not self.backend.kv_cache_in_host_memory:
             # An allocator places host caches (shared memory); a cache on an accelerator lives there.
             self.kv_cache = self.backend.allocate_kv_cache(shape, self.dtype, self.device)
@@ -281,3 +282,15 @@ class EngineCore:
             queued_prefill_tokens=queued, prefill_token_s=costs.prefill_token_s() if measured else 0.0,
             decode_step_s=costs.predict(num_decodes, decode_ctx) if measured and num_decodes else 0.0,
             step_target_s=self.prefill_budget.target_step_s)
+
+
+def _warn_if_over_memory(backend, device: torch.device, kv_bytes: int) -> None:
+    """Say so when the KV cache about to be allocated is larger than the device's free memory (the
+    allocation may still succeed: a host cache's pages are touched lazily)."""
+    try:
+        free, _ = backend.memory_info(device)
+    except NotImplementedError:
+        return
+    if kv_bytes > free:
+        logger.warning("the KV cache (%.2f GiB) is larger than %s's free memory (%.2f GiB): lower "
+                       "--kv-cache-memory", kv_bytes / 2**30, backend.label(device), free / 2**30)
