@@ -1,8 +1,8 @@
 """Block data between a KV cache on any device and host memory: what a sender ships, what a receiver writes.
 
 A cache in host memory needs no staging: ``to_host`` gathers its blocks into one host buffer and
-``from_host`` copies received data straight into the blocks. A cache on an accelerator (CUDA, or any device
-PyTorch drives with streams and events):
+``from_host`` copies received data straight into the blocks. A cache on an accelerator (its device backend,
+``pdserve.devices``, has streams and events: CUDA, or a plugin's chip):
 
 - sending, the blocks are gathered on the device into one contiguous buffer, on a side stream that first
   waits for the event the compute stream recorded when those layers were written (``mark``, called on the
@@ -15,7 +15,7 @@ PyTorch drives with streams and events):
 
 ``Staging(device, staged=True)`` on CPU runs the accelerator's path (gather into a device-side buffer, copy
 into a separate host buffer, and back) without streams or pinned memory, which CPUs do not have: the unit
-tests check the path's indexing and layout that way.
+tests check the path's indexing and layout that way. Block copies are the backend's (``copy_blocks``).
 """
 from __future__ import annotations
 
