@@ -95,7 +95,8 @@ class DeviceBackend(ABC):
     @property
     def uses_cpu_kernels(self) -> bool:
         """Whether pdserve's CPU C++ kernels (``pdserve.kernels``: fused norms, quantized GEMMs, paged
-        attention) run on this device's tensors, and so whether quantized weights can stay quantized."""
+        attention) run on this device's tensors: the loader builds them and keeps quantized weights quantized
+        only then. (Norms and GEMMs dispatch by tensor: a backend on device type "cpu" gets them anyway.)"""
         return self.device_type == "cpu"
 
     def attention(self) -> AttentionFn | None:
