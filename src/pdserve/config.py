@@ -48,7 +48,8 @@ class ModelConfig:
     max_model_len: int | None = field(default=None, metadata={
         "type": int, "help": "context length cap (default: the model's)"})
     seed: int = field(default=0, metadata={"help": "seed of dummy weights"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu, cuda:1, ..."})
+    device: str = field(default="auto", metadata={"help": "auto (the available device backend of highest "
+                        "priority: cuda, else cpu), cpu, cuda:1, or a plugin's name (pdserve.devices)"})
     # auto: a GGUF's own Q8_0/Q4_0/Q4_1/Q4_K weights stay quantized (CPU); none: dequantized at load;
     # int8 (= q8_0), q4_0, q4_1: every matrix quantized to that type at load
     quantization: str = field(default="auto", metadata={

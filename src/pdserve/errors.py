@@ -36,6 +36,12 @@ class ModelLoadError(PdserveError, ValueError):
     error_type = "model_load_error"
 
 
+class DeviceError(PdserveError, ValueError):
+    """``--device`` names no backend, or one that cannot run here (see ``pdserve.devices``)."""
+
+    error_type = "device_error"
+
+
 class OverloadedError(PdserveError):
     """The cluster cannot take the request now: HTTP 429 (or 503) with Retry-After."""
 

@@ -30,8 +30,9 @@ def tiny_dir(tmp_path_factory):
     return path
 
 
-def _engine(tiny_dir, alloc=None):
-    config = EngineConfig(model=ModelConfig(model=str(tiny_dir), load_format="dummy", device="cpu", seed=7),
+def _engine(tiny_dir, alloc=None, device="cpu", dtype="auto"):
+    config = EngineConfig(model=ModelConfig(model=str(tiny_dir), load_format="dummy", device=device, dtype=dtype,
+                                            seed=7),
                           cache=CacheConfig(block_size=16, num_blocks=24),
                           scheduler=SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8))
     return EngineCore(config, alloc, record_kv_events=True)
@@ -40,10 +41,11 @@ def _engine(tiny_dir, alloc=None):
 class Running:
     """A worker running its loop in a thread, and a DEALER connected to it (the test is the frontend)."""
 
-    def __init__(self, tiny_dir, role, backend="shm", transfer_timeout_s=30.0, trace_path=None):
+    def __init__(self, tiny_dir, role, backend="shm", transfer_timeout_s=30.0, trace_path=None, device="cpu",
+                 dtype="auto"):
         options = WorkerOptions(role=role, kv_connector=backend, stats_interval_s=0.05,
                                 transfer_timeout_s=transfer_timeout_s, idle_poll_ms=10, trace_path=trace_path)
-        self.worker = Worker(None, options, engine_factory=lambda alloc: _engine(tiny_dir, alloc))
+        self.worker = Worker(None, options, engine_factory=lambda alloc: _engine(tiny_dir, alloc, device, dtype))
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
         self.thread.start()
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -133,6 +135,31 @@ def test_disaggregated_equals_colocated_with_identical_kv(tiny_dir, colocated_to
         assert len(a.digests) == 2 and all(a.digests) and a.digests == b.digests
         for w in (prefill, decode):
             w.wait_stats(lambda s: s.num_free_blocks == s.num_blocks and s.num_held_kv == 0)
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_disaggregated_on_a_device_plugin(tiny_dir, testchip):
+    """Both workers on the out-of-tree ``testchip`` backend (tests/conftest.py, found by its entry point): the
+    KV moves through shared memory by the plugin's block copies, and the tokens are the CPU's."""
+    cpu = Running(tiny_dir, "both", dtype="float32")
+    try:
+        cpu.send(p.AddRequest("c", PROMPT, GREEDY))
+        cpu_ids, _ = cpu.tokens("c")
+    finally:
+        cpu.close()
+    prefill = Running(tiny_dir, "prefill", device="testchip", dtype="float32")
+    decode = Running(tiny_dir, "decode", "shm", device="testchip", dtype="float32")
+    try:
+        assert decode.worker.core.backend.name == "testchip" and decode.worker.device.device_name == "TestChip T1"
+        decode.send(p.AddRequest("r", PROMPT, GREEDY, remote_kv=True))
+        prefill.send(p.AddRequest("r", PROMPT, p.WireSamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),
+                                  hold_kv=True))
+        prefill.send(p.ForwardReservation(decode.recv_type(p.KVReservationMsg)))
+        assert prefill.recv_type(p.PrefillDone).ok
+        assert decode.tokens("r") == (cpu_ids, "length")
+        assert testchip.CALLS["copy_blocks"] >= 1 and testchip.CALLS["attention"] >= 2 * 6  # layers x steps
     finally:
         prefill.close()
         decode.close()

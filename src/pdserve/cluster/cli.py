@@ -119,7 +119,26 @@ def run_up_with_config(args: argparse.Namespace) -> int:
         return run_ray_up(args)
     from pdserve.cluster.local import run_up
 
+    error = _check_local_devices(args)
+    if error:  # before any process starts: each worker would fail with it
+        print(f"pdserve up: error: {error}", file=sys.stderr)
+        return 2
     return run_up(args)
+
+
+def _check_local_devices(args: argparse.Namespace) -> str | None:
+    """Why a worker on this machine could not run on the ``--device`` it is given (the command line's or a
+    pool's in the cluster file), or None."""
+    from pdserve.devices import resolve_backend
+    from pdserve.errors import DeviceError
+
+    specs = {getattr(args, "device", "auto"), *(s["device"] for s in args.pool_settings.values() if "device" in s)}
+    for spec in sorted(specs):
+        try:
+            resolve_backend(spec)
+        except DeviceError as e:
+            return str(e)
+    return None
 
 
 def apply_up_config(args: argparse.Namespace) -> argparse.Namespace:

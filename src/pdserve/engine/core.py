@@ -62,12 +62,14 @@ class EngineCore:
 
     def __init__(self, config: EngineConfig, kv_cache_allocator: KVCacheAllocator | None = None,
                  record_kv_events: bool = False) -> None:
-        from pdserve.model.loader import load_model, resolve_device, resolve_dtype
+        from pdserve.devices import activate, resolve_backend
+        from pdserve.model.loader import load_model, resolve_dtype
 
         self.config = config
         start = time.perf_counter()
-        self.device = resolve_device(config.model.device)
-        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        self.backend, self.device = resolve_backend(config.model.device)  # pdserve.devices
+        activate(self.backend)  # the KV data plane asks for it by the cache's device (kv/staging.py)
+        self.dtype = resolve_dtype(config.model.dtype, self.backend)
         self.model, self.arch = load_model(config.model)
         self.max_model_len = min(config.model.max_model_len or self.arch.max_position_embeddings,
                                  self.arch.max_position_embeddings)
@@ -80,9 +82,10 @@ class EngineCore:
                              f"block of {self.kv_bytes_per_block} bytes")
         shape = (self.arch.num_layers, 2, self.num_blocks, self.block_size, self.arch.num_kv_heads,
                  self.arch.head_dim)  # (layers, k|v, blocks, block_size, kv_heads, head_dim)
-        if kv_cache_allocator is None or self.device.type != "cpu":
+        _warn_if_over_memory(self.backend, self.device, self.num_blocks * self.kv_bytes_per_block)
+        if kv_cache_allocator is None or not self.backend.kv_cache_in_host_memory:
             # An allocator places host caches (shared memory); a cache on an accelerator lives there.
-            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.kv_cache = self.backend.allocate_kv_cache(shape, self.dtype, self.device)
         else:
             self.kv_cache = kv_cache_allocator(shape, self.dtype)
         kv_caches = list(self.kv_cache.unbind(0))
@@ -107,7 +110,8 @@ class EngineCore:
         self.last_chunks: list = []  # the chunks of the last step (a worker meters its busy time by them)
         logger.info("engine ready in %.1fs: %s on %s (%s), KV cache %d blocks x %d tokens = %d tokens "
                     "(%.2f GiB), max_model_len %d", time.perf_counter() - start, self.arch.architecture,
-                    self.device, str(self.dtype).removeprefix("torch."), self.num_blocks, self.block_size,
+                    self.backend.label(self.device), str(self.dtype).removeprefix("torch."), self.num_blocks,
+                    self.block_size,
                     self.max_num_kv_tokens, self.kv_cache.numel() * self.dtype.itemsize / 2**30,
                     self.max_model_len)
 
@@ -278,3 +282,15 @@ class EngineCore:
             queued_prefill_tokens=queued, prefill_token_s=costs.prefill_token_s() if measured else 0.0,
             decode_step_s=costs.predict(num_decodes, decode_ctx) if measured and num_decodes else 0.0,
             step_target_s=self.prefill_budget.target_step_s)
+
+
+def _warn_if_over_memory(backend, device: torch.device, kv_bytes: int) -> None:
+    """Say so when the KV cache about to be allocated is larger than the device's free memory (the
+    allocation may still succeed: a host cache's pages are touched lazily)."""
+    try:
+        free, _ = backend.memory_info(device)
+    except NotImplementedError:
+        return
+    if kv_bytes > free:
+        logger.warning("the KV cache (%.2f GiB) is larger than %s's free memory (%.2f GiB): lower "
+                       "--kv-cache-memory", kv_bytes / 2**30, backend.label(device), free / 2**30)

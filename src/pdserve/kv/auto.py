@@ -2,7 +2,7 @@
 
 Where a launcher places workers decides how their KV moves, not a flag. A decode worker running ``auto``
 listens with a same-node connector (``shm`` for a cache in host memory, which it places in shared memory;
-``cuda_ipc`` for a cache on a CUDA device) and with ``tcp``, and advertises both in its target
+``cuda_ipc`` for a cache on a CUDA device: the device backend's ``same_node_connector``) and with ``tcp``, and advertises both in its target
 (``KVTarget.alternatives``, same-node first). A prefill worker sends with the first alternative it can reach
 (``KVConnector.can_reach``: same node, and for CUDA IPC a CUDA cache of its own), else TCP. Everything a
 request's stream sends (layers, the last notice, a refusal) goes the one way chosen for its target.
@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import torch
 
+from pdserve.devices import backend_for_device
 from pdserve.kv.base import ConnectorCapabilities, LoadDone, SaveDone
 from pdserve.kv.blocks import dtype_name
 from pdserve.kv.connector import ConnectorConfig, KVConnector, LayerJob, SaveJob, node_name
@@ -45,10 +46,9 @@ class AutoConnector(KVConnector):
             conn.register_cache(cache)
         if not self._is_listening:
             return
-        if cache.device.type == "cpu":
-            local = "shm" if self._has("shm") and getattr(self._get("shm"), "path", None) is not None else None
-        else:
-            local = "cuda_ipc" if cache.is_cuda else None
+        local = backend_for_device(cache.device).same_node_connector  # shm, cuda_ipc, a plugin's or None
+        if local == "shm" and not (self._has("shm") and getattr(self._get("shm"), "path", None) is not None):
+            local = None  # a host cache this connector did not place in shared memory
         for conn in list(self._receivers):
             if conn.name not in (local, NETWORK):
                 conn.close()

@@ -12,6 +12,8 @@ import warnings
 
 import torch
 
+from pdserve.devices.base import block_runs, copy_block_runs
+
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -27,28 +29,11 @@ def block_bytes(cache: torch.Tensor) -> int:
     return cache.shape[0] * cache.shape[1] * cache[0, 0, 0].numel() * cache.element_size()
 
 
-def block_runs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, int]]:
-    """``(src_start, dst_start, length)`` runs where both id lists advance by one together."""
-    runs: list[tuple[int, int, int]] = []
-    for s, d in zip(src_ids, dst_ids):
-        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
-            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
-        else:
-            runs.append((s, d, 1))
-    return runs
-
-
 ALL_LAYERS = slice(None)
 
-
-def copy_blocks(dst: torch.Tensor, dst_ids: list[int], src: torch.Tensor, src_ids: list[int],
-                layers: slice = ALL_LAYERS, src_layers: slice | None = None) -> None:
-    """``dst[layers, :, dst_ids] = src[src_layers, :, src_ids]`` as strided copies over runs (no gather
-    temporary). ``src_layers`` defaults to ``layers`` (both tensors hold every layer)."""
-    src_layers = layers if src_layers is None else src_layers
-    for s, d, n in block_runs(src_ids, dst_ids):
-        # (num_layers, 2, n, block_size, num_kv_heads, head_dim)
-        dst[layers, :, d:d + n].copy_(src[src_layers, :, s:s + n], non_blocking=dst.device != src.device)
+# The default block copy lives with the device backends (a backend may bring its own:
+# ``DeviceBackend.copy_blocks``, which kv/staging.py uses).
+copy_blocks = copy_block_runs
 
 
 def gather_blocks(src: torch.Tensor, src_ids: list[int], layers: slice = ALL_LAYERS) -> torch.Tensor:

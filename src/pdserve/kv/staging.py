@@ -1,8 +1,8 @@
 """Block data between a KV cache on any device and host memory: what a sender ships, what a receiver writes.
 
 A cache in host memory needs no staging: ``to_host`` gathers its blocks into one host buffer and
-``from_host`` copies received data straight into the blocks. A cache on an accelerator (CUDA, or any device
-PyTorch drives with streams and events):
+``from_host`` copies received data straight into the blocks. A cache on an accelerator (its device backend,
+``pdserve.devices``, has streams and events: CUDA, or a plugin's chip):
 
 - sending, the blocks are gathered on the device into one contiguous buffer, on a side stream that first
   waits for the event the compute stream recorded when those layers were written (``mark``, called on the
@@ -15,13 +15,14 @@ PyTorch drives with streams and events):
 
 ``Staging(device, staged=True)`` on CPU runs the accelerator's path (gather into a device-side buffer, copy
 into a separate host buffer, and back) without streams or pinned memory, which CPUs do not have: the unit
-tests check the path's indexing and layout that way.
+tests check the path's indexing and layout that way. Block copies are the backend's (``copy_blocks``).
 """
 from __future__ import annotations
 
 import torch
 
-from pdserve.kv.blocks import ALL_LAYERS, copy_blocks, gather_blocks
+from pdserve.devices import backend_for_device
+from pdserve.kv.blocks import ALL_LAYERS, gather_blocks
 
 
 class Staging:
@@ -30,11 +31,13 @@ class Staging:
 
     def __init__(self, device: torch.device | str, *, staged: bool | None = None) -> None:
         self.device = torch.device(device)
-        self.staged = self.device.type != "cpu" if staged is None else staged
-        self.has_streams = self.device.type != "cpu"
-        self._module = torch.get_device_module(self.device.type) if self.has_streams else None
+        self.backend = backend_for_device(self.device)  # its streams, pinned memory and block copies
+        self.staged = not self.backend.kv_cache_in_host_memory if staged is None else staged
+        self.has_streams = self.backend.has_streams
+        self._module = self.backend.stream_module() if self.has_streams else None
         self._send_stream = self._recv_stream = None
-        self.pin = self.has_streams  # pinned host memory only where an accelerator copies from it
+        self.pin = self.backend.pin_memory  # pinned host memory only where an accelerator copies from it
+        self._copy = self.backend.copy_blocks
 
     @classmethod
     def for_cache(cls, cache: torch.Tensor) -> Staging:
@@ -73,19 +76,19 @@ class Staging:
         """Write host ``data`` (``to_host``'s layout) into the blocks' ``layers``; complete on return."""
         ids = list(range(data.shape[2]))
         if not self.staged:
-            copy_blocks(cache, block_ids, data, ids, layers, ALL_LAYERS)
+            self._copy(cache, block_ids, data, ids, layers, ALL_LAYERS)
             return
         if not self.has_streams:
             on_device = torch.empty(data.shape, dtype=data.dtype, device=cache.device)
             on_device.copy_(data)
-            copy_blocks(cache, block_ids, on_device, ids, layers, ALL_LAYERS)
+            self._copy(cache, block_ids, on_device, ids, layers, ALL_LAYERS)
             return
         pinned = torch.empty(data.shape, dtype=data.dtype, pin_memory=self.pin)
         pinned.copy_(data)
         stream = self._stream("recv")
         with self._module.stream(stream):
             on_device = pinned.to(cache.device, non_blocking=True)
-            copy_blocks(cache, block_ids, on_device, ids, layers, ALL_LAYERS)
+            self._copy(cache, block_ids, on_device, ids, layers, ALL_LAYERS)
         stream.synchronize()
 
     def copy_between(self, dst: torch.Tensor, dst_ids: list[int], src: torch.Tensor, src_ids: list[int],
@@ -93,17 +96,17 @@ class Staging:
         """Blocks of ``src`` (this device's cache) into ``dst`` (a peer's cache mapped here: host shared
         memory, or the same device through CUDA IPC); complete on return."""
         if dst.device == src.device and not self.has_streams:
-            copy_blocks(dst, dst_ids, src, src_ids, layers)
+            self._copy(dst, dst_ids, src, src_ids, layers)
             return
         if dst.device.type == "cpu":
-            copy_blocks(dst, dst_ids, self.to_host(src, src_ids, layers, ready), list(range(len(src_ids))),
+            self._copy(dst, dst_ids, self.to_host(src, src_ids, layers, ready), list(range(len(src_ids))),
                         layers, ALL_LAYERS)
             return
         stream = self._stream("send")
         with self._module.stream(stream):
             if ready is not None:
                 stream.wait_event(ready)
-            copy_blocks(dst, dst_ids, src, src_ids, layers)
+            self._copy(dst, dst_ids, src, src_ids, layers)
         stream.synchronize()
 
     def _stream(self, direction: str):

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from pdserve.devices import AttentionFn
 from pdserve.errors import ModelLoadError
 from pdserve.kernels import cpu_ops_for
 from pdserve.model.arch import ModelArch
@@ -50,6 +51,13 @@ class LlamaForCausalLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self._device
+
+    def set_attention(self, attention: AttentionFn | None) -> None:
+        """Every layer's paged attention: a device backend's own (``DeviceBackend.attention``, the contract of
+        ``model.attention.paged_attention``) or None for the built-in one (the CPU kernels on a CPU tensor,
+        else PyTorch SDPA)."""
+        for layer in self.layers:
+            layer.self_attn.attention = attention
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata, on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -236,12 +244,13 @@ class _Attention(nn.Module):
             self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype=dtype)
             self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype=dtype)
         self.rope: RotaryEmbedding  # set by the model once the tables exist on its device
+        self.attention: AttentionFn | None = None  # a device backend's paged attention (set_attention)
 
     def forward(self, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = h.shape[0]
         qkv = self.qkv_proj(h)  # (num_tokens, q_size + 2 * kv_size)
-        ops = cpu_ops_for(h)
+        ops = cpu_ops_for(h) if self.attention is None else None  # a backend's attention: RoPE in PyTorch
         if ops is not None and not self.qk_norm:  # RoPE and the cache write in one kernel
             cos, sin = cos_sin
             q = ops.qkv_rope_and_cache(qkv, cos, sin, kv_cache, meta.slot_mapping, self.num_heads,
@@ -262,7 +271,8 @@ class _Attention(nn.Module):
         else:
             qk = self.rope.apply(qk, cos_sin)  # (T, H + Hkv, head_dim)
             q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]  # (T, H, head_dim), (T, Hkv, head_dim)
-            out = paged_attention(q, k, v, kv_cache, meta, self.scale, self.window)  # (T, H, head_dim)
+            attend = paged_attention if self.attention is None else self.attention
+            out = attend(q, k, v, kv_cache, meta, self.scale, self.window)  # (T, H, head_dim)
         return self.o_proj(out.reshape(num_tokens, self.q_size))  # (T, hidden_size)
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import torch
 
 from pdserve.config import ModelConfig
+from pdserve.devices import DeviceBackend, backend_for_device, resolve_backend
+from pdserve.devices.builtin import cpu_has_bfloat16
 from pdserve.errors import ModelLoadError
 from pdserve.model.arch import BUILTIN_ARCHS, ModelArch
 from pdserve.model.dummy import dummy_arch, load_dummy
@@ -22,35 +23,30 @@ from pdserve.progress import report_stage
 logger = logging.getLogger(__name__)
 
 __all__ = ["load_model", "resolve_device", "resolve_dtype", "resolve_model_path", "detect_format",
-           "checkpoint_path"]
+           "checkpoint_path", "cpu_has_bfloat16"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto``: cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """``--device``'s value as the torch device to run on (``auto``: the available backend of highest
+    priority, cuda before cpu; see ``pdserve.devices``). DeviceError for an unknown or unavailable one."""
+    return resolve_backend(name)[1]
 
 
-def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    """``auto``: bfloat16 on accelerators and on CPUs with bfloat16 arithmetic (AVX512-BF16 or AMX: 2x
-    float32's GEMM rate, half the bytes), float32 on other CPUs (bfloat16 is emulated there, slower)."""
+def resolve_dtype(name: str, device: DeviceBackend | torch.device | str) -> torch.dtype:
+    """``auto``: the device backend's default (bfloat16 on accelerators and on CPUs with bfloat16 arithmetic:
+    AVX512-BF16 or AMX, 2x float32's GEMM rate, half the bytes; float32 on other CPUs, where bfloat16 is
+    emulated, slower). ``device``: a backend, or a torch device (its type's backend)."""
+    backend = device if isinstance(device, DeviceBackend) else backend_for_device(device)
     if name == "auto":
-        if torch.device(device).type != "cpu":
-            return torch.bfloat16
-        return torch.bfloat16 if cpu_has_bfloat16() else torch.float32
+        return backend.default_dtype()
     if name not in _DTYPES:
         raise ValueError(f"dtype must be auto or one of {tuple(_DTYPES)}, got {name!r}")
+    if _DTYPES[name] not in backend.supported_dtypes():
+        supported = ", ".join(str(d).removeprefix("torch.") for d in backend.supported_dtypes())
+        raise ModelLoadError(f"dtype {name} is not supported on device {backend.name} (supported: {supported})")
     return _DTYPES[name]
-
-
-def cpu_has_bfloat16() -> bool:
-    """Native bfloat16 dot products on this CPU (AVX512-BF16 or AMX tiles)."""
-    cpu = torch.cpu
-    return any(getattr(cpu, probe, lambda: False)() for probe in
-               ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def _return_freed_memory() -> None:
@@ -65,16 +61,16 @@ def _return_freed_memory() -> None:
         pass
 
 
-def resolve_quantization(name: str, device: torch.device) -> str:
-    """``none`` where quantized weights cannot run (not the CPU, or its kernels are off or failed to
-    build: said once), else ``name``."""
+def resolve_quantization(name: str, backend: DeviceBackend) -> str:
+    """``none`` where quantized weights cannot run (a backend without the CPU kernels, or the kernels are off
+    or failed to build: said once), else ``name``."""
     from pdserve.kernels import cpu_ops
 
     if name == "none":
         return name
-    if device.type != "cpu":
+    if not backend.uses_cpu_kernels:
         if name != "auto":
-            raise ModelLoadError(f"quantization={name} runs on the CPU only (device {device})")
+            raise ModelLoadError(f"quantization={name} runs on the CPU only (device {backend.name})")
         return "none"
     if cpu_ops() is None:
         logger.warning("quantization=%s needs the CPU kernels (unavailable): weights are dequantized at load", name)
@@ -107,12 +103,12 @@ def load_model(model_config: ModelConfig, max_model_len: int | None = None
     """Build and fill the model on the configured device and dtype. ``max_model_len`` (else the config's,
     else the checkpoint's context length) sizes the RoPE tables. Raises ModelLoadError on any problem
     with the checkpoint."""
-    device = resolve_device(model_config.device)
-    dtype = resolve_dtype(model_config.dtype, device)
+    backend, device = resolve_backend(model_config.device)
+    dtype = resolve_dtype(model_config.dtype, backend)
     max_len = max_model_len or model_config.max_model_len
     fmt = detect_format(model_config)
-    quantization = resolve_quantization(model_config.quantization, device)
-    if device.type == "cpu":
+    quantization = resolve_quantization(model_config.quantization, backend)
+    if backend.uses_cpu_kernels:
         _prepare_cpu_kernels()
     start = time.perf_counter()
     if fmt == "dummy":
@@ -138,13 +134,15 @@ def load_model(model_config: ModelConfig, max_model_len: int | None = None
     if fmt == "dummy" and quantization in QUANTIZE_TYPES:
         model.load_weights(quantize_matrices(model.checkpoint_weights(), quantization))
     model.pack_weights()
+    model.set_attention(backend.attention())
     _return_freed_memory()
     if max_len and max_len > arch.max_position_embeddings:
         logger.warning("max_model_len %d exceeds the model's context length %d", max_len,
                        arch.max_position_embeddings)
     seconds = time.perf_counter() - start
     logger.info("loaded %s (%s, %s, %.1fM params, %s on %s, weights %s) in %.2f s", model_config.model, fmt,
-                arch.architecture, arch.num_params() / 1e6, dtype, device, model.weight_formats(), seconds)
+                arch.architecture, arch.num_params() / 1e6, dtype, backend.label(device), model.weight_formats(),
+                seconds)
     report_stage("weights", seconds=round(seconds, 2), num_params=arch.num_params())
     return model.eval(), arch
 
@@ -157,3 +155,4 @@ def _prepare_cpu_kernels() -> None:
     start = time.perf_counter()
     ok = cpu_ops() is not None
     report_stage("kernels", ok=ok, seconds=round(time.perf_counter() - start, 2))
+

@@ -13,11 +13,8 @@ time: the elastic controller moves cores between workers and parks some; ``set_c
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from pdserve.sim.cost import prefill_time, step_prefill_share
 from pdserve.sim.perf_model import BatchShape, PerfModel
@@ -33,21 +30,16 @@ class DeviceInfo:
     hardware: str  # the catalogue entry it stands for ("" when none fits)
 
 
-def device_info(device) -> DeviceInfo:
-    """The device a worker's engine runs on (a ``torch.device``)."""
+def device_info(backend, device) -> DeviceInfo:
+    """The device a worker's engine runs on: its backend (``pdserve.devices.DeviceBackend``) and the
+    ``torch.device`` it gave."""
     from pdserve.sim.hardware import detect_hardware
 
-    if device.type == "cpu":
-        name, cores = _cpu_model_name(), len(os.sched_getaffinity(0))
-    else:
-        import torch
-
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-        cores = 0
+    name, cores = backend.device_name(device), backend.num_cores()
     hw = detect_hardware(device.type, name)
     if hw is None:
         logger.warning("no hardware catalogue entry matches %s (%s): its price is 0 unless the frontend's "
-                       "--price-per-hour sets one", name, device.type)
+                       "--price-per-hour sets one", name, backend.name)
     return DeviceInfo(device.type, name, cores, hw.name if hw else "")
 
 
@@ -108,13 +100,3 @@ class BusyMeter:
                 shape.num_prefill_tokens / shape.num_tokens
         self.prefill_busy_s += prefill_time(role, seconds, seconds * share)
 
-
-def _cpu_model_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:  # not Linux: platform's answer below
-        lines = []
-    for line in lines:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"

@@ -109,7 +109,7 @@ class Worker:
             self.control.close(0)
             raise
         self.core = core
-        self.device = device_info(core.device)
+        self.device = device_info(core.backend, core.device)
         self.busy = BusyMeter.for_engine(core.arch, core.dtype, self.device.hardware, self._num_cores())
         self.connector.register_cache(core.kv_cache)
         self.kv_target = self.connector.target() if self.is_target else None
