@@ -242,9 +242,7 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         monitor_options_from_args(args)  # bad prices or objectives fail before any worker starts
         url = cluster.start()
-        api_key = cluster.frontend_env.get(API_KEY_ENV)
-        print(summary(url, _cluster_status(url, api_key), args.served_model_name or args.model, api_key,
-                      max_tokens=min(16, args.max_tokens_cap), api_key_file=args.api_key_file), flush=True)
+        print_ready(url, args, cluster.frontend_env)
         return cluster.wait()
     except (RuntimeError, ValueError) as e:
         logger.error("%s", e)
@@ -283,6 +281,14 @@ def frontend_argv(a: argparse.Namespace, workers: list[str], initial_layout: str
             if value is not None:
                 argv += [flag, str(value)]
     return argv + monitor_args_to_argv(a)
+
+
+def print_ready(url: str, args: argparse.Namespace, frontend_env: dict[str, str]) -> None:
+    """The screen a launcher prints once its cluster answers (``startup.summary``), reading /v1/cluster with
+    the frontend's API key."""
+    api_key = frontend_env.get(API_KEY_ENV)
+    print(summary(url, _cluster_status(url, api_key), args.served_model_name or args.model, api_key,
+                  max_tokens=min(16, args.max_tokens_cap), api_key_file=args.api_key_file), flush=True)
 
 
 def _spawn(argv: list[str], env: dict | None = None) -> subprocess.Popen:

@@ -30,8 +30,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from pdserve import security
-from pdserve.cluster.local import _cluster_status, _spawn, frontend_argv, wait_healthy
-from pdserve.cluster.startup import summary
+from pdserve.cluster.local import _spawn, frontend_argv, print_ready, wait_healthy
 from pdserve.cluster.store_server import KINDS as STORE_KINDS
 from pdserve.server.auth import API_KEY_ENV
 from pdserve.server.main import frontend_env
@@ -323,9 +322,7 @@ def run_ray_up(args: argparse.Namespace) -> int:
         url = cluster.start()
         signal.signal(signal.SIGTERM, _on_signal)  # ours again: ray.init installs its own
         signal.signal(signal.SIGINT, _on_signal)
-        api_key = cluster.frontend_env.get(API_KEY_ENV)
-        print(summary(url, _cluster_status(url, api_key), args.served_model_name or args.model, api_key,
-                      max_tokens=min(16, args.max_tokens_cap), api_key_file=args.api_key_file), flush=True)
+        print_ready(url, args, cluster.frontend_env)
         print(f"\nRay {cluster.gcs_address}, namespace {cluster.namespace} (started in {cluster.startup_s:.1f} s); "
               "workers:\n" + "\n".join(cluster.placement_lines()), flush=True)
         print(json.dumps({"event": "ray_ready", "namespace": cluster.namespace, "gcs_address": cluster.gcs_address,

@@ -16,47 +16,25 @@ import logging
 import torch
 
 from pdserve.kv.base import ConnectorCapabilities
-from pdserve.kv.blocks import ALL_LAYERS, DTYPE_NAMES, check_layout, flip_a_byte
+from pdserve.kv.blocks import DTYPE_NAMES
 from pdserve.kv.connector import node_name
-from pdserve.kv.zmq_connector import ZmqConnector
+from pdserve.kv.mapped import MappedTargetConnector
 from pdserve.protocol import KVTarget
 
 logger = logging.getLogger(__name__)
 
 
-class CudaIpcConnector(ZmqConnector):
+class CudaIpcConnector(MappedTargetConnector):
     capabilities = ConnectorCapabilities(is_target=True, writes_remotely=True, same_host_only=True, layerwise=True)
-
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        self._maps: dict[str, torch.Tensor] = {}  # source side: mapped target caches by IPC handle
 
     @classmethod
     def can_reach(cls, target: KVTarget, cache: torch.Tensor) -> bool:
         return cache.is_cuda and target.host == node_name()
 
-    def close(self) -> None:
-        super().close()
-        self._maps.clear()
-
     def _target_params(self) -> dict[str, str]:
         if self.cache is None or not self.cache.is_cuda:
             raise ValueError("the cuda_ipc connector receives only into a cache on a CUDA device")
         return {"ipc": export_handle(self.cache)}
-
-    def _write(self, cache: torch.Tensor, src: list[int], dst: list[int], target: KVTarget,
-               layers: slice = ALL_LAYERS, ready=None) -> list:
-        remote = self._map(target)
-        check_layout(cache, list(remote.shape), target.dtype)
-        self.staging(cache).copy_between(remote, dst, cache, src, layers, ready)
-        return []
-
-    def _corrupt_target_block(self, target: KVTarget, block_id: int) -> None:
-        flip_a_byte(self._map(target), block_id)
-
-    def _read(self, dst: list[int], frames: list, layers: slice = ALL_LAYERS) -> None:
-        if frames:
-            raise ValueError("the cuda_ipc connector carries no block frames")
 
     def _map(self, target: KVTarget) -> torch.Tensor:
         text = target.params.get("ipc", "")

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from pdserve.kv.base import ConnectorCapabilities
-from pdserve.kv.blocks import ALL_LAYERS, DTYPE_NAMES, check_layout, flip_a_byte
+from pdserve.kv.blocks import DTYPE_NAMES
 from pdserve.kv.connector import ConnectorConfig
-from pdserve.kv.zmq_connector import ZmqConnector
+from pdserve.kv.mapped import MappedTargetConnector
 from pdserve.protocol import KVTarget
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ SHM_DIR = Path("/dev/shm")
 _FILE_RE = re.compile(r"pdserve-kv-(\d+)-[0-9a-f]+$")
 
 
-class ShmConnector(ZmqConnector):
+class ShmConnector(MappedTargetConnector):
     """A target's cache must be in host memory (it places it); a source's may be anywhere (its blocks are
     staged through host memory on the way, kv/staging.py)."""
 
@@ -36,7 +36,6 @@ class ShmConnector(ZmqConnector):
     def __init__(self, config: ConnectorConfig) -> None:
         super().__init__(config)
         self.path: Path | None = None
-        self._maps: dict[str, torch.Tensor] = {}  # source side: mapped target caches by file
 
     def allocate_cache(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         assert self.path is None, "one cache per connector"
@@ -53,7 +52,6 @@ class ShmConnector(ZmqConnector):
 
     def close(self) -> None:
         super().close()
-        self._maps.clear()
         if self.path is not None:
             self.path.unlink(missing_ok=True)
             self.path = None
@@ -62,20 +60,6 @@ class ShmConnector(ZmqConnector):
         if self.path is None:
             raise ValueError("the shm connector receives only into a host cache it placed in shared memory")
         return {"path": str(self.path)}
-
-    def _write(self, cache: torch.Tensor, src: list[int], dst: list[int], target: KVTarget,
-               layers: slice = ALL_LAYERS, ready=None) -> list:
-        remote = self._map(target)
-        check_layout(cache, list(remote.shape), target.dtype)
-        self.staging(cache).copy_between(remote, dst, cache, src, layers, ready)
-        return []
-
-    def _corrupt_target_block(self, target: KVTarget, block_id: int) -> None:
-        flip_a_byte(self._map(target), block_id)
-
-    def _read(self, dst: list[int], frames: list, layers: slice = ALL_LAYERS) -> None:
-        if frames:
-            raise ValueError("the shm connector carries no block frames")
 
     def _map(self, target: KVTarget) -> torch.Tensor:
         path = target.params.get("path", "")
