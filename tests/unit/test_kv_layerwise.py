@@ -119,6 +119,47 @@ def test_stream_cut_between_layers_falls_back_with_the_right_tokens_and_no_leak(
         decode.close()
 
 
+def test_a_reservation_that_arrives_during_the_step_streams_the_layers_after_it(tiny_dir):
+    """A prompt computed in one step: its reservation, arriving while the step runs, is taken between two layers
+    (not after the step, when every layer would be done and go as one job), so each layer goes as it is
+    computed; the decode worker's tokens equal a colocated worker's."""
+    prompt = LONG_PROMPT[:60]  # one chunk: one step
+    both = _Worker(tiny_dir, "both")
+    try:
+        both.send(p.AddRequest("ref", prompt, GREEDY))
+        want = both.tokens("ref")[0]
+    finally:
+        both.close()
+    decode = _Worker(tiny_dir, "decode", "tcp")
+    options = WorkerOptions(role="prefill", kv_connector="tcp", stats_interval_s=0.05, idle_poll_ms=10)
+    prefill = Worker(None, options, engine_factory=lambda alloc: _engine(tiny_dir, alloc))  # its loop: below
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(prefill.address)
+    thread = None
+    try:
+        decode.send(p.AddRequest("r", prompt, GREEDY, remote_kv=True))
+        reservation = decode.recv_type(p.KVReservationMsg)
+        sock.send(p.encode(p.AddRequest("r", prompt, FIRST_ONLY, hold_kv=True)))
+        assert prefill.control.poll(10_000)
+        prefill._drain_control()  # the request is registered; its reservation is not there yet
+        sock.send(p.encode(p.ForwardReservation(reservation)))
+        assert prefill.control.poll(10_000)  # waiting in the socket when the step starts
+        num_layers = prefill.core.kv_cache.shape[0]
+        prefill._step()  # the whole prompt, layer by layer; the reservation is read at the first layer's end
+        assert prefill.layer_saves.num_layer_jobs == num_layers  # one job per layer, none left for after
+        thread = threading.Thread(target=prefill.run, daemon=True)
+        thread.start()
+        assert decode.tokens("r")[0] == want
+    finally:
+        prefill.stop()
+        if thread is not None:
+            thread.join(10)
+        prefill.close()
+        sock.close(0)
+        decode.close()
+
+
 # -- the bookkeeping, job by job --------------------------------------------------------------------------
 class _Recorder(KVConnector):
     """Records the layer jobs it is handed (the seam's save-a-layer call), moves nothing."""

@@ -109,6 +109,13 @@ class PrefillSide:
     def add(self, request_id: str) -> None:
         self._held[request_id] = _Held()
 
+    def streams_on_reservation(self, request_id: str) -> bool:
+        """Whether a reservation for the request now would only start its stream (its prompt is still being
+        computed): the one reservation a worker may take in the middle of a step."""
+        held = self._held.get(request_id)
+        return self.stream and held is not None and not held.is_aborted and held.block_ids is None and \
+            held.reservation is None
+
     def computed(self, request_id: str, block_ids: list[int], first_token_id: int, first_logprobs: list | None,
                  num_cached_tokens: int, now: float) -> list[PrefillAction]:
         """The engine finished the prompt: its first token is sampled and its blocks are held."""

@@ -17,6 +17,7 @@ order). Blocks the target already holds (its prefix hits, ``num_cached_tokens``)
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +56,10 @@ class LayerwiseSaves:
         self._requests: dict[str, _Progress] = {}
         self._step: list[tuple[str, int]] = []  # this step's tracked requests and the end of their chunk
         self.num_layer_jobs = 0
+        # Called at each layer's end, before its saves: the worker takes reservations that arrived during the
+        # step here (``open`` may run inside a step), or a prompt computed in one step would find every layer
+        # done when its reservation is read, and nothing of its transfer would overlap the compute.
+        self.between_layers: Callable[[], None] | None = None
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._requests
@@ -93,6 +98,8 @@ class LayerwiseSaves:
 
     def layer_done(self, layer: int) -> None:
         """Layer ``layer`` of every chunk of this step is written (its kernels queued, on an accelerator)."""
+        if self.between_layers is not None:
+            self.between_layers()
         ready = None
         for rid, end in self._step:
             p = self._requests.get(rid)
@@ -109,14 +116,15 @@ class LayerwiseSaves:
     # -- the worker ------------------------------------------------------------------------------------
     def open(self, request_id: str, connector: KVConnector, reservation: KVReservationMsg) -> None:
         """Stream the request's KV to ``reservation`` with ``connector`` (capability ``layerwise``): what is
-        computed now goes at once, the rest layer by layer as it is computed."""
+        computed now goes at once, the rest layer by layer as it is computed. Between steps, or inside one
+        (``between_layers``)."""
         p = self._requests.get(request_id)
         if p is None or p.stream is not None:
             return
         skip = reservation.num_cached_tokens // self.block_size
         p.stream = _Stream(connector, reservation, skip, [skip * self.block_size] * self.num_layers)
         if p.num_done is not None:
-            self._catch_up(p)
+            self._catch_up(p, self._staging.mark())  # may be inside a step: the sends wait for its kernels
 
     def finish(self, request_id: str, src_block_ids: list[int]) -> bool:
         """The prompt is computed and its save starts: True when the stream sent every layer of every block
@@ -130,7 +138,7 @@ class LayerwiseSaves:
             all(-(-sent // self.block_size) >= n for sent in s.num_sent)
 
     # -- private ---------------------------------------------------------------------------------------
-    def _catch_up(self, p: _Progress) -> None:
+    def _catch_up(self, p: _Progress, ready=None) -> None:
         """Send every layer's computed blocks that the stream has not sent yet (layers with the same extent
         in one job)."""
         s = p.stream
@@ -142,7 +150,7 @@ class LayerwiseSaves:
             while end < self.num_layers and p.num_done[end] == p.num_done[layer] and \
                     s.num_sent[end] == s.num_sent[layer]:
                 end += 1
-            self._send(p, s, layer, end, None)
+            self._send(p, s, layer, end, ready)
             layer = end
 
     def _send(self, p: _Progress, s: _Stream, layer_start: int, layer_end: int, ready) -> None:

@@ -118,6 +118,9 @@ class Worker:
         self.layer_saves = LayerwiseSaves(core.kv_cache)
         if options.kv_layerwise:
             core.layer_saves = self.layer_saves
+            self.layer_saves.between_layers = self._reservations_mid_step
+        self._deferred: list[tuple[bytes, bytes]] = []  # messages read inside a step, for after it
+        self._deferred_rids: set[str] = set()  # ... and the requests they concern
         self._sources: dict[str, KVConnector] = {self.connector.name: self.connector}
         self._peers: set[bytes] = set()
         self.heartbeats = Heartbeats(self.worker_id)
@@ -157,7 +160,7 @@ class Worker:
         while not self._stop:
             events = dict(self.poller.poll(self._poll_timeout_ms()))
             self._trace.loop_start()
-            if self.control in events:
+            if self._deferred or self.control in events:
                 self._drain_control()
             self._poll_connectors()
             self._expire()
@@ -199,6 +202,23 @@ class Worker:
 
     # -- control channel -----------------------------------------------------------------------------
     def _drain_control(self) -> None:
+        deferred, self._deferred = self._deferred, []  # first what arrived during the last step, in order
+        self._deferred_rids.clear()
+        for identity, payload in deferred:
+            self._dispatch(identity, payload)
+        while True:
+            try:
+                identity, payload = self.control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:  # not two frames
+                continue
+            self._dispatch(identity, payload)
+
+    def _reservations_mid_step(self) -> None:
+        """Between two layers of a step that computes held prompts: a forwarded reservation that only starts
+        a stream is taken now, so the layers after this one go as they are computed; every other message
+        (and one for a request a deferred message concerns) waits for the step's end, in order."""
         while True:
             try:
                 identity, payload = self.control.recv_multipart(zmq.NOBLOCK)
@@ -208,15 +228,26 @@ class Worker:
                 continue
             try:
                 msg = p.decode_to_worker(payload)
-            except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                self._send(identity, p.ErrorMsg(None, "invalid_request_error", f"malformed message: {e}"))
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                msg = None  # answered after the step
+            if isinstance(msg, p.ForwardReservation) and msg.reservation.request_id not in self._deferred_rids \
+                    and self.prefill.streams_on_reservation(msg.reservation.request_id):
+                self._execute_prefill(self.prefill.reservation(msg.reservation))  # StartStream only
                 continue
-            try:
-                self._handle(identity, msg)
-            except PdserveError as e:  # the request's own problem: nothing was registered for it
-                rid = getattr(msg, "request_id", None)
-                self._send(identity, p.ErrorMsg(rid, e.error_type, str(e), getattr(e, "param", None),
-                                                e.http_status))
+            self._deferred.append((identity, payload))
+            self._deferred_rids.update(_request_ids(msg))
+
+    def _dispatch(self, identity: bytes, payload: bytes) -> None:
+        try:
+            msg = p.decode_to_worker(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            self._send(identity, p.ErrorMsg(None, "invalid_request_error", f"malformed message: {e}"))
+            return
+        try:
+            self._handle(identity, msg)
+        except PdserveError as e:  # the request's own problem: nothing was registered for it
+            rid = getattr(msg, "request_id", None)
+            self._send(identity, p.ErrorMsg(rid, e.error_type, str(e), getattr(e, "param", None), e.http_status))
 
     def _handle(self, identity: bytes, msg) -> None:
         if isinstance(msg, p.AddRequest):
@@ -469,3 +500,12 @@ class Worker:
         except zmq.ZMQError as e:
             logger.warning("cannot send %s: %s", type(msg).__name__, e)
 
+
+def _request_ids(msg) -> list[str]:
+    """The requests a control message concerns."""
+    if isinstance(msg, p.Abort):
+        return list(msg.request_ids)
+    if isinstance(msg, p.ForwardReservation):
+        return [msg.reservation.request_id]
+    rid = getattr(msg, "request_id", None)
+    return [rid] if rid else []
