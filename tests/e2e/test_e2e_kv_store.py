@@ -101,6 +101,8 @@ def _check_prefix_crosses_workers(url: str) -> None:
         assert time.monotonic() < deadline, loaded
         time.sleep(0.2)
     assert sorted(loaded.values())[0] == 0, loaded
+    rates = [w["tier_hit_rates"] for w in httpx.get(f"{url}/v1/cluster", timeout=10).json()["workers"]]
+    assert any(r and max(r.values()) > 0 for r in rates), rates  # the dashboard's tier hit rates
     used = _metric(url, "pdserve:kv_store_used_bytes")
     capacity = _metric(url, "pdserve:kv_store_capacity_bytes")
     assert all(used[k] <= capacity[k] for k in used if capacity[k]), (used, capacity)

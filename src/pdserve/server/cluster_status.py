@@ -65,7 +65,7 @@ def workers_section(client, monitor: ClusterMonitor, now: Snapshot, recent: dict
             "hardware": info.hardware or None,
             "prefix_cache_hit_rate": (s.prefix_hit_tokens / s.prefix_query_tokens
                                       if s and s.prefix_query_tokens else None),
-            "tier_hit_rates": {},  # KV tiers (host memory, disk, remote) report here when they exist
+            "tier_hit_rates": _tier_hit_rates(s),
             "num_prompt_tokens": s.num_prompt_tokens if s else 0,
             "num_generation_tokens": s.num_generation_tokens if s else 0,
             "uptime_s": uptime, "busy_s": s.busy_s if s else 0.0,
@@ -131,3 +131,10 @@ SECTIONS: dict[str, Callable[..., object]] = {
     "elastic": elastic_section,
     "ray": ray_section,
 }
+
+
+def _tier_hit_rates(s) -> dict[str, float]:
+    """Per KV store tier (host, disk, remote) the worker looked blocks up in: the share it found there."""
+    if s is None:
+        return {}
+    return {t.tier: t.hits / (t.hits + t.misses) for t in s.kv_store if t.hits + t.misses}
