@@ -195,12 +195,14 @@ class SimStore:
         """(tier, first, count) runs of the leading blocks of ``hashes`` the tiers hold, in the live order."""
         tiers = self.tiers(host)
         runs, n = [], 0
+        stopped: dict[str, int] = {}  # where each tier's last run ended (asked there again: the same answer)
         while n < len(hashes):
             start = n
             for tier in tiers:
-                if n >= len(hashes):
-                    break
+                if n >= len(hashes) or stopped.get(tier.name) == n:
+                    continue
                 k = tier.prefix(hashes, n)
+                stopped[tier.name] = n + k
                 if count:
                     tier.stats.looked_up += len(hashes) - n
                     tier.stats.found += k
