@@ -154,3 +154,17 @@ def test_sim_cli_store_flags(tmp_path, capsys):
     assert r["cluster"]["planning"]["kv_store"] == {"host_gbs": 20.0}
     assert "host" in r["sim"]["kv_store"]["tiers"]
     assert "KV store: prompt tokens computed" in capsys.readouterr().out
+
+
+def test_plan_runs_its_candidates_with_the_store(tmp_path):
+    """`pdserve plan --kv-host-memory ...`: every simulated unit has the tiers, and best-cluster.yaml keeps them."""
+    out = tmp_path / "plan"
+    rc = cli.main(["plan", "--model", MODEL, "--hardware", "h100-sxm", "--modes", "colocated", "--precision", "bf16",
+                   "--tp-options", "1", "--cards", "2", "--slo-ttft", "2", "--slo-tpot", "0.1", "--input-len", "512", "--output-len", "32",
+                   "--num-requests", "40", "--probe-requests", "30", "--max-probe-requests", "60",
+                   "--kv-host-memory", "16GiB", "--kv-host-gbs", "20", "--out-dir", str(out), "--no-progress"])
+    assert rc == 0
+    best = load_cluster(out / "best-cluster.yaml")
+    assert best.kv_store == {"kv_host_memory": "16GiB"} and best.kv_store_planning == {"host_gbs": 20.0}
+    assert cli.main(["plan", "--model", MODEL, "--cards", "8", "--slo-ttft", "2", "--kv-host-gbs", "0",
+                     "--out-dir", str(out)]) == 2  # a bandwidth must be > 0

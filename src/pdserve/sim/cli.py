@@ -192,7 +192,8 @@ def format_sim(result: dict) -> str:
     store = sim.get("kv_store")
     if store is not None:
         computed = sum(p["prompt_tokens_computed"] for p in sim["pools"].values())
-        lines.append(f"KV store: prompt tokens computed {computed}, loaded {store['loaded_tokens']}; " + ", ".join(
+        lines.append(f"KV store: prompt tokens computed {computed}, loaded {store['loaded_tokens']}, saves dropped "
+                     f"{store['dropped_saves']}; " + ", ".join(
             f"{name} hit rate {t['hit_rate'] if t['hit_rate'] is None else format(t['hit_rate'], '.1%')} "
             f"({t['found_blocks']}/{t['looked_up_blocks']} blocks), evicted {t['evicted_blocks']}"
             for name, t in store["tiers"].items()))

@@ -85,12 +85,16 @@ class Instance:
         """Use the store's tiers on ``host`` as a worker's engine does (``WorkerStore``: the store's
         scheduler side asked after disaggregation's)."""
         self.store, self.host, self.store_gbs = store, host, gbs
-        limit = store.spec.save_queue_bytes
-        self.store_side = StoreExternal(
-            self.block_size, lambda hashes: store.lookup(host, hashes),
-            lambda n: self.save_queued_bytes + n * store.block_bytes <= limit)
+        self.store_side = StoreExternal(self.block_size, lambda hashes: store.lookup(host, hashes), self._can_save)
         self.sources = ExternalSources({"remote": self.remote, "store": self.store_side})
         self.scheduler.external = self.sources
+
+    def _can_save(self, num_blocks: int) -> bool:
+        """Whether the save fits the instance's save queue now (``kv_save_queue``); else it is dropped."""
+        ok = self.save_queued_bytes + num_blocks * self.store.block_bytes <= self.store.spec.save_queue_bytes
+        if not ok:
+            self.store.dropped_saves += 1
+        return ok
 
     def store_seconds(self, blocks_per_tier: dict[str, int]) -> float:
         """Seconds to move these blocks over the tiers' links, one tier after the other."""

@@ -179,6 +179,7 @@ class SimStore:
             if spec.disk_bytes else None
         self._remote = Tier("remote", cap["remote"], self.stats["remote"]) if spec.remote_bytes else None
         self.loaded_tokens = 0  # prompt tokens that loads brought in (block_size each block)
+        self.dropped_saves = 0  # finished requests whose save did not fit the save queue (kv_save_queue)
 
     def tiers(self, host: int) -> list[Tier]:
         """The tiers a worker on ``host`` reaches, fastest first."""
@@ -245,7 +246,8 @@ class SimStore:
 
     def summary(self) -> dict:
         return {"tiers": {name: s.as_dict(self.block_bytes) for name, s in self.stats.items()},
-                "block_bytes": self.block_bytes, "loaded_tokens": self.loaded_tokens}
+                "block_bytes": self.block_bytes, "loaded_tokens": self.loaded_tokens,
+                "dropped_saves": self.dropped_saves}
 
 
 def make_store(spec, model, instances: Sequence) -> SimStore | None:
