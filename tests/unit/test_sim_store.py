@@ -160,7 +160,8 @@ def test_plan_runs_its_candidates_with_the_store(tmp_path):
     """`pdserve plan --kv-host-memory ...`: every simulated unit has the tiers, and best-cluster.yaml keeps them."""
     out = tmp_path / "plan"
     rc = cli.main(["plan", "--model", MODEL, "--hardware", "h100-sxm", "--modes", "colocated", "--precision", "bf16",
-                   "--tp-options", "1", "--cards", "2", "--slo-ttft", "2", "--slo-tpot", "0.1", "--input-len", "512", "--output-len", "32",
+                   "--tp-options", "1", "--cards", "2", "--slo-ttft", "2", "--slo-tpot", "0.1",
+                   "--input-len", "512", "--output-len", "32",
                    "--num-requests", "40", "--probe-requests", "30", "--max-probe-requests", "60",
                    "--kv-host-memory", "16GiB", "--kv-host-gbs", "20", "--out-dir", str(out), "--no-progress"])
     assert rc == 0

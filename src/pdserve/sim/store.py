@@ -169,10 +169,9 @@ class SimStore:
 
     def __init__(self, spec: StoreSpec, block_bytes: int, num_hosts: int) -> None:
         self.spec, self.block_bytes = spec, max(1, int(block_bytes))
-        self.stats = {t: TierStats() for t, size in zip(TIERS, (spec.host_bytes, spec.disk_bytes, spec.remote_bytes))
-                      if size}
-        cap = {t: b // self.block_bytes for t, b in
-               (("host", spec.host_bytes), ("disk", spec.disk_bytes), ("remote", spec.remote_bytes))}
+        sizes = (spec.host_bytes, spec.disk_bytes, spec.remote_bytes)
+        self.stats = {t: TierStats() for t, size in zip(TIERS, sizes) if size}
+        cap = {t: size // self.block_bytes for t, size in zip(TIERS, sizes)}
         self._host = [Tier("host", cap["host"], self.stats["host"]) for _ in range(num_hosts)] \
             if spec.host_bytes else None
         self._disk = [Tier("disk", cap["disk"], self.stats["disk"]) for _ in range(num_hosts)] \
