@@ -161,7 +161,7 @@ def _run_cluster(flags: list[str], trace: list[dict], conversations, args) -> di
             return ttft, text_ids, usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
 
         results = {}
-        for name, items in (("trace", trace), ("multi_turn", None)):
+        for name, items in (("trace", trace), ("multi_turn", None))[0 if trace else 1:]:
             ttfts, cached, reusable, prompt = [], 0, 0, 0
             if name == "trace":
                 for r in items:
@@ -205,7 +205,7 @@ def _run_cluster(flags: list[str], trace: list[dict], conversations, args) -> di
 def replay(args) -> dict:
     from pdserve.bench.workloads import multi_turn_conversations
 
-    trace = _trace_requests(args)
+    trace = _trace_requests(args) if args.trace_requests > 0 else []
     conversations = multi_turn_conversations(args.conversations, args.turns, args.first_len, args.turn_len, seed=0)
     tier_flags = {"off": [], "host": ["--kv-host-memory", "1GiB"],
                   "disk": ["--kv-disk", f"{tempfile.mkdtemp(prefix='pdserve-kvdisk-')}:4GiB"],
@@ -214,7 +214,7 @@ def replay(args) -> dict:
     out = {}
     for tier in args.tiers.split(","):
         out[tier] = _run_cluster(tier_flags[tier], trace, conversations, args)
-        for name in ("trace", "multi_turn"):
+        for name in [n for n in ("trace", "multi_turn") if n in out[tier]]:
             r = out[tier][name]
             hit = r["hit_rate_of_reusable"]
             print(f"{tier:9s} {name:10s} requests {r['requests']:3d} prompt {r['prompt_tokens']:6d} computed "
@@ -222,7 +222,7 @@ def replay(args) -> dict:
                   f"TTFT p50 {r['ttft_p50_s'] * 1e3:7.1f} ms  p90 {r['ttft_p90_s'] * 1e3:7.1f} ms", flush=True)
     if "off" in out:
         for tier in out:
-            for name in ("trace", "multi_turn"):
+            for name in [n for n in ("trace", "multi_turn") if n in out[tier]]:
                 out[tier][name]["ttft_p50_speedup_vs_off"] = out["off"][name]["ttft_p50_s"] / out[tier][name]["ttft_p50_s"]
     return out
 
@@ -240,7 +240,9 @@ def main() -> None:
     r.add_argument("--tiers", default="off,host,disk,redis,mooncake")
     r.add_argument("--trace-requests", type=int, default=40)
     r.add_argument("--length-scale", type=float, default=1 / 32)
-    r.add_argument("--conversations", type=int, default=4)
+    r.add_argument("--conversations", type=int, default=3,
+                   help="an odd number: round robin over two workers then sends each conversation's turns to "
+                        "alternate workers (an even one pins a conversation to one worker: no reuse crosses)")
     r.add_argument("--turns", type=int, default=4)
     r.add_argument("--first-len", type=int, default=600)
     r.add_argument("--turn-len", type=int, default=64)
