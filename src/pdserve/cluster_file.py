@@ -42,6 +42,8 @@ Format (YAML; docs/cluster.md has the reference)::
       kv_dtype: bf16
       decode_routing: least_loaded
       kv_link: auto                # auto | intra | inter (node) for prefill -> decode KV
+      kv_store: {host_gbs: 25, remote_gbs: 50, cards_per_host: 8}  # the simulator's KV store links
+                                   #   (GB/s per card) and host size (docs/sim.md, "KV store tiers")
     predicted: {...}               # the planner's figures for this layout
 
 An unknown key anywhere is an error that names it (with its path), so a typo never passes unnoticed.
@@ -136,6 +138,8 @@ class Planning(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, k
     kv_dtype: str = "bf16"
     decode_routing: Literal["round_robin", "least_loaded", "prefix_aware"] = "least_loaded"
     kv_link: Literal["auto", "intra", "inter"] = "auto"
+    # The simulator's KV store figures (sim/store.py): host_gbs, disk_gbs, remote_gbs, cards_per_host.
+    kv_store: dict[str, Any] = {}
 
 
 class ClusterFile(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):

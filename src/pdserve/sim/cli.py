@@ -79,12 +79,47 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=cache.block_size)
     g.add_argument("--routing", default="least_loaded", choices=("round_robin", "least_loaded", "prefix_aware"))
     g.add_argument("--no-prefix-caching", action="store_true")
+    add_store_args(p)
+
+
+def add_store_args(p: argparse.ArgumentParser) -> None:
+    """`pdserve up`'s KV store flags, and the simulator's figures for the tiers (docs/sim.md)."""
+    from pdserve.config import parse_size
+    from pdserve.settings import add_store_flags
+    add_store_flags(p)
+    g = p.add_argument_group("KV store, as the simulator models it (docs/sim.md, \"KV store tiers\")")
+    g.add_argument("--kv-remote-memory", type=parse_size, default=None,
+                   help="the remote tier's size (default: 2GiB for a server `pdserve up` starts, else unbounded)")
+    g.add_argument("--kv-host-gbs", type=float, default=None, help="host tier load/save GB/s per card")
+    g.add_argument("--kv-disk-gbs", type=float, default=None, help="disk tier load/save GB/s per instance")
+    g.add_argument("--kv-remote-gbs", type=float, default=None, help="remote tier load/save GB/s per card")
+    g.add_argument("--kv-cards-per-host", type=int, default=None,
+                   help="cards that share a host's tiers (default: the card's node_size; a CPU entry's cores)")
+
+
+def store_from_args(args: argparse.Namespace, settings: dict, planning: dict) -> tuple[dict, dict]:
+    """The cluster's ``kv_store`` settings and planning figures, with the flags given over them."""
+    from pdserve.settings import STORE_SETTINGS
+    settings, planning = dict(settings), dict(planning)
+    for name, s in STORE_SETTINGS.items():
+        value = getattr(args, name, s.default)
+        if value != s.default:
+            settings[name] = s.show(value) if "show" in s.meta else value
+    if getattr(args, "kv_remote_memory", None) is not None:
+        settings["kv_remote_memory"] = args.kv_remote_memory
+    for key in ("host_gbs", "disk_gbs", "remote_gbs", "cards_per_host"):
+        value = getattr(args, f"kv_{key}", None)
+        if value is not None:
+            planning[key] = value
+    return settings, planning
 
 
 def cluster_from_args(args: argparse.Namespace):
     from pdserve.sim.cluster import ClusterSpec, PoolSpec, load_cluster
     if args.cluster:
-        return load_cluster(args.cluster)
+        spec = load_cluster(args.cluster)
+        store = store_from_args(args, spec.kv_store, spec.kv_store_planning)
+        return replace(spec, kv_store=store[0], kv_store_planning=store[1])
     if not args.model:
         raise ValueError("give --cluster FILE or --model NAME (with --hardware, --mode, ...)")
     hw = [h for h in args.hardware.split(",") if h]
@@ -96,8 +131,9 @@ def cluster_from_args(args: argparse.Namespace):
                         parallelism=args.parallelism, attn_tp=args.attn_tp, moe_imbalance=args.moe_imbalance,
                         ep_overlap=args.ep_overlap, step_overhead_ms=args.step_overhead_ms,
                         step_overhead_per_seq_us=args.step_overhead_per_seq_us)
+    store, store_planning = store_from_args(args, {}, {})
     common = dict(precision=args.precision, block_size=args.block_size, routing=args.routing,
-                  enable_prefix_caching=not args.no_prefix_caching)
+                  enable_prefix_caching=not args.no_prefix_caching, kv_store=store, kv_store_planning=store_planning)
     if args.mode == "colocated":
         if len(hw) != 1:
             raise ValueError("colocated mode takes one --hardware name")
@@ -153,6 +189,14 @@ def format_sim(result: dict) -> str:
     for name, p in sim["pools"].items():
         lines.append(f"{name:<12}{p['instances_simulated']:>9}{p['kv_tokens_per_instance']:>11}"
                      f"{p['busy_fraction']:>7.0%}{p['prefix_hit_rate']:>11.1%}{p['preemptions']:>9}")
+    store = sim.get("kv_store")
+    if store is not None:
+        computed = sum(p["prompt_tokens_computed"] for p in sim["pools"].values())
+        lines.append(f"KV store: prompt tokens computed {computed}, loaded {store['loaded_tokens']}, saves dropped "
+                     f"{store['dropped_saves']}; " + ", ".join(
+            f"{name} hit rate {t['hit_rate'] if t['hit_rate'] is None else format(t['hit_rate'], '.1%')} "
+            f"({t['found_blocks']}/{t['looked_up_blocks']} blocks), evicted {t['evicted_blocks']}"
+            for name, t in store["tiers"].items()))
     if sim["scale"] != 1.0:
         lines.append(f"sampled: throughputs scaled by {sim['scale']:g}")
     lines.append(f"cards {cost['num_cards']}, ${cost['price_per_hour']:.2f}/h, {cost['power_kw_tdp']:.1f} kW (TDP); "

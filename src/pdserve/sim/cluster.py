@@ -14,6 +14,7 @@ from pdserve import cluster_file
 from pdserve.cluster_file import ClusterFile
 from pdserve.router.policies import POLICIES
 from pdserve.sim.perf_model import BYTES_PER_PARAM
+from pdserve.sim.store import StoreSpec
 
 MODES = ("colocated", "disaggregated", "auto")  # auto: prefill and decode pools under the elastic controller
 KV_LINKS = ("auto", "intra", "inter")
@@ -77,6 +78,10 @@ class ClusterSpec:
     max_inflight: int | None = None  # the frontend's admission bounds (None: none)
     max_inflight_per_instance: int | None = None
     extra: dict = field(default_factory=dict)  # free-form notes (the planner's predictions)
+    # The KV store tiers: the cluster file's serving.kv_store (`pdserve up`'s settings) and planning.kv_store
+    # (the simulator's bandwidths and host size); sim/store.py.
+    kv_store: dict = field(default_factory=dict)
+    kv_store_planning: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -93,6 +98,11 @@ class ClusterSpec:
             raise ValueError(f"kv_link must be one of {KV_LINKS}, got {self.kv_link!r}")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
+        self.store  # ValueError on bad KV store settings
+
+    @property
+    def store(self) -> StoreSpec:
+        return StoreSpec.from_settings(self.kv_store, self.kv_store_planning)
 
     @property
     def pools(self) -> dict[str, PoolSpec]:
@@ -112,6 +122,8 @@ class ClusterSpec:
         serving = {"mode": self.mode, **{name: pool.instances for name, pool in pools.items()},
                    "routing": self.routing, "min_remote_prefill_tokens": self.min_remote_prefill_tokens,
                    "max_inflight": self.max_inflight}
+        if self.kv_store:
+            serving["kv_store"] = dict(self.kv_store)
         overrides = {name: {k: v for k, v in _sched(p).items() if v != engine[k]} for name, p in pools.items()}
         serving["pools"] = {name: o for name, o in overrides.items() if o}
         planning = {"hardware": _one_or_per_pool({n: p.hardware for n, p in pools.items()}),
@@ -120,6 +132,8 @@ class ClusterSpec:
                     **_model_settings(pools),
                     "precision": self.precision, "kv_dtype": self.kv_dtype, "decode_routing": self.decode_routing,
                     "kv_link": self.kv_link}
+        if self.kv_store_planning:
+            planning["kv_store"] = dict(self.kv_store_planning)
         data = {"model": self.model, "engine": engine, "serving": serving, "planning": planning}
         if self.extra:
             data["predicted"] = self.extra
@@ -144,7 +158,8 @@ class ClusterSpec:
                    enable_prefix_caching=bool(f.engine.get("enable_prefix_caching", True)),
                    precision=pl.precision, kv_dtype=pl.kv_dtype, decode_routing=pl.decode_routing,
                    kv_link=pl.kv_link, min_remote_prefill_tokens=f.serving.min_remote_prefill_tokens,
-                   max_inflight=f.serving.max_inflight, extra=dict(f.predicted))
+                   max_inflight=f.serving.max_inflight, extra=dict(f.predicted),
+                   kv_store=dict(f.serving.kv_store), kv_store_planning=dict(pl.kv_store))
 
     def to_dict(self) -> dict:
         """The cluster file's content (result files carry it)."""

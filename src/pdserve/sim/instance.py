@@ -11,12 +11,14 @@ from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.step_budget import PrefillBudget
 from pdserve.flow.decode import DecodeSide
 from pdserve.flow.prefill import PrefillSide
-from pdserve.kv.base import RemotePrefill
+from pdserve.kv.base import ExternalSources, RemotePrefill
+from pdserve.kv.store.scheduler_side import StoreExternal
 from pdserve.sim.cluster import PoolSpec
 from pdserve.sim.hardware import Hardware
 from pdserve.sim.perf_model import BatchShape, PerfModel
 from pdserve.sim.requests import SimRequest
 from pdserve.sim.step_time import StepTime
+from pdserve.sim.store import SimStore
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class WorkItem:
     output_len: int
     hash_ids: tuple[int, ...] = ()
     block_size: int = 512
+    hashed_tokens: int = 0  # tokens the hash ids describe (0: the prompt; more: the output's too)
 
 
 class Instance:
@@ -67,6 +70,36 @@ class Instance:
         self.num_steps = 0
         self.busy_s = 0.0
         self.prefill_busy_s = 0.0
+        self.prompt_tokens_computed = 0
+        # The KV store (sim/store.py; None: no store): the live scheduler side beside disaggregation's.
+        self.store: SimStore | None = None
+        self.store_side: StoreExternal | None = None
+        self.sources: ExternalSources | None = None
+        self.host = 0
+        self.store_gbs: dict[str, float] = {}  # per tier, this instance's cards together
+        self.load_free_s = 0.0  # loads, then saves, one after the other on the instance's links
+        self.save_free_s = 0.0
+        self.save_queued_bytes = 0
+
+    def attach_store(self, store: SimStore, host: int, gbs: dict[str, float]) -> None:
+        """Use the store's tiers on ``host`` as a worker's engine does (``WorkerStore``: the store's
+        scheduler side asked after disaggregation's)."""
+        self.store, self.host, self.store_gbs = store, host, gbs
+        self.store_side = StoreExternal(self.block_size, lambda hashes: store.lookup(host, hashes), self._can_save)
+        self.sources = ExternalSources({"remote": self.remote, "store": self.store_side})
+        self.scheduler.external = self.sources
+
+    def _can_save(self, num_blocks: int) -> bool:
+        """Whether the save fits the instance's save queue now (``kv_save_queue``); else it is dropped."""
+        ok = self.save_queued_bytes + num_blocks * self.store.block_bytes <= self.store.spec.save_queue_bytes
+        if not ok:
+            self.store.dropped_saves += 1
+        return ok
+
+    def store_seconds(self, blocks_per_tier: dict[str, int]) -> float:
+        """Seconds to move these blocks over the tiers' links, one tier after the other."""
+        nbytes = self.store.block_bytes
+        return sum(n * nbytes / (self.store_gbs[t] * 1e9) for t, n in blocks_per_tier.items() if n)
 
     def add(self, request: SimRequest, remote_kv: bool = False, hold_kv: bool = False) -> None:
         """What a worker does with ``AddRequest``: queue it; a remote prefill's KV, or a held prefill."""
@@ -78,9 +111,13 @@ class Instance:
             self.remote.hold(request.request_id)
             self.prefill_side.add(request.request_id)
 
-    def release_kv(self, request_id: str) -> None:
-        self.scheduler.release_kv(request_id)
-        self.remote.forget([request_id])
+    def release_kv(self, request_id: str, holder: str = "remote") -> None:
+        """``holder`` (the prefill hand-off, or the store's save) is done with a finished request's blocks;
+        they are freed when no one else holds them (``EngineCore.release_kv``)."""
+        if holder == "remote":
+            self.remote.forget([request_id])
+        if self.sources is None or self.sources.release(request_id, holder):
+            self.scheduler.release_kv(request_id)
 
     def set_step_target(self, target_step_s: float | None) -> None:
         """Bound the prefill tokens of steps with decodes (as ``EngineCore.set_step_target``), predicting
@@ -127,8 +164,6 @@ class Instance:
             return 0.0
         return self.perf.decode_step_time_s(len(decodes), sum(r.num_computed_tokens + 1 for r in decodes))
 
-
-
     @property
     def queue_len(self) -> int:
         s = self.scheduler
@@ -148,8 +183,11 @@ class Instance:
         return n
 
     def num_store_blocks(self, block_hashes: Sequence[int], start: int) -> int:
-        """The simulator models no KV store tier (docs/sim.md): nothing loads from one."""
-        return 0
+        """Blocks after the first ``start`` that this instance could load from the store's tiers (exact: the
+        live router's index lags by the workers' event interval)."""
+        if self.store is None:
+            return 0
+        return self.store.peek(self.host, block_hashes, start)
 
 
 class SimTracker:

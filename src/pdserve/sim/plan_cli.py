@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from pdserve.sim.cluster import ClusterSpec, PoolSpec
 from pdserve.sim.planner import MAX_PROBE_REQUESTS, Planner, PlanOptions, best_cluster, rank
+from pdserve.sim.store import StoreSpec
 
 
 def add_plan_args(p) -> None:
@@ -35,9 +37,12 @@ def add_plan_args(p) -> None:
     g.add_argument("--routing", default="least_loaded", choices=("round_robin", "least_loaded", "prefix_aware"))
     g.add_argument("--out-dir", default="plan-out")
     g.add_argument("--top", type=int, default=10)
+    from pdserve.sim.cli import add_store_args
+    add_store_args(p)
 
 
 def run_plan_command(args) -> int:
+    from pdserve.sim.cli import store_from_args
     from pdserve.sim.workload import work_items, workload_from_args
     try:
         if (args.cards is None) == (args.budget_per_hour is None):
@@ -56,6 +61,9 @@ def run_plan_command(args) -> int:
                               args.probe_requests, args.max_probe_requests, args.perf_model, args.hardware_file,
                               args.routing, args.parallelism, args.progress, args.seed,
                               moe_imbalance=args.moe_imbalance, ep_overlap=args.ep_overlap)
+        store, store_planning = store_from_args(args, {}, {})
+        StoreSpec.from_settings(store, store_planning)  # ValueError on bad KV store settings
+        options = replace(options, kv_store=store, kv_store_planning=store_planning)
         planner = Planner(args.model, [h for h in args.hardware.split(",") if h],
                           work_items(workload_from_args(args)[0]), options)
     except (ValueError, OSError) as e:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -79,6 +79,10 @@ class PlanOptions:
     seed: int = 0
     moe_imbalance: float = 1.0  # ep pools: the busiest expert rank's load over the mean
     ep_overlap: bool = False  # ep pools: two micro-batches hide the all-to-alls
+    # The KV store every candidate runs with (ClusterSpec.kv_store, .kv_store_planning; sim/store.py): each
+    # simulated unit has its own tiers (a remote tier shared by the whole cluster is modelled per unit).
+    kv_store: dict = field(default_factory=dict)
+    kv_store_planning: dict = field(default_factory=dict)
 
 
 class Planner:
@@ -321,7 +325,9 @@ class Planner:
         return max(0.05, min(prefill_rate(spec.prefill), rd) if rd > 0 else prefill_rate(spec.prefill))
 
     def _spec(self, mode: str, precision: str, **pools) -> ClusterSpec:
-        return ClusterSpec(self.model_name, mode, precision=precision, routing=self.routing, **pools)
+        o = self.options
+        return ClusterSpec(self.model_name, mode, precision=precision, routing=self.routing,
+                           kv_store=o.kv_store, kv_store_planning=o.kv_store_planning, **pools)
 
 
 def rank(cands: list[Candidate], catalogue, cards: int | None, budget: float | None) -> list[dict]:

@@ -9,7 +9,8 @@ materialises them):
 
 - the KV block covering tokens ``[i*B, (i+1)*B)`` is keyed by the trace blocks it overlaps, as
   ``(hash_id, first offset, last offset)`` triples, or ``(-1, request index, i)`` for tokens that are
-  unique to the request (no hash ids, past the last hash id, or generated tokens);
+  unique to the request (no hash ids, past the last hash id, or generated tokens: unless ``hashed_tokens``
+  says the hash ids also cover the output, as a conversation's next turn repeats this turn's answer);
 - block hashes chain as the engine's do: ``hash((parent_hash, key))``, starting from ``hashing.ROOT_HASH``.
 
 Keys are tuples of ints, so Python's tuple hash is the same in every run (no string salting): the
@@ -30,12 +31,14 @@ class SimRequest(Request):
     """A request with ``num_prompt_tokens`` prompt tokens and an optional hash-id prefix structure."""
 
     def __init__(self, request_id: str, index: int, num_prompt_tokens: int, max_tokens: int,
-                 arrival_time: float, hash_ids: tuple[int, ...] = (), trace_block_size: int = 512) -> None:
+                 arrival_time: float, hash_ids: tuple[int, ...] = (), trace_block_size: int = 512,
+                 hashed_tokens: int = 0) -> None:
         super().__init__(request_id, [], _PARAMS, arrival_time=arrival_time, max_tokens=max_tokens)
         self.index = index
         self._num_prompt = num_prompt_tokens
         self._hash_ids = hash_ids
         self._trace_block_size = trace_block_size
+        self._hashed_tokens = hashed_tokens or num_prompt_tokens  # tokens the hash ids describe
 
     @property
     def num_tokens(self) -> int:
@@ -63,7 +66,7 @@ class SimRequest(Request):
     def _block_key(self, i: int, block_size: int) -> tuple:
         start, end = i * block_size, (i + 1) * block_size
         tb = self._trace_block_size
-        limit = min(len(self._hash_ids) * tb, self._num_prompt)
+        limit = min(len(self._hash_ids) * tb, self._hashed_tokens)
         if start >= limit:
             return (-1, self.index, i)
         parts = []

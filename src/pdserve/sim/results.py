@@ -171,8 +171,12 @@ def cluster_section(sim) -> dict:
             "busy_fraction": sum(i.busy_s for i in insts) / (len(insts) * duration) if duration else 0.0,
             "preemptions": sum(i.scheduler.num_preemptions for i in insts),
             "prefix_hit_rate": sum(s.num_hit_tokens for s in stats) / q if q else 0.0,
+            "prompt_tokens_computed": sum(i.prompt_tokens_computed for i in insts),
             "perf_model": insts[0].perf.describe(),
         }
-    return {"scale": sim.scale, "perf_model": sim.options.perf_model, "fast_forward": sim.options.fast_forward,
-            "pools": pools, "kv_transfer_bytes": sim.recorder.kv_bytes * sim.scale,
-            "cost": run_cost(sim, duration)}
+    out = {"scale": sim.scale, "perf_model": sim.options.perf_model, "fast_forward": sim.options.fast_forward,
+           "pools": pools, "kv_transfer_bytes": sim.recorder.kv_bytes * sim.scale,
+           "cost": run_cost(sim, duration)}
+    if sim.store is not None:  # per tier: blocks looked up at admission and found, loaded, saved, evicted
+        out["kv_store"] = sim.store.summary()
+    return out

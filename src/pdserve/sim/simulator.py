@@ -57,10 +57,11 @@ from pdserve.sim.perf_model import BatchShape, kv_transfer_s
 from pdserve.sim.pools import kv_link_is_inter, make_instances, sample_pools
 from pdserve.sim.requests import DUMMY_TOKEN_ID, SimRequest
 from pdserve.sim.results import Recorder
+from pdserve.sim.store import SimStore, make_store
 
 logger = logging.getLogger(__name__)
 
-_ARRIVAL, _STEP_END, _WINDOW_END, _RESUME, _TRANSFER_DONE, _MESSAGE, _TICK = range(7)
+_ARRIVAL, _STEP_END, _WINDOW_END, _RESUME, _TRANSFER_DONE, _MESSAGE, _TICK, _STORE_LOADED, _STORE_SAVED = range(9)
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class Simulator:
                                  self.options.num_blocks, self.options.seed)
             for name, pool in pools.items()}
         self.by_id = {inst.instance_id: inst for inst in self.instances}
+        self.store: SimStore | None = make_store(spec, self.model, self.instances)  # None: no KV store
         decode_policy = DecodePolicy() if spec.decode_routing == "least_loaded" else make_policy(spec.decode_routing)
         self.objectives = Objectives(*slo)
         is_auto = spec.mode == "auto"
@@ -139,7 +141,7 @@ class Simulator:
             for _ in range(min(self.concurrency, len(self.items))):
                 self._release_next(0.0)  # the first users send at once
         handlers = (self._on_arrival, self._on_step_end, self._on_window_end, self._on_resume, self._on_transfer_done,
-                    self._on_message, self._on_tick)
+                    self._on_message, self._on_tick, self._on_store_loaded, self._on_store_saved)
         if self.controller is not None:
             initial = self.controller.initial(self._worker_states())
             self.controller.record(0.0, initial)
@@ -291,6 +293,13 @@ class Simulator:
         if kind == "reservation":  # at the prefill instance
             self._execute_prefill(inst, inst.prefill_side.reservation(body), now)
             return
+        if kind == "store_loaded":  # the prefill continues after the loaded tokens
+            rid, num_tokens = body
+            inst.scheduler.finish_load(rid, num_loaded_tokens=num_tokens)
+            return
+        if kind == "store_saved":
+            inst.release_kv(body, "store")
+            return
         assert kind == "kv", kind  # at the decode instance: the request joins its batch, first token out
         for a in inst.decode_side.loaded(LoadDone(body, True, DUMMY_TOKEN_ID)):
             assert isinstance(a, fd.JoinBatch), a
@@ -331,10 +340,16 @@ class Simulator:
             self._start_step(inst, now)
 
     def _start_step(self, inst: Instance, now: float) -> None:
+        if inst.store_side is not None:
+            self._start_saves(inst, now)
         if self._fast_forward and inst.role != "prefill" and self._try_window(inst, now):
             return
         out = inst.scheduler.schedule()
+        if inst.store_side is not None:
+            self._start_loads(inst, now)
         for res in out.reservations:  # sent after the step (at once if there is no step)
+            if res.request_id not in inst.decode_side:
+                continue  # a store load's (``_start_loads``)
             for a in inst.decode_side.reserved(res, inst.kv_target, now):
                 assert isinstance(a, fd.SendReservation), a
                 inst.outbox.append(a.reservation)
@@ -350,6 +365,10 @@ class Simulator:
         inst.busy_s += dt
         if shape.num_prefill_tokens:
             inst.prefill_busy_s += dt * inst.step_time.prefill_share(shape)
+            for c in out.chunks:  # prompt tokens computed (not cached, not loaded), recomputes included
+                n = c.request.num_prompt_tokens
+                if c.start < n:
+                    inst.prompt_tokens_computed += min(c.start + c.num_tokens, n) - c.start
         self._push(now + dt, _STEP_END, (inst, out))
 
     def _try_window(self, inst: Instance, now: float) -> bool:
@@ -415,6 +434,38 @@ class Simulator:
             inst.num_steps -= len(ends) - j
         inst.window = None
 
+    # -- the KV store (sim/store.py) --------------------------------------------------------------------
+    def _start_loads(self, inst: Instance, now: float) -> None:
+        """The loads the scheduler asked for: each takes its blocks' bytes over the tiers' links, one load
+        after the other on the instance; the request waits for its own load only."""
+        store = self.store
+        for load in inst.store_side.take_loads():
+            n, per_tier = store.load(inst.host, load.block_hashes)
+            start = max(now, inst.load_free_s)
+            inst.load_free_s = start + inst.store_seconds(per_tier)
+            store.loaded_tokens += n * inst.block_size
+            self._push(inst.load_free_s, _STORE_LOADED, (inst, load.request_id, n * inst.block_size))
+
+    def _start_saves(self, inst: Instance, now: float) -> None:
+        """Finished requests' blocks to every tier; they are held until the save ends, then released."""
+        store = self.store
+        for save in inst.store_side.take_saves():
+            nbytes = len(save.block_hashes) * store.block_bytes
+            inst.save_queued_bytes += nbytes
+            start = max(now, inst.save_free_s)
+            inst.save_free_s = start + inst.store_seconds(store.missing(inst.host, save.block_hashes))
+            self._push(inst.save_free_s, _STORE_SAVED, (inst, save.request_id, save.block_hashes, nbytes))
+
+    def _on_store_loaded(self, now: float, payload: tuple[Instance, str, int]) -> None:
+        inst, rid, num_tokens = payload
+        self._deliver(inst, now, "store_loaded", (rid, num_tokens))
+
+    def _on_store_saved(self, now: float, payload: tuple[Instance, str, list[int], int]) -> None:
+        inst, rid, hashes, nbytes = payload
+        self.store.save(inst.host, hashes)
+        inst.save_queued_bytes -= nbytes
+        self._deliver(inst, now, "store_saved", rid)
+
     # -- the elastic controller (auto mode) -------------------------------------------------------------
     def _on_tick(self, now: float, payload: None) -> None:
         views = [i for i in self.instances if not i.is_parked]
@@ -462,7 +513,8 @@ class Simulator:
 
     # -- bookkeeping -----------------------------------------------------------------------------------
     def _request(self, rid: str, slot: int, item: WorkItem, max_tokens: int) -> SimRequest:
-        req = SimRequest(rid, item.index, item.input_len, max_tokens, 0.0, item.hash_ids, item.block_size)
+        req = SimRequest(rid, item.index, item.input_len, max_tokens, 0.0, item.hash_ids, item.block_size,
+                         item.hashed_tokens)
         req.slot = slot
         return req
 

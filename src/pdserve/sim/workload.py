@@ -64,3 +64,19 @@ def workload_from_args(args: argparse.Namespace):
         if value is not None and not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0")
     return bench_workload(args)
+
+
+def multi_turn_items(num_conversations: int, num_turns: int, first_len: int, turn_len: int, output_len: int,
+                     block_size: int = 16) -> list[WorkItem]:
+    """``bench.workloads.multi_turn_conversations`` as ``benchmarks/kv_store.py replay`` sends it (closed
+    loop, one request at a time): turn t of every conversation, then turn t + 1; a turn's prompt is the
+    conversation so far (messages and answers) and its own message. Hash ids name each ``block_size`` tokens
+    of a conversation and cover the answer too, so the next turn reuses this turn's prompt and output KV."""
+    items = []
+    for turn in range(num_turns):
+        for c in range(num_conversations):
+            prompt = first_len + turn * (output_len + turn_len)
+            total = prompt + output_len
+            ids = tuple(c * 1_000_000 + b for b in range(-(-total // block_size)))
+            items.append(WorkItem(len(items), None, prompt, output_len, ids, block_size, hashed_tokens=total))
+    return items
