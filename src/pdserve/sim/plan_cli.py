@@ -37,12 +37,12 @@ def add_plan_args(p) -> None:
     g.add_argument("--routing", default="least_loaded", choices=("round_robin", "least_loaded", "prefix_aware"))
     g.add_argument("--out-dir", default="plan-out")
     g.add_argument("--top", type=int, default=10)
-    from pdserve.sim.cli import add_store_args
+    from pdserve.sim.store_args import add_store_args
     add_store_args(p)
 
 
 def run_plan_command(args) -> int:
-    from pdserve.sim.cli import store_from_args
+    from pdserve.sim.store_args import store_from_args
     from pdserve.sim.workload import work_items, workload_from_args
     try:
         if (args.cards is None) == (args.budget_per_hour is None):
