@@ -207,7 +207,7 @@ def replay(args) -> dict:
 
     trace = _trace_requests(args) if args.trace_requests > 0 else []
     conversations = multi_turn_conversations(args.conversations, args.turns, args.first_len, args.turn_len, seed=0)
-    tier_flags = {"off": [], "host": ["--kv-host-memory", "1GiB"],
+    tier_flags = {"off": [], "host": ["--kv-host-memory", args.host_memory],
                   "disk": ["--kv-disk", f"{tempfile.mkdtemp(prefix='pdserve-kvdisk-')}:4GiB"],
                   "redis": ["--kv-remote", "redis", "--kv-remote-memory", "1GiB"],
                   "mooncake": ["--kv-remote", "mooncake", "--kv-remote-memory", "1GiB"]}
@@ -239,6 +239,8 @@ def main() -> None:
     r = sub.add_parser("replay")
     r.add_argument("--tiers", default="off,host,disk,redis,mooncake")
     r.add_argument("--trace-requests", type=int, default=40)
+    r.add_argument("--host-memory", default="1GiB",
+                   help="the host tier's budget (the trace's working set: ~46 KB a token for SmolLM2 in float32)")
     r.add_argument("--length-scale", type=float, default=1 / 32)
     r.add_argument("--conversations", type=int, default=3,
                    help="an odd number: round robin over two workers then sends each conversation's turns to "
