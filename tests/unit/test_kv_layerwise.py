@@ -130,7 +130,7 @@ def test_a_reservation_that_arrives_during_the_step_streams_the_layers_after_it(
         want = both.tokens("ref")[0]
     finally:
         both.close()
-    decode = _Worker(tiny_dir, "decode", "tcp")
+    decode = _Worker(tiny_dir, "decode", "tcp", transfer_timeout_s=120.0)  # a fallback would show as a timeout
     options = WorkerOptions(role="prefill", kv_connector="tcp", stats_interval_s=0.05, idle_poll_ms=10)
     prefill = Worker(None, options, engine_factory=lambda alloc: _engine(tiny_dir, alloc))  # its loop: below
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -146,11 +146,18 @@ def test_a_reservation_that_arrives_during_the_step_streams_the_layers_after_it(
         sock.send(p.encode(p.ForwardReservation(reservation)))
         assert prefill.control.poll(10_000)  # waiting in the socket when the step starts
         num_layers = prefill.core.kv_cache.shape[0]
-        prefill._step()  # the whole prompt, layer by layer; the reservation is read at the first layer's end
+        outputs = prefill._step()  # the whole prompt, layer by layer; the reservation is read at the first layer's end
         assert prefill.layer_saves.num_layer_jobs == num_layers  # one job per layer, none left for after
+        prefill._route_outputs(outputs)  # as the loop does after a step: the prompt is computed, its save starts
         thread = threading.Thread(target=prefill.run, daemon=True)
         thread.start()
-        assert decode.tokens("r")[0] == want
+        assert decode.tokens("r", timeout_s=20)[0] == want  # the KV came (no local prefill after a deadline)
+        sock.poll(10_000)
+        done = p.decode_from_worker(sock.recv())
+        while not isinstance(done, p.PrefillDone):
+            assert sock.poll(10_000)
+            done = p.decode_from_worker(sock.recv())
+        assert done.ok and done.kv_bytes > 0
     finally:
         prefill.stop()
         if thread is not None:
