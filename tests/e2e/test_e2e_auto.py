@@ -65,8 +65,10 @@ def test_dashboard_shows_the_controller_and_a_parked_worker_costs_nothing(url):
     checks.client(url).completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4,
                                           temperature=0)  # a path-choice prediction, a busy decode worker
     cores = sorted(os.sched_getaffinity(0))
-    _wait(lambda: _workers(url)["prefill"]["core_s"] > 0 and _workers(url)["prefill"].get("is_parked"),
-          "the prefill worker did not report being parked")
+    def parked_and_reported(w: dict) -> bool:  # the router parks it at once; the worker's stats follow
+        return w["core_s"] > 0 and bool(w.get("is_parked")) and w["num_cores"] == 0
+
+    _wait(lambda: parked_and_reported(_workers(url)["prefill"]), "the prefill worker did not report being parked")
     parked = _workers(url)["prefill"]
     assert parked["num_cores"] == 0 and parked["price_per_hour"] == 0.0 and parked["device"] == "cpu"
     decode = _workers(url)["decode"]
