@@ -1,18 +1,20 @@
 """Overload (issue 15): at 2x, 5x and 10x the goodput capacity, what share is refused up front (429) and
 whether the admitted requests keep their objectives; the processes' memory before and after.
 
-1. `pdserve up` (auto, with --slo-ttft/--slo-tpot and admission by predicted TTFT, the default), a rate
-   sweep with `pdserve bench` gives the goodput capacity (the highest rate with >= 90% attainment);
+1. `pdserve up` (auto, with --slo-ttft/--slo-tpot), a rate sweep with `pdserve bench` gives the goodput
+   capacity (the highest rate with >= 90% attainment), measured once, on the first cluster;
 2. then --seconds of Poisson arrivals at each multiple of it: the 429 share, and the attainment of the
    requests that were admitted; RSS of every pdserve process at the start and the end.
 
-    python benchmarks/overload.py [--rates 0.5,1,2,3] [--multiples 2,5,10] [--seconds 60]
+Step 2 runs once per `--admission-ttft-slack` of --slacks, each on a cluster of its own: 0 (admission by
+requests in flight only, the baseline), then the slacks to compare (1 is `pdserve up`'s default).
+
+    python benchmarks/overload.py [--rates 0.5,1,2,3] [--multiples 2,5,10] [--seconds 60] [--slacks 0,2,1]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -29,48 +31,73 @@ def main() -> int:
     a = _args()
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "up", "--port", str(port), "--slo-ttft",
-                             str(a.slo_ttft), "--slo-tpot", str(a.slo_tpot)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_healthy(url, proc, 600)
-        capacity = 0.0
-        for rate in [float(r) for r in a.rates.split(",")]:
-            res = _bench(url, rate, max(16, int(rate * 30)), out / f"sweep-{rate:g}.json", a)
-            if _attainment(res, a, admitted_only=False) >= 0.9:
-                capacity = rate
-        if capacity == 0.0:
-            print("no rate of the sweep met the objectives: no capacity to multiply")
-            return 1
-        rss0 = _rss(proc.pid)
-        rows = []
-        for m in [float(x) for x in a.multiples.split(",")]:
-            rate = capacity * m
-            res = _bench(url, rate, int(rate * a.seconds), out / f"overload-{m:g}x.json", a)
-            reqs = res["requests"]
-            refused = sum(1 for r in reqs if r["error"] and "429" in str(r["error"]) + str(r["error_detail"]))
-            rows.append({"multiple": m, "rate": rate, "sent": len(reqs), "refused_429": refused,
-                         "refused_share": refused / len(reqs) if reqs else 0.0,
-                         "admitted_attainment": _attainment(res, a, admitted_only=True)})
-        rss1 = _rss(proc.pid)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+    capacity = 0.0
+    report = {"slo_ttft_s": a.slo_ttft, "slo_tpot_s": a.slo_tpot, "runs": []}
+    for slack in [float(x) for x in a.slacks.split(",")]:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "up", "--port", str(port), "--slo-ttft",
+                                 str(a.slo_ttft), "--slo-tpot", str(a.slo_tpot), "--admission-ttft-slack",
+                                 str(slack)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            wait_healthy(url, proc, 600)
+            if capacity == 0.0:
+                for rate in [float(r) for r in a.rates.split(",")]:
+                    res = _bench(url, rate, max(16, int(rate * 30)), out / f"sweep-{rate:g}.json")
+                    if _attainment(res, a, admitted_only=False) >= 0.9:
+                        capacity = rate
+                if capacity == 0.0:
+                    print("no rate of the sweep met the objectives: no capacity to multiply")
+                    return 1
+            rss0 = _rss(proc.pid)
+            rows = []
+            for m in [float(x) for x in a.multiples.split(",")]:
+                rate = capacity * m
+                res = _bench(url, rate, int(rate * a.seconds), out / f"overload-s{slack:g}-{m:g}x.json")
+                rows.append(_row(res, m, rate, a))
+            rss1 = _rss(proc.pid)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        report["runs"].append({"slack": slack, "rows": rows, "rss_start_mib": rss0, "rss_end_mib": rss1})
+    report["capacity"] = capacity
     print(f"capacity {capacity:g} req/s at TTFT <= {a.slo_ttft} s, TPOT <= {a.slo_tpot} s")
-    print(f"{'load':>6}{'rate':>8}{'sent':>6}{'429':>6}{'429 share':>11}{'admitted attainment':>21}")
-    for r in rows:
-        print(f"{r['multiple']:>5g}x{r['rate']:>8.2f}{r['sent']:>6}{r['refused_429']:>6}{r['refused_share']:>11.1%}"
-              f"{r['admitted_attainment']:>21.1%}")
-    print("RSS (MiB) per process, start -> end: " + ", ".join(f"{n} {rss0.get(n, 0):.0f} -> {v:.0f}"
-                                                            for n, v in rss1.items()))
-    (out / "report.json").write_text(json.dumps({"capacity": capacity, "rows": rows, "rss_start_mib": rss0,
-                                                 "rss_end_mib": rss1}, indent=1))
+    print(f"{'slack':>6}{'load':>6}{'rate':>8}{'sent':>6}{'429 share':>11}{'admitted attainment':>21}"
+          f"{'admitted TTFT p50/p90':>23}{'goodput':>9}{'vs slack 0':>11}")
+    base = {r["multiple"]: r["goodput_rps"] for r in report["runs"][0]["rows"]}
+    for run in report["runs"]:
+        for r in run["rows"]:
+            ratio = r["goodput_rps"] / base[r["multiple"]] if base.get(r["multiple"]) else float("nan")
+            ttft = f"{r['admitted_ttft_p50_s']:.2f} / {r['admitted_ttft_p90_s']:.2f} s"
+            print(f"{run['slack']:>6g}{r['multiple']:>5g}x{r['rate']:>8.2f}{r['sent']:>6}"
+                  f"{r['refused_share']:>11.1%}{r['admitted_attainment']:>21.1%}{ttft:>23}"
+                  f"{r['goodput_rps']:>9.2f}{ratio:>10.2f}x")
+        print(f"  slack {run['slack']:g}: RSS (MiB) per process, start -> end: " + ", ".join(
+            f"{n} {run['rss_start_mib'].get(n, 0):.0f} -> {v:.0f}" for n, v in run["rss_end_mib"].items()))
+    (out / "report.json").write_text(json.dumps(report, indent=1))
     return 0
 
 
-def _bench(url: str, rate: float, n: int, path: Path, a) -> dict:
+def _row(res: dict, multiple: float, rate: float, a) -> dict:
+    """One load's figures: refusals, and how the admitted requests fared (goodput: requests within both
+    objectives per second of arrivals)."""
+    reqs = res["requests"]
+    refused = sum(1 for r in reqs if r["error"] and "429" in str(r["error"]) + str(r["error_detail"]))
+    ttfts = sorted(r["ttft_s"] for r in reqs if not r["error"] and r["ttft_s"] is not None)
+    within = _attainment(res, a, admitted_only=False) * len(reqs)
+    return {"multiple": multiple, "rate": rate, "sent": len(reqs), "refused_429": refused,
+            "refused_share": refused / len(reqs) if reqs else 0.0,
+            "admitted_attainment": _attainment(res, a, admitted_only=True),
+            "admitted_ttft_p50_s": _quantile(ttfts, 0.5), "admitted_ttft_p90_s": _quantile(ttfts, 0.9),
+            "goodput_rps": within / (len(reqs) / rate) if reqs else 0.0}
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def _bench(url: str, rate: float, n: int, path: Path) -> dict:
     subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "--base-url", url, "--no-progress", *WORKLOAD,
                     "--rate", f"{rate:g}", "--num-requests", str(n), "--out", str(path)], check=True,
                    stdout=subprocess.DEVNULL)
@@ -101,6 +128,7 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--slo-ttft", type=float, default=3.0)
     ap.add_argument("--slo-tpot", type=float, default=0.15)
+    ap.add_argument("--slacks", default="0,2,1", help="--admission-ttft-slack of each run (0: the baseline)")
     ap.add_argument("--out-dir", default="bench-results/overload")
     return ap.parse_args()
 

@@ -176,3 +176,46 @@ def test_admission_refuses_requests_predicted_to_miss_their_ttft_by_far():
         flow.submit("late", 1000, [], 16)  # 5 s predicted
     assert e.value.retry_after_s == pytest.approx(3.0, rel=0.01) and "late" not in flow.requests
     assert flow.admission.num_refused == 1
+
+
+def test_a_burst_between_two_stats_sees_its_own_queue():
+    """Requests routed since a worker's last stats count in its prefill queue: without that, every request
+    of a burst would be predicted against the same queue and all admitted."""
+    flow = _flow()
+    flow.admission = Admission(8, 8, ttft_slo_s=2.5)
+    views = flow.router.tracker.instances
+    views["p0"].prefill_token_s = 1e-3
+    assert flow.submit("a", 1000, [], 16) and flow.submit("b", 1000, [], 16)  # 1 s, then 2 s predicted
+    assert views["p0"].queued_prefill_tokens == 2000
+    with pytest.raises(OverloadedError):
+        flow.submit("c", 1000, [], 16)  # 3 s
+    assert flow.requests["b"].predicted_ttft_s == pytest.approx(2.0, rel=0.01)
+    flow.router.tracker.update_stats("p0", num_blocks=100, num_free_blocks=100, num_running=0, num_waiting=0,
+                                     queued_prefill_tokens=0)  # the worker's stats: its queue, as it counts it
+    assert flow.submit("c", 1000, [], 16)
+
+
+def test_admission_corrects_predictions_by_their_measured_error():
+    a = Admission(8, 8, ttft_slo_s=2.0)
+    a.check_predicted(1.5)  # taken as it is
+    for _ in range(7):
+        a.observe_ttft(1.0, 2.0)
+    assert a.correction == 1.0  # too few first tokens to judge by
+    a.observe_ttft(1.0, 2.0)
+    a.observe_ttft(None, 9.0)  # no prediction: nothing learned
+    assert a.correction == pytest.approx(2.0)
+    with pytest.raises(OverloadedError) as e:
+        a.check_predicted(1.5)  # 3 s, corrected
+    assert "3.00 s" in str(e.value) and e.value.retry_after_s == pytest.approx(1.0)
+    for _ in range(64):
+        a.observe_ttft(1.0, 100.0)  # a broken model is bounded, and only the recent window counts
+    assert a.correction == 4.0
+
+
+def test_admission_refuses_a_decode_worker_whose_steps_miss_the_tpot_objective():
+    a = Admission(8, 8, ttft_slo_s=2.0, tpot_slo_s=0.1)
+    a.check_predicted(1.0, decode_step_s=0.08)
+    with pytest.raises(OverloadedError) as e:
+        a.check_predicted(1.0, decode_step_s=0.15)
+    assert "150 ms" in str(e.value) and a.num_refused == 1
+    Admission(8, 8).check_predicted(None, decode_step_s=9.0)  # no objectives: in-flight bounds only

@@ -99,6 +99,7 @@ class Flight:
     num_tokens: int = 0
     is_prefill_done: bool = False
     prediction: PathPrediction | None = None  # the path choice's, when it made one
+    predicted_ttft_s: float | None = None  # what admission judged it by (None: no estimate, or no objective)
     deadline_s: float | None = None  # (the caller's clock) it is aborted everywhere at this time
     attempt: int = 0  # how many times it moved to another decode worker
 
@@ -229,8 +230,13 @@ class FrontendFlow:
             raise WorkerDeadError("no live worker can serve requests")
         self.admission.check(self.num_inflight, len(self.inflight.get(route.decode_id, ())))
         if f.attempt == 0:  # a moved request was admitted already
-            self.admission.check_predicted(self._predicted_ttft_s(f, route))
+            f.predicted_ttft_s = self._predicted_ttft_s(f, route)
+            decode = self.router.tracker.instances.get(route.decode_id)
+            self.admission.check_predicted(f.predicted_ttft_s, decode.decode_step_s if decode else 0.0)
         f.decode_id, f.prefill_id, f.prediction = route.decode_id, route.prefill_id, route.prediction
+        # its prompt joins that worker's prefill queue now, not at the worker's next stats
+        self.router.tracker.note_routed(route.prefill_id or route.decode_id, f.num_prompt_tokens,
+                                        f.block_hashes, f.block_size)
         self.requests[f.request_id] = f
         self._count(route.decode_id, f.request_id, add=True)
         actions: list[FrontendAction] = [AddToWorker(route.decode_id, f.request_id, remote_kv=route.is_disaggregated)]

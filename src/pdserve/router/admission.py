@@ -1,13 +1,28 @@
 """Admission: refuse early (429 + Retry-After) rather than queue without bound. Pure Python.
 
-Two bounds: requests in flight (at the frontend, and per instance), and, with a TTFT objective, the
-request's predicted TTFT (router/path.py's prediction from the workers' measured step costs and queues):
-a request predicted to miss its objective by more than ``ttft_slack`` x is refused before any work is done,
-with a Retry-After of the time its queue needs to drain that far. Admitted requests then keep their
-objective under overload, instead of every request missing it in a queue that only grows."""
+Two bounds: requests in flight (at the frontend, and per instance), and, with objectives, the request's
+predicted latency:
+
+- TTFT: router/path.py's prediction from the workers' measured step costs and queues, times its measured
+  error (the median of actual / predicted over the last ``CALIBRATION_WINDOW`` first tokens, once there
+  are ``MIN_CALIBRATION`` of them; clamped to ``CORRECTION_BOUNDS``). A request predicted to miss its
+  objective by more than ``slack`` x is refused before any work is done, with a Retry-After of the
+  time its queue needs to drain that far.
+- TPOT: a decode worker whose current batch's step already takes over ``slack`` x the TPOT objective
+  cannot give one more request its objective; the request is refused.
+
+Admitted requests then keep their objectives under overload, instead of every request missing them in a
+queue that only grows."""
 from __future__ import annotations
 
+import statistics
+from collections import deque
+
 from pdserve.errors import OverloadedError
+
+CALIBRATION_WINDOW = 64  # first tokens whose actual / predicted TTFT the correction is the median of
+MIN_CALIBRATION = 8  # ... before which predictions are taken as they are
+CORRECTION_BOUNDS = (0.5, 4.0)  # a correction outside these says the model is broken, not off
 
 
 class Admission:
@@ -17,26 +32,48 @@ class Admission:
     Retry-After hint grows with how far over the bound the cluster is."""
 
     def __init__(self, max_inflight: int = 1024, max_inflight_per_instance: int = 256,
-                 ttft_slo_s: float | None = None, ttft_slack: float = 1.0) -> None:
+                 ttft_slo_s: float | None = None, slack: float = 1.0, tpot_slo_s: float | None = None
+                 ) -> None:
         if max_inflight < 1 or max_inflight_per_instance < 1:
             raise ValueError("admission bounds must be >= 1")
-        if ttft_slack <= 0:
-            raise ValueError(f"ttft_slack must be > 0, got {ttft_slack}")
+        if slack <= 0:
+            raise ValueError(f"slack must be > 0, got {slack}")
         self.max_inflight = max_inflight
         self.max_inflight_per_instance = max_inflight_per_instance
         self.ttft_slo_s = ttft_slo_s
-        self.ttft_slack = ttft_slack
+        self.slack = slack
+        self.tpot_slo_s = tpot_slo_s
         self.num_refused = 0
+        self._ratios: deque[float] = deque(maxlen=CALIBRATION_WINDOW)  # actual / predicted TTFT
 
-    def check_predicted(self, predicted_ttft_s: float | None) -> None:
-        """Raise OverloadedError when the request is predicted to miss the TTFT objective by far."""
-        if self.ttft_slo_s is None or predicted_ttft_s is None:
-            return
-        limit = self.ttft_slo_s * self.ttft_slack
-        if predicted_ttft_s > limit:
+    def observe_ttft(self, predicted_s: float | None, actual_s: float) -> None:
+        """An admitted request's first token came ``actual_s`` after it was routed with this prediction."""
+        if predicted_s:
+            self._ratios.append(actual_s / predicted_s)
+
+    @property
+    def correction(self) -> float:
+        """What predictions are multiplied by: their measured error (1.0 until enough are measured)."""
+        if len(self._ratios) < MIN_CALIBRATION:
+            return 1.0
+        low, high = CORRECTION_BOUNDS
+        return min(high, max(low, statistics.median(self._ratios)))
+
+    def check_predicted(self, predicted_ttft_s: float | None, decode_step_s: float = 0.0) -> None:
+        """Raise OverloadedError when the request is predicted to miss the TTFT objective by far, or its
+        decode worker's steps (``decode_step_s``, its current batch's) already miss the TPOT objective."""
+        if self.ttft_slo_s is not None and predicted_ttft_s is not None:
+            predicted = predicted_ttft_s * self.correction
+            limit = self.ttft_slo_s * self.slack
+            if predicted > limit:
+                self.num_refused += 1
+                raise OverloadedError(f"predicted time to first token {predicted:.2f} s is over the "
+                                      f"{self.ttft_slo_s:g} s objective", retry_after_s=predicted - limit)
+        if self.tpot_slo_s is not None and decode_step_s > self.tpot_slo_s * self.slack:
             self.num_refused += 1
-            raise OverloadedError(f"predicted time to first token {predicted_ttft_s:.2f} s is over the "
-                                  f"{self.ttft_slo_s:g} s objective", retry_after_s=predicted_ttft_s - limit)
+            raise OverloadedError(f"the chosen decode worker's steps take {decode_step_s * 1e3:.0f} ms, over the "
+                                  f"{self.tpot_slo_s * 1e3:g} ms time-per-output-token objective",
+                                  retry_after_s=1.0)
 
     def check(self, num_inflight: int, instance_inflight: int | None = None) -> None:
         if num_inflight >= self.max_inflight:

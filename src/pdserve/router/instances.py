@@ -77,6 +77,16 @@ class InstanceTracker:
     def remove(self, instance_id: str) -> None:
         self.instances.pop(instance_id, None)
 
+    def note_routed(self, instance_id: str, num_prompt_tokens: int, block_hashes: list[int],
+                    block_size: int) -> None:
+        """A request was routed to compute its prompt on this instance: its uncached tokens count in the
+        instance's prefill queue until the worker's next stats (which count it themselves), so a burst of
+        requests between two stats does not see one queue."""
+        view = self.instances.get(instance_id)
+        if view is not None:
+            cached = view.num_cached_prefix_blocks(list(block_hashes)) * block_size
+            view.queued_prefill_tokens += max(1, num_prompt_tokens - cached)
+
     def update_stats(self, instance_id: str, *, num_blocks: int, num_free_blocks: int, num_running: int,
                      num_waiting: int, num_awaiting_kv: int = 0, **path_fields) -> None:
         """Counters from a worker's stats; ``path_fields``: the ``InstanceView`` fields path choice reads."""

@@ -58,8 +58,10 @@ class FrontendClient:
         self.elastic = ElasticLoop(self, ElasticController(options.objectives, options.bounds),
                                    options.elastic_tick_s, options.elastic_initial) if options.elastic else None
         slack = options.admission_ttft_slack
+        judged = slack is not None  # by the objectives too, not only by requests in flight
         admission = Admission(options.max_inflight, options.max_inflight_per_instance,
-                              options.objectives.ttft_s if slack is not None else None, slack or 1.0)
+                              options.objectives.ttft_s if judged else None, slack or 1.0,
+                              options.objectives.tpot_s if judged else None)
         self.flow = FrontendFlow(self.router, admission, options.retry_dead_worker, options.migrate)
         self.liveness = Liveness(self)
         self.conns: dict[str, WorkerConn] = {}  # worker id -> connection (after its WorkerInfo)
@@ -266,8 +268,8 @@ class FrontendClient:
         self._trace.emit("submit", rid=t.request_id, t=round(t.submitted_s, 6), n=len(t.prompt_token_ids))
         flight = self.flow.requests[t.request_id]
         t.is_remote = flight.prefill_id is not None
-        if flight.prediction is not None:
-            t.predicted_ttft_s = flight.prediction.ttft_s
+        t.predicted_ttft_s = flight.predicted_ttft_s if flight.predicted_ttft_s is not None else \
+            flight.prediction.ttft_s if flight.prediction is not None else None
         self._tracked[t.request_id] = t
         self.execute(actions)
 
@@ -414,6 +416,7 @@ class FrontendClient:
         now = time.monotonic()
         if not t.has_first_token:
             t.has_first_token, t.first_s = True, now
+            self.flow.admission.observe_ttft(t.predicted_ttft_s, now - t.submitted_s)
             self._trace.emit("first", rid=t.request_id, t=round(now, 6))
         elif len(t.itls) < MAX_ITLS:
             t.itls.append(now - t.last_s)

@@ -69,7 +69,7 @@ class Metrics:
         self.registry.register(_TotalsCollector(self))
         self.paths = Counter("pdserve:prefill_path", "Requests by where their prompt was computed",
                              ["path"], registry=self.registry)
-        self.ttft_error = Histogram("pdserve:ttft_prediction_ratio", "Actual TTFT / the path choice's prediction",
+        self.ttft_error = Histogram("pdserve:ttft_prediction_ratio", "Actual TTFT / the router's prediction (uncorrected)",
                                     ["path"], buckets=(0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0),
                                     registry=self.registry)
         self.decisions = Counter("pdserve:elastic_decisions", "Decisions of the elastic controller", ["kind"],

@@ -200,5 +200,10 @@ class SimTracker:
     def views(self, roles: tuple[str, ...]) -> list[Instance]:
         return [i for i in self.instances.values() if i.role in roles and i.is_alive and not i.is_parked]
 
+    def note_routed(self, instance_id: str, num_prompt_tokens: int, block_hashes: list[int],
+                    block_size: int) -> None:
+        """Nothing to do: a simulated instance's queue is its scheduler's own (requests still on their way
+        to it, the simulated admission delay, are not counted)."""
+
     def set_alive(self, instance_id: str, is_alive: bool) -> None:
         self.instances[instance_id].is_alive = is_alive
