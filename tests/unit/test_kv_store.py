@@ -171,7 +171,7 @@ def test_tiered_store_loads_a_prefix_across_tiers(tmp_path):
 
 def test_store_scheduler_side_composes_with_remote_prefill():
     held = {}
-    side = StoreExternal(4, lookup=lambda hashes: sum(1 for _ in hashes[:2]), can_save=lambda n: n <= 3)
+    side = StoreExternal(4, lookup=lambda hashes: sum(1 for _ in hashes[:2]), num_savable=lambda n: min(n, 3))
     remote = RemotePrefill()
     sources = ExternalSources({"remote": remote, "store": side})
     remote.expect("r1")  # a remote prefill: the prefill worker sends the whole prompt, the store is not asked
@@ -190,7 +190,10 @@ def test_store_scheduler_side_composes_with_remote_prefill():
     assert sources.on_finished("r3", [5, 6], [70, 71])
     assert [s.block_hashes for s in side.take_saves()] == [[70, 71]]
     assert not sources.release("r3", "store") and sources.release("r3", "remote")
-    assert not sources.on_finished("r4", [1, 2, 3, 4], [1, 2, 3, 4])  # the save queue is full: dropped
+    assert sources.on_finished("r4", [1, 2, 3, 4], [11, 12, 13, 14])  # too big for the queue: its prefix
+    assert [(s.block_ids, s.block_hashes) for s in side.take_saves()] == [([1, 2, 3], [11, 12, 13])]
+    side.num_savable = lambda n: 0
+    assert not sources.on_finished("r5", [1, 2], [1, 2])  # the save queue is full: dropped
     held.clear()
 
 

@@ -169,3 +169,12 @@ def test_plan_runs_its_candidates_with_the_store(tmp_path):
     assert best.kv_store == {"kv_host_memory": "16GiB"} and best.kv_store_planning == {"host_gbs": 20.0}
     assert cli.main(["plan", "--model", MODEL, "--cards", "8", "--slo-ttft", "2", "--kv-host-gbs", "0",
                      "--out-dir", str(out)]) == 2  # a bandwidth must be > 0
+
+
+def test_a_save_bigger_than_the_save_queue_keeps_its_prefix():
+    """A's 65 computed blocks against a save queue of 40: the first 40 are saved (the prefix B reuses),
+    the rest dropped and counted, as live (kv/store/connector.py ``num_savable``)."""
+    block_bytes = 128 * 1024 * 16
+    sim, r = _run(_colocated(2, {**HOST, "kv_save_queue": 40 * block_bytes}), _shared_prefix_items())
+    assert [e["cached_tokens"] for e in r["requests"]] == [0, 40 * 16]
+    assert sim.store.dropped_saves >= 1

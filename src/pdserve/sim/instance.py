@@ -85,16 +85,17 @@ class Instance:
         """Use the store's tiers on ``host`` as a worker's engine does (``WorkerStore``: the store's
         scheduler side asked after disaggregation's)."""
         self.store, self.host, self.store_gbs = store, host, gbs
-        self.store_side = StoreExternal(self.block_size, lambda hashes: store.lookup(host, hashes), self._can_save)
+        self.store_side = StoreExternal(self.block_size, lambda hashes: store.lookup(host, hashes), self._num_savable)
         self.sources = ExternalSources({"remote": self.remote, "store": self.store_side})
         self.scheduler.external = self.sources
 
-    def _can_save(self, num_blocks: int) -> bool:
-        """Whether the save fits the instance's save queue now (``kv_save_queue``); else it is dropped."""
-        ok = self.save_queued_bytes + num_blocks * self.store.block_bytes <= self.store.spec.save_queue_bytes
-        if not ok:
+    def _num_savable(self, num_blocks: int) -> int:
+        """How many leading blocks of the save fit the instance's save queue now (``kv_save_queue``); the
+        rest are dropped."""
+        room = max(0, self.store.spec.save_queue_bytes - self.save_queued_bytes) // self.store.block_bytes
+        if room < num_blocks:
             self.store.dropped_saves += 1
-        return ok
+        return min(num_blocks, room)
 
     def store_seconds(self, blocks_per_tier: dict[str, int]) -> float:
         """Seconds to move these blocks over the tiers' links, one tier after the other."""

@@ -178,7 +178,8 @@ class SimStore:
             if spec.disk_bytes else None
         self._remote = Tier("remote", cap["remote"], self.stats["remote"]) if spec.remote_bytes else None
         self.loaded_tokens = 0  # prompt tokens that loads brought in (block_size each block)
-        self.dropped_saves = 0  # finished requests whose save did not fit the save queue (kv_save_queue)
+        self.dropped_saves = 0  # finished requests whose save did not fit the save queue (kv_save_queue), or
+        # fitted only in part (its leading blocks saved)
 
     def tiers(self, host: int) -> list[Tier]:
         """The tiers a worker on ``host`` reaches, fastest first."""

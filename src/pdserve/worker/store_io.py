@@ -34,7 +34,7 @@ class WorkerStore:
         self.connector = make_connector("store", ConnectorConfig(worker_id, host, store=config,
                                                                  model=model_identity(core.config.model)))
         self.connector.register_cache(core.kv_cache)
-        self.side = StoreExternal(core.block_size, self.connector.lookup, self.connector.can_save)
+        self.side = StoreExternal(core.block_size, self.connector.lookup, self.connector.num_savable)
         core.add_external("store", self.side)
         self.flow = StoreLoads()
         observer = core.schedule_observer  # loads start as soon as the step is scheduled, before it runs

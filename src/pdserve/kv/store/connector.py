@@ -1,8 +1,9 @@
 """The KV store's worker side (``KVConnector`` with capability ``is_store``): loads and saves by block hash on
 two threads of its own (loads never wait behind saves), reported through ``poll_loads``/``poll_saves``.
 
-Saves are bounded: ``can_save`` (asked by the scheduler side before it holds a finished request's blocks) says
-no once ``save_queue_bytes`` of KV wait, and such a save is dropped (counted), never waited for. A load writes
+Saves are bounded: ``num_savable`` (asked by the scheduler side before it holds a finished request's blocks)
+lets through only the leading blocks that fit under ``save_queue_bytes`` of waiting KV; the rest of the save,
+or all of it, is dropped (counted), never waited for. A load writes
 into its request's blocks until its ``LoadDone`` is out: the worker keeps an aborted request's blocks until
 then (``flow.store.StoreLoads``); a load ``cancel``led before it starts does nothing.
 """
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class QueueStats:
     queued_bytes: int = 0
-    num_dropped: int = 0  # saves not queued: the queue was full
+    num_dropped: int = 0  # saves not queued, or cut to their leading blocks: the queue was full
     num_failed: int = 0  # loads or saves that raised
     in_flight: dict[str, int] = field(default_factory=dict)
 
@@ -64,12 +65,13 @@ class StoreConnector(KVConnector):
         """How many of ``block_hashes``, from the first, the store holds (the scheduler side asks, at admission)."""
         return self.store.lookup(block_hashes)
 
-    def can_save(self, num_blocks: int) -> bool:
-        """Whether a save of ``num_blocks`` blocks fits the queue now (no side effects)."""
-        ok = self.queue.queued_bytes + num_blocks * self.block_bytes <= self.config.store.save_queue_bytes
-        if not ok:
+    def num_savable(self, num_blocks: int) -> int:
+        """How many leading blocks of a save of ``num_blocks`` fit the queue now (a save cut short counts
+        as dropped)."""
+        room = max(0, self.config.store.save_queue_bytes - self.queue.queued_bytes) // self.block_bytes
+        if room < num_blocks:
             self.queue.num_dropped += 1
-        return ok
+        return min(num_blocks, room)
 
     def tier_stats(self) -> list[TierStats]:
         return self.store.tier_stats() if self.store is not None else []

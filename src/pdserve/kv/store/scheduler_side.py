@@ -31,14 +31,16 @@ class StoreSave:
 
 
 class StoreExternal:
-    """``lookup(hashes) -> n``: how many leading blocks the store holds. ``can_save(num_blocks)``: whether a
-    save of that many blocks fits the queue now. ``save``: save finished requests' blocks at all."""
+    """``lookup(hashes) -> n``: how many leading blocks the store holds. ``num_savable(num_blocks) -> n``: how
+    many leading blocks of a save of that many fit the save queue now (a prefix is what a later request can
+    reuse, so a save too big for the queue keeps its first blocks). ``save``: save finished requests' blocks
+    at all."""
 
-    def __init__(self, block_size: int, lookup: Callable[[list[int]], int], can_save: Callable[[int], bool],
+    def __init__(self, block_size: int, lookup: Callable[[list[int]], int], num_savable: Callable[[int], int],
                  save: bool = True, min_load_blocks: int = 1) -> None:
         self.block_size = block_size
         self.lookup = lookup
-        self.can_save = can_save
+        self.num_savable = num_savable
         self.save = save
         self.min_load_blocks = min_load_blocks
         self._failed: set[str] = set()
@@ -88,7 +90,8 @@ class StoreExternal:
 
     def on_finished(self, request_id: str, block_ids: Sequence[int] = (), block_hashes: Sequence[int] = ()) -> bool:
         self.forget([request_id])
-        if not self.save or not block_hashes or not self.can_save(len(block_hashes)):
+        n = self.num_savable(len(block_hashes)) if self.save and block_hashes else 0
+        if n == 0:
             return False
-        self._saves.append(StoreSave(request_id, list(block_ids[:len(block_hashes)]), list(block_hashes)))
+        self._saves.append(StoreSave(request_id, list(block_ids[:n]), list(block_hashes[:n])))
         return True
