@@ -72,7 +72,9 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
                    help="every request's deadline, seconds: aborted everywhere then, the client told")
     p.add_argument("--admission-ttft-slack", type=float, default=2.0,
                    help="refuse up front (429, Retry-After) a request predicted to take over this many times the "
-                        "TTFT objective to its first token (default %(default)s; 0: never)")
+                        "TTFT objective to its first token (the prediction corrected by its measured error), "
+                        "or whose decode worker's steps take over this many times the TPOT objective "
+                        "(default %(default)s; 0: never)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None)
     add_api_args(p)  # the key: $PDSERVE_API_KEY or --api-key-file, handed to the frontend in its environment

@@ -32,7 +32,8 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
                         help="every request's deadline, seconds (0: none): aborted everywhere then")
     parser.add_argument("--admission-ttft-slack", type=float, default=None,
                         help="refuse (429) a request predicted to take over this many times the TTFT objective "
-                             "to its first token (default: no such check)")
+                             "to its first token, or whose decode worker's steps take over this many times the "
+                             "TPOT objective (default: no such check)")
     parser.add_argument("--port", type=int, default=8000)
     add_api_args(parser)
     parser.add_argument("--routing", choices=POLICIES, default="prefix_aware")
