@@ -7,7 +7,8 @@ request), the last started once per objective set since the objectives steer it.
 1. Calibration on the colocated layout: each workload's lone request (one at a time, median of 3) gives the
    objectives: TTFT <= 5x the lone TTFT; loose: TPOT <= 5x the lone TPOT; tight: TPOT <= 1.5x and every
    request's p99 inter-token latency <= 2x the lone TPOT.
-2. Per layout, per workload, a sweep of Poisson rates with `pdserve bench` (fresh prompts at each rate):
+2. Per layout, per workload, a sweep of Poisson rates with `pdserve bench` (fresh prompts at each rate: a
+   seed per workload, repeat, rate and phase, the same for every layout):
    prefill-heavy (long prompts, short outputs), decode-heavy (short prompts, long outputs), phase-shifting
    (the two alternating on one cluster, --phase-s seconds each), and the Azure code trace's lengths.
    Admission is off in every cluster (`--admission-ttft-slack 0`): a refused request counts as a miss,
@@ -80,7 +81,7 @@ def main() -> int:
                 with _Cluster(flags + extra, out / f"{layout}-{w}-r{rep}.log") as url:
                     for wl in todo:
                         runs.setdefault(layout, {}).setdefault(wl, []).append(
-                            _sweep(url, wl, args, out / f"{layout}-{wl}-r{rep}"))
+                            _sweep(url, wl, args, out / f"{layout}-{wl}-r{rep}", rep))
     report = _report(runs, objectives, args)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print(_format(report))
@@ -107,12 +108,18 @@ def _lone(url: str, workload: str, out: Path) -> dict:
             "tpot_s": statistics.median(r["tpot_s"] for r in reqs if r["tpot_s"] is not None)}
 
 
-def _sweep(url: str, workload: str, args, prefix: Path) -> dict:
+def _seed(workload: str, rep: int, rate_index: int, phase: int = 0) -> int:
+    """The prompts' seed: fresh prompts for every rate, phase and repeat (a prompt sent at an earlier rate
+    would be a prefix cache hit), the same prompts for every layout."""
+    return 1 + ("prefill", "decode", "azure", "shift").index(workload) * 10**6 + rep * 10**4 + rate_index * 10 + phase
+
+
+def _sweep(url: str, workload: str, args, prefix: Path, rep: int = 0) -> dict:
     """{rate: [per-request (ttft, tpot, itl p99)]} for the workload's rate sweep."""
     result = {}
     rates = [float(r) for r in (args.rates or (WORKLOADS["prefill"][2] if workload == "shift"
                                                else WORKLOADS[workload][2])).split(",")]
-    for rate in rates:
+    for i, rate in enumerate(rates):
         path = Path(f"{prefix}-{rate:g}.json")
         if workload == "shift":
             reqs = []
@@ -123,13 +130,14 @@ def _sweep(url: str, workload: str, args, prefix: Path) -> dict:
                 n = max(4, int(r * args.phase_s))
                 phase_path = Path(f"{prefix}-{rate:g}-phase{phase}.json")
                 _bench(url, WORKLOADS[name][0] + ["--rate", f"{r:g}", "--num-requests", str(n), "--seed",
-                                                  str(1000 + phase), "--warmup", "0", "--out", str(phase_path)])
+                                                  str(_seed("shift", rep, i, phase)), "--warmup", "0",
+                                                  "--out", str(phase_path)])
                 reqs += json.loads(phase_path.read_text())["requests"]
             path.write_text(json.dumps({"requests": reqs}))
         else:
             n = max(args.min_requests, int(rate * args.run_s))
             _bench(url, WORKLOADS[workload][0] + ["--rate", f"{rate:g}", "--num-requests", str(n),
-                                                  "--out", str(path)])
+                                                  "--seed", str(_seed(workload, rep, i)), "--out", str(path)])
         result[rate] = [_latency(r) for r in json.loads(path.read_text())["requests"]]
     return result
 

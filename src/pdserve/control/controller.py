@@ -105,7 +105,10 @@ class ElasticController:
     min_samples: int = 8  # requests a window needs before its attainment counts
     step_target_margin: float = 0.9  # the initial step target, as a share of the TPOT objective
     step_target_factor: float = 1.25  # how much one decision widens or narrows it
-    min_step_target_share: float = 0.5  # the narrowest step target, as a share of the TPOT objective
+    # The narrowest step target, as a share of the TPOT objective. Narrower steps do not help: once the
+    # decodes alone fill the step, prompts still take their floor of it (engine.step_budget), and small
+    # chunks cost more per token (docs/benchmarks.md, "Elastic prefill/decode").
+    min_step_target_share: float = 0.8
     _streak: tuple[str | None, int] = (None, 0)
     _last_decision_s: float = float("-inf")
     history: list[tuple[float, Decision]] = field(default_factory=list)
