@@ -43,8 +43,8 @@ def main() -> int:
         try:
             wait_healthy(url, proc, 600)
             if capacity == 0.0:
-                for rate in [float(r) for r in a.rates.split(",")]:
-                    res = _bench(url, rate, max(16, int(rate * 30)), out / f"sweep-{rate:g}.json")
+                for i, rate in enumerate(float(r) for r in a.rates.split(",")):
+                    res = _bench(url, rate, max(16, int(rate * 30)), out / f"sweep-{rate:g}.json", seed=1 + i)
                     if _attainment(res, a, admitted_only=False) >= 0.9:
                         capacity = rate
                 if capacity == 0.0:
@@ -52,9 +52,10 @@ def main() -> int:
                     return 1
             rss0 = _rss(proc.pid)
             rows = []
-            for m in [float(x) for x in a.multiples.split(",")]:
+            for j, m in enumerate(float(x) for x in a.multiples.split(",")):
                 rate = capacity * m
-                res = _bench(url, rate, int(rate * a.seconds), out / f"overload-s{slack:g}-{m:g}x.json")
+                res = _bench(url, rate, int(rate * a.seconds), out / f"overload-s{slack:g}-{m:g}x.json",
+                             seed=100 + j)
                 rows.append(_row(res, m, rate, a))
             rss1 = _rss(proc.pid)
         finally:
@@ -97,9 +98,12 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
-def _bench(url: str, rate: float, n: int, path: Path) -> dict:
+def _bench(url: str, rate: float, n: int, path: Path, seed: int) -> dict:
+    """Fresh prompts (``seed``) for each load: a prompt sent before would be a prefix cache hit; each slack's
+    cluster gets the same ones."""
     subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "--base-url", url, "--no-progress", *WORKLOAD,
-                    "--rate", f"{rate:g}", "--num-requests", str(n), "--out", str(path)], check=True,
+                    "--rate", f"{rate:g}", "--num-requests", str(n), "--seed", str(seed), "--out", str(path)],
+                   check=True,
                    stdout=subprocess.DEVNULL)
     return json.loads(path.read_text())
 
