@@ -70,7 +70,7 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
                         "loopback; elsewhere they require the cluster's keys, docs/cluster.md)")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="every request's deadline, seconds: aborted everywhere then, the client told")
-    p.add_argument("--admission-ttft-slack", type=float, default=2.0,
+    p.add_argument("--admission-ttft-slack", type=float, default=1.0,
                    help="refuse up front (429, Retry-After) a request predicted to take over this many times the "
                         "TTFT objective to its first token (the prediction corrected by its measured error), "
                         "or whose decode worker's steps take over this many times the TPOT objective "
