@@ -86,6 +86,23 @@ def test_mooncake_prompts_deterministic_and_seeded(mooncake_file: Path):
     assert PromptBuilder(_replay(mooncake_file, seed=7)).prompt_token_ids(shape) == first[3].prompt_token_ids
 
 
+def test_a_salt_draws_other_prompts_with_the_same_sharing(mooncake_file: Path):
+    """A rate sweep's later rates (salt > 0): other tokens, so nothing an earlier rate left in the server's
+    prefix cache is a hit; requests that share hash ids still share those tokens."""
+    config = _replay(mooncake_file, seed=7)
+    shapes = build_shapes(config)
+    plain, salted = PromptBuilder(config), PromptBuilder(config, salt=1)
+    assert plain.prompt_token_ids(shapes[0]) == PromptBuilder(config, salt=0).prompt_token_ids(shapes[0])
+    for shape in shapes:
+        a, b = plain.prompt_token_ids(shape), salted.prompt_token_ids(shape)
+        assert len(a) == len(b) and _common_prefix(a, b) < 3  # (two random tokens may agree by chance)
+    sharing = [(x, y) for x, y in itertools.combinations(shapes, 2) if x.hash_ids[:1] == y.hash_ids[:1]]
+    assert sharing
+    x, y = sharing[0]
+    n = min(x.input_len, y.input_len, x.block_size)
+    assert salted.prompt_token_ids(x)[:n] == salted.prompt_token_ids(y)[:n]
+
+
 def test_token_ids_avoid_special_range(mooncake_file: Path):
     specs = build_workload(_replay(mooncake_file, vocab_size=5000))
     ids = np.concatenate([s.prompt_token_ids for s in specs])

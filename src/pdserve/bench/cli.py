@@ -124,7 +124,8 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     rate.add_argument(
         "--rate", type=_rate, default=None, help="requests/s, Poisson (or gamma); 'inf' = all at once"
     )
-    rate.add_argument("--rates", type=_rate_list, default=None, metavar="R1,R2,...", help="rate sweep")
+    rate.add_argument("--rates", type=_rate_list, default=None, metavar="R1,R2,...",
+                      help="rate sweep (each rate with prompts of its own, none a prefix hit of an earlier rate's)")
     rate.add_argument(
         "--concurrency", type=positive_int, default=None, help="closed loop: requests in flight"
     )
@@ -245,10 +246,10 @@ def _bench(parser: argparse.ArgumentParser, args: Any) -> int:
         completed = result["completed"]
     else:
         runs = []
-        for rate in rates:
+        for i, rate in enumerate(rates):
             arrival = ArrivalConfig(kind=workload.arrival.kind, rate=rate, burstiness=args.burstiness)
-            run = _run_once(
-                with_arrival(workload, arrival), endpoint, slo, args, label, desc=f"{rate:g} req/s"
+            run = _run_once(  # prompts of its own at each rate (salt i): none is a hit of an earlier rate's
+                with_arrival(workload, arrival), endpoint, slo, args, label, desc=f"{rate:g} req/s", salt=i
             )
             logger.info(
                 "rate %g req/s: attainment %.1f%%, goodput %.3g req/s",
@@ -290,10 +291,10 @@ def _warm_up(workload: WorkloadConfig, endpoint: EndpointConfig, num_requests: i
 
 
 def _run_once(
-    workload: WorkloadConfig, endpoint: EndpointConfig, slo: Slo, args: Any, label: str, desc: str
+    workload: WorkloadConfig, endpoint: EndpointConfig, slo: Slo, args: Any, label: str, desc: str, salt: int = 0
 ) -> dict[str, Any]:
     shapes = build_shapes(workload)
-    builder = PromptBuilder(workload)
+    builder = PromptBuilder(workload, salt)
     concurrency = workload.arrival.concurrency if workload.arrival.is_closed_loop else None
     load = run_load(
         shapes,

@@ -214,10 +214,12 @@ def build_workload(config: WorkloadConfig) -> list[RequestSpec]:
 
 
 class PromptBuilder:
-    """Builds prompt token ids for shapes; caches one token block per hash id."""
+    """Builds prompt token ids for shapes; caches one token block per hash id. ``salt`` (0: none) draws other
+    tokens for the same shapes and hash ids: a rate sweep's later rates get prompts of their own, so the
+    server's prefix cache holds nothing from an earlier rate (the trace's own sharing stays within a rate)."""
 
-    def __init__(self, config: WorkloadConfig) -> None:
-        self._seed = config.seed
+    def __init__(self, config: WorkloadConfig, salt: int = 0) -> None:
+        self._key = (config.seed,) if salt == 0 else (config.seed, salt)
         self._low = TOKEN_ID_MARGIN
         self._high = config.vocab_size - TOKEN_ID_MARGIN
         self._blocks: dict[int, np.ndarray] = {}
@@ -250,13 +252,13 @@ class PromptBuilder:
     def _block(self, hash_id: int, block_size: int) -> np.ndarray:
         block = self._blocks.get(hash_id)
         if block is None or len(block) != block_size:
-            rng = np.random.default_rng([self._seed, 0xB10C, hash_id])
+            rng = np.random.default_rng([*self._key, 0xB10C, hash_id])
             block = rng.integers(self._low, self._high, size=block_size, dtype=np.int32)
             self._blocks[hash_id] = block
         return block
 
     def _unique_tokens(self, index: int, num_tokens: int) -> np.ndarray:
-        rng = np.random.default_rng([self._seed, 0x7E57, index])
+        rng = np.random.default_rng([*self._key, 0x7E57, index])
         return rng.integers(self._low, self._high, size=num_tokens, dtype=np.int32)
 
 
