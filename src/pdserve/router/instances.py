@@ -2,6 +2,7 @@
 and the requests the frontend itself has in flight there. Pure Python."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pdserve.router.store_index import StoreIndex
@@ -59,6 +60,13 @@ class InstanceView:
         return self.store.num_prefix_blocks(block_hashes, start, self.host)
 
 
+def uncached_tokens(num_prompt_tokens: int, block_hashes: Sequence[int], block_size: int, view) -> int:
+    """Prompt tokens the instance must compute (at least one: its logits give the first token). ``view``: an
+    ``InstanceView``, or anything with its ``num_cached_prefix_blocks`` (the simulator's instances)."""
+    cached = view.num_cached_prefix_blocks(list(block_hashes)) * block_size
+    return max(1, num_prompt_tokens - cached)
+
+
 class InstanceTracker:
     """Keeps ``InstanceView``s up to date from stats and KV events. Not thread-safe."""
 
@@ -84,8 +92,7 @@ class InstanceTracker:
         requests between two stats does not see one queue."""
         view = self.instances.get(instance_id)
         if view is not None:
-            cached = view.num_cached_prefix_blocks(list(block_hashes)) * block_size
-            view.queued_prefill_tokens += max(1, num_prompt_tokens - cached)
+            view.queued_prefill_tokens += uncached_tokens(num_prompt_tokens, block_hashes, block_size, view)
 
     def update_stats(self, instance_id: str, *, num_blocks: int, num_free_blocks: int, num_running: int,
                      num_waiting: int, num_awaiting_kv: int = 0, **path_fields) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pdserve.router.instances import InstanceView
+from pdserve.router.instances import InstanceView, uncached_tokens
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class PathChooser:
     def remote_ttft_s(self, num_prompt_tokens: int, block_hashes: Sequence[int], block_size: int,
                       prefill: InstanceView, decode: InstanceView) -> float:
         uncached_p, stored_p = _split(num_prompt_tokens, block_hashes, block_size, prefill)
-        uncached_d = _uncached(num_prompt_tokens, block_hashes, block_size, decode)
+        uncached_d = uncached_tokens(num_prompt_tokens, block_hashes, block_size, decode)
         token_s = prefill.prefill_token_s or self.default_token_s
         return (prefill.queued_prefill_tokens + uncached_p) * token_s + uncached_d * self.transfer_s_per_token + \
             stored_p * self.store_s_per_token
@@ -83,12 +83,6 @@ class PathChooser:
             return 0.0
         tokens = min(_split(num_prompt_tokens, block_hashes, block_size, decode)[0], decode.max_step_tokens)
         return tokens * (decode.prefill_token_s or self.default_token_s) + decode.decode_step_s
-
-
-def _uncached(num_prompt_tokens: int, block_hashes: Sequence[int], block_size: int, view: InstanceView) -> int:
-    """Prompt tokens the instance must compute (at least one: its logits give the first token)."""
-    cached = view.num_cached_prefix_blocks(list(block_hashes)) * block_size
-    return max(1, num_prompt_tokens - cached)
 
 
 def _split(num_prompt_tokens: int, block_hashes: Sequence[int], block_size: int,

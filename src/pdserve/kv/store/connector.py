@@ -20,6 +20,7 @@ from pdserve.kv.base import ConnectorCapabilities, LoadDone, SaveDone
 from pdserve.kv.blocks import dtype_name
 from pdserve.kv.connector import ConnectorConfig, KVConnector, LoadJob, SaveJob, ThreadedSaves
 from pdserve.kv.store.keys import Namespace
+from pdserve.kv.store.scheduler_side import num_fitting
 from pdserve.kv.store.tiers import StoreEvent, TieredStore, TierStats
 from pdserve.protocol import KVReservationMsg, KVTarget
 
@@ -68,10 +69,10 @@ class StoreConnector(KVConnector):
     def num_savable(self, num_blocks: int) -> int:
         """How many leading blocks of a save of ``num_blocks`` fit the queue now (a save cut short counts
         as dropped)."""
-        room = max(0, self.config.store.save_queue_bytes - self.queue.queued_bytes) // self.block_bytes
-        if room < num_blocks:
+        n = num_fitting(num_blocks, self.config.store.save_queue_bytes, self.queue.queued_bytes, self.block_bytes)
+        if n < num_blocks:
             self.queue.num_dropped += 1
-        return min(num_blocks, room)
+        return n
 
     def tier_stats(self) -> list[TierStats]:
         return self.store.tier_stats() if self.store is not None else []

@@ -30,6 +30,12 @@ class StoreSave:
     block_hashes: list[int]
 
 
+def num_fitting(num_blocks: int, queue_bytes: int, queued_bytes: int, block_bytes: int) -> int:
+    """How many leading blocks of a save of ``num_blocks`` fit a save queue of ``queue_bytes`` that holds
+    ``queued_bytes`` now (the live connector's and the simulator's ``num_savable``)."""
+    return min(num_blocks, max(0, queue_bytes - queued_bytes) // block_bytes)
+
+
 class StoreExternal:
     """``lookup(hashes) -> n``: how many leading blocks the store holds. ``num_savable(num_blocks) -> n``: how
     many leading blocks of a save of that many fit the save queue now (a prefix is what a later request can
