@@ -3,6 +3,7 @@ bounds, does not flap under noise (hysteresis, cooldown), and decides the same f
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -51,6 +52,25 @@ def test_hysteresis_then_time_then_cores_then_roles():
     assert kinds[:1] == ["SetStepTarget"] and log[0][1].step_target_s == pytest.approx(0.04)
     assert kinds[1:] == ["MoveCores"], kinds
     assert {w.worker_id: (w.role, w.cores) for w in workers} == {"d0": ("decode", (0, 1)), "p0": ("prefill", ())}
+
+
+def test_decodes_that_fit_alone_split_off_the_prompts_and_stay_split():
+    # colocated, decodes starve while prompts have slack, and the running decodes alone take 30 ms of a
+    # 50 ms objective: the misses come from the prompts prefilled between them
+    workers = [WorkerState("d0", "decode", "h", (0, 1), 0.04, decode_step_s=0.03), WorkerState("p0", "prefill", "h", ())]
+    ctrl = ElasticController(OBJ, hysteresis=1, cooldown_s=0)
+    workers, log = _run(ctrl, workers, [_signals(t, ttft=1.0, tpot=0.4) for t in range(6)])
+    assert [type(d) for _, d in log] == [MoveCores]  # the step target is at its floor already: split
+    assert {w.worker_id: w.cores for w in workers} == {"d0": (0,), "p0": (1,)}
+    assert "interference" in log[0][1].reason
+    # still starving, decodes still fit: the core does not come back (no flap), no role changes
+    workers = [replace(w, decode_step_s=0.03) if w.role == "decode" else w for w in workers]
+    _, log = _run(ctrl, workers, [_signals(10 + t, ttft=1.0, tpot=0.4) for t in range(6)])
+    assert log == []
+    # decodes that no longer fit alone (a longer batch): now the decode worker needs the core back
+    workers = [replace(w, decode_step_s=0.06) if w.role == "decode" else w for w in workers]
+    workers, log = _run(ctrl, workers, [_signals(20 + t, ttft=1.0, tpot=0.4) for t in range(2)])
+    assert [type(d) for _, d in log] == [MoveCores] and {w.worker_id: w.cores for w in workers}["d0"] == (0, 1)
 
 
 def test_respects_bounds():

@@ -9,7 +9,11 @@ capacity toward it, within the operator's bounds:
    grows (up to no limit) when prefills starve and shrinks (down to ``min_step_target_share`` of the TPOT
    objective) when decodes starve: no drain, nothing moves;
 2. else cores between workers of one host (a worker's thread count and affinity; a prefill worker may be
-   parked at zero cores, its decode neighbour then prefilling locally: colocated);
+   parked at zero cores, its decode neighbour then prefilling locally: colocated). Which way a core goes
+   when decodes starve depends on why: when the running decodes alone would fit the TPOT objective
+   (``WorkerState.decode_step_s``), the misses come from the prompts prefilled in the same steps, and a core
+   goes from the decode worker to its parked prefill neighbour (split: prompts go remote); when they would
+   not, the decode worker needs the cores, and a core comes back from the prefill worker (colocated);
 3. else the role of a whole worker (prefill <-> decode; on GPUs, where cores do not move, this is the
    unit beyond time); a worker changes role by draining: its running requests finish where they are, new
    ones follow the new role, so nothing is lost and no block leaks.
@@ -54,6 +58,7 @@ class WorkerState:
     host: str
     cores: tuple[int, ...] = ()
     step_target_s: float | None = None
+    decode_step_s: float = 0.0  # a step of its running decodes alone, predicted (0: none running, or unknown)
 
     @property
     def is_parked(self) -> bool:
@@ -163,15 +168,37 @@ class ElasticController:
     # -- private -----------------------------------------------------------------------------------------
     def _toward(self, phase: str, workers: list[WorkerState]) -> list[Decision]:
         """Time first (no drain, no cache lost), then cores, then whole workers."""
-        return self._retarget(phase, workers) or self._move_core(phase, workers) or \
-            self._change_role(phase, workers)
+        return self._retarget(phase, workers) or self._split(phase, workers) or \
+            self._move_core(phase, workers) or self._change_role(phase, workers)
+
+    def _decodes_fit(self, w: WorkerState) -> bool:
+        """Whether ``w``'s running decodes alone would meet the TPOT objective (known only while some run)."""
+        tpot = self.objectives.tpot_s
+        return tpot is not None and 0 < w.decode_step_s <= self.min_step_target_share * tpot
+
+    def _split(self, phase: str, workers: list[WorkerState]) -> list[Decision]:
+        """Decodes starve from the prompts prefilled between them: a core from the decode worker to its
+        parked prefill neighbour, so that prompts go remote and the decode steps run decodes alone."""
+        if phase != DECODE:
+            return []
+        for src in workers:
+            if src.role != DECODE or len(src.cores) <= self.bounds.min_decode_cores or not self._decodes_fit(src):
+                continue
+            dst = next((w for w in workers if w.role == PREFILL and w.is_parked and w.host == src.host), None)
+            if dst is None:
+                continue
+            core = src.cores[-1]
+            return [MoveCores(src.worker_id, dst.worker_id, src.cores[:-1], (core,),
+                              f"decode starves from prefill interference (decodes alone: "
+                              f"{_fmt(src.decode_step_s)}): core {core} from {src.worker_id} to {dst.worker_id}")]
+        return []
 
     def _move_core(self, phase: str, workers: list[WorkerState]) -> list[Decision]:
         """One core from a worker of the other role to one of ``phase``'s, on the same host."""
         other = DECODE if phase == PREFILL else PREFILL
         for dst in workers:
-            if dst.role != phase:
-                continue
+            if dst.role != phase or (phase == DECODE and self._decodes_fit(dst)):
+                continue  # decodes that fit their objective alone starve from interference: more cores won't help
             for src in workers:
                 if src.role != other or src.host != dst.host or not src.cores:
                     continue
@@ -190,6 +217,9 @@ class ElasticController:
             return []
         if phase == DECODE and (num[PREFILL] <= b.min_prefill_workers or num[DECODE] >= b.max_decode_workers):
             return []
+        known = [w for w in workers if w.role == DECODE and w.decode_step_s > 0]
+        if phase == DECODE and known and all(self._decodes_fit(w) for w in known):
+            return []  # the decodes starve from interference, not from too few workers
         other = DECODE if phase == PREFILL else PREFILL
         candidates = [w for w in workers if w.role == other and not w.is_parked]
         if not candidates:

@@ -478,7 +478,7 @@ class Simulator:
     def _worker_states(self) -> list[WorkerState]:
         """Instances as the controller sees them: each on a host of its own (cards do not move)."""
         return [WorkerState(i.instance_id, "prefill" if i.role == "prefill" else "decode", i.instance_id, (0,),
-                            i.step_target_s) for i in self.instances]
+                            i.step_target_s, i.decode_step_s) for i in self.instances]
 
     def _apply(self, decisions: list, now: float) -> None:
         for d in decisions:
