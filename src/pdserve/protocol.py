@@ -240,6 +240,7 @@ class Stats(msgspec.Struct, tag=23, tag_field="t", omit_defaults=True):
     kv_store_save_drops: int = 0  # saves dropped because the queue was full
     kv_store_queued_bytes: int = 0
     kv_store_loaded_tokens: int = 0  # prompt tokens loaded from the store instead of computed
+    step_overhead_s: float = 0.0  # between two forward passes of a busy engine (the prefill budget leaves it)
 
 
 class KVStoreTierStats(msgspec.Struct, omit_defaults=True):

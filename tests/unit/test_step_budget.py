@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from pdserve.engine.step_budget import PrefillBudget, StepCosts
+from pdserve.engine.step_budget import PrefillBudget, StepCosts, StepOverhead
 
 
 def _true_step_s(num_decodes, decode_ctx, prefill, attn, speed=1.0):
@@ -52,3 +52,27 @@ def test_prefill_budget_fills_the_slack():
     assert PrefillBudget(None).tokens(costs, 4, 2000, 2048) == 2048  # no target: no limit
     assert budget.tokens(costs, 0, 0, 2048) == 2048  # no decodes to protect
     assert budget.tokens(StepCosts(), 4, 2000, 2048) == 2048  # not enough steps seen yet
+
+
+def test_the_budget_leaves_room_for_the_time_between_forward_passes():
+    budget = PrefillBudget(target_step_s=0.1)
+    # decodes take 40 ms, a prefill token 1 ms: 60 tokens fill the target; 20 ms spent between passes leave 40
+    assert budget.tokens_for(0.04, 0.001, 2048) == 60
+    assert budget.tokens_for(0.04, 0.001, 2048, overhead_s=0.02) == 40
+    # a stall is not the overhead: at most half the target is taken off
+    assert budget.tokens_for(0.01, 0.001, 2048, overhead_s=1.0) == 40
+
+
+def test_step_overhead_counts_only_intervals_of_a_busy_engine():
+    o = StepOverhead(window=4)
+    assert o.seconds == 0.0
+    o.step_started(0.0)
+    o.step_ended(0.080, has_more_work=True)
+    o.step_started(0.095)  # 15 ms after an 80 ms forward pass
+    o.step_ended(0.080, has_more_work=False)
+    o.step_started(5.0)  # waited for requests: not overhead
+    assert o.seconds == pytest.approx(0.015)
+    for i in range(6):  # the window keeps the last 4
+        o.step_ended(0.080, has_more_work=True)
+        o.step_started(5.0 + (i + 1) * 0.085)
+    assert o.seconds == pytest.approx(0.005)

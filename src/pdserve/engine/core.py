@@ -15,7 +15,7 @@ from pdserve.engine.outputs import EngineOutput, KVReservation, TokenLogprobs
 from pdserve.engine.request import Request
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
-from pdserve.engine.step_budget import PrefillBudget, StepCosts
+from pdserve.engine.step_budget import PrefillBudget, StepCosts, StepOverhead
 from pdserve.errors import InvalidRequestError, OverloadedError
 from pdserve.kv.base import ExternalKV, ExternalSources, RemotePrefill
 from pdserve.sampling_params import SamplingParams
@@ -55,6 +55,7 @@ class EngineStats:
     prefill_token_s: float = 0.0  # learned time per prefill token (0: too few steps seen)
     decode_step_s: float = 0.0  # learned time of a step of the running decodes alone
     step_target_s: float | None = None
+    step_overhead_s: float = 0.0  # measured time between two forward passes of a busy engine
 
 
 class EngineCore:
@@ -98,6 +99,7 @@ class EngineCore:
         self.runner = ModelRunner(self.model, kv_caches, self.block_size, self.device)
         self.step_costs = StepCosts()  # this engine's step time, learned online (engine/step_budget.py)
         self.prefill_budget = PrefillBudget()
+        self.step_overhead = StepOverhead()  # time between forward passes, which every token also waits
         self._reservations: list[KVReservation] = []
         # Called with every step's SchedulerOutput before it runs (tracing: worker/trace.py); None: nothing.
         self.schedule_observer: Callable[[SchedulerOutput], None] | None = None
@@ -165,6 +167,7 @@ class EngineCore:
     # -- the step ------------------------------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
         """Schedule, execute, update. Returns the per-request deltas of this step ([] when idle)."""
+        self.step_overhead.step_started(time.perf_counter())
         sched = self.scheduler.schedule()
         if self.schedule_observer is not None:
             self.schedule_observer(sched)
@@ -179,8 +182,10 @@ class EngineCore:
             on_layer = self.layer_saves.layer_done
         start = time.perf_counter()
         tokens, logprobs = self.runner.execute(sched, block_ids, on_layer)
-        self._observe_step(sched, time.perf_counter() - start)
+        execute_s = time.perf_counter() - start
+        self._observe_step(sched, execute_s)
         outputs = self.scheduler.update_from_output(sched, tokens, logprobs)
+        self.step_overhead.step_ended(execute_s, self.scheduler.has_unfinished_requests())
         self._num_steps += 1
         self._num_generation_tokens += len(tokens)
         self._num_prompt_tokens += sum(max(0, min(c.start + c.num_tokens, c.request.num_prompt_tokens) - c.start)
@@ -201,7 +206,7 @@ class EngineCore:
 
     def _prefill_tokens(self, num_decodes: int, decode_ctx: int) -> int:
         return self.prefill_budget.tokens(self.step_costs, num_decodes, decode_ctx,
-                                          self.config.scheduler.max_num_batched_tokens)
+                                          self.config.scheduler.max_num_batched_tokens, self.step_overhead.seconds)
 
     def _observe_step(self, sched: SchedulerOutput, seconds: float) -> None:
         num_decodes = decode_ctx = num_prefill = 0
@@ -281,7 +286,7 @@ class EngineCore:
             num_generation_tokens=self._num_generation_tokens, num_steps=self._num_steps,
             queued_prefill_tokens=queued, prefill_token_s=costs.prefill_token_s() if measured else 0.0,
             decode_step_s=costs.predict(num_decodes, decode_ctx) if measured and num_decodes else 0.0,
-            step_target_s=self.prefill_budget.target_step_s)
+            step_target_s=self.prefill_budget.target_step_s, step_overhead_s=self.step_overhead.seconds)
 
 
 def _warn_if_over_memory(backend, device: torch.device, kv_bytes: int) -> None:

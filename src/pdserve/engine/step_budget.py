@@ -6,12 +6,17 @@ steps, on the features of a step: a constant, the decodes, their summed context,
 the prefill attention work (sum over chunks of n*s + n(n+1)/2 for n tokens after s cached ones). It adapts
 when the engine's cores change. ``PrefillBudget`` turns a target step time (set by the elastic controller
 from the TPOT objective; None: no limit) into a token budget for the step being scheduled:
-``(target - predicted decode-only step) / predicted time per prefill token``, at least ``min_tokens`` so
-that prompts always progress, and at most the step's token budget.
+``(target - overhead - predicted decode-only step) / predicted time per prefill token``, at least
+``min_tokens`` so that prompts always progress, and at most the step's token budget. The overhead
+(``StepOverhead``) is the time between two forward passes of a busy engine (scheduling, outputs, the
+worker's messages): every output token's interval pays it, so a target meant for the time per output token
+leaves room for it.
 """
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 NUM_FEATURES = 5
@@ -80,18 +85,51 @@ class PrefillBudget:
     min_share: float = 0.25
     min_observed: int = 20  # steps observed before the estimate is trusted (no limit until then)
 
-    def tokens(self, costs: StepCosts, num_decodes: int, decode_ctx: int, step_budget: int) -> int:
+    max_overhead_share: float = 0.5  # the overhead taken off the target, at most (a transient stall is not it)
+
+    def tokens(self, costs: StepCosts, num_decodes: int, decode_ctx: int, step_budget: int,
+               overhead_s: float = 0.0) -> int:
         if self.target_step_s is None or num_decodes == 0 or costs.num_observed < self.min_observed:
             return step_budget
-        return self.tokens_for(costs.predict(num_decodes, decode_ctx), costs.prefill_token_s(), step_budget)
+        return self.tokens_for(costs.predict(num_decodes, decode_ctx), costs.prefill_token_s(), step_budget,
+                               overhead_s)
 
-    def tokens_for(self, decode_s: float, per_token_s: float, step_budget: int) -> int:
+    def tokens_for(self, decode_s: float, per_token_s: float, step_budget: int, overhead_s: float = 0.0) -> int:
         """The budget beside decodes that alone take ``decode_s``, prefill tokens taking ``per_token_s`` each
-        (from ``StepCosts``, or from the simulator's performance model)."""
+        (from ``StepCosts``, or from the simulator's performance model), when ``overhead_s`` passes between
+        two steps' forward passes."""
         if self.target_step_s is None or per_token_s <= 0:
             return step_budget
-        slack = max(self.target_step_s - decode_s, self.min_share * decode_s)
+        target = self.target_step_s - min(overhead_s, self.max_overhead_share * self.target_step_s)
+        slack = max(target - decode_s, self.min_share * decode_s)
         return max(self.min_tokens, min(step_budget, int(slack / per_token_s)))
+
+
+@dataclass
+class StepOverhead:
+    """The time a busy engine spends between one forward pass's end and the next one's start (scheduling,
+    outputs, the worker's messages): the median over its last ``window`` intervals. An interval counts only
+    when the engine had work left after the first step (not while it waited for requests)."""
+
+    window: int = 32
+    _samples: deque[float] = field(default_factory=deque)
+    _last_start: float | None = None
+    _last_execute_s: float = 0.0
+    _busy: bool = False
+
+    def step_started(self, now: float) -> None:
+        if self._busy and self._last_start is not None:
+            self._samples.append(max(0.0, now - self._last_start - self._last_execute_s))
+            if len(self._samples) > self.window:
+                self._samples.popleft()
+        self._last_start, self._busy = now, False
+
+    def step_ended(self, execute_s: float, has_more_work: bool) -> None:
+        self._last_execute_s, self._busy = execute_s, has_more_work
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self._samples) if self._samples else 0.0
 
 
 def _nonnegative_solve(a: list[list[float]], b: list[float]) -> list[float]:

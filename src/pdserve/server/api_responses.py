@@ -226,6 +226,8 @@ class WorkerStatus(WorkerHealth):
     queued_prefill_tokens: Union[int, None] = None
     prefill_token_s: Union[float, None] = None
     decode_step_s: Union[float, None] = None
+    step_overhead_s: Union[float, None] = Field(None, description="seconds between two forward passes of the "
+                                                "busy engine; stall-free chunking leaves them out of its step target")
     device: Union[str, None] = None
     device_name: Union[str, None] = None
     num_cores: Union[int, None] = None

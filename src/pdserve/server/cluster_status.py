@@ -71,6 +71,7 @@ def workers_section(client, monitor: ClusterMonitor, now: Snapshot, recent: dict
             "uptime_s": uptime, "busy_s": s.busy_s if s else 0.0,
             "prefill_busy_s": s.prefill_busy_s if s else 0.0, "core_s": s.core_s if s else 0.0,
             "busy_fraction": (s.busy_s / uptime) if s and uptime > 0 else None,
+            "step_overhead_s": s.step_overhead_s if s else None,
             "price_per_hour": price.price_per_hour, "price_source": price.source,
             "num_devices": price.num_devices,
         })

@@ -64,7 +64,7 @@ class WorkerStats:
                        s.num_preemptions, s.num_prompt_tokens, s.num_generation_tokens, num_held_kv, t.num_ok,
                        t.num_failed, t.kv_bytes, t.seconds, s.queued_prefill_tokens, s.prefill_token_s,
                        s.decode_step_s, s.step_target_s, cpus, busy.busy_s, busy.prefill_busy_s,
-                       busy.uptime_s(now), busy.core_s(now))
+                       busy.uptime_s(now), busy.core_s(now), step_overhead_s=s.step_overhead_s)
 
     def maybe_log(self, s, num_held_kv: int, now: float) -> None:
         elapsed = now - self._last_log_s
