@@ -6,95 +6,39 @@ actor killed mid-load is restarted by Ray, re-registered by the frontend, and se
 nothing of the cluster is left in Ray."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from cluster_helpers import DTYPE, KV_CACHE, MODEL, MAX_TOKENS, offline_reference, require_model, wait_idle
 import e2e_checks as checks
+from ray_helpers import ray_test_cluster, ray_up
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # as pdserve.cluster.ray_launcher: Ray on loopback
-NODE_ARGS = dict(num_cpus=1, object_store_memory=80 * 2**20, node_ip_address="127.0.0.1")
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
     require_model()
-    os.environ.update(LOOPBACK_ENV)  # before Ray is imported: it reads it then
-    os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
-    import ray
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args=dict(include_dashboard=False, resources={"node_a": 1},
-                                                                **NODE_ARGS))
-    cluster.add_node(resources={"node_b": 1}, **NODE_ARGS)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)  # this test's own driver: to look at the actors, and kill one
-    try:
+    with ray_test_cluster({"num_cpus": 1, "resources": {"node_a": 1}}, {"num_cpus": 1, "resources": {"node_b": 1}}) \
+            as cluster:
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
 def served(ray_cluster, tmp_path_factory):
-    """`pdserve up` from a cluster file (backend ray, each pool on its node); yields (url, status at start);
+    """`pdserve up` from a cluster file (backend ray, each pool on its node); yields (url, status at start, log);
     stops it with SIGTERM and checks that its actors and placement groups are gone from Ray."""
-    import ray
-
-    from pdserve.cluster.local import free_port, wait_healthy
-
     config = {"model": MODEL, "engine": {"kv_cache_memory": KV_CACHE, "dtype": DTYPE},
               "serving": {"mode": "disaggregated", "prefill": 1, "decode": 1, "backend": "ray",
                           "ray": {"address": ray_cluster.address,
                                   "pools": {"prefill": {"num_cpus": 1, "resources": {"node_a": 1}},
                                             "decode": {"num_cpus": 1, "resources": {"node_b": 1}}}}}}
-    path = tmp_path_factory.mktemp("ray") / "cluster.yaml"
-    path.write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = Path(os.environ.get("PDSERVE_E2E_LOG_DIR", "/tmp")) / f"pdserve-e2e-ray-{port}.log"
-    argv = [sys.executable, "-m", "pdserve.cli", "up", "--config", str(path), "--port", str(port),
-            "--enable-debug-endpoints", "--worker-timeout", "10"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=dict(os.environ))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            wait_healthy(url, proc, 600)
-        except RuntimeError as e:
-            raise RuntimeError(f"{e}; see {log}:\n{log.read_text()[-4000:]}") from None
-        status = httpx.get(f"{url}/v1/cluster", timeout=30).json()
-        yield url, status, log
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise AssertionError(f"pdserve up --ray did not stop on SIGTERM; see {log}")
-    namespace = status["ray"]["namespace"]
-    deadline = time.monotonic() + 30
-    while True:
-        actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == namespace]
-        groups = [g for g in ray.util.placement_group_table().values()
-                  if g["name"].startswith(namespace) and g["state"] != "REMOVED"]
-        if not actors and not groups:
-            break
-        assert time.monotonic() < deadline, f"left in Ray after stop: actors {actors}, placement groups {groups}"
-        time.sleep(0.5)
+    with ray_up(config, tmp_path_factory.mktemp("ray"), "--enable-debug-endpoints", "--worker-timeout", "10") \
+            as served:
+        yield served
 
 
 def _node_of(status, resource):

@@ -9,7 +9,7 @@ import pytest
 
 from pdserve.control.attainment import Attainment, Objectives, PhaseAttainment, Sample
 from pdserve.control.controller import (Bounds, ChangeRole, ElasticController, MoveCores, SetStepTarget, Signals,
-                                        WorkerState, apply)
+                                        WorkerState, apply, colocate)
 
 OBJ = Objectives(ttft_s=2.0, tpot_s=0.05)
 
@@ -129,3 +129,18 @@ def test_attainment_window():
     assert w.ttft == pytest.approx(9 / 11) and w.both == pytest.approx(9 / 11)  # 12 and 16 miss
     assert w.itl_p99_s == 0.06 and w.ttft_p90_s == 3.0
     assert a.window(now=100.0).num_requests == 0
+
+
+def test_workers_not_pinned_to_cores_change_roles_and_never_move_cores():
+    # Ray actors (or GPU workers): cores None. Decodes starve and do not fit alone: no core can move, so a
+    # whole prefill worker becomes a decode worker; nothing is parked, nothing is colocated at start.
+    workers = [WorkerState("d0", "decode", "h", None, None, decode_step_s=0.08), WorkerState("p0", "prefill", "h", None)]
+    assert colocate(workers) == []
+    assert not any(w.is_parked for w in workers)
+    ctrl = ElasticController(OBJ, hysteresis=1, cooldown_s=0)
+    workers, log = _run(ctrl, workers, [_signals(t, ttft=1.0, tpot=0.4) for t in range(2)])
+    # time first (the step target narrows to its floor), then the role
+    assert [type(d) for _, d in log] == [SetStepTarget, ChangeRole] and [w.role for w in workers] == ["decode", "decode"]
+    # prompts starve: time first again, then a worker goes back to prefill (one decode worker is kept: the bound)
+    workers, log = _run(ctrl, workers, [_signals(10 + t, ttft=0.3, tpot=1.0) for t in range(12)])
+    assert MoveCores not in [type(d) for _, d in log] and sorted(w.role for w in workers) == ["decode", "prefill"]

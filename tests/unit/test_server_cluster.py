@@ -200,7 +200,7 @@ def test_up_with_a_bad_cluster_file_says_which_key(tmp_path):
 
 def test_ray_backend_from_a_cluster_file_and_flags(tmp_path):
     """`serving: {backend: ray}` and `--ray`: the address, each pool's placement, connector auto unless named; a
-    pool the placement names wrong, or --mode auto, is a clear error. (The cluster itself: tests/e2e/test_e2e_ray.py.)"""
+    pool the placement names wrong is a clear error; auto runs the controller. (The cluster itself: tests/e2e/test_e2e_ray.py.)"""
     from pdserve.cluster.ray_launcher import Placement, RayCluster
 
     path = tmp_path / "cluster.yaml"
@@ -217,13 +217,18 @@ def test_ray_backend_from_a_cluster_file_and_flags(tmp_path):
     worker_args = RayCluster(args)._worker_args(pool, "prefill-0")
     assert worker_args[:6] == ["--role", "prefill", "--kv-connector", "auto", "--worker-id", "prefill-0"]
     args = _up_args(["--ray", "--kv-connector", "tcp", "--no-kv-layerwise"])
-    assert (args.ray, args.kv_connector, args.mode) == ("", "tcp", "disaggregated")
+    assert (args.ray, args.kv_connector, args.mode) == ("", "tcp", "auto")  # the default, as without Ray
     assert "--no-kv-layerwise" in RayCluster(args)._worker_args(RayCluster(args)._plan()[0], "prefill-0")
     assert _up_args([]).kv_connector == "shm"  # the local launcher's default is unchanged
     with pytest.raises(ValueError, match="unknown pool 'prefil'"):
         _up_args(["--ray", "--ray-placement", '{"prefil": {"num_cpus": 2}}'])
-    with pytest.raises(ValueError, match="--mode auto"):
-        _up_args(["--ray", "--mode", "auto"])
+    # auto on Ray: the pools as given, the controller and path choice in the frontend (roles and time move,
+    # not cores: actors are not pinned)
+    from pdserve.cluster.local import frontend_argv
+    args = _up_args(["--ray", "--mode", "auto", "--prefill", "2"])
+    assert [p.name for p in RayCluster(args)._plan()] == ["prefill", "decode"] and args.prefill == 2
+    argv = frontend_argv(args, ["--ray-address", "x", "--ray-namespace", "y"])
+    assert "--elastic" in argv and argv[argv.index("--elastic-initial") + 1] == "split"
     path.write_text("model: smollm2-135m\nserving: {backend: ray, ray: {pools: {decode: {num_cpu: 2}}}}\n")
     with pytest.raises(ValueError, match="num_cpu"):
         _up_args(["--config", str(path)])

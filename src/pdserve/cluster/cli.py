@@ -189,11 +189,6 @@ def apply_up_config(args: argparse.Namespace) -> argparse.Namespace:
         except json.JSONDecodeError as e:
             raise ValueError(f"--ray-placement is not JSON: {e}") from None
         args.ray_placements = placements_from(spec)
-        if args.mode == "auto":
-            raise ValueError("--mode auto moves cores between the workers of one host; with --ray give a layout "
-                             "(--prefill/--decode, or --colocated)")
-        if args.mode is None and not args.colocated:
-            args.mode = "disaggregated"  # the default layout: 1 prefill + 1 decode worker, as Ray places them
     args.prefill_given = args.prefill is not None
     args.decode_given = args.decode is not None
     if args.mode is None:

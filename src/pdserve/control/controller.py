@@ -51,18 +51,23 @@ class Bounds:
 
 @dataclass(frozen=True)
 class WorkerState:
-    """A worker as the controller sees it. ``cores`` empty: parked (no work is routed to it)."""
+    """A worker as the controller sees it. ``cores`` empty: parked (no work is routed to it); None: not pinned
+    to cores (a Ray actor, a GPU worker): its cores do not move, its role may."""
 
     worker_id: str
     role: str  # prefill | decode (a decode worker also prefills locally: path choice decides)
     host: str
-    cores: tuple[int, ...] = ()
+    cores: tuple[int, ...] | None = ()
     step_target_s: float | None = None
     decode_step_s: float = 0.0  # a step of its running decodes alone, predicted (0: none running, or unknown)
 
     @property
     def is_parked(self) -> bool:
-        return not self.cores
+        return self.cores == ()
+
+    @property
+    def is_pinned(self) -> bool:
+        return self.cores is not None
 
 
 @dataclass(frozen=True)
@@ -182,7 +187,8 @@ class ElasticController:
         if phase != DECODE:
             return []
         for src in workers:
-            if src.role != DECODE or len(src.cores) <= self.bounds.min_decode_cores or not self._decodes_fit(src):
+            if src.role != DECODE or len(src.cores or ()) <= self.bounds.min_decode_cores or \
+                    not self._decodes_fit(src):
                 continue
             dst = next((w for w in workers if w.role == PREFILL and w.is_parked and w.host == src.host), None)
             if dst is None:
@@ -197,7 +203,7 @@ class ElasticController:
         """One core from a worker of the other role to one of ``phase``'s, on the same host."""
         other = DECODE if phase == PREFILL else PREFILL
         for dst in workers:
-            if dst.role != phase or (phase == DECODE and self._decodes_fit(dst)):
+            if dst.role != phase or not dst.is_pinned or (phase == DECODE and self._decodes_fit(dst)):
                 continue  # decodes that fit their objective alone starve from interference: more cores won't help
             for src in workers:
                 if src.role != other or src.host != dst.host or not src.cores:
@@ -252,10 +258,11 @@ class ElasticController:
 
 def colocate(workers: Sequence[WorkerState]) -> list[Decision]:
     """Start colocated: on each host, the prefill workers' cores go to the host's first decode worker (the
-    prefill workers are parked until the controller gives them cores back)."""
+    prefill workers are parked until the controller gives them cores back). Workers not pinned to cores
+    stay as they are."""
     out: list[Decision] = []
-    for host in sorted({w.host for w in workers}):
-        here = sorted((w for w in workers if w.host == host), key=lambda w: w.worker_id)
+    for host in sorted({w.host for w in workers if w.is_pinned}):
+        here = sorted((w for w in workers if w.host == host and w.is_pinned), key=lambda w: w.worker_id)
         decode = next((w for w in here if w.role == DECODE), None)
         if decode is None:
             continue

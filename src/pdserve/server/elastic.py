@@ -60,7 +60,8 @@ class ElasticLoop:
             cpus = s.cpus if s is not None and s.cpus is not None else info.cpus
             target = s.step_target_s if s is not None else info.step_target_s
             out.append(WorkerState(wid, "prefill" if role == "prefill" else "decode", info.host,
-                                   tuple(cpus or ()), target, s.decode_step_s if s is not None else 0.0))
+                                   None if cpus is None else tuple(cpus), target,
+                                   s.decode_step_s if s is not None else 0.0))
         return out
 
     def prefill_wait_s(self) -> float:
