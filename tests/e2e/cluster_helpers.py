@@ -72,18 +72,23 @@ def local_cluster(*flags: str, timeout_s: float = 300.0, env: dict[str, str] | N
         yield url, proc
     finally:
         children = _children(proc.pid)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise AssertionError(f"pdserve up did not stop on SIGTERM; see {log}")
+        stop(proc, log, 30)
         time.sleep(0.5)
         left = [pid for pid in children if _alive(pid)]
         if left:
             os.killpg(proc.pid, signal.SIGKILL)
         assert not left, f"orphaned children {left}; see {log}"
+
+
+def stop(proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """SIGTERM, as a user stops `pdserve up`; AssertionError (after killing its group) if it does not stop."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"pdserve up did not stop on SIGTERM; see {log}") from None
 
 
 def log_path(url: str) -> Path:

@@ -1,6 +1,8 @@
 """Checks shared by the e2e modules (one module per cluster mode)."""
 from __future__ import annotations
 
+import threading
+
 import httpx
 import openai
 
@@ -171,3 +173,42 @@ def check_worker_killed(url: str) -> None:
         time.sleep(0.2)
     late = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=30)
     assert late.status_code == 503 and "retry-after" in late.headers
+
+
+class GreedyLoad:
+    """``num_requests`` concurrent greedy completions of the offline reference's prompts, started a few at a
+    time (``start``) around whatever a test does to the cluster meanwhile; ``check``: every one ended with the
+    offline engine's tokens, then the cluster goes idle with every block free and its bookkeeping intact."""
+
+    def __init__(self, url: str, num_requests: int) -> None:
+        self.url = url
+        self.prompt_ids, self.expected, _ = offline_reference()
+        self.results: dict[int, list[int] | Exception] = {}
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(num_requests)]
+        self._started = 0
+
+    def start(self, num: int) -> None:
+        for t in self.threads[self._started:self._started + num]:
+            t.start()
+        self._started += num
+
+    def check(self) -> None:
+        self.start(len(self.threads) - self._started)
+        for t in self.threads:
+            t.join(300)
+        assert len(self.results) == len(self.threads)
+        for i, got in self.results.items():
+            assert got == self.expected[i % len(self.expected)], (i, got)
+        h = wait_idle(self.url)
+        assert all(w["num_free_blocks"] == w["num_blocks"] for w in h["workers"])
+        integrity = httpx.post(f"{self.url}/debug/check_integrity", timeout=30).json()["workers"]
+        assert integrity and all(v == "" for v in integrity.values()), integrity
+
+    def _run(self, i: int) -> None:
+        try:
+            r = client(self.url).completions.create(
+                model=MODEL, prompt=self.prompt_ids[i % len(self.prompt_ids)], max_tokens=MAX_TOKENS,
+                temperature=0, logprobs=0, extra_body={"return_tokens_as_token_ids": True})
+            self.results[i] = token_ids_from_logprobs(r.choices[0].logprobs.tokens)
+        except Exception as e:  # noqa: BLE001 - recorded, and failed on in check()
+            self.results[i] = e

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import httpx
 import yaml
+
+from cluster_helpers import stop
 
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # as pdserve.cluster.ray_launcher: Ray on loopback
 NODE_ARGS = dict(object_store_memory=80 * 2**20, node_ip_address="127.0.0.1")
@@ -64,13 +65,7 @@ def ray_up(config: dict, directory: Path, *argv: str):
         status = httpx.get(f"{url}/v1/cluster", timeout=30).json()
         yield url, status, log
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise AssertionError(f"pdserve up --ray did not stop on SIGTERM; see {log}") from None
+        stop(proc, log, 60)
     namespace = status["ray"]["namespace"]
     deadline = time.monotonic() + 30
     while True:

@@ -15,8 +15,7 @@ import httpx
 import pytest
 
 import e2e_checks as checks
-from cluster_helpers import MAX_TOKENS, MODEL, health, local_cluster, offline_reference, require_model, \
-    token_ids_from_logprobs, wait_idle
+from cluster_helpers import MODEL, health, local_cluster, offline_reference, require_model
 from dashboard_checks import AUTO_ONLY_METRICS, dashboard_page, grafana_metric_names, metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -91,47 +90,22 @@ def test_dashboard_shows_the_controller_and_a_parked_worker_costs_nothing(url):
 
 
 def test_cores_and_roles_move_under_load_and_nothing_is_lost(url):
-    prompt_ids, expected, _ = offline_reference()
-    results: dict[int, list[int] | Exception] = {}
-
-    def run(i):
-        try:
-            r = checks.client(url).completions.create(
-                model=MODEL, prompt=prompt_ids[i % len(prompt_ids)], max_tokens=MAX_TOKENS, temperature=0,
-                logprobs=0, extra_body={"return_tokens_as_token_ids": True})
-            results[i] = token_ids_from_logprobs(r.choices[0].logprobs.tokens)
-        except Exception as e:  # noqa: BLE001 - recorded and asserted on below
-            results[i] = e
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(18)]
-    for t in threads[:9]:
-        t.start()
+    load = checks.GreedyLoad(url, 18)
+    load.start(9)
     w = _workers(url)
     decode, prefill = w["decode"]["worker_id"], w["prefill"]["worker_id"]
     cores = sorted(os.sched_getaffinity(0))
     # a core to the prefill worker (split), mid-load
     _decide(url, kind="MoveCores", src=decode, dst=prefill, src_cores=cores[:-1] or cores,
             dst_cores=cores[-1:])
-    for t in threads[9:12]:
-        t.start()
+    load.start(3)
     # the prefill worker becomes a decode worker and back: its running requests finish where they are
     _decide(url, kind="ChangeRole", worker_id=prefill, role="decode")
-    for t in threads[12:15]:
-        t.start()
+    load.start(3)
     time.sleep(1.0)
     _decide(url, kind="ChangeRole", worker_id=prefill, role="prefill")
     _decide(url, kind="SetStepTarget", worker_id=decode, step_target_s=0.05)
-    for t in threads[15:]:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert len(results) == 18
-    for i, got in results.items():
-        assert got == expected[i % len(expected)], (i, got)
-    h = wait_idle(url)
-    assert all(w["num_free_blocks"] == w["num_blocks"] for w in h["workers"])
-    checks_ = httpx.post(f"{url}/debug/check_integrity", timeout=30).json()["workers"]
-    assert checks_ and all(v == "" for v in checks_.values()), checks_
+    load.check()  # the rest start now
     kinds = [d["kind"] for d in _cluster(url)["elastic"]["decisions"]]
     assert {"MoveCores", "ChangeRole", "SetStepTarget"} <= set(kinds)
     # the path choice reports its choices and how far its predictions were from the TTFTs that came

@@ -5,15 +5,13 @@ requests, through the controller's own decision path: no request lost, every gre
 offline engine's, every block back, the pools' bookkeeping intact."""
 from __future__ import annotations
 
-import threading
 import time
 
 import httpx
 import pytest
 
 import e2e_checks as checks
-from cluster_helpers import DTYPE, KV_CACHE, MAX_TOKENS, MODEL, offline_reference, require_model, \
-    token_ids_from_logprobs, wait_idle
+from cluster_helpers import DTYPE, KV_CACHE, MODEL, require_model
 from ray_helpers import ray_test_cluster, ray_up
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -68,38 +66,14 @@ def test_auto_is_the_default_and_nothing_is_pinned_or_parked(url):
 
 
 def test_a_role_changes_under_load_and_nothing_is_lost(url):
-    prompt_ids, expected, _ = offline_reference()
-    results: dict[int, list[int] | Exception] = {}
-
-    def run(i):
-        try:
-            r = checks.client(url).completions.create(
-                model=MODEL, prompt=prompt_ids[i % len(prompt_ids)], max_tokens=MAX_TOKENS, temperature=0,
-                logprobs=0, extra_body={"return_tokens_as_token_ids": True})
-            results[i] = token_ids_from_logprobs(r.choices[0].logprobs.tokens)
-        except Exception as e:  # noqa: BLE001 - recorded and asserted on below
-            results[i] = e
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(12)]
-    for t in threads[:6]:
-        t.start()
+    load = checks.GreedyLoad(url, 12)
+    load.start(6)
     time.sleep(0.5)
     _decide(url, kind="ChangeRole", worker_id="prefill-0", role="decode")  # its running requests finish there
     _wait_roles(url, {"prefill-0": "decode", "decode-1": "decode"})
-    for t in threads[6:9]:
-        t.start()
+    load.start(3)
     time.sleep(1.0)
     _decide(url, kind="ChangeRole", worker_id="prefill-0", role="prefill")
-    for t in threads[9:]:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert len(results) == 12
-    for i, got in results.items():
-        assert got == expected[i % len(expected)], (i, got)
-    h = wait_idle(url)
-    assert all(w["num_free_blocks"] == w["num_blocks"] for w in h["workers"])
-    integrity = httpx.post(f"{url}/debug/check_integrity", timeout=30).json()["workers"]
-    assert integrity and all(v == "" for v in integrity.values()), integrity
+    load.check()  # the rest start now; every request ends with the offline tokens, every block back
     _wait_roles(url, {"prefill-0": "prefill", "decode-1": "decode"})
     assert "ChangeRole" in [d["kind"] for d in _cluster(url)["elastic"]["decisions"]]
