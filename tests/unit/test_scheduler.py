@@ -301,17 +301,18 @@ def test_prefill_budget_bounds_prefill_chunks_beside_decodes():
     run_step(s)  # its prompt: from now on a decode
     seen = []
 
-    def budget(num_decodes, decode_ctx):
-        seen.append((num_decodes, decode_ctx))
+    def budget(num_decodes, decode_ctx, prefill_ctx):
+        seen.append((num_decodes, decode_ctx, prefill_ctx))
         return 5
     s.prefill_budget_fn = budget
     s.add_request(req("p", list(range(10, 30)), max_tokens=2))  # 20 prompt tokens
     out, _ = run_step(s)
     assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == [("d", 1), ("p", 5)]
-    assert seen[-1] == (1, 4)
-    out, _ = run_step(s)  # the running chunked prefill is bounded too
+    assert seen[-1] == (1, 4, 0)  # a new prompt: no context
+    out, _ = run_step(s)  # the running chunked prefill is bounded too, its chunk after the 5 computed tokens
     assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == [("d", 1), ("p", 5)]
-    s.prefill_budget_fn = lambda n, ctx: 0  # no prefill at all this step: the decode still runs
+    assert seen[-1] == (1, 5, 5)
+    s.prefill_budget_fn = lambda n, ctx, prefill_ctx: 0  # no prefill at all this step: the decode still runs
     out, _ = run_step(s)
     assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == [("d", 1)]
     s.prefill_budget_fn = None

@@ -76,3 +76,18 @@ def test_step_overhead_counts_only_intervals_of_a_busy_engine():
         o.step_ended(0.080, has_more_work=True)
         o.step_started(5.0 + (i + 1) * 0.085)
     assert o.seconds == pytest.approx(0.005)
+
+
+def test_a_late_chunk_of_a_long_prompt_gets_fewer_tokens():
+    rng = random.Random(3)
+    costs = StepCosts()
+    for _ in range(200):  # prompts' chunks at every context, beside a few decodes
+        n, s, d = rng.randint(16, 512), rng.randint(0, 4000), rng.randint(0, 8)
+        attn = n * s + n * (n + 1) / 2
+        costs.observe(d, d * 500, n, attn, _true_step_s(d, d * 500, n, attn))
+    budget = PrefillBudget(target_step_s=0.1)
+    early, late = budget.tokens(costs, 4, 2000, 2048), budget.tokens(costs, 4, 2000, 2048, prefill_ctx=4000)
+    assert late < early
+    for ctx, n in ((0, early), (4000, late)):  # each fills the target, within the fit's error
+        attn = n * ctx + n * (n + 1) / 2
+        assert _true_step_s(4, 2000, n, attn) == pytest.approx(0.1, rel=0.05)

@@ -204,9 +204,10 @@ class EngineCore:
         self.prefill_budget = PrefillBudget(target_step_s)
         self.scheduler.prefill_budget_fn = None if target_step_s is None else self._prefill_tokens
 
-    def _prefill_tokens(self, num_decodes: int, decode_ctx: int) -> int:
+    def _prefill_tokens(self, num_decodes: int, decode_ctx: int, prefill_ctx: int) -> int:
         return self.prefill_budget.tokens(self.step_costs, num_decodes, decode_ctx,
-                                          self.config.scheduler.max_num_batched_tokens, self.step_overhead.seconds)
+                                          self.config.scheduler.max_num_batched_tokens, self.step_overhead.seconds,
+                                          prefill_ctx)
 
     def _observe_step(self, sched: SchedulerOutput, seconds: float) -> None:
         num_decodes = decode_ctx = num_prefill = 0

@@ -67,7 +67,7 @@ class Scheduler:
         self._num_after_load: dict[str, int] = {}  # awaiting requests: computed tokens once loaded
         # (num_decodes, decode_ctx) -> the prefill tokens this step may carry (engine/step_budget.py); None:
         # the step's token budget alone.
-        self.prefill_budget_fn: Callable[[int, int], int] | None = None
+        self.prefill_budget_fn: Callable[[int, int, int], int] | None = None  # (decodes, their context, prompt context)
 
     # -- queries -------------------------------------------------------------------------------------
     @property
@@ -288,12 +288,17 @@ class Scheduler:
 
     # -- private -------------------------------------------------------------------------------------
     def _prefill_budget(self, budget: int) -> int:
+        """``prefill_budget_fn``'s bound, for the running decodes and the prompt whose chunk comes first (a
+        running, part-computed one: its computed tokens are the chunk's context; else a new one: none)."""
         num_decodes = decode_ctx = 0
+        prefill_ctx = None
         for r in self.running:
             if r.num_tokens - r.num_computed_tokens == 1:
                 num_decodes += 1
                 decode_ctx += r.num_computed_tokens + 1
-        return min(budget, self.prefill_budget_fn(num_decodes, decode_ctx))
+            elif prefill_ctx is None:
+                prefill_ctx = r.num_computed_tokens
+        return min(budget, self.prefill_budget_fn(num_decodes, decode_ctx, prefill_ctx or 0))
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.kv.free(request)

@@ -6,7 +6,8 @@ steps, on the features of a step: a constant, the decodes, their summed context,
 the prefill attention work (sum over chunks of n*s + n(n+1)/2 for n tokens after s cached ones). It adapts
 when the engine's cores change. ``PrefillBudget`` turns a target step time (set by the elastic controller
 from the TPOT objective; None: no limit) into a token budget for the step being scheduled:
-``(target - overhead - predicted decode-only step) / predicted time per prefill token``, at least
+the prompt tokens that fit in ``target - overhead - predicted decode-only step`` (their linear cost and their
+attention over the prompt's computed part, so a late chunk of a long prompt is smaller), at least
 ``min_tokens`` so that prompts always progress, and at most the step's token budget. The overhead
 (``StepOverhead``) is the time between two forward passes of a busy engine (scheduling, outputs, the
 worker's messages): every output token's interval pays it, so a target meant for the time per output token
@@ -71,6 +72,19 @@ class StepCosts:
         c = self.coef
         return c[3] / 1e2 + c[4] * (context + 1) / 1e5
 
+    def prefill_tokens_within(self, seconds: float, context: int = 0) -> int:
+        """The most prompt tokens after ``context`` computed ones that take at most ``seconds``: their linear
+        cost and their attention over the context and each other (n*s + n(n+1)/2), so a late chunk of a
+        long prompt gets fewer tokens than an early one."""
+        c = self.coef
+        a = c[4] / 2e5  # seconds * n^2
+        b = c[3] / 1e2 + c[4] * (context + 0.5) / 1e5  # seconds * n
+        if seconds <= 0:
+            return 0
+        if a <= 0:
+            return int(seconds / b) if b > 0 else 1 << 30
+        return int((-b + math.sqrt(b * b + 4 * a * seconds)) / (2 * a))
+
 
 @dataclass
 class PrefillBudget:
@@ -88,21 +102,28 @@ class PrefillBudget:
     max_overhead_share: float = 0.5  # the overhead taken off the target, at most (a transient stall is not it)
 
     def tokens(self, costs: StepCosts, num_decodes: int, decode_ctx: int, step_budget: int,
-               overhead_s: float = 0.0) -> int:
+               overhead_s: float = 0.0, prefill_ctx: int = 0) -> int:
+        """The budget from this engine's learned step costs, for a chunk that starts after ``prefill_ctx``
+        computed tokens of its prompt."""
         if self.target_step_s is None or num_decodes == 0 or costs.num_observed < self.min_observed:
             return step_budget
-        return self.tokens_for(costs.predict(num_decodes, decode_ctx), costs.prefill_token_s(), step_budget,
-                               overhead_s)
+        slack = self._slack_s(costs.predict(num_decodes, decode_ctx), overhead_s)
+        return self._bounded(costs.prefill_tokens_within(slack, prefill_ctx), step_budget)
 
     def tokens_for(self, decode_s: float, per_token_s: float, step_budget: int, overhead_s: float = 0.0) -> int:
         """The budget beside decodes that alone take ``decode_s``, prefill tokens taking ``per_token_s`` each
-        (from ``StepCosts``, or from the simulator's performance model), when ``overhead_s`` passes between
-        two steps' forward passes."""
+        (the simulator's performance model), when ``overhead_s`` passes between two steps' forward passes."""
         if self.target_step_s is None or per_token_s <= 0:
             return step_budget
+        return self._bounded(int(self._slack_s(decode_s, overhead_s) / per_token_s), step_budget)
+
+    def _slack_s(self, decode_s: float, overhead_s: float) -> float:
+        """The time a step leaves to prompts: the target less the overhead and the decodes, at least the floor."""
         target = self.target_step_s - min(overhead_s, self.max_overhead_share * self.target_step_s)
-        slack = max(target - decode_s, self.min_share * decode_s)
-        return max(self.min_tokens, min(step_budget, int(slack / per_token_s)))
+        return max(target - decode_s, self.min_share * decode_s)
+
+    def _bounded(self, tokens: int, step_budget: int) -> int:
+        return max(self.min_tokens, min(step_budget, tokens))
 
 
 @dataclass

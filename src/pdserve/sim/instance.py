@@ -126,7 +126,9 @@ class Instance:
         self.prefill_budget = PrefillBudget(target_step_s)
         self.scheduler.prefill_budget_fn = None if target_step_s is None else self._prefill_tokens
 
-    def _prefill_tokens(self, num_decodes: int, decode_ctx: int) -> int:
+    def _prefill_tokens(self, num_decodes: int, decode_ctx: int, prefill_ctx: int) -> int:
+        """As the live engine's, at one cost per prompt token (a 512-token prompt's mean: the chunk's context
+        ``prefill_ctx`` is not modelled here)."""
         decode_s = self.perf.decode_step_time_s(num_decodes, decode_ctx) if num_decodes else 0.0
         return self.prefill_budget.tokens_for(decode_s, self.prefill_token_s, self.pool.max_num_batched_tokens)
 
