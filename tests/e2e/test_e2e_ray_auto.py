@@ -1,4 +1,4 @@
-"""End to end, `pdserve up --ray` in auto mode (the default): the elastic controller and path choice run in
+"""End to end, `pdserve up --ray` in auto mode (the default of `pdserve up --ray` without a layout): the elastic controller and path choice run in
 the frontend; Ray's actors are not pinned to cores, so nothing is parked or colocated at start and the
 controller moves step time and roles (as on GPUs). A role change in the middle of a load of concurrent
 requests, through the controller's own decision path: no request lost, every greedy output equal to the
@@ -22,7 +22,7 @@ def url(tmp_path_factory):
     require_model()
     with ray_test_cluster({"num_cpus": 2}) as cluster:
         config = {"model": MODEL, "engine": {"kv_cache_memory": KV_CACHE, "dtype": DTYPE},
-                  "serving": {"backend": "ray", "ray": {"address": cluster.address}}}
+                  "serving": {"mode": "auto", "backend": "ray", "ray": {"address": cluster.address}}}
         with ray_up(config, tmp_path_factory.mktemp("ray-auto"), "--enable-debug-endpoints", "--slo-tpot", "0.5",
                     "--slo-ttft", "10") as (base, _, _):
             yield base
@@ -49,7 +49,7 @@ def _wait_roles(url: str, want: dict[str, str], timeout_s: float = 30.0) -> None
         time.sleep(0.2)
 
 
-def test_auto_is_the_default_and_nothing_is_pinned_or_parked(url):
+def test_the_controller_runs_and_nothing_is_pinned_or_parked(url):
     c = _cluster(url)
     assert c["mode"] == "auto" and c["path_choice"] and c["elastic"]["objectives"]["tpot_s"] == 0.5
     assert _roles(url) == {"prefill-0": "prefill", "decode-1": "decode"}
