@@ -1,8 +1,8 @@
 """End to end, `pdserve up --ray` in auto mode (its default without a layout flag): the elastic controller and
-path choice run in the frontend; Ray's actors are not pinned to cores, so nothing is parked or colocated at start and the
-controller moves step time and roles (as on GPUs). A role change in the middle of a load of concurrent
-requests, through the controller's own decision path: no request lost, every greedy output equal to the
-offline engine's, every block back, the pools' bookkeeping intact."""
+path choice run in the frontend; Ray's actors are not pinned to cores, so nothing is parked or colocated at
+start and the controller moves step time and roles (as on GPUs). A role change in the middle of a load of
+concurrent requests, through the controller's own decision path: no request lost, every greedy output equal
+to the offline engine's, every block back, the pools' bookkeeping intact."""
 from __future__ import annotations
 
 import time
