@@ -11,6 +11,7 @@ is given against the first's (the baseline): 0 is admission by requests in fligh
 default.
 
     python benchmarks/overload.py [--rates 0.5,1,2,3] [--multiples 2,5,10] [--seconds 60] [--slacks 2,1]
+                                  [--capacity R: no sweep, multiples of R req/s]
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def main() -> int:
     a = _args()
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    capacity = 0.0
+    capacity = a.capacity
     report = {"slo_ttft_s": a.slo_ttft, "slo_tpot_s": a.slo_tpot, "runs": []}
     for slack in [float(x) for x in a.slacks.split(",")]:
         port = free_port()
@@ -66,7 +67,7 @@ def main() -> int:
     report["capacity"] = capacity
     print(f"capacity {capacity:g} req/s at TTFT <= {a.slo_ttft} s, TPOT <= {a.slo_tpot} s")
     print(f"{'slack':>6}{'load':>6}{'rate':>8}{'sent':>6}{'429 share':>11}{'admitted attainment':>21}"
-          f"{'admitted TTFT p50/p90':>23}{'goodput':>9}{'vs first':>11}")
+          f"{'admitted TTFT p50/p90':>23}{'TPOT p50':>10}{'goodput':>9}{'vs first':>11}")
     base = {r["multiple"]: r["goodput_rps"] for r in report["runs"][0]["rows"]}
     for run in report["runs"]:
         for r in run["rows"]:
@@ -74,6 +75,7 @@ def main() -> int:
             ttft = f"{r['admitted_ttft_p50_s']:.2f} / {r['admitted_ttft_p90_s']:.2f} s"
             print(f"{run['slack']:>6g}{r['multiple']:>5g}x{r['rate']:>8.2f}{r['sent']:>6}"
                   f"{r['refused_share']:>11.1%}{r['admitted_attainment']:>21.1%}{ttft:>23}"
+                  f"{r['admitted_tpot_p50_s'] * 1e3:>8.0f}ms"
                   f"{r['goodput_rps']:>9.2f}{ratio:>11}")
         print(f"  slack {run['slack']:g}: RSS (MiB) per process, start -> end: " + ", ".join(
             f"{n} {run['rss_start_mib'].get(n, 0):.0f} -> {v:.0f}" for n, v in run["rss_end_mib"].items()))
@@ -87,11 +89,13 @@ def _row(res: dict, multiple: float, rate: float, a) -> dict:
     reqs = res["requests"]
     refused = sum(1 for r in reqs if r["error"] and "429" in str(r["error"]) + str(r["error_detail"]))
     ttfts = sorted(r["ttft_s"] for r in reqs if not r["error"] and r["ttft_s"] is not None)
+    tpots = sorted(r["tpot_s"] for r in reqs if not r["error"] and r["tpot_s"] is not None)
     within = _attainment(res, a, admitted_only=False) * len(reqs)
     return {"multiple": multiple, "rate": rate, "sent": len(reqs), "refused_429": refused,
             "refused_share": refused / len(reqs) if reqs else 0.0,
             "admitted_attainment": _attainment(res, a, admitted_only=True),
             "admitted_ttft_p50_s": _quantile(ttfts, 0.5), "admitted_ttft_p90_s": _quantile(ttfts, 0.9),
+            "admitted_tpot_p50_s": _quantile(tpots, 0.5),
             "goodput_rps": within / (len(reqs) / rate) if reqs else 0.0}
 
 
@@ -130,6 +134,8 @@ def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="0.5,1,2,3")
     ap.add_argument("--multiples", default="2,5,10")
+    ap.add_argument("--capacity", type=float, default=0.0,
+                    help="req/s the multiples are of, instead of the sweep's (to compare runs at the same rates)")
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--slo-ttft", type=float, default=3.0)
     ap.add_argument("--slo-tpot", type=float, default=0.15)

@@ -8,8 +8,10 @@ predicted latency:
   are ``MIN_CALIBRATION`` of them; clamped to ``CORRECTION_BOUNDS``). A request predicted to miss its
   objective by more than ``slack`` x is refused before any work is done, with a Retry-After of the
   time its queue needs to drain that far.
-- TPOT: a decode worker whose current batch's step already takes over ``slack`` x the TPOT objective
-  cannot give one more request its objective; the request is refused.
+- TPOT: a decode worker whose current batch's decodes, with the share of each step that prompts always
+  get beside them (stall-free chunking's floor, ``engine.step_budget.PrefillBudget.min_share``), already
+  take over ``slack`` x the TPOT objective cannot give one more request its objective; the request is
+  refused.
 
 Admitted requests then keep their objectives under overload, instead of every request missing them in a
 queue that only grows."""
@@ -18,11 +20,13 @@ from __future__ import annotations
 import statistics
 from collections import deque
 
+from pdserve.engine.step_budget import PrefillBudget
 from pdserve.errors import OverloadedError
 
 CALIBRATION_WINDOW = 64  # first tokens whose actual / predicted TTFT the correction is the median of
 MIN_CALIBRATION = 8  # ... before which predictions are taken as they are
 CORRECTION_BOUNDS = (0.5, 4.0)  # a correction outside these says the model is broken, not off
+PROMPT_SHARE = PrefillBudget.min_share  # of a step, beside decodes that fill it: what prompts still get
 
 
 class Admission:
@@ -69,9 +73,10 @@ class Admission:
                 self.num_refused += 1
                 raise OverloadedError(f"predicted time to first token {predicted:.2f} s is over the "
                                       f"{self.ttft_slo_s:g} s objective", retry_after_s=predicted - limit)
-        if self.tpot_slo_s is not None and decode_step_s > self.tpot_slo_s * self.slack:
+        step_s = decode_step_s * (1 + PROMPT_SHARE)
+        if self.tpot_slo_s is not None and step_s > self.tpot_slo_s * self.slack:
             self.num_refused += 1
-            raise OverloadedError(f"the chosen decode worker's steps take {decode_step_s * 1e3:.0f} ms, over the "
+            raise OverloadedError(f"the chosen decode worker's steps take {step_s * 1e3:.0f} ms, over the "
                                   f"{self.tpot_slo_s * 1e3:g} ms time-per-output-token objective",
                                   retry_after_s=1.0)
 
