@@ -476,8 +476,8 @@ class Simulator:
             self._push(now + self.options.elastic_tick_s, _TICK, None)
 
     def _worker_states(self) -> list[WorkerState]:
-        """Instances as the controller sees them: each on a host of its own (cards do not move)."""
-        return [WorkerState(i.instance_id, "prefill" if i.role == "prefill" else "decode", i.instance_id, (0,),
+        """Instances as the controller sees them: not pinned to cores (cards do not move; roles and time do)."""
+        return [WorkerState(i.instance_id, "prefill" if i.role == "prefill" else "decode", i.instance_id, None,
                             i.step_target_s, i.decode_step_s) for i in self.instances]
 
     def _apply(self, decisions: list, now: float) -> None:
