@@ -1,5 +1,7 @@
 """Soak (issue 15): --minutes of steady load with a worker killed every --kill-every-s, then idle; every
-process's RSS and open file descriptors, and the KV blocks in use at idle, at the start and at the end.
+process's RSS (and the anonymous part of it: RSS also counts shared KV cache pages a process touched, at
+most the caches' size) and open file descriptors, and the KV blocks in use at idle, at the start and at the
+end.
 Target: flat within 5%, 0 blocks leaked. `tests/e2e/test_soak.py` runs a minutes-long version.
 
     python benchmarks/soak.py [--minutes 60] [--rate 1.0] [--kill-every-s 300]
@@ -113,7 +115,12 @@ def _snapshot(url: str, launcher_pid: int) -> dict:
     for child in psutil.Process(launcher_pid).children(recursive=True):
         try:
             role = next((w["worker_id"] for w in workers if w.get("pid") == child.pid), "frontend")
-            procs[role] = {"rss_mib": child.memory_info().rss / 2**20, "fds": child.num_fds()}
+            mem = child.memory_info()
+            # RSS counts the shared-memory pages a process has touched: a prefill worker's, the decode workers'
+            # KV cache files it writes into (shm connector), bounded by their size. Anonymous memory is what
+            # a leak grows.
+            procs[role] = {"rss_mib": mem.rss / 2**20, "anon_mib": (mem.rss - mem.shared) / 2**20,
+                           "fds": child.num_fds()}
         except psutil.Error:
             continue
     return {"processes": procs, "blocks_in_use": sum(w["num_blocks"] - w["num_free_blocks"] for w in workers),
@@ -137,7 +144,9 @@ def main() -> int:
         after = e["processes"].get(name)
         if after:
             print(f"{name:<12} RSS {before['rss_mib']:.0f} -> {after['rss_mib']:.0f} MiB "
-                  f"({after['rss_mib'] / before['rss_mib'] - 1:+.1%}), fds {before['fds']} -> {after['fds']}")
+                  f"({after['rss_mib'] / before['rss_mib'] - 1:+.1%}), of it anonymous {before['anon_mib']:.0f} -> "
+                  f"{after['anon_mib']:.0f} MiB ({after['anon_mib'] / before['anon_mib'] - 1:+.1%}), "
+                  f"fds {before['fds']} -> {after['fds']}")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(report, f, indent=1)
