@@ -34,7 +34,7 @@ def soak(minutes: float, rate: float, kill_every_s: float, seed: int = 0, flags:
                              "--decode", "2", "--worker-timeout", "3", "--kv-cache-memory", "128MiB", *flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     rng = random.Random(seed)
-    counts = {"sent": 0, "ok": 0, "error": 0}
+    counts = {"sent": 0, "ok": 0, "refused": 0, "error": 0, "details": []}  # refused: 429 (admission)
     try:
         wait_healthy(url, proc, 600)
         _load(url, 10, rng, counts)  # warm: every buffer in place before the first snapshot
@@ -73,13 +73,18 @@ def _one(url: str, seed: int, counts: dict) -> None:
         counts["sent"] += 1
     body = {"model": MODEL, "prompt": f"Request {seed}: tell me about the number {seed}.", "max_tokens": 24,
             "temperature": 0.8, "seed": seed}
+    detail = None
     try:
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
-        outcome = "ok" if r.status_code == 200 else "error"
-    except httpx.HTTPError:
-        outcome = "error"
+        outcome = "ok" if r.status_code == 200 else "refused" if r.status_code == 429 else "error"
+        if outcome != "ok":
+            detail = f"{r.status_code}: {r.text[:200]}"
+    except httpx.HTTPError as e:
+        outcome, detail = "error", repr(e)
     with _COUNTS:
         counts[outcome] += 1
+        if detail is not None and len(counts["details"]) < 20:
+            counts["details"].append(detail)
 
 
 def _load(url: str, n: int, rng: random.Random, counts: dict) -> None:
