@@ -65,9 +65,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self._num_after_load: dict[str, int] = {}  # awaiting requests: computed tokens once loaded
-        # (num_decodes, decode_ctx) -> the prefill tokens this step may carry (engine/step_budget.py); None:
-        # the step's token budget alone.
-        self.prefill_budget_fn: Callable[[int, int, int], int] | None = None  # (decodes, their context, prompt context)
+        # (num_decodes, decode_ctx, prefill_ctx: the first chunk's computed prompt tokens) -> the prefill tokens
+        # this step may carry (engine/step_budget.py); None: the step's token budget alone.
+        self.prefill_budget_fn: Callable[[int, int, int], int] | None = None
 
     # -- queries -------------------------------------------------------------------------------------
     @property
