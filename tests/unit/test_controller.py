@@ -73,6 +73,20 @@ def test_decodes_that_fit_alone_split_off_the_prompts_and_stay_split():
     assert [type(d) for _, d in log] == [MoveCores] and {w.worker_id: w.cores for w in workers}["d0"] == (0, 1)
 
 
+def test_no_wider_steps_when_the_decodes_tpot_would_miss():
+    """Under overload every step carries a prompt chunk, so a step target 1.25x wider makes the decodes'
+    gaps up to 1.25x longer: with the window's TPOT p90 at 45 ms of a 50 ms objective, prompts that starve
+    get a core instead (the prefill worker unparks), not time the decodes cannot spare."""
+    def starving_prompts(t, tpot_p90):
+        return Signals(t, PhaseAttainment(50, 0.5, 1.0, 0.5, None, 3.0, tpot_p90))
+    ctrl = ElasticController(OBJ, hysteresis=1, cooldown_s=0)
+    workers, log = _run(ctrl, _host(), [starving_prompts(0, 0.045)])
+    assert [type(d) for _, d in log] == [MoveCores] and {w.worker_id: w.cores for w in workers} == \
+        {"d0": (0,), "p0": (1,)}
+    _, log = _run(ElasticController(OBJ, hysteresis=1, cooldown_s=0), _host(), [starving_prompts(0, 0.035)])
+    assert [type(d) for _, d in log] == [SetStepTarget]  # 35 ms x 1.25 = 44 ms: room to widen
+
+
 def test_respects_bounds():
     ctrl = ElasticController(OBJ, Bounds(min_decode_cores=2), hysteresis=1, cooldown_s=0)
     host = [WorkerState("d0", "decode", "h", (0, 1), None), WorkerState("p0", "prefill", "h", ())]

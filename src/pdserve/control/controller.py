@@ -6,8 +6,10 @@ pressure the router predicts, decides which phase starves, and, once the same ph
 capacity toward it, within the operator's bounds:
 
 1. time inside the decode workers' steps: the step target of stall-free chunking (``engine.step_budget``)
-   grows (up to no limit) when prefills starve and shrinks (down to ``min_step_target_share`` of the TPOT
-   objective) when decodes starve: no drain, nothing moves;
+   grows (up to no limit) when prefills starve, as long as the window's TPOT p90 grown as much would still
+   meet the TPOT objective (a step with a prompt chunk lasts up to the target, so a wider target lengthens
+   the decodes' gaps by up to as much: under overload every step has a chunk), and shrinks (down to
+   ``min_step_target_share`` of the TPOT objective) when decodes starve: no drain, nothing moves;
 2. else cores between workers of one host (a worker's thread count and affinity; a prefill worker may be
    parked at zero cores, its decode neighbour then prefilling locally: colocated). Which way a core goes
    when decodes starve depends on why: when the running decodes alone would fit the TPOT objective
@@ -158,7 +160,7 @@ class ElasticController:
             return []
         if signals.now - self._last_decision_s < self.cooldown_s:
             return []
-        decisions = self._toward(phase, sorted(workers, key=lambda w: w.worker_id))
+        decisions = self._toward(phase, sorted(workers, key=lambda w: w.worker_id), signals.attainment)
         if decisions:
             self._last_decision_s = signals.now
             self._streak = (None, 0)
@@ -171,9 +173,9 @@ class ElasticController:
         del self.history[:-self.max_history]
 
     # -- private -----------------------------------------------------------------------------------------
-    def _toward(self, phase: str, workers: list[WorkerState]) -> list[Decision]:
+    def _toward(self, phase: str, workers: list[WorkerState], attainment: PhaseAttainment) -> list[Decision]:
         """Time first (no drain, no cache lost), then cores, then whole workers."""
-        return self._retarget(phase, workers) or self._split(phase, workers) or \
+        return self._retarget(phase, workers, attainment.tpot_p90_s) or self._split(phase, workers) or \
             self._move_core(phase, workers) or self._change_role(phase, workers)
 
     def _decodes_fit(self, w: WorkerState) -> bool:
@@ -233,10 +235,15 @@ class ElasticController:
         w = candidates[-1]
         return [ChangeRole(w.worker_id, phase, f"{phase} starves: {w.worker_id} becomes a {phase} worker")]
 
-    def _retarget(self, phase: str, workers: list[WorkerState]) -> list[Decision]:
-        """Widen (prefill starves) or narrow (decode starves) the decode workers' step target."""
+    def _retarget(self, phase: str, workers: list[WorkerState], tpot_p90_s: float | None) -> list[Decision]:
+        """Widen (prefill starves) or narrow (decode starves) the decode workers' step target. No widening
+        when the window's TPOT p90 (``tpot_p90_s``; None: unknown) would miss the objective once as much
+        wider: that trades one phase's misses for the other's (then cores or roles move instead)."""
         out: list[Decision] = []
         tpot = self.objectives.tpot_s
+        if phase == PREFILL and tpot is not None and tpot_p90_s is not None and \
+                tpot_p90_s * self.step_target_factor > tpot:
+            return []
         for w in workers:
             if w.role != DECODE:
                 continue
