@@ -212,6 +212,21 @@ def test_admission_corrects_predictions_by_their_measured_error():
     assert a.correction == 4.0
 
 
+def test_admission_corrects_by_the_attainment_targets_quantile_of_the_error():
+    """At 0.9, nine in ten admitted requests' first tokens come within the objective: the correction is the
+    error that nine in ten predictions stay under, not the median one."""
+    a = Admission(8, 8, ttft_slo_s=2.0, quantile=0.9)
+    for ratio in [1.0] * 80 + [3.0] * 20:  # the window keeps the last 64: 44 at 1.0, 20 at 3.0
+        a.observe_ttft(1.0, ratio)
+    assert a.correction == pytest.approx(3.0)
+    with pytest.raises(OverloadedError):
+        a.check_predicted(0.7)  # 2.1 s at the 0.9 quantile's error; the median's (1.0) would admit it
+    a.check_predicted(0.6)
+    assert Admission(8, 8, ttft_slo_s=2.0, quantile=0.5).correction == 1.0
+    with pytest.raises(ValueError, match="quantile"):
+        Admission(8, 8, quantile=0.0)
+
+
 def test_admission_refuses_a_decode_worker_whose_steps_miss_the_tpot_objective():
     a = Admission(8, 8, ttft_slo_s=2.0, tpot_slo_s=0.1)
     a.check_predicted(1.0, decode_step_s=0.075)

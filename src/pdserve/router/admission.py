@@ -4,10 +4,12 @@ Two bounds: requests in flight (at the frontend, and per instance), and, with ob
 predicted latency:
 
 - TTFT: router/path.py's prediction from the workers' measured step costs and queues, times its measured
-  error (the median of actual / predicted over the last ``CALIBRATION_WINDOW`` first tokens, once there
-  are ``MIN_CALIBRATION`` of them; clamped to ``CORRECTION_BOUNDS``). A request predicted to miss its
-  objective by more than ``slack`` x is refused before any work is done, with a Retry-After of the
-  time its queue needs to drain that far.
+  error: the ``quantile`` of actual / predicted over the last ``CALIBRATION_WINDOW`` first tokens, once
+  there are ``MIN_CALIBRATION`` of them, clamped to ``CORRECTION_BOUNDS``. The quantile is the objectives'
+  attainment target (0.9 from the frontend): under overload the queue fills up to the bound, so the
+  admitted requests' predictions sit at it, and with the median error half of them would miss. A request
+  predicted to miss its objective by more than ``slack`` x is refused before any work is done, with a
+  Retry-After of the time its queue needs to drain that far.
 - TPOT: a decode worker whose current batch's decodes, with the share of each step that prompts always
   get beside them (stall-free chunking's floor, ``engine.step_budget.PrefillBudget.min_share``), already
   take over ``slack`` x the TPOT objective cannot give one more request its objective; the request is
@@ -17,7 +19,6 @@ Admitted requests then keep their objectives under overload, instead of every re
 queue that only grows."""
 from __future__ import annotations
 
-import statistics
 from collections import deque
 
 from pdserve.engine.step_budget import PrefillBudget
@@ -36,17 +37,20 @@ class Admission:
     Retry-After hint grows with how far over the bound the cluster is."""
 
     def __init__(self, max_inflight: int = 1024, max_inflight_per_instance: int = 256,
-                 ttft_slo_s: float | None = None, slack: float = 1.0, tpot_slo_s: float | None = None
-                 ) -> None:
+                 ttft_slo_s: float | None = None, slack: float = 1.0, tpot_slo_s: float | None = None,
+                 quantile: float = 0.5) -> None:
         if max_inflight < 1 or max_inflight_per_instance < 1:
             raise ValueError("admission bounds must be >= 1")
         if slack <= 0:
             raise ValueError(f"slack must be > 0, got {slack}")
+        if not 0 < quantile <= 1:
+            raise ValueError(f"the correction's quantile must be in (0, 1], got {quantile}")
         self.max_inflight = max_inflight
         self.max_inflight_per_instance = max_inflight_per_instance
         self.ttft_slo_s = ttft_slo_s
         self.slack = slack
         self.tpot_slo_s = tpot_slo_s
+        self.quantile = quantile
         self.num_refused = 0
         self._ratios: deque[float] = deque(maxlen=CALIBRATION_WINDOW)  # actual / predicted TTFT
 
@@ -57,11 +61,13 @@ class Admission:
 
     @property
     def correction(self) -> float:
-        """What predictions are multiplied by: their measured error (1.0 until enough are measured)."""
+        """What predictions are multiplied by: their measured error's ``quantile`` (1.0 until enough are
+        measured)."""
         if len(self._ratios) < MIN_CALIBRATION:
             return 1.0
         low, high = CORRECTION_BOUNDS
-        return min(high, max(low, statistics.median(self._ratios)))
+        ratios = sorted(self._ratios)
+        return min(high, max(low, ratios[min(len(ratios) - 1, int(self.quantile * len(ratios)))]))
 
     def check_predicted(self, predicted_ttft_s: float | None, decode_step_s: float = 0.0) -> None:
         """Raise OverloadedError when the request is predicted to miss the TTFT objective by far, or its

@@ -61,7 +61,7 @@ class FrontendClient:
         judged = slack is not None  # by the objectives too, not only by requests in flight
         admission = Admission(options.max_inflight, options.max_inflight_per_instance,
                               options.objectives.ttft_s if judged else None, slack or 1.0,
-                              options.objectives.tpot_s if judged else None)
+                              options.objectives.tpot_s if judged else None, options.objectives.target)
         self.flow = FrontendFlow(self.router, admission, options.retry_dead_worker, options.migrate)
         self.liveness = Liveness(self)
         self.conns: dict[str, WorkerConn] = {}  # worker id -> connection (after its WorkerInfo)
