@@ -39,6 +39,22 @@ def test_step_costs_follow_a_change_of_speed():
     assert costs.predict(8, 4000) == pytest.approx(_true_step_s(8, 4000, 0, 0, 2.0), rel=0.08)
 
 
+def test_step_costs_rescaled_when_cores_change_keep_a_budget():
+    """Half the cores: what was learned counts twice as long at once, the budget keeps its limit (a fit
+    forgotten would allow a whole prompt in the next step), and a few real steps then take over."""
+    costs = StepCosts()
+    rng = random.Random(3)
+    _feed(costs, rng)
+    costs.rescale(2.0)
+    assert costs.predict(8, 4000) == pytest.approx(_true_step_s(8, 4000, 0, 0, 2.0), rel=0.05)
+    budget = PrefillBudget(target_step_s=0.1)
+    assert budget.tokens(costs, 4, 2000, 2048) < 2048
+    _feed(costs, rng, n=40, speed=1.5)  # the truth was not quite 2x: a few steps correct it
+    assert costs.predict(8, 4000) == pytest.approx(_true_step_s(8, 4000, 0, 0, 1.5), rel=0.08)
+    with pytest.raises(ValueError):
+        costs.rescale(0.0)
+
+
 def test_prefill_budget_fills_the_slack():
     costs = StepCosts()
     _feed(costs, random.Random(2))

@@ -3,8 +3,9 @@ beside them keep their time per output token (stall-free chunking, as Sarathi-Se
 
 ``StepCosts`` learns this engine's step time online, by least squares with forgetting over its own recent
 steps, on the features of a step: a constant, the decodes, their summed context, the prefill tokens and
-the prefill attention work (sum over chunks of n*s + n(n+1)/2 for n tokens after s cached ones). It adapts
-when the engine's cores change. ``PrefillBudget`` turns a target step time (set by the elastic controller
+the prefill attention work (sum over chunks of n*s + n(n+1)/2 for n tokens after s cached ones). When the
+engine's cores change, what it learned is rescaled by the ratio of cores and weighs little beside the
+steps that follow. ``PrefillBudget`` turns a target step time (set by the elastic controller
 from the TPOT objective; None: no limit) into a token budget for the step being scheduled:
 the prompt tokens that fit in ``target - overhead - predicted decode-only step`` (their linear cost and their
 attention over the prompt's computed part, so a late chunk of a long prompt is smaller), at least
@@ -52,8 +53,19 @@ class StepCosts:
         self._coef = None
 
     def reset(self) -> None:
-        """Forget every step (the engine's resources changed)."""
+        """Forget every step."""
         self.__init__(self.forgetting)
+
+    def rescale(self, time_factor: float, weight: float = 0.05) -> None:
+        """The engine's speed changed by a known factor (its cores did): every step seen so far counts as
+        ``time_factor`` x as long, at ``weight`` of its old weight (so the next few real steps dominate).
+        The fit stays usable meanwhile: forgetting it would leave the budget without a limit until enough
+        new steps are seen, and a step of a whole prompt beside a large batch of decodes stalls them all."""
+        if not time_factor > 0 or not 0 < weight <= 1:
+            raise ValueError(f"rescale needs time_factor > 0 and weight in (0, 1], got {time_factor}, {weight}")
+        self._xtx = [[v * weight for v in row] for row in self._xtx]
+        self._xty = [v * weight * time_factor for v in self._xty]
+        self._coef = None
 
     @property
     def coef(self) -> list[float]:

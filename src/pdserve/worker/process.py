@@ -97,6 +97,7 @@ class Worker:
         self.is_target = self.connector.capabilities.is_target
         self.role = options.role
         self.cpus = list(options.cpus) if options.cpus is not None else None
+        self._costs_cores = len(self.cpus or ())  # the cores its step costs were learned on (0: unknown)
         try:
             if self.is_target:
                 self.connector.listen()
@@ -278,7 +279,16 @@ class Worker:
         elif isinstance(msg, p.Shutdown):
             self._stop = True
 
-    def _configure(self, msg: p.Configure) -> None:
+    def _rescale_step_costs(self, num_cores: int) -> None:
+        """Its steps take other times on ``num_cores`` cores: what it learned on the cores it had when it
+        last stepped is scaled by their ratio (compute scales with cores), then relearned."""
+        learned_on = self._costs_cores
+        if learned_on:
+            self.core.step_costs.rescale(learned_on / num_cores)
+        else:
+            self.core.step_costs.reset()
+        self._costs_cores = num_cores
+
         """The elastic controller's decision: a role (what the router sends here from now on: the requests
         running here finish here), cores, a step target. Each applies between two steps."""
         if msg.role is not None:
@@ -289,7 +299,7 @@ class Worker:
         if msg.cpus is not None:
             if msg.cpus:
                 move_to_cores(msg.cpus)
-                self.core.step_costs.reset()  # its steps take other times now
+                self._rescale_step_costs(len(msg.cpus))
             logger.info("worker %s: cores %s -> %s", self.worker_id, self.cpus, msg.cpus or "none (parked)")
             self.cpus = list(msg.cpus)
             self.busy.set_cores(self._num_cores())
