@@ -4,7 +4,8 @@ whether the admitted requests keep their objectives; the processes' memory befor
 1. `pdserve up` (auto, with --slo-ttft/--slo-tpot), a rate sweep with `pdserve bench` gives the goodput
    capacity (the highest rate with >= 90% attainment), measured once, on the first cluster;
 2. then --seconds of Poisson arrivals at each multiple of it: the 429 share, and the attainment of the
-   requests that were admitted; RSS of every pdserve process at the start and the end.
+   requests that were admitted; RSS of every pdserve process at the start and the end; the elastic
+   controller's decisions during each load (from `/v1/cluster`).
 
 Step 2 runs once per `--admission-ttft-slack` of --slacks, each on a cluster of its own; the goodput of each
 is given against the first's (the baseline): 0 is admission by requests in flight only, 1 `pdserve up`'s
@@ -20,6 +21,7 @@ import json
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -53,12 +55,12 @@ def main() -> int:
                     print("no rate of the sweep met the objectives: no capacity to multiply")
                     return 1
             rss0 = _rss(proc.pid)
-            rows = []
+            rows, seen = [], set()
             for j, m in enumerate(float(x) for x in a.multiples.split(",")):
                 rate = capacity * m
                 res = _bench(url, rate, int(rate * a.seconds), out / f"overload-s{slack:g}-{m:g}x.json",
                              seed=100 + j)
-                rows.append(_row(res, m, rate, a))
+                rows.append(_row(res, m, rate, a) | {"decisions": _decisions(url, seen)})
             rss1 = _rss(proc.pid)
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -77,6 +79,9 @@ def main() -> int:
                   f"{r['refused_share']:>11.1%}{r['admitted_attainment']:>21.1%}{ttft:>23}"
                   f"{r['admitted_tpot_p50_s'] * 1e3:>8.0f}ms"
                   f"{r['goodput_rps']:>9.2f}{ratio:>11}")
+        for r in run["rows"]:
+            for d in r["decisions"]:
+                print(f"  slack {run['slack']:g}, {r['multiple']:g}x: the controller: {d}")
         print(f"  slack {run['slack']:g}: RSS (MiB) per process, start -> end: " + ", ".join(
             f"{n} {run['rss_start_mib'].get(n, 0):.0f} -> {v:.0f}" for n, v in run["rss_end_mib"].items()))
     (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -97,6 +102,15 @@ def _row(res: dict, multiple: float, rate: float, a) -> dict:
             "admitted_ttft_p50_s": _quantile(ttfts, 0.5), "admitted_ttft_p90_s": _quantile(ttfts, 0.9),
             "admitted_tpot_p50_s": _quantile(tpots, 0.5),
             "goodput_rps": within / (len(reqs) / rate) if reqs else 0.0}
+
+
+def _decisions(url: str, seen: set) -> list[str]:
+    """The elastic controller's decisions (with their reasons) since the last call: what moved during a load."""
+    with urllib.request.urlopen(f"{url}/v1/cluster", timeout=30) as resp:
+        elastic = json.loads(resp.read()).get("elastic") or {}
+    new = [d for d in elastic.get("decisions", []) if (d["unix_s"], d["reason"]) not in seen]
+    seen.update((d["unix_s"], d["reason"]) for d in new)
+    return [d["reason"] for d in new]
 
 
 def _quantile(xs: list[float], q: float) -> float:
