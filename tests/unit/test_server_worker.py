@@ -294,6 +294,10 @@ def test_configure_changes_role_cores_and_step_target_between_steps(tiny_dir, co
         w.wait_stats(lambda s: s.role == "decode" and s.cpus == [core] and s.step_target_s == 0.05)
         w.send(p.AddRequest("c1", PROMPT, GREEDY))  # a former prefill worker now decodes: same tokens
         assert w.tokens("c1")[0] == colocated_tokens
+        w.send(p.Configure(cpus=[core]))  # cores again: its learned step costs are rescaled, not forgotten
+        assert w.recv_type(p.WorkerInfo).cpus == [core]
+        w.send(p.AddRequest("c2", PROMPT, GREEDY))
+        assert w.tokens("c2")[0] == colocated_tokens
         w.send(p.Configure(cpus=[], set_step_target=True))  # parked, no step target
         info = w.recv_type(p.WorkerInfo)
         assert info.cpus == [] and info.step_target_s is None

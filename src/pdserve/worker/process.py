@@ -289,6 +289,7 @@ class Worker:
             self.core.step_costs.reset()
         self._costs_cores = num_cores
 
+    def _configure(self, msg: p.Configure) -> None:
         """The elastic controller's decision: a role (what the router sends here from now on: the requests
         running here finish here), cores, a step target. Each applies between two steps."""
         if msg.role is not None:
