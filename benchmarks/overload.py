@@ -55,7 +55,7 @@ def main() -> int:
                     print("no rate of the sweep met the objectives: no capacity to multiply")
                     return 1
             rss0 = _rss(proc.pid)
-            rows, seen = [], set()
+            rows, seen = [], {}
             for j, m in enumerate(float(x) for x in a.multiples.split(",")):
                 rate = capacity * m
                 res = _bench(url, rate, int(rate * a.seconds), out / f"overload-s{slack:g}-{m:g}x.json",
@@ -104,12 +104,14 @@ def _row(res: dict, multiple: float, rate: float, a) -> dict:
             "goodput_rps": within / (len(reqs) / rate) if reqs else 0.0}
 
 
-def _decisions(url: str, seen: set) -> list[str]:
+def _decisions(url: str, seen: dict) -> list[str]:
     """The elastic controller's decisions (with their reasons) since the last call: what moved during a load."""
     with urllib.request.urlopen(f"{url}/v1/cluster", timeout=30) as resp:
         elastic = json.loads(resp.read()).get("elastic") or {}
-    new = [d for d in elastic.get("decisions", []) if (d["unix_s"], d["reason"]) not in seen]
-    seen.update((d["unix_s"], d["reason"]) for d in new)
+    # a decision's Unix time is recomputed at each call (from the monotonic clock): equal within a second
+    new = [d for d in elastic.get("decisions", []) if d["unix_s"] > seen.get("last", float("-inf")) + 1.0]
+    if new:
+        seen["last"] = max(d["unix_s"] for d in new)
     return [d["reason"] for d in new]
 
 
