@@ -14,9 +14,8 @@ capacity toward it, within the operator's bounds:
    parked at zero cores, its decode neighbour then prefilling locally: colocated). Which way a core goes
    when decodes starve depends on why: when the running decodes alone would fit the TPOT objective
    (``WorkerState.decode_step_s``), the misses come from the prompts prefilled in the same steps, and a core
-   goes from the decode worker to its parked prefill neighbour (split: prompts go remote) if they would
-   still fit on the cores it keeps; when they would not, the decode worker needs the cores, and a core
-   comes back from the prefill worker (colocated);
+   goes from the decode worker to its parked prefill neighbour (split: prompts go remote); when they would
+   not, the decode worker needs the cores, and a core comes back from the prefill worker (colocated);
 3. else the role of a whole worker (prefill <-> decode; on GPUs, where cores do not move, this is the
    unit beyond time); a worker changes role by draining: its running requests finish where they are, new
    ones follow the new role, so nothing is lost and no block leaks.
@@ -179,12 +178,10 @@ class ElasticController:
         return self._retarget(phase, workers, attainment.tpot_p90_s) or self._split(phase, workers) or \
             self._move_core(phase, workers) or self._change_role(phase, workers)
 
-    def _decodes_fit(self, w: WorkerState, num_cores: int | None = None) -> bool:
-        """Whether ``w``'s running decodes alone would meet the TPOT objective (known only while some run),
-        on ``num_cores`` of its cores (None: the cores it has; a step's time scales with their ratio)."""
+    def _decodes_fit(self, w: WorkerState) -> bool:
+        """Whether ``w``'s running decodes alone would meet the TPOT objective (known only while some run)."""
         tpot = self.objectives.tpot_s
-        step = w.decode_step_s * (len(w.cores) / num_cores if num_cores and w.cores else 1.0)
-        return tpot is not None and 0 < step <= self.min_step_target_share * tpot
+        return tpot is not None and 0 < w.decode_step_s <= self.min_step_target_share * tpot
 
     def _split(self, phase: str, workers: list[WorkerState]) -> list[Decision]:
         """Decodes starve from the prompts prefilled between them: a core from the decode worker to its
@@ -193,8 +190,8 @@ class ElasticController:
             return []
         for src in workers:
             if src.role != DECODE or len(src.cores or ()) <= self.bounds.min_decode_cores or \
-                    not self._decodes_fit(src, len(src.cores) - 1):
-                continue  # (on the cores it keeps: else it would take the core back at the next miss)
+                    not self._decodes_fit(src):
+                continue
             dst = next((w for w in workers if w.role == PREFILL and w.is_parked and w.host == src.host), None)
             if dst is None:
                 continue
