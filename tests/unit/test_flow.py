@@ -195,6 +195,20 @@ def test_a_burst_between_two_stats_sees_its_own_queue():
     assert flow.submit("c", 1000, [], 16)
 
 
+def test_a_request_with_nothing_queued_ahead_is_never_refused_for_ttft():
+    """After overload the correction can stay high (it learns from admitted requests only): a request with
+    no prompt queued ahead gets no better by waiting, so it is admitted, and the correction learns again."""
+    flow = _flow()
+    flow.admission = Admission(8, 8, ttft_slo_s=2.0)
+    for _ in range(8):
+        flow.admission.observe_ttft(1.0, 4.0)
+    views = flow.router.tracker.instances
+    views["p0"].prefill_token_s = 1e-3
+    assert flow.submit("idle", 1000, [], 16)  # 1 s x 4 = 4 s predicted, but nothing ahead of it
+    with pytest.raises(OverloadedError):
+        flow.submit("behind", 1000, [], 16)  # 2 s x 4 behind the first: waiting would help
+
+
 def test_admission_corrects_predictions_by_their_measured_error():
     a = Admission(8, 8, ttft_slo_s=2.0)
     a.check_predicted(1.5)  # taken as it is

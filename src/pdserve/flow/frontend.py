@@ -231,8 +231,10 @@ class FrontendFlow:
         self.admission.check(self.num_inflight, len(self.inflight.get(route.decode_id, ())))
         if f.attempt == 0:  # a moved request was admitted already
             f.predicted_ttft_s = self._predicted_ttft_s(f, route)
-            decode = self.router.tracker.instances.get(route.decode_id)
-            self.admission.check_predicted(f.predicted_ttft_s, decode.decode_step_s if decode else 0.0)
+            views = self.router.tracker.instances
+            decode, prefill = views.get(route.decode_id), views.get(route.prefill_id or route.decode_id)
+            self.admission.check_predicted(f.predicted_ttft_s, decode.decode_step_s if decode else 0.0,
+                                           is_queued=prefill is None or prefill.queued_prefill_tokens > 0)
         f.decode_id, f.prefill_id, f.prediction = route.decode_id, route.prefill_id, route.prediction
         # its prompt joins that worker's prefill queue now, not at the worker's next stats
         self.router.tracker.note_routed(route.prefill_id or route.decode_id, f.num_prompt_tokens,

@@ -69,10 +69,15 @@ class Admission:
         ratios = sorted(self._ratios)
         return min(high, max(low, ratios[min(len(ratios) - 1, int(self.quantile * len(ratios)))]))
 
-    def check_predicted(self, predicted_ttft_s: float | None, decode_step_s: float = 0.0) -> None:
+    def check_predicted(self, predicted_ttft_s: float | None, decode_step_s: float = 0.0,
+                        is_queued: bool = True) -> None:
         """Raise OverloadedError when the request is predicted to miss the TTFT objective by far, or its
-        decode worker's steps (``decode_step_s``, its current batch's) already miss the TPOT objective."""
-        if self.ttft_slo_s is not None and predicted_ttft_s is not None:
+        decode worker's steps (``decode_step_s``, its current batch's) already miss the TPOT objective.
+
+        The TTFT bound refuses only a request that prompts ahead of it delay (``is_queued``): one predicted
+        to miss with nothing ahead gets no better by waiting, and refusing it would also keep the
+        correction from ever learning again (it learns from admitted requests only)."""
+        if self.ttft_slo_s is not None and predicted_ttft_s is not None and is_queued:
             predicted = predicted_ttft_s * self.correction
             limit = self.ttft_slo_s * self.slack
             if predicted > limit:
