@@ -39,7 +39,7 @@ def soak(minutes: float, rate: float, kill_every_s: float, seed: int = 0, flags:
         wait_healthy(url, proc, 600)
         _load(url, 10, rng, counts)  # warm: every buffer in place before the first snapshot
         _idle(url)
-        start = _snapshot(url, proc.pid)
+        start = snapshot(url, proc.pid)
         kills, end_s, next_kill = 0, time.monotonic() + 60 * minutes, time.monotonic() + kill_every_s
         threads = []
         while time.monotonic() < end_s:
@@ -58,7 +58,7 @@ def soak(minutes: float, rate: float, kill_every_s: float, seed: int = 0, flags:
             t.join(300)
         _all_alive(url)
         _idle(url)
-        end = _snapshot(url, proc.pid)
+        end = snapshot(url, proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -114,7 +114,7 @@ def _all_alive(url: str, timeout_s: float = 120.0) -> None:
         time.sleep(0.5)
 
 
-def _snapshot(url: str, launcher_pid: int) -> dict:
+def snapshot(url: str, launcher_pid: int) -> dict:
     workers = httpx.get(f"{url}/health", timeout=10).json()["workers"]
     procs = {}
     for child in psutil.Process(launcher_pid).children(recursive=True):

@@ -9,13 +9,17 @@ from __future__ import annotations
 import asyncio
 import random
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import openai
-import psutil
 import pytest
 
 from cluster_helpers import MODEL, local_cluster, require_model, wait_idle
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from soak import snapshot  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -29,10 +33,10 @@ def test_overload_refuses_early_and_serves_the_admitted():
     with local_cluster("--slo-ttft", "1.0", "--slo-tpot", "0.15") as (url, proc):
         asyncio.run(_load(url, 4, rate=1.0))  # warm: allocators, the step-cost fits
         wait_idle(url)
-        before = _anon_mib(proc.pid)
+        before = snapshot(url, proc.pid)["processes"]
         out = asyncio.run(_load(url, int(RATE * SECONDS), RATE))
         wait_idle(url, timeout_s=120)
-        after = _anon_mib(proc.pid)
+        after = snapshot(url, proc.pid)["processes"]
         again = asyncio.run(_load(url, 2, rate=1.0))
     sent = len(out["ok"]) + len(out["refused"]) + len(out["errors"])
     assert out["errors"] == [], out["errors"][:5]
@@ -43,8 +47,8 @@ def test_overload_refuses_early_and_serves_the_admitted():
     waits = [s for s, _ in out["refused"]]
     assert statistics.median(waits) < 1.0, f"refusals came late (median {statistics.median(waits):.2f} s)"
     assert all(retry is not None and float(retry) > 0 for _, retry in out["refused"]), out["refused"][:5]
-    for pid, mib in before.items():  # anonymous memory: what a leak grows (RSS also counts KV cache pages)
-        assert after.get(pid, 0.0) <= 1.1 * mib + 32, (pid, mib, after.get(pid))
+    for name, mem in before.items():  # anonymous memory: what a leak grows (RSS also counts KV cache pages)
+        assert after[name]["anon_mib"] <= 1.1 * mem["anon_mib"] + 32, (name, mem, after[name])
     assert len(again["ok"]) == 2 and not again["refused"] and not again["errors"]
 
 
@@ -78,13 +82,3 @@ async def _one(client: openai.AsyncOpenAI, prompt: str, out: dict) -> None:
     except Exception as e:  # noqa: BLE001 - every other outcome is a failure, listed
         out["errors"].append(repr(e))
 
-
-def _anon_mib(launcher_pid: int) -> dict[int, float]:
-    mib = {}
-    for child in psutil.Process(launcher_pid).children(recursive=True):
-        try:
-            mem = child.memory_info()
-            mib[child.pid] = (mem.rss - mem.shared) / 2**20
-        except psutil.Error:
-            continue
-    return mib
