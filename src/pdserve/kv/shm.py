@@ -73,6 +73,7 @@ class ShmConnector(MappedTargetConnector):
             if os.path.getsize(path) != expected:
                 raise ValueError(f"{path} is not {expected} bytes")
             remote = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(target.shape)
+            _map_every_page(remote)
             # A dead target's file is removed (by its launcher, or remove_stale_files): let its mapping go too,
             # or every restart of a decode worker would keep a whole KV pool mapped here (a save in flight
             # holds its own reference)
@@ -80,6 +81,15 @@ class ShmConnector(MappedTargetConnector):
                 del self._maps[gone]
             self._maps[path] = remote
         return remote
+
+
+def _map_every_page(remote: torch.Tensor) -> None:
+    """Read one element of every page of a mapped cache (its target touched them all: no memory is added),
+    so the mapping is complete from the start: no transfer pays a page fault for a block written the first
+    time, and this process's RSS, which counts the mapped pages, is flat from the first transfer on instead of
+    growing towards the cache's size as more of its blocks are written (issue 15's soak)."""
+    flat = remote.view(-1)
+    flat[:: max(1, os.sysconf("SC_PAGE_SIZE") // flat.element_size())].sum()
 
 
 def remove_stale_files() -> None:
