@@ -158,3 +158,36 @@ def test_workers_not_pinned_to_cores_change_roles_and_never_move_cores():
     # prompts starve: time first again, then a worker goes back to prefill (one decode worker is kept: the bound)
     workers, log = _run(ctrl, workers, [_signals(10 + t, ttft=0.3, tpot=1.0) for t in range(12)])
     assert MoveCores not in [type(d) for _, d in log] and sorted(w.role for w in workers) == ["decode", "prefill"]
+
+
+def test_a_move_undone_soon_after_is_held_back_doubling():
+    """Decode-heavy at a tight TPOT (measured: docs/benchmarks.md): the decodes fit two cores alone, so
+    the controller splits for prefill interference; on one core they no longer fit, and the core comes
+    back 16 s later. Without a memory of that, the same split would follow every other cooldown. The
+    split is held back for 60 s, then 120 s after it is undone again; a core move that lasts is not."""
+    fits, too_long = 0.03, 0.06  # the decodes' step alone on two cores, and on one (objective 50 ms)
+
+    def cycle(ctrl, workers, t0):
+        """Decodes starve from t0 on, at 1 s ticks; the decode step follows the decode worker's cores."""
+        log = []
+        for t in range(t0, t0 + 200):
+            step = fits if len({w.worker_id: w for w in workers}["d0"].cores) == 2 else too_long
+            workers = [replace(w, decode_step_s=step) if w.role == "decode" else w for w in workers]
+            decisions = ctrl.tick(_signals(t, ttft=1.0, tpot=0.4), workers)
+            workers = apply(workers, decisions)
+            log += [(t, d) for d in decisions if isinstance(d, MoveCores)]
+        return workers, log
+
+    workers = [WorkerState("d0", "decode", "h", (0, 1), 0.04), WorkerState("p0", "prefill", "h", ())]
+    ctrl = ElasticController(OBJ, hysteresis=3, cooldown_s=15)
+    _, log = cycle(ctrl, workers, 0)
+    moves = [(t, d.src, d.dst) for t, d in log]
+    # split at 2, core back at 17 (the cooldown): undone within 30 s, so no split before 17 + 60; again at
+    # 77, back at 92: now held 120 s, so no split before 212
+    assert moves == [(2, "d0", "p0"), (17, "p0", "d0"), (77, "d0", "p0"), (92, "p0", "d0")], moves
+    assert ctrl.held_until(("cores", "d0", "p0")) == 92 + 120
+    # a split that helps (the decodes still fit after it) stays, and holds nothing
+    ctrl = ElasticController(OBJ, hysteresis=3, cooldown_s=15)
+    workers = [WorkerState("d0", "decode", "h", (0, 1), 0.04, decode_step_s=fits), WorkerState("p0", "prefill", "h", ())]
+    workers, log = _run(ctrl, workers, [_signals(t, ttft=1.0, tpot=0.4) for t in range(100)])
+    assert [type(d) for _, d in log] == [MoveCores] and ctrl._holds == {}

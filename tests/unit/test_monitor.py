@@ -132,6 +132,7 @@ def test_cluster_status_carries_the_routing_view_and_the_elastic_controller():
     assert body["elastic"]["objectives"]["tpot_s"] == 0.1
     assert [(d["kind"], d["reason"]) for d in body["elastic"]["decisions"]] == \
         [("SetStepTarget", "TPOT attainment 0.80 < 0.9")]
+    assert body["elastic"]["held"] == []
     assert client.conns["both-0"].socket.sent  # the decision went to the worker
     ClusterStatus.model_validate(body)
 

@@ -20,6 +20,12 @@ capacity toward it, within the operator's bounds:
    unit beyond time); a worker changes role by draining: its running requests finish where they are, new
    ones follow the new role, so nothing is lost and no block leaks.
 
+A move of cores or of a role that is undone within ``undo_window_s`` (the core comes back, the worker changes
+back) did not help: the load that asked for it still asks for the reverse (say a split for prefill
+interference, after which the decode worker's batch no longer fits one core). That move is then not made
+again for ``hold_s``, doubled each time it is undone again (up to ``max_hold_s``), so a load that sits between
+two layouts costs a few moves an hour, not one every other cooldown.
+
 The step target starts at ``step_target_margin`` x the TPOT objective on every worker that runs decodes
 (and none when there is no TPOT objective). Decisions are deterministic: the same signals give the same
 decisions (no randomness; ties broken by worker id).
@@ -121,8 +127,13 @@ class ElasticController:
     # decodes alone fill the step, prompts still take their floor of it (engine.step_budget), and small
     # chunks cost more per token (docs/benchmarks.md, "Elastic prefill/decode").
     min_step_target_share: float = 0.8
+    undo_window_s: float = 30.0  # a move reversed this soon did not help ...
+    hold_s: float = 60.0  # ... and is not made again for this long, doubled at each further undo
+    max_hold_s: float = 960.0
     _streak: tuple[str | None, int] = (None, 0)
     _last_decision_s: float = float("-inf")
+    _now: float = 0.0
+    _holds: dict[tuple, tuple[float, float]] = field(default_factory=dict)  # move -> (held until, hold)
     history: list[tuple[float, Decision]] = field(default_factory=list)
     max_history: int = 256
 
@@ -160,12 +171,23 @@ class ElasticController:
             return []
         if signals.now - self._last_decision_s < self.cooldown_s:
             return []
+        self._now = signals.now
         decisions = self._toward(phase, sorted(workers, key=lambda w: w.worker_id), signals.attainment)
         if decisions:
             self._last_decision_s = signals.now
             self._streak = (None, 0)
+            self._hold_undone(signals.now, decisions)
             self.record(signals.now, decisions)
         return decisions
+
+    def held(self) -> dict[tuple, float]:
+        """The moves held back now (``_key``s: ("cores", src, dst), ("role", worker, role)) and until when."""
+        return {m: until for m, (until, _) in self._holds.items() if until > self._now}
+
+    def held_until(self, move: tuple) -> float | None:
+        """Until when ``move`` (``_key`` of a decision) is held back for having been undone (None: it is not)."""
+        until, _ = self._holds.get(move, (None, 0.0))
+        return until if until is not None and until > self._now else None
 
     def record(self, now: float, decisions: Sequence[Decision]) -> None:
         """Keep decisions (bounded) for whoever shows them (``/v1/cluster``)."""
@@ -173,6 +195,22 @@ class ElasticController:
         del self.history[:-self.max_history]
 
     # -- private -----------------------------------------------------------------------------------------
+    def _hold_undone(self, now: float, decisions: Sequence[Decision]) -> None:
+        """Hold back each earlier move that one of ``decisions`` reverses within ``undo_window_s``."""
+        for d in decisions:
+            reverse = _reverse_key(d)
+            if reverse is None:
+                continue
+            made = next((t for t, e in reversed(self.history) if _key(e) == reverse), None)
+            if made is None or now - made > self.undo_window_s:
+                continue
+            until, hold = self._holds.get(reverse, (float("-inf"), 0.0))
+            # held before and undone again soon after the hold ran out: twice as long; else afresh
+            hold = min(2 * hold, self.max_hold_s) if now - until < self.max_hold_s else self.hold_s
+            self._holds[reverse] = (now + hold, hold)
+        for move in [m for m, (until, _) in self._holds.items() if now - until > self.max_hold_s]:
+            del self._holds[move]  # calm for long enough: forgotten (bounded by workers x workers)
+
     def _toward(self, phase: str, workers: list[WorkerState], attainment: PhaseAttainment) -> list[Decision]:
         """Time first (no drain, no cache lost), then cores, then whole workers."""
         return self._retarget(phase, workers, attainment.tpot_p90_s) or self._split(phase, workers) or \
@@ -193,7 +231,7 @@ class ElasticController:
                     not self._decodes_fit(src):
                 continue
             dst = next((w for w in workers if w.role == PREFILL and w.is_parked and w.host == src.host), None)
-            if dst is None:
+            if dst is None or self.held_until(("cores", src.worker_id, dst.worker_id)) is not None:
                 continue
             core = src.cores[-1]
             return [MoveCores(src.worker_id, dst.worker_id, src.cores[:-1], (core,),
@@ -212,6 +250,8 @@ class ElasticController:
                     continue
                 if src.role == DECODE and len(src.cores) <= self.bounds.min_decode_cores:
                     continue
+                if self.held_until(("cores", src.worker_id, dst.worker_id)) is not None:
+                    continue
                 core = src.cores[-1]
                 return [MoveCores(src.worker_id, dst.worker_id, src.cores[:-1], tuple(sorted((*dst.cores, core))),
                                   f"{phase} starves: core {core} from {src.worker_id} to {dst.worker_id}")]
@@ -229,7 +269,8 @@ class ElasticController:
         if phase == DECODE and known and all(self._decodes_fit(w) for w in known):
             return []  # the decodes starve from interference, not from too few workers
         other = DECODE if phase == PREFILL else PREFILL
-        candidates = [w for w in workers if w.role == other and not w.is_parked]
+        candidates = [w for w in workers if w.role == other and not w.is_parked and
+                      self.held_until(("role", w.worker_id, phase)) is None]
         if not candidates:
             return []
         w = candidates[-1]
@@ -294,6 +335,24 @@ def apply(workers: Sequence[WorkerState], decisions: Sequence[Decision]) -> list
         elif isinstance(d, SetStepTarget):
             by_id[d.worker_id] = replace(by_id[d.worker_id], step_target_s=d.step_target_s)
     return [by_id[w.worker_id] for w in workers]
+
+
+def _key(d: Decision) -> tuple | None:
+    """What a decision moves, for telling a move from its reverse (a step target is time, not a move)."""
+    if isinstance(d, MoveCores):
+        return ("cores", d.src, d.dst)
+    if isinstance(d, ChangeRole):
+        return ("role", d.worker_id, d.role)
+    return None
+
+
+def _reverse_key(d: Decision) -> tuple | None:
+    """The key of the move ``d`` would undo: a core back the other way; a worker back to its other role."""
+    if isinstance(d, MoveCores):
+        return ("cores", d.dst, d.src)
+    if isinstance(d, ChangeRole):
+        return ("role", d.worker_id, DECODE if d.role == PREFILL else PREFILL)
+    return None
 
 
 def _fmt(t: float | None) -> str:

@@ -252,6 +252,11 @@ class ElasticDecisionRecord(_Open):
     reason: str
 
 
+class ElasticHold(_Open):
+    move: str = Field(description='"cores SRC DST" or "role WORKER ROLE"')
+    until_unix_s: float
+
+
 class ElasticStatus(_Open):
     """The elastic controller (mode auto): its objectives, the last window and its recent decisions."""
 
@@ -259,6 +264,8 @@ class ElasticStatus(_Open):
     window: dict[str, Union[float, int, None]]
     starving: Union[str, None] = Field(None, description="the phase missing its objective while the other has slack")
     decisions: list[ElasticDecisionRecord]
+    held: list[ElasticHold] = Field(default_factory=list,
+                                    description="moves undone soon after they were made, not made again until then")
 
 
 class ClusterStatus(_Open):

@@ -83,6 +83,8 @@ class ElasticLoop:
             "starving": c.starving(Signals(now, a, self.prefill_wait_s())),
             "decisions": [{"unix_s": round(t + offset, 3), "kind": type(d).__name__, "reason": d.reason}
                           for t, d in c.history[-50:]],
+            # moves undone soon after they were made, not made again until then (control/controller.py)
+            "held": [{"move": " ".join(m), "until_unix_s": round(until + offset, 3)} for m, until in c.held().items()],
         }
 
     def _carry_out(self, decisions: list[ctl.Decision]) -> None:
