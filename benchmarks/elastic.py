@@ -17,7 +17,17 @@ request), the last started once per objective set since the objectives steer it.
    goodput capacity = the highest rate whose attainment is >= 90%. With --repeats N the sweeps run N
    times and the report gives medians (and every run's figure).
 
+4. With --sim (or --sim-only OUT_DIR: the runs of an earlier out-dir), the simulator's prediction beside
+   them: every measured run again in `pdserve sim`'s simulator (the same workload flags, seed and number of
+   requests, the same layout and KV budget), its step times from `pdserve profile` pinned as `pdserve up`
+   pins each layout's workers (colocated: both cores; split and auto: one core a worker; or --perf-model
+   colocated=F,split=F). What it leaves out: auto in the simulator changes roles and step targets but
+   moves no cores (its instances are cards: the same controller, another lever), so it starts and stays at
+   1P+1D unless a role changes; the tight objectives' ITL p99 is not scored (the simulator keeps no
+   per-request gaps); the phase-shifting workload is not simulated.
+
     python benchmarks/elastic.py --out-dir bench-results/elastic [--repeats 3] [--workloads prefill,decode,shift,azure]
+                                 [--sim] [--sim-only OUT_DIR] [--perf-model colocated=F,split=F]
 
 Everything goes through the `pdserve` CLI as subprocesses; results (every bench JSON, the report) land in
 --out-dir. Expect ~10-15 minutes per layout and repeat on a 2-core machine.
@@ -51,6 +61,8 @@ TARGET = 0.9
 
 def main() -> int:
     args = _args()
+    if args.sim_only:
+        return _sim_report(Path(args.sim_only), args)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     workloads = [w for w in args.workloads.split(",") if w]
@@ -85,7 +97,7 @@ def main() -> int:
     report = _report(runs, objectives, args)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print(_format(report))
-    return 0
+    return _sim_report(out, args) if args.sim else 0
 
 
 _DEFAULT = {"ttft_s": 1.0, "tpot_s": 0.05}
@@ -143,9 +155,10 @@ def _sweep(url: str, workload: str, args, prefix: Path, rep: int = 0) -> dict:
 
 
 def _latency(r: dict) -> tuple | None:
+    """(TTFT, TPOT, ITL p99) of a served request (a simulated one has no gaps: ITL p99 0, not scored)."""
     if r["ttft_s"] is None or r.get("error"):
         return None
-    itl = sorted(r["itl_s"])
+    itl = sorted(r.get("itl_s") or ())
     p99 = itl[min(len(itl) - 1, int(0.99 * len(itl)))] if itl else 0.0
     return r["ttft_s"], r["tpot_s"] or 0.0, p99
 
@@ -196,6 +209,102 @@ def _format(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _sim_report(out: Path, args) -> int:
+    """Simulate every measured run in ``out`` (``_simulated``) and print, per workload, objectives and layout,
+    the measured attainment at each rate beside the simulated one, and both capacities (medians)."""
+    saved = json.loads((out / "objectives.json").read_text())["objectives"]
+    perf_models = _perf_models(out, args.perf_model)
+    measured, simulated = _measured_runs(out, saved), {}
+    for layout, by_workload in measured.items():
+        for w, reps in by_workload.items():
+            simulated.setdefault(layout, {})[w] = [
+                {rate: _simulate(layout, w, rate, n, seed, saved, perf_models) for rate, (n, seed) in rep.items()}
+                for rep in reps]
+    rows = []
+    print(f"simulator beside measured (perf models: {perf_models}); attainment by rate, measured / simulated")
+    for w in saved:
+        for kind in ("loose", "tight"):
+            o = saved[w][kind]
+            for layout in ("colocated", "split", f"auto-{kind}"):
+                if w not in simulated.get(layout, {}):
+                    continue
+                real = _sweeps_of(out, layout, w, measured[layout][w])
+                sims = simulated[layout][w]
+                rates = sorted(real[0])
+                att = {r: (statistics.median(_attainment(x[r], o) for x in real),
+                           statistics.median(_attainment(x[r], o) for x in sims)) for r in rates}
+                caps = (statistics.median(_capacity(x, o) for x in real), statistics.median(_capacity(x, o) for x in sims))
+                rows.append({"workload": w, "objectives": kind, "layout": layout, "attainment": att, "capacity": caps})
+                print(f"{w:<9}{kind:<7}{layout:<11}" + "  ".join(f"{r:g}: {a:.2f} / {b:.2f}" for r, (a, b) in att.items())
+                      + f"   capacity {caps[0]:g} / {caps[1]:g}")
+    (out / "simulated.json").write_text(json.dumps({"perf_models": perf_models, "rows": [
+        {**r, "attainment": {f"{k:g}": v for k, v in r["attainment"].items()}} for r in rows]}, indent=1))
+    return 0
+
+
+def _measured_runs(out: Path, objectives: dict) -> dict:
+    """{layout: {workload: [{rate: (requests, seed)} per repeat]}} of the runs in ``out`` (from their bench
+    files: ``_sweep``'s names; the seed as ``_seed`` gave it, rate index by ascending rate)."""
+    runs: dict = {}
+    for layout in LAYOUTS:
+        for w in objectives:
+            if w == "shift":
+                continue  # not simulated (see the module's doc)
+            for rep in range(1000):
+                files = [f for f in out.glob(f"{layout}-{w}-r{rep}-*.json") if "phase" not in f.name]
+                if not files:
+                    break
+                rates = sorted(float(f.stem.rsplit("-", 1)[1]) for f in files)
+                runs.setdefault(layout, {}).setdefault(w, []).append({
+                    rate: (len(json.loads((out / f"{layout}-{w}-r{rep}-{rate:g}.json").read_text())["requests"]),
+                           _seed(w, rep, i)) for i, rate in enumerate(rates)})
+    return runs
+
+
+def _sweeps_of(out: Path, layout: str, w: str, reps: list[dict]) -> list[dict]:
+    """The measured sweeps (``_sweep``'s shape) read back from ``out``."""
+    return [{rate: [_latency(r) for r in json.loads((out / f"{layout}-{w}-r{rep}-{rate:g}.json").read_text())["requests"]]
+             for rate in runs} for rep, runs in enumerate(reps)]
+
+
+def _simulate(layout: str, w: str, rate: float, n: int, seed: int, objectives: dict, perf_models: dict) -> list:
+    """One measured run in the simulator: per-request (TTFT, TPOT, 0) as ``_latency`` gives them."""
+    from pdserve.bench.cli import add_workload_arguments, workload_from_args
+    from pdserve.sim.simulator import SimOptions, Simulator
+    from pdserve.sim.workload import work_items
+    from sim_accuracy import host_cluster
+
+    ap = argparse.ArgumentParser()
+    add_workload_arguments(ap)
+    config, _ = workload_from_args(ap.parse_args(
+        WORKLOADS[w][0] + ["--rate", f"{rate:g}", "--num-requests", str(n), "--seed", str(seed)]))
+    mode = {"colocated": "colocated", "split": "disaggregated"}.get(layout, "auto")
+    spec, num_blocks = host_cluster(mode)
+    slo = (None, None)
+    if mode == "auto":  # the controller aims at the auto cluster's objectives, as `--slo-*` told the live one
+        o = objectives[w][layout.removeprefix("auto-")]
+        slo = (o["ttft_s"], o["tpot_s"])
+    model = perf_models["colocated" if mode == "colocated" else "split"]
+    result = Simulator(spec, work_items(config), SimOptions(perf_model=model, num_blocks=num_blocks), slo=slo).run()
+    return [_latency(r) for r in result["requests"]]
+
+
+def _perf_models(out: Path, given: str | None) -> dict[str, str]:
+    """colocated and split step-time models: ``given`` (colocated=F,split=F), else `pdserve profile` now
+    (into ``out``, reused when there), pinned as `pdserve up` pins each layout's workers."""
+    models = dict(kv.split("=", 1) for kv in given.split(",")) if given else {}
+    cores = sorted(os.sched_getaffinity(0))
+    for mode, pin in (("colocated", [",".join(map(str, cores)), str(len(cores))]), ("split", [str(cores[0]), "1"])):
+        if mode in models:
+            continue
+        models[mode] = str(out / f"perf-model-{mode}.json")
+        if not Path(models[mode]).exists():
+            print(f"profiling for {mode} (cpus {pin[0]}, {pin[1]} threads)", flush=True)
+            subprocess.run([sys.executable, "-m", "pdserve.cli", "profile", "--out", models[mode], "--cpus", pin[0],
+                            "--threads", pin[1]], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return models
+
+
 def _bench(url: str, flags: list[str]) -> None:
     cmd = [sys.executable, "-m", "pdserve.cli", "bench", "--base-url", url, "--no-progress", *flags]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -238,6 +347,11 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--phase-s", type=float, default=40.0, help="phase-shifting: seconds of arrivals per phase")
     ap.add_argument("--decode-rate-factor", type=float, default=3.0,
                     help="phase-shifting: the decode phase's rate as a multiple of the prefill phase's")
+    ap.add_argument("--sim", action="store_true", help="then the simulator's prediction of every run beside it")
+    ap.add_argument("--sim-only", default=None, metavar="OUT_DIR",
+                    help="no runs: the simulator's prediction beside the runs of an earlier --out-dir")
+    ap.add_argument("--perf-model", default=None, metavar="colocated=F,split=F",
+                    help="step-time models (`pdserve profile` files) instead of profiling now")
     return ap.parse_args()
 
 

@@ -211,19 +211,26 @@ def load_live(mode: str, out: Path, runs: list[str], tag: str = "") -> dict[str,
     return results
 
 
+def host_cluster(mode: str) -> tuple[ClusterSpec, int]:
+    """`pdserve up`'s cluster on this host as the simulator's ClusterSpec (``mode``: colocated, one worker;
+    disaggregated or auto, one prefill and one decode worker), and its KV blocks per worker."""
+    model = get_model("smollm2-135m")
+    itemsize = resolve_dtype("auto", "cpu").itemsize  # the KV dtype `pdserve up` picks here
+    num_blocks = int(KV_CACHE_BYTES // (16 * model.kv_bytes_per_token(float(itemsize))))
+    pool = PoolSpec("cpu-this-machine", 1, 1, 2048, 128)  # pdserve up's scheduler defaults
+    if mode == "colocated":
+        return ClusterSpec("smollm2-135m", "colocated", colocated=pool, routing="prefix_aware"), num_blocks
+    return ClusterSpec("smollm2-135m", mode, prefill=pool, decode=pool, kv_link="intra",
+                       routing="prefix_aware"), num_blocks
+
+
 def simulate(mode: str, name: str, perf_model: str) -> list[dict]:
     """The run ``name`` in the simulator: the same workload flags, the same layout and KV budget; with
     step jitter in the model, one run per seed of ``JITTER_SEEDS`` (pooled like the real runs)."""
     ap = argparse.ArgumentParser()
     add_workload_arguments(ap)
     config, _ = workload_from_args(ap.parse_args(RUNS[name]))
-    model = get_model("smollm2-135m")
-    itemsize = resolve_dtype("auto", "cpu").itemsize  # the KV dtype `pdserve up` picks here
-    num_blocks = int(KV_CACHE_BYTES // (16 * model.kv_bytes_per_token(float(itemsize))))
-    pool = PoolSpec("cpu-this-machine", 1, 1, 2048, 128)  # pdserve up's scheduler defaults
-    spec = (ClusterSpec("smollm2-135m", "colocated", colocated=pool, routing="prefix_aware") if mode == "colocated"
-            else ClusterSpec("smollm2-135m", "disaggregated", prefill=pool, decode=pool, kv_link="intra",
-                             routing="prefix_aware"))
+    spec, num_blocks = host_cluster(mode)
     steps = (CalibratedPerfModel.load(perf_model).overheads or Overheads()).steps.values()
     seeds = JITTER_SEEDS if any(s.jitter for s in steps) else [0]
     return [Simulator(spec, work_items(config), SimOptions(perf_model=perf_model, num_blocks=num_blocks,
