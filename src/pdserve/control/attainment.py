@@ -80,14 +80,15 @@ class Attainment:
         tpots = sorted(s.tpot_s for s in samples if s.tpot_s is not None)
         return PhaseAttainment(
             len(samples), _share(ttft_ok), _share(tpot_ok), _share(both) if o.is_set else None,
-            _percentile(itls, 0.99), _percentile(sorted(s.ttft_s for s in samples), 0.9), _percentile(tpots, 0.9))
+            percentile(itls, 0.99), percentile(sorted(s.ttft_s for s in samples), 0.9), percentile(tpots, 0.9))
 
 
 def _share(flags: list[bool] | None) -> float | None:
     return None if flags is None else sum(flags) / len(flags)
 
 
-def _percentile(sorted_values: list[float], q: float) -> float | None:
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """The nearest-rank ``q`` quantile of ``sorted_values`` (None when empty)."""
     if not sorted_values:
         return None
     return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]

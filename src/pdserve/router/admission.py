@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from pdserve.control.attainment import percentile
 from pdserve.engine.step_budget import PrefillBudget
 from pdserve.errors import OverloadedError
 
@@ -66,8 +67,7 @@ class Admission:
         if len(self._ratios) < MIN_CALIBRATION:
             return 1.0
         low, high = CORRECTION_BOUNDS
-        ratios = sorted(self._ratios)
-        return min(high, max(low, ratios[min(len(ratios) - 1, int(self.quantile * len(ratios)))]))
+        return min(high, max(low, percentile(sorted(self._ratios), self.quantile)))
 
     def check_predicted(self, predicted_ttft_s: float | None, decode_step_s: float = 0.0,
                         is_queued: bool = True) -> None:
