@@ -134,9 +134,10 @@ class KVStoreConfig:
         "name": "kv_disk", "help": "disk KV tier: DIR[:SIZE], e.g. /var/cache/pdserve-kv:100GiB"})
     remote: str = field(default="", metadata={
         "name": "kv_remote", "help": "remote KV tier shared across hosts: redis://host:port or mooncake://host:port"})
-    save_queue_bytes: int = field(default=256 * 2**20, metadata={
+    save_queue_bytes: int = field(default=0, metadata={
         "name": "kv_save_queue", "parse": parse_size, "show": format_size,
-        "help": "KV bytes waiting to be saved to the store; saves beyond it are dropped"})
+        "help": "KV bytes waiting to be saved to the store; saves beyond it are dropped (0: a quarter of "
+                "the worker's KV cache, so it scales with the model and the card)"})
     timeout_s: float = field(default=1.0, metadata={
         "name": "kv_store_timeout", "help": "seconds a remote-tier call may take before the tier is skipped"})
 

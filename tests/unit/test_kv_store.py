@@ -169,6 +169,25 @@ def test_tiered_store_loads_a_prefix_across_tiers(tmp_path):
         store.close()
 
 
+def test_save_queue_defaults_to_a_quarter_of_the_cache(tmp_path):
+    """kv_save_queue 0 (the default): saves in flight may hold a quarter of the worker's KV cache, so the
+    bound scales with the model and the card (a fixed 256 MiB is a few prompts on a large model's card)."""
+    from pdserve.kv.connector import ConnectorConfig
+    from pdserve.kv.store.connector import StoreConnector
+
+    cache = _cache(num_blocks=32)
+    for configured, expected_blocks in ((0, 8), (3 * NS.block_bytes, 3)):
+        conn = StoreConnector(ConnectorConfig("w", store=KVStoreConfig(disk=f"{tmp_path}:1MiB",
+                                                                       save_queue_bytes=configured),
+                                              model="test-model|auto"))
+        try:
+            conn.register_cache(cache)
+            assert conn.save_queue_bytes == (configured or cache.nbytes // 4)
+            assert conn.num_savable(20) == expected_blocks and conn.queue.num_dropped == 1
+        finally:
+            conn.close()
+
+
 def test_store_scheduler_side_composes_with_remote_prefill():
     held = {}
     side = StoreExternal(4, lookup=lambda hashes: sum(1 for _ in hashes[:2]), num_savable=lambda n: min(n, 3))

@@ -12,7 +12,7 @@ from pdserve.engine.step_budget import PrefillBudget
 from pdserve.flow.decode import DecodeSide
 from pdserve.flow.prefill import PrefillSide
 from pdserve.kv.base import ExternalSources, RemotePrefill
-from pdserve.kv.store.scheduler_side import StoreExternal, num_fitting
+from pdserve.kv.store.scheduler_side import StoreExternal, num_fitting, save_queue_bytes
 from pdserve.sim.cluster import PoolSpec
 from pdserve.sim.hardware import Hardware
 from pdserve.sim.perf_model import BatchShape, PerfModel
@@ -92,7 +92,8 @@ class Instance:
     def _num_savable(self, num_blocks: int) -> int:
         """How many leading blocks of the save fit the instance's save queue now (``kv_save_queue``); the
         rest are dropped."""
-        n = num_fitting(num_blocks, self.store.spec.save_queue_bytes, self.save_queued_bytes, self.store.block_bytes)
+        limit = save_queue_bytes(self.store.spec.save_queue_bytes, self.kv.num_blocks * self.store.block_bytes)
+        n = num_fitting(num_blocks, limit, self.save_queued_bytes, self.store.block_bytes)
         if n < num_blocks:
             self.store.dropped_saves += 1
         return n

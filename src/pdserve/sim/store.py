@@ -35,7 +35,8 @@ class StoreSpec:
     host_bytes: int = 0
     disk_bytes: int = 0
     remote_bytes: int = 0
-    save_queue_bytes: int = 256 * 2**20  # a worker's saves in flight beyond it are dropped (kv_save_queue)
+    save_queue_bytes: int = 0  # a worker's saves in flight beyond it are dropped (kv_save_queue; 0: a quarter
+    # of its KV cache, config.save_queue_bytes)
     host_gbs: float | None = None
     disk_gbs: float | None = None
     remote_gbs: float | None = None

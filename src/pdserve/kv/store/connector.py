@@ -20,7 +20,7 @@ from pdserve.kv.base import ConnectorCapabilities, LoadDone, SaveDone
 from pdserve.kv.blocks import dtype_name
 from pdserve.kv.connector import ConnectorConfig, KVConnector, LoadJob, SaveJob, ThreadedSaves
 from pdserve.kv.store.keys import Namespace
-from pdserve.kv.store.scheduler_side import num_fitting
+from pdserve.kv.store.scheduler_side import num_fitting, save_queue_bytes
 from pdserve.kv.store.tiers import StoreEvent, TieredStore, TierStats
 from pdserve.protocol import KVReservationMsg, KVTarget
 
@@ -43,6 +43,7 @@ class StoreConnector(KVConnector):
         if config.store is None or not config.store.enabled:
             raise ValueError("the store connector needs KV store tiers (kv_host_memory, kv_disk or kv_remote)")
         self.store: TieredStore | None = None
+        self.save_queue_bytes = config.store.save_queue_bytes  # set from the cache once it is registered
         self.queue = QueueStats()
         self._lock = threading.Lock()
         self._cancelled: set[str] = set()
@@ -52,6 +53,7 @@ class StoreConnector(KVConnector):
     # -- the cache and the store ---------------------------------------------------------------------------
     def register_cache(self, cache: torch.Tensor) -> None:
         super().register_cache(cache)
+        self.save_queue_bytes = save_queue_bytes(self.config.store.save_queue_bytes, cache.nbytes)
         shape = (cache.shape[0], cache.shape[1], *cache.shape[3:])  # (layers, 2, block_size, kv_heads, head_dim)
         ns = Namespace(self.config.model, dtype_name(cache.dtype), tuple(shape), cache.element_size())
         self.store = TieredStore(self.config.store, ns)
@@ -69,7 +71,7 @@ class StoreConnector(KVConnector):
     def num_savable(self, num_blocks: int) -> int:
         """How many leading blocks of a save of ``num_blocks`` fit the queue now (a save cut short counts
         as dropped)."""
-        n = num_fitting(num_blocks, self.config.store.save_queue_bytes, self.queue.queued_bytes, self.block_bytes)
+        n = num_fitting(num_blocks, self.save_queue_bytes, self.queue.queued_bytes, self.block_bytes)
         if n < num_blocks:
             self.queue.num_dropped += 1
         return n

@@ -30,6 +30,15 @@ class StoreSave:
     block_hashes: list[int]
 
 
+SAVE_QUEUE_SHARE = 4  # kv_save_queue 0: the saves in flight may hold up to 1/this of the worker's KV cache
+
+
+def save_queue_bytes(configured: int, cache_bytes: int) -> int:
+    """A worker's save queue: ``kv_save_queue`` as configured, or (0) a share of its KV cache (``cache_bytes``):
+    a fixed size would be a handful of prompts on a large model's card and most of a small one's cache."""
+    return configured or cache_bytes // SAVE_QUEUE_SHARE
+
+
 def num_fitting(num_blocks: int, queue_bytes: int, queued_bytes: int, block_bytes: int) -> int:
     """How many leading blocks of a save of ``num_blocks`` fit a save queue of ``queue_bytes`` that holds
     ``queued_bytes`` now (the live connector's and the simulator's ``num_savable``)."""
