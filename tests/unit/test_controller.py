@@ -190,4 +190,11 @@ def test_a_move_undone_soon_after_is_held_back_doubling():
     ctrl = ElasticController(OBJ, hysteresis=3, cooldown_s=15)
     workers = [WorkerState("d0", "decode", "h", (0, 1), 0.04, decode_step_s=fits), WorkerState("p0", "prefill", "h", ())]
     workers, log = _run(ctrl, workers, [_signals(t, ttft=1.0, tpot=0.4) for t in range(100)])
-    assert [type(d) for _, d in log] == [MoveCores] and ctrl._holds == {}
+    assert [type(d) for _, d in log] == [MoveCores] and ctrl.held() == {}
+    # the initial layout is not a move of the controller's to undo: a split soon after it holds nothing
+    ctrl = ElasticController(OBJ, hysteresis=1, cooldown_s=0)
+    workers = [WorkerState("d0", "decode", "h", (0,), 0.04, decode_step_s=fits), WorkerState("p0", "prefill", "h", (1,))]
+    first = colocate(workers)
+    ctrl.record(0, first)
+    workers, log = _run(ctrl, apply(workers, first), [_signals(t, ttft=1.0, tpot=0.4) for t in range(1, 4)])
+    assert [(d.src, d.dst) for _, d in log] == [("d0", "p0")] and ctrl.held() == {}

@@ -134,6 +134,7 @@ class ElasticController:
     _last_decision_s: float = float("-inf")
     _now: float = 0.0
     _holds: dict[tuple, tuple[float, float]] = field(default_factory=dict)  # move -> (held until, hold)
+    _moves: list[tuple[float, tuple]] = field(default_factory=list)  # (when, _key) of its own recent moves
     history: list[tuple[float, Decision]] = field(default_factory=list)
     max_history: int = 256
 
@@ -164,6 +165,7 @@ class ElasticController:
         return None
 
     def tick(self, signals: Signals, workers: Sequence[WorkerState]) -> list[Decision]:
+        self._now = signals.now
         phase = self.starving(signals)
         streak_phase, streak = self._streak
         self._streak = (phase, streak + 1 if phase == streak_phase and phase is not None else int(phase is not None))
@@ -171,7 +173,6 @@ class ElasticController:
             return []
         if signals.now - self._last_decision_s < self.cooldown_s:
             return []
-        self._now = signals.now
         decisions = self._toward(phase, sorted(workers, key=lambda w: w.worker_id), signals.attainment)
         if decisions:
             self._last_decision_s = signals.now
@@ -196,12 +197,13 @@ class ElasticController:
 
     # -- private -----------------------------------------------------------------------------------------
     def _hold_undone(self, now: float, decisions: Sequence[Decision]) -> None:
-        """Hold back each earlier move that one of ``decisions`` reverses within ``undo_window_s``."""
+        """Hold back each earlier move of the controller's own (not the initial layout) that one of
+        ``decisions`` reverses within ``undo_window_s``."""
         for d in decisions:
             reverse = _reverse_key(d)
             if reverse is None:
                 continue
-            made = next((t for t, e in reversed(self.history) if _key(e) == reverse), None)
+            made = next((t for t, m in reversed(self._moves) if m == reverse), None)
             if made is None or now - made > self.undo_window_s:
                 continue
             until, hold = self._holds.get(reverse, (float("-inf"), 0.0))
@@ -210,6 +212,8 @@ class ElasticController:
             self._holds[reverse] = (now + hold, hold)
         for move in [m for m, (until, _) in self._holds.items() if now - until > self.max_hold_s]:
             del self._holds[move]  # calm for long enough: forgotten (bounded by workers x workers)
+        self._moves += [(now, _key(d)) for d in decisions if _key(d) is not None]
+        self._moves = [(t, m) for t, m in self._moves if now - t <= self.undo_window_s]
 
     def _toward(self, phase: str, workers: list[WorkerState], attainment: PhaseAttainment) -> list[Decision]:
         """Time first (no drain, no cache lost), then cores, then whole workers."""
