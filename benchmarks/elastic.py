@@ -101,7 +101,6 @@ def main() -> int:
     return _sim_report(out, args) if args.sim else 0
 
 
-
 def _objectives(lone: dict) -> dict:
     ttft, tpot = 5 * lone["ttft_s"], lone["tpot_s"]
     return {"loose": {"ttft_s": ttft, "tpot_s": 5 * tpot},
