@@ -92,11 +92,11 @@ class LlamaForCausalLM(nn.Module):
         return linear(hidden, weight)
 
     def pack_weights(self) -> None:
-        """Once the weights are final: every GEMM weight into the CPU GEMM's packed layout (a no-op on
-        other devices and dtypes). A tied LM head gets its own packed copy of the embedding (the lookup
+        """Once the weights are final: every GEMM weight (experts too) into the CPU GEMM's packed layout (a
+        no-op on other devices and dtypes). A tied LM head gets its own packed copy of the embedding (the lookup
         needs the plain one): vocab x hidden more bytes, stated by the engine's memory line."""
         for module in self.modules():
-            if isinstance(module, Linear):
+            if isinstance(module, (Linear, SparseMoeBlock)):
                 module.pack()
         if self.lm_head is None and self._quant_embed is None and can_pack_linear_weight(self.embed_tokens.weight):
             self._packed_tied_head = pack_linear_weight(self.embed_tokens.weight)

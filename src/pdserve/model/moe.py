@@ -6,21 +6,23 @@ active expert runs its gate/up and down GEMMs once over all the tokens routed to
 experts that received tokens, never over tokens), and the weighted results are added back per token.
 Expert weights are stacked per layer, ``w13`` (num_experts, 2 * moe_intermediate, hidden) holding
 [gate | up] rows and ``w2`` (num_experts, hidden, moe_intermediate), so loading and dummy weights
-fill two tensors instead of 3 x num_experts small ones.
+fill two tensors instead of 3 x num_experts small ones. On CPU, ``pack()`` turns them into one oneDNN-packed
+weight per expert and matrix, as ``Linear.pack`` does for the dense GEMMs.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from pdserve.model.arch import ModelArch
-from pdserve.model.layers import Linear, linear, silu_and_mul
+from pdserve.model.layers import Linear, can_pack_linear_weight, linear, pack_linear_weight, silu_and_mul
 
 
 class SparseMoeBlock(nn.Module):
-    """The router ``gate`` (a Linear, hidden -> num_experts) and the stacked experts ``w13``, ``w2``."""
+    """The router ``gate`` (a Linear, hidden -> num_experts) and the stacked experts ``w13``, ``w2``
+    (until ``pack()``: then empty, the experts held packed)."""
 
     def __init__(self, arch: ModelArch, dtype: torch.dtype) -> None:
         super().__init__()
@@ -30,11 +32,22 @@ class SparseMoeBlock(nn.Module):
         self.gate = Linear(hidden, num_experts, bias=False, dtype=dtype)
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden, dtype=dtype), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inter, dtype=dtype), requires_grad=False)
+        self._packed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # per expert: w13, w2
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h: (num_tokens, hidden) -> (num_tokens, hidden)."""
         topk_weights, topk_ids = route(self.gate(h), self.top_k, self.renormalize)  # (T, k) each
-        return grouped_experts(h, self.w13, self.w2, topk_weights, topk_ids)
+        w13, w2 = self._packed or (self.w13, self.w2)
+        return grouped_experts(h, w13, w2, topk_weights, topk_ids)
+
+    def pack(self) -> None:
+        """Once the weights are final: each expert's matrices into oneDNN's layout (where ``linear`` packs;
+        a no-op elsewhere), the stacked parameters freed."""
+        if self._packed is not None or not can_pack_linear_weight(self.w13):
+            return
+        self._packed = ([pack_linear_weight(w) for w in self.w13], [pack_linear_weight(w) for w in self.w2])
+        empty = self.w13.new_empty(0)
+        self.w13, self.w2 = (nn.Parameter(empty, requires_grad=False) for _ in range(2))
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,15 +61,17 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
     return weights, ids
 
 
-def grouped_experts(h: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+def grouped_experts(h: torch.Tensor, w13: torch.Tensor | Sequence[torch.Tensor],
+                    w2: torch.Tensor | Sequence[torch.Tensor], topk_weights: torch.Tensor,
                     topk_ids: torch.Tensor) -> torch.Tensor:
     """sum over k of ``topk_weights[t, k] * expert[topk_ids[t, k]](h[t])`` for every token t, where an
     expert is ``down(silu(gate(x)) * up(x))``: one GEMM pair per expert that received tokens.
 
-    h: (num_tokens, hidden); w13: (num_experts, 2 * inter, hidden); w2: (num_experts, hidden, inter);
-    topk_weights, topk_ids: (num_tokens, top_k). One host sync (the per-expert counts)."""
-    num_tokens, top_k = topk_ids.shape
-    num_experts = w13.shape[0]
+    h: (num_tokens, hidden); w13: (num_experts, 2 * inter, hidden); w2: (num_experts, hidden, inter) (or
+    per-expert lists of packed weights); topk_weights, topk_ids: (num_tokens, top_k). One host sync (the
+    per-expert counts)."""
+    top_k = topk_ids.shape[1]
+    num_experts = len(w13)
     flat_ids = topk_ids.flatten()  # (T * k,) pair p = token p // k, its (p % k)-th choice
     order = torch.argsort(flat_ids, stable=True)  # (T * k,) pairs grouped by expert
     token_of_pair = order // top_k  # (T * k,) the token each sorted pair reads
