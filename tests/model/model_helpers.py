@@ -47,6 +47,11 @@ TINY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3-moe-step": ("Qwen3MoeConfig", dict(
         tie_word_embeddings=True, rope_theta=10000.0, use_sliding_window=False, num_experts=4,
         num_experts_per_tok=3, moe_intermediate_size=24, norm_topk_prob=False, decoder_sparse_step=2)),
+    # a gated shared expert beside the routed ones; q/k/v bias
+    "qwen2-moe": ("Qwen2MoeConfig", dict(
+        tie_word_embeddings=False, rope_theta=10000.0, use_sliding_window=False, num_hidden_layers=3,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+        mlp_only_layers=[0])),
     "mixtral": ("MixtralConfig", dict(tie_word_embeddings=False, sliding_window=None, rope_theta=10000.0,
                                       intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)),
 }

@@ -1,4 +1,4 @@
-"""Mixtures of experts (Qwen3-MoE, Mixtral): the grouped expert computation against a per-token reference,
+"""Mixtures of experts (Qwen3-MoE, Mixtral, Qwen2-MoE): the grouped expert computation against a per-token reference,
 the config fields, checkpoints in both expert layouts, and the engine's greedy tokens against transformers
 with chunked prefill and prefix-cache hits. (Logits of every tiny variant against transformers are in
 test_model_vs_transformers.py, which runs the MoE variants of ``TINY_VARIANTS`` too.)"""
@@ -22,7 +22,6 @@ from pdserve.sampling_params import SamplingParams
 from model_helpers import hf_logits, prefill_logits
 
 PROMPT = [1, 17, 45, 99, 3, 150, 8, 23, 77, 5, 64, 120, 9, 31, 2, 88, 42, 13, 100, 7]
-MOE_VARIANTS = ["qwen3-moe", "qwen3-moe-step", "mixtral"]
 
 
 def _per_token_reference(h, w13, w2, weights, ids):
@@ -78,6 +77,9 @@ def test_arch_reads_moe_fields(tiny_models):
     assert not step.norm_topk_prob and step.num_experts_per_tok == 3
     mix = ModelArch.from_hf_config(json.loads((tiny_models["mixtral"].hf_dir / "config.json").read_text()))
     assert mix.norm_topk_prob and mix.moe_intermediate_size == 48 and mix.num_moe_layers == 2
+    q2 = ModelArch.from_hf_config(json.loads((tiny_models["qwen2-moe"].hf_dir / "config.json").read_text()))
+    assert q2.shared_expert_intermediate_size == 48 and q2.attention_bias and not q2.qk_norm
+    assert [q2.is_moe_layer(i) for i in range(3)] == [False, True, True]
     # the hub's Qwen3-MoE config.json says num_experts (transformers 5 writes num_local_experts)
     hub = dict(model_type="qwen3_moe", vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
                num_attention_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=4)
@@ -94,7 +96,7 @@ def test_builtin_moe_sizes():
 
 @pytest.mark.parametrize("bad, message", [
     (dict(hidden_act="gelu"), "hidden_act"),
-    (dict(shared_expert_intermediate_size=64), "shared experts"),
+    (dict(shared_expert_intermediate_size=64), "shared experts"),  # Qwen2-MoE's field, on a Qwen3-MoE
     (dict(num_experts_per_tok=9), "num_experts_per_tok"),
 ])
 def test_unsupported_moe_configs_fail_clearly(bad, message):
@@ -127,7 +129,7 @@ def test_gguf_moe_is_refused(tmp_path):
         load_model(ModelConfig(model=str(path), dtype="float32", device="cpu"))
 
 
-@pytest.mark.parametrize("name", ["qwen3-moe", "mixtral"])
+@pytest.mark.parametrize("name", ["qwen3-moe", "mixtral", "qwen2-moe"])
 def test_stacked_expert_checkpoint_loads(tiny_models, tmp_path, name):
     """transformers' in-memory layout (``mlp.experts.gate_up_proj`` (E, 2I, H), ``mlp.experts.down_proj``,
     Mixtral's router under ``mlp.gate``) written as it is: the same logits as the per-expert hub files."""
@@ -195,7 +197,7 @@ def _run(core: EngineCore, prompts, tag: str):
     return [tokens[f"{tag}{i}"] for i in range(len(prompts))]
 
 
-@pytest.mark.parametrize("name", ["qwen3-moe", "mixtral"])
+@pytest.mark.parametrize("name", ["qwen3-moe", "mixtral", "qwen2-moe"])
 def test_engine_greedy_matches_transformers_with_chunks_and_prefix_hits(tiny_models, name):
     """Prompts chunked at 8 tokens and batched with other requests' decodes; then the same prompts again,
     their full blocks now prefix-cache hits: every token is transformers' greedy choice."""

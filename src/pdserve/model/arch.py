@@ -1,8 +1,8 @@
 """The shape of a Llama-family model, read from the checkpoint's own metadata (config.json or GGUF fields).
 
 One frozen dataclass covers Llama 2/3 (llama3 rope scaling), SmolLM2, Mistral, Qwen2 (q/k/v bias),
-Qwen3 (per-head q/k RMSNorm) and the mixtures of experts Qwen3-MoE and Mixtral (a routed sparse MLP in
-place of the dense one): they differ only in the flags below.
+Qwen3 (per-head q/k RMSNorm) and the mixtures of experts Qwen3-MoE, Mixtral and Qwen2-MoE (a routed sparse
+MLP in place of the dense one, Qwen2-MoE's with a gated shared expert): they differ only in the flags below.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pdserve.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
-MOE_ARCHITECTURES = ("qwen3_moe", "mixtral")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral")
+MOE_ARCHITECTURES = ("qwen2_moe", "qwen3_moe", "mixtral")
 # freq_factors: GGUF llama3, one divisor per frequency (the rope_freqs.weight tensor)
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "freq_factors")
 
@@ -51,6 +51,8 @@ class ModelArch:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
     dense_mlp_layers: tuple[int, ...] = ()  # layers of an MoE model whose MLP is dense (intermediate_size)
+    # Qwen2-MoE: every token also runs one shared SwiGLU expert this wide, scaled by sigmoid(a linear gate)
+    shared_expert_intermediate_size: int = 0
 
     def layer_window(self, layer: int) -> int | None:
         if self.sliding_window is None or (self.sliding_layers and not self.sliding_layers[layer]):
@@ -103,6 +105,8 @@ class ModelArch:
             attn += 2 * self.head_dim
         dense_mlp = 3 * h * self.intermediate_size
         moe_mlp = self.num_experts * (h + 3 * h * self.moe_intermediate_size)  # router row + expert, each
+        if self.shared_expert_intermediate_size:
+            moe_mlp += 3 * h * self.shared_expert_intermediate_size + h  # the shared expert and its gate
         num_moe = self.num_moe_layers
         layers = self.num_layers * (attn + 2 * h) + num_moe * moe_mlp + (self.num_layers - num_moe) * dense_mlp
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
@@ -160,7 +164,8 @@ class ModelArch:
                 rope_scaling=rope_scaling,
                 max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-                attention_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
+                attention_bias=model_type == "qwen2" or bool(config.get("attention_bias", False))
+                or (model_type == "qwen2_moe" and bool(config.get("qkv_bias", True))),
                 qk_norm=model_type in ("qwen3", "qwen3_moe"),
                 bos_token_id=config.get("bos_token_id"),
                 eos_token_ids=_as_id_tuple(eos),
@@ -281,6 +286,10 @@ def _hf_sliding_window(config: dict[str, Any], model_type: str) -> tuple[int | N
         return (int(window), sliding) if any(sliding) else (None, ())
     if model_type in ("mistral", "mixtral"):
         return int(window), ()
+    if config.get("use_sliding_window") and model_type == "qwen2_moe":  # transformers 5's rule for it
+        last = int(config.get("max_window_layers", 0))
+        sliding = tuple(i % 2 == 0 and i < last for i in range(int(config["num_hidden_layers"])))
+        return (int(window), sliding) if any(sliding) else (None, ())
     if config.get("use_sliding_window"):
         first = int(config.get("max_window_layers", 0))
         sliding = tuple(i >= first for i in range(int(config["num_hidden_layers"])))
@@ -289,13 +298,15 @@ def _hf_sliding_window(config: dict[str, Any], model_type: str) -> tuple[int | N
 
 
 def _hf_moe(config: dict[str, Any], model_type: str) -> dict[str, Any]:
-    """The MoE fields as transformers reads them. Qwen3-MoE: ``num_experts`` (written as
+    """The MoE fields as transformers reads them. Qwen2/3-MoE: ``num_experts`` (written as
     ``num_local_experts`` by transformers 5), a layer is sparse unless listed in ``mlp_only_layers`` or
-    off the ``decoder_sparse_step``; Mixtral: every layer sparse, ``intermediate_size`` wide, the top-k
-    weights always renormalized."""
+    off the ``decoder_sparse_step``; Qwen2-MoE's shared expert ``shared_expert_intermediate_size`` wide;
+    Mixtral: every layer sparse, ``intermediate_size`` wide, the top-k weights always renormalized."""
     if model_type not in MOE_ARCHITECTURES:
         return {}
-    for key in ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts"):
+    shared_keys = ("n_shared_experts", "num_shared_experts") + \
+        (("shared_expert_intermediate_size",) if model_type != "qwen2_moe" else ())
+    for key in shared_keys:
         if config.get(key):
             raise ModelLoadError(f"{model_type}: shared experts ({key}) are not supported")
     num_experts = int(config.get("num_experts") or config.get("num_local_experts") or 0)
@@ -310,7 +321,9 @@ def _hf_moe(config: dict[str, Any], model_type: str) -> dict[str, Any]:
     dense = tuple(i for i in range(num_layers) if i in mlp_only or (i + 1) % step)
     return dict(num_experts=num_experts, num_experts_per_tok=int(config["num_experts_per_tok"]) if num_experts else 0,
                 moe_intermediate_size=int(config["moe_intermediate_size"]) if num_experts else 0,
-                norm_topk_prob=bool(config.get("norm_topk_prob", False)), dense_mlp_layers=dense)
+                norm_topk_prob=bool(config.get("norm_topk_prob", False)), dense_mlp_layers=dense,
+                shared_expert_intermediate_size=int(config.get("shared_expert_intermediate_size") or 0)
+                if num_experts else 0)
 
 
 def _normalize_rope(params: dict[str, Any]) -> dict[str, Any] | None:

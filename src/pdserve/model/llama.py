@@ -1,5 +1,5 @@
 """The Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3, and the mixtures of experts
-Qwen3-MoE and Mixtral: ``moe.SparseMoeBlock`` in place of the dense MLP) over the paged KV cache.
+Qwen3-MoE, Mixtral, Qwen2-MoE: ``moe.SparseMoeBlock`` in place of the dense MLP) over the paged KV cache.
 
 Checkpoint layout is fixed at load time (``load_weights``): q/k/v are fused into one projection and
 gate/up into another, so a dense layer runs four GEMMs; an MoE layer's experts are stacked per layer. ``forward`` takes a flat batch of tokens (prefill
@@ -237,14 +237,21 @@ class LlamaForCausalLM(nn.Module):
                     m[gate] = (mlp, "w13", 2 * inter * e, inter)  # w13[e] = [gate | up]
                     m[up] = (mlp, "w13", 2 * inter * e + inter, inter)
                     m[down] = (mlp, "w2", h * e, h)
+                if mlp.shared_expert is not None:
+                    self._dense_mlp_map(m, f"{pre}mlp.shared_expert.", mlp.shared_expert)
+                    whole(f"{pre}mlp.shared_expert_gate.weight", mlp.shared_expert_gate)
             else:
-                inter = a.intermediate_size
-                m[f"{pre}mlp.gate_proj.weight"] = (mlp.gate_up_proj, "weight", 0, inter)
-                m[f"{pre}mlp.up_proj.weight"] = (mlp.gate_up_proj, "weight", inter, inter)
-                whole(f"{pre}mlp.down_proj.weight", mlp.down_proj)
+                self._dense_mlp_map(m, f"{pre}mlp.", mlp)
             whole(f"{pre}input_layernorm.weight", layer.input_layernorm)
             whole(f"{pre}post_attention_layernorm.weight", layer.post_attention_layernorm)
         return m
+
+    @staticmethod
+    def _dense_mlp_map(m: dict[str, tuple[nn.Module, str, int, int]], pre: str, mlp: _MLP) -> None:
+        inter = mlp.intermediate_size
+        m[f"{pre}gate_proj.weight"] = (mlp.gate_up_proj, "weight", 0, inter)
+        m[f"{pre}up_proj.weight"] = (mlp.gate_up_proj, "weight", inter, inter)
+        m[f"{pre}down_proj.weight"] = (mlp.down_proj, "weight", 0, mlp.down_proj.weight.shape[0])
 
 
 class _Attention(nn.Module):
@@ -295,11 +302,11 @@ class _Attention(nn.Module):
 
 
 class _MLP(nn.Module):
-    def __init__(self, arch: ModelArch, dtype: torch.dtype) -> None:
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, intermediate_size: int | None = None) -> None:
         super().__init__()
-        self.intermediate_size = arch.intermediate_size
-        self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False, dtype=dtype)
-        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, bias=False, dtype=dtype)
+        self.intermediate_size = inter = intermediate_size or arch.intermediate_size
+        self.gate_up_proj = Linear(arch.hidden_size, 2 * inter, bias=False, dtype=dtype)
+        self.down_proj = Linear(inter, arch.hidden_size, bias=False, dtype=dtype)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(h)  # (T, 2 * intermediate): [gate | up]
@@ -312,7 +319,11 @@ class _DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype=dtype)
         self.self_attn = _Attention(arch, dtype, window)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype=dtype)
-        self.mlp = SparseMoeBlock(arch, dtype) if is_moe else _MLP(arch, dtype)
+        if is_moe:
+            shared = arch.shared_expert_intermediate_size
+            self.mlp: nn.Module = SparseMoeBlock(arch, dtype, _MLP(arch, dtype, shared) if shared else None)
+        else:
+            self.mlp = _MLP(arch, dtype)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:

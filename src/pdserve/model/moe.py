@@ -1,5 +1,6 @@
-"""The sparse mixture-of-experts MLP (Qwen3-MoE, Mixtral): a router picks each token's top-k experts, and
-the experts run batched over the step's tokens.
+"""The sparse mixture-of-experts MLP (Qwen3-MoE, Mixtral, Qwen2-MoE): a router picks each token's top-k
+experts, and the experts run batched over the step's tokens (plus Qwen2-MoE's shared expert, every token,
+scaled by a sigmoid gate).
 
 Routing is grouped by expert, not by token: the step's (token, expert) pairs are sorted by expert, each
 active expert runs its gate/up and down GEMMs once over all the tokens routed to it (a loop over the
@@ -22,9 +23,10 @@ from pdserve.model.layers import Linear, can_pack_linear_weight, linear, pack_li
 
 class SparseMoeBlock(nn.Module):
     """The router ``gate`` (a Linear, hidden -> num_experts) and the stacked experts ``w13``, ``w2``
-    (until ``pack()``: then empty, the experts held packed)."""
+    (until ``pack()``: then empty, the experts held packed); with ``shared_expert`` (a dense MLP module, the
+    caller's), also ``shared_expert_gate`` (a Linear, hidden -> 1)."""
 
-    def __init__(self, arch: ModelArch, dtype: torch.dtype) -> None:
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, shared_expert: nn.Module | None = None) -> None:
         super().__init__()
         self.top_k = arch.num_experts_per_tok
         self.renormalize = arch.norm_topk_prob
@@ -33,12 +35,18 @@ class SparseMoeBlock(nn.Module):
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden, dtype=dtype), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inter, dtype=dtype), requires_grad=False)
         self._packed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # per expert: w13, w2
+        self.shared_expert = shared_expert
+        if shared_expert is not None:
+            self.shared_expert_gate = Linear(hidden, 1, bias=False, dtype=dtype)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h: (num_tokens, hidden) -> (num_tokens, hidden)."""
         topk_weights, topk_ids = route(self.gate(h), self.top_k, self.renormalize)  # (T, k) each
         w13, w2 = self._packed or (self.w13, self.w2)
-        return grouped_experts(h, w13, w2, topk_weights, topk_ids)
+        out = grouped_experts(h, w13, w2, topk_weights, topk_ids)  # (T, hidden)
+        if self.shared_expert is not None:
+            out += torch.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)  # (T, 1) * (T, hidden)
+        return out
 
     def pack(self) -> None:
         """Once the weights are final: each expert's matrices into oneDNN's layout (where ``linear`` packs;
