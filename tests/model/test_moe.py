@@ -211,3 +211,15 @@ def test_engine_greedy_matches_transformers_with_chunks_and_prefix_hits(tiny_mod
     hits_before = core.kv.stats.num_hit_tokens
     assert _run(core, PROMPTS, "b") == first
     assert core.kv.stats.num_hit_tokens - hits_before >= len(PROMPT) // 4 * 4 - 4
+
+
+def test_qwen2_moe_sliding_layers_follow_transformers():
+    """Without ``layer_types`` in config.json, Qwen2-MoE windows the layers transformers 5 does."""
+    import transformers
+
+    fields = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=5, num_attention_heads=2,
+                  num_experts=4, num_experts_per_tok=2, moe_intermediate_size=4, use_sliding_window=True,
+                  sliding_window=6, max_window_layers=3)
+    expected = tuple(t == "sliding_attention" for t in transformers.Qwen2MoeConfig(**fields).layer_types)
+    arch = ModelArch.from_hf_config(dict(model_type="qwen2_moe", **fields))
+    assert arch.sliding_window == 6 and arch.sliding_layers == expected == (True, False, True, False, False)
