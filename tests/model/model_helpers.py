@@ -39,6 +39,21 @@ TINY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         tie_word_embeddings=True, head_dim=32, use_sliding_window=False, max_position_embeddings=1024,
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                          "original_max_position_embeddings": 64})),
+    # mixtures of experts: layer 1 dense (mlp_only_layers), the others routed, top-k renormalized
+    "qwen3-moe": ("Qwen3MoeConfig", dict(
+        tie_word_embeddings=False, head_dim=32, rope_theta=10000.0, use_sliding_window=False, num_hidden_layers=3,
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1])),
+    # every second layer routed (decoder_sparse_step), top-3 of 4 not renormalized
+    "qwen3-moe-step": ("Qwen3MoeConfig", dict(
+        tie_word_embeddings=True, rope_theta=10000.0, use_sliding_window=False, num_experts=4,
+        num_experts_per_tok=3, moe_intermediate_size=24, norm_topk_prob=False, decoder_sparse_step=2)),
+    # a gated shared expert beside the routed ones; q/k/v bias
+    "qwen2-moe": ("Qwen2MoeConfig", dict(
+        tie_word_embeddings=False, rope_theta=10000.0, use_sliding_window=False, num_hidden_layers=3,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+        mlp_only_layers=[0])),
+    "mixtral": ("MixtralConfig", dict(tie_word_embeddings=False, sliding_window=None, rope_theta=10000.0,
+                                      intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)),
 }
 
 

@@ -56,7 +56,7 @@ def test_gguf_matches_transformers(tiny_models, tmp_path, name, qtype, quantizat
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
-@pytest.mark.parametrize("name", ["qwen2", "mistral-sliding", "qwen2-sliding"])
+@pytest.mark.parametrize("name", ["qwen2", "mistral-sliding", "qwen2-sliding", "qwen3-moe", "mixtral"])
 def test_paged_steps_match_full_forward(tiny_models, name):
     """Chunked prefill, then decodes batched with another request's prefill, over the paged cache:
     every step's logits equal transformers' logits on the full sequence at those positions (also with a

@@ -1,7 +1,8 @@
 """The shape of a Llama-family model, read from the checkpoint's own metadata (config.json or GGUF fields).
 
-One frozen dataclass covers Llama 2/3 (llama3 rope scaling), SmolLM2, Mistral, Qwen2 (q/k/v bias) and
-Qwen3 (per-head q/k RMSNorm): they differ only in the flags below.
+One frozen dataclass covers Llama 2/3 (llama3 rope scaling), SmolLM2, Mistral, Qwen2 (q/k/v bias),
+Qwen3 (per-head q/k RMSNorm) and the mixtures of experts Qwen3-MoE, Mixtral and Qwen2-MoE (a routed sparse
+MLP in place of the dense one, Qwen2-MoE's with a gated shared expert): they differ only in the flags below.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from pdserve.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral")
+MOE_ARCHITECTURES = ("qwen2_moe", "qwen3_moe", "mixtral")
 # freq_factors: GGUF llama3, one divisor per frequency (the rope_freqs.weight tensor)
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "freq_factors")
 
@@ -41,11 +43,28 @@ class ModelArch:
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None  # a query attends to at most this many latest tokens (itself included)
     sliding_layers: tuple[bool, ...] = ()  # per layer: does the window apply (empty: every layer, if any)
+    # Mixture of experts (num_experts == 0: every MLP dense). A sparse layer routes each token to the
+    # num_experts_per_tok experts of highest softmax probability, weighted by those probabilities
+    # (renormalized to sum 1 when norm_topk_prob), each expert a SwiGLU MLP of moe_intermediate_size.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    dense_mlp_layers: tuple[int, ...] = ()  # layers of an MoE model whose MLP is dense (intermediate_size)
+    # Qwen2-MoE: every token also runs one shared SwiGLU expert this wide, scaled by sigmoid(a linear gate)
+    shared_expert_intermediate_size: int = 0
 
     def layer_window(self, layer: int) -> int | None:
         if self.sliding_window is None or (self.sliding_layers and not self.sliding_layers[layer]):
             return None
         return self.sliding_window
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.dense_mlp_layers
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -59,6 +78,12 @@ class ModelArch:
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise ModelLoadError(f"unsupported rope scaling {rope_type!r} (supported: {ROPE_TYPES})")
+        if self.num_experts:
+            if not 0 < self.num_experts_per_tok <= self.num_experts:
+                raise ModelLoadError(f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], "
+                                     f"got {self.num_experts_per_tok}")
+            if self.moe_intermediate_size < 1:
+                raise ModelLoadError(f"moe_intermediate_size must be >= 1, got {self.moe_intermediate_size}")
 
     # ---- sizes -------------------------------------------------------------------------------------
 
@@ -78,10 +103,19 @@ class ModelArch:
             attn += self.q_size + 2 * self.kv_size
         if self.qk_norm:
             attn += 2 * self.head_dim
-        mlp = 3 * h * self.intermediate_size
-        per_layer = attn + mlp + 2 * h
+        dense_mlp = 3 * h * self.intermediate_size
+        moe_mlp = self.num_experts * (h + 3 * h * self.moe_intermediate_size)  # router row + expert, each
+        if self.shared_expert_intermediate_size:
+            moe_mlp += 3 * h * self.shared_expert_intermediate_size + h  # the shared expert and its gate
+        num_moe = self.num_moe_layers
+        layers = self.num_layers * (attn + 2 * h) + num_moe * moe_mlp + (self.num_layers - num_moe) * dense_mlp
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return embed + self.num_layers * per_layer + h
+        return embed + layers + h
+
+    def num_active_params(self) -> int:
+        """Parameters one token's forward pass reads: only its routed experts of each sparse layer."""
+        idle = self.num_experts - self.num_experts_per_tok
+        return self.num_params() - self.num_moe_layers * idle * 3 * self.hidden_size * self.moe_intermediate_size
 
     def weight_bytes(self, dtype: torch.dtype) -> int:
         return self.num_params() * _itemsize(dtype)
@@ -113,6 +147,9 @@ class ModelArch:
             head_dim = config.get("head_dim") or hidden // num_heads
             eos = config.get("eos_token_id")
             window, sliding_layers = _hf_sliding_window(config, model_type)
+            if config.get("hidden_act", "silu") != "silu":
+                raise ModelLoadError(f"unsupported hidden_act {config['hidden_act']!r} (supported: silu)")
+            moe = _hf_moe(config, model_type)
             return cls(
                 architecture=model_type,
                 vocab_size=int(config["vocab_size"]),
@@ -127,12 +164,14 @@ class ModelArch:
                 rope_scaling=rope_scaling,
                 max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-                attention_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
-                qk_norm=model_type == "qwen3",
+                attention_bias=model_type == "qwen2" or bool(config.get("attention_bias", False))
+                or (model_type == "qwen2_moe" and bool(config.get("qkv_bias", True))),
+                qk_norm=model_type in ("qwen3", "qwen3_moe"),
                 bos_token_id=config.get("bos_token_id"),
                 eos_token_ids=_as_id_tuple(eos),
                 sliding_window=window,
                 sliding_layers=sliding_layers,
+                **moe,
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json lacks required field {e.args[0]!r}") from e
@@ -142,9 +181,13 @@ class ModelArch:
         """From a ``gguf.GGUFReader``: the ``{arch}.*`` fields, the tokenizer's special ids, and which
         tensors exist (bias, q/k norm, untied output, llama3 ``rope_freqs``)."""
         arch = _gguf_field(reader, "general.architecture")
-        if arch not in ARCHITECTURES:
-            raise ModelLoadError(f"unsupported GGUF architecture {arch!r} (supported: {ARCHITECTURES})")
         names = {t.name for t in reader.tensors}
+        if _gguf_field(reader, f"{arch}.expert_count") or any("_exps." in n for n in names):
+            raise ModelLoadError(f"GGUF mixture-of-experts models are not supported (architecture {arch!r}); "
+                                 "load the Hugging Face safetensors checkpoint instead")
+        if arch not in ARCHITECTURES or arch in MOE_ARCHITECTURES:
+            raise ModelLoadError(f"unsupported GGUF architecture {arch!r} (supported: "
+                                 f"{tuple(a for a in ARCHITECTURES if a not in MOE_ARCHITECTURES)})")
 
         def get(key: str, default: Any = None) -> Any:
             value = _gguf_field(reader, f"{arch}.{key}")
@@ -213,6 +256,12 @@ BUILTIN_ARCHS: dict[str, ModelArch] = {
                           qk_norm=True, bos_token_id=None, eos_token_ids=(151645, 151643)),
     "qwen2.5-7b": ModelArch("qwen2", 152064, 3584, 18944, 28, 28, 4, 128, 1e-6, 1000000.0, 32768, False,
                             attention_bias=True, bos_token_id=None, eos_token_ids=(151645, 151643)),
+    "qwen3-30b-a3b": ModelArch("qwen3_moe", 151936, 2048, 6144, 48, 32, 4, 128, 1e-6, 1000000.0, 40960, False,
+                               qk_norm=True, bos_token_id=None, eos_token_ids=(151645, 151643), num_experts=128,
+                               num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True),
+    "mixtral-8x7b": ModelArch("mixtral", 32000, 4096, 14336, 32, 32, 8, 128, 1e-5, 1000000.0, 32768, False,
+                              bos_token_id=1, eos_token_ids=(2,), num_experts=8, num_experts_per_tok=2,
+                              moe_intermediate_size=14336, norm_topk_prob=True),
 }
 
 
@@ -235,13 +284,46 @@ def _hf_sliding_window(config: dict[str, Any], model_type: str) -> tuple[int | N
     if layer_types:
         sliding = tuple(t == "sliding_attention" for t in layer_types)
         return (int(window), sliding) if any(sliding) else (None, ())
-    if model_type == "mistral":
+    if model_type in ("mistral", "mixtral"):
         return int(window), ()
+    if config.get("use_sliding_window") and model_type == "qwen2_moe":  # transformers 5's rule for it
+        last = int(config.get("max_window_layers", 0))
+        sliding = tuple(i % 2 == 0 and i < last for i in range(int(config["num_hidden_layers"])))
+        return (int(window), sliding) if any(sliding) else (None, ())
     if config.get("use_sliding_window"):
         first = int(config.get("max_window_layers", 0))
         sliding = tuple(i >= first for i in range(int(config["num_hidden_layers"])))
         return (int(window), sliding) if any(sliding) else (None, ())
     return None, ()
+
+
+def _hf_moe(config: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """The MoE fields as transformers reads them. Qwen2/3-MoE: ``num_experts`` (written as
+    ``num_local_experts`` by transformers 5), a layer is sparse unless listed in ``mlp_only_layers`` or
+    off the ``decoder_sparse_step``; Qwen2-MoE's shared expert ``shared_expert_intermediate_size`` wide;
+    Mixtral: every layer sparse, ``intermediate_size`` wide, the top-k weights always renormalized."""
+    if model_type not in MOE_ARCHITECTURES:
+        return {}
+    shared_keys = ("n_shared_experts", "num_shared_experts") + \
+        (("shared_expert_intermediate_size",) if model_type != "qwen2_moe" else ())
+    for key in shared_keys:
+        if config.get(key):
+            raise ModelLoadError(f"{model_type}: shared experts ({key}) are not supported")
+    num_experts = int(config.get("num_experts") or config.get("num_local_experts") or 0)
+    num_layers = int(config["num_hidden_layers"])
+    if model_type == "mixtral":
+        if num_experts < 1:
+            raise ModelLoadError("mixtral: config.json lacks num_local_experts")
+        return dict(num_experts=num_experts, num_experts_per_tok=int(config["num_experts_per_tok"]),
+                    moe_intermediate_size=int(config["intermediate_size"]), norm_topk_prob=True)
+    step = int(config.get("decoder_sparse_step") or 1)
+    mlp_only = {int(i) for i in config.get("mlp_only_layers") or ()}
+    dense = tuple(i for i in range(num_layers) if i in mlp_only or (i + 1) % step)
+    return dict(num_experts=num_experts, num_experts_per_tok=int(config["num_experts_per_tok"]) if num_experts else 0,
+                moe_intermediate_size=int(config["moe_intermediate_size"]) if num_experts else 0,
+                norm_topk_prob=bool(config.get("norm_topk_prob", False)), dense_mlp_layers=dense,
+                shared_expert_intermediate_size=int(config.get("shared_expert_intermediate_size") or 0)
+                if num_experts else 0)
 
 
 def _normalize_rope(params: dict[str, Any]) -> dict[str, Any] | None:

@@ -1,7 +1,8 @@
-"""The Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3) over the paged KV cache.
+"""The Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3, and the mixtures of experts
+Qwen3-MoE, Mixtral, Qwen2-MoE: ``moe.SparseMoeBlock`` in place of the dense MLP) over the paged KV cache.
 
 Checkpoint layout is fixed at load time (``load_weights``): q/k/v are fused into one projection and
-gate/up into another, so a layer runs four GEMMs. ``forward`` takes a flat batch of tokens (prefill
+gate/up into another, so a dense layer runs four GEMMs; an MoE layer's experts are stacked per layer. ``forward`` takes a flat batch of tokens (prefill
 chunks first, then decodes, as ``attention.build_metadata`` lays them out) and returns final-normed
 hidden states; ``compute_logits`` turns the rows the caller picks into float32 logits.
 """
@@ -19,6 +20,7 @@ from pdserve.model.arch import ModelArch
 from pdserve.model.attention import AttentionMetadata, cached_attention, paged_attention
 from pdserve.model.layers import Linear, RMSNorm, RotaryEmbedding, can_pack_linear_weight, linear, \
     pack_linear_weight, silu_and_mul
+from pdserve.model.moe import EXPERT_PROJS, SparseMoeBlock, canonical_expert_names
 from pdserve.model.quant_weight import QuantBlocks, QuantizedWeight
 
 
@@ -35,7 +37,7 @@ class LlamaForCausalLM(nn.Module):
         self.max_model_len = max_model_len or arch.max_position_embeddings
         with torch.device("meta"):  # no init work: every weight is written by a loader
             self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, dtype=dtype)
-            self.layers = nn.ModuleList(_DecoderLayer(arch, dtype, arch.layer_window(i))
+            self.layers = nn.ModuleList(_DecoderLayer(arch, dtype, arch.layer_window(i), arch.is_moe_layer(i))
                                         for i in range(arch.num_layers))
             self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype=dtype)
             self.lm_head = None if arch.tie_word_embeddings else \
@@ -90,11 +92,11 @@ class LlamaForCausalLM(nn.Module):
         return linear(hidden, weight)
 
     def pack_weights(self) -> None:
-        """Once the weights are final: every GEMM weight into the CPU GEMM's packed layout (a no-op on
-        other devices and dtypes). A tied LM head gets its own packed copy of the embedding (the lookup
+        """Once the weights are final: every GEMM weight (experts too) into the CPU GEMM's packed layout (a
+        no-op on other devices and dtypes). A tied LM head gets its own packed copy of the embedding (the lookup
         needs the plain one): vocab x hidden more bytes, stated by the engine's memory line."""
         for module in self.modules():
-            if isinstance(module, Linear):
+            if isinstance(module, (Linear, SparseMoeBlock)):
                 module.pack()
         if self.lm_head is None and self._quant_embed is None and can_pack_linear_weight(self.embed_tokens.weight):
             self._packed_tied_head = pack_linear_weight(self.embed_tokens.weight)
@@ -108,8 +110,11 @@ class LlamaForCausalLM(nn.Module):
         projection, all quantized too) fills a GEMM weight or the embedding; otherwise it is dequantized
         into the parameter. Raises ModelLoadError naming the tensor on an unexpected name, a shape
         mismatch, or (at the end) any expected tensor that never came. Tied checkpoints may still carry
-        ``lm_head.weight``: ignored.
+        ``lm_head.weight``: ignored. MoE expert tensors come per expert or stacked, under Qwen3-MoE's or
+        Mixtral's names (``moe.canonical_expert_names``).
         """
+        if self.arch.num_experts:
+            weights = canonical_expert_names(weights, self.arch.moe_intermediate_size)
         targets = self._checkpoint_map()
         loaded: set[str] = set()
         quant_parts: dict[tuple[nn.Module, str], list[tuple[int, QuantBlocks]]] = {}
@@ -123,13 +128,13 @@ class LlamaForCausalLM(nn.Module):
                     raise ModelLoadError(f"unexpected tensor {name!r} in checkpoint for "
                                          f"{self.arch.architecture}")
                 module, attr, start, length = target
-                expected = (length, *getattr(module, attr).shape[1:])
+                expected = (length, *_rows(getattr(module, attr)).shape[1:])
                 if tuple(tensor.shape) != expected:
                     raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected}")
                 if isinstance(tensor, QuantBlocks):
                     quant_parts.setdefault((module, attr), []).append((start, tensor))
                 else:
-                    self._materialize(module, attr)[start:start + length].copy_(tensor)
+                    _rows(self._materialize(module, attr))[start:start + length].copy_(tensor)
                 loaded.add(name)
             self._place_quantized(quant_parts)
         missing = [n for n in targets if n not in loaded]
@@ -150,6 +155,8 @@ class LlamaForCausalLM(nn.Module):
         (the float parameter is then an empty tensor), else dequantized into it."""
         for (module, attr), parts in quant_parts.items():
             param = getattr(module, attr)
+            if param.dim() != 2:
+                raise ModelLoadError("quantized expert weights are not supported (load MoE models unquantized)")
             parts.sort(key=lambda part: part[0])
             fills = sum(p.shape[0] for _, p in parts) == param.shape[0]
             if fills and attr == "weight" and isinstance(module, (Linear, nn.Embedding)):
@@ -168,12 +175,13 @@ class LlamaForCausalLM(nn.Module):
     def checkpoint_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
         """``(hf_name, tensor)`` of the weights as they are now (views of the fused parameters)."""
         for name, (module, attr, start, length) in self._checkpoint_map().items():
-            yield name, getattr(module, attr)[start:start + length]
+            yield name, _rows(getattr(module, attr))[start:start + length]
 
     def weight_formats(self) -> str:
         """What the GEMM weights are held as, e.g. ``Q4_1 x210, Q8_0 x1`` or ``bfloat16``."""
         counts: dict[str, int] = {}
         quants = [m.quant for m in self.modules() if isinstance(m, Linear)] + [self._quant_embed]
+        quants += [None for m in self.modules() if isinstance(m, SparseMoeBlock) for _ in (m.w13, m.w2)]
         for q in quants:
             key = str(self.dtype).removeprefix("torch.") if q is None else q.qtype
             counts[key] = counts.get(key, 0) + 1
@@ -196,7 +204,8 @@ class LlamaForCausalLM(nn.Module):
                     param.normal_(0.0, std, generator=gen)
 
     def _checkpoint_map(self) -> dict[str, tuple[nn.Module, str, int, int]]:
-        """HF name -> (module, parameter name, first row, number of rows) of the slice it fills."""
+        """HF name -> (module, parameter name, first row, number of rows) of the slice it fills; the rows
+        of a stacked expert parameter (E, rows, cols) are counted across experts (``_rows``)."""
         a = self.arch
         m: dict[str, tuple[nn.Module, str, int, int]] = {}
 
@@ -220,13 +229,29 @@ class LlamaForCausalLM(nn.Module):
             if a.qk_norm:
                 whole(f"{pre}self_attn.q_norm.weight", attn.q_norm)
                 whole(f"{pre}self_attn.k_norm.weight", attn.k_norm)
-            inter = a.intermediate_size
-            m[f"{pre}mlp.gate_proj.weight"] = (mlp.gate_up_proj, "weight", 0, inter)
-            m[f"{pre}mlp.up_proj.weight"] = (mlp.gate_up_proj, "weight", inter, inter)
-            whole(f"{pre}mlp.down_proj.weight", mlp.down_proj)
+            if isinstance(mlp, SparseMoeBlock):
+                whole(f"{pre}mlp.gate.weight", mlp.gate)
+                inter, h = a.moe_intermediate_size, a.hidden_size
+                for e in range(a.num_experts):
+                    gate, up, down = (f"{pre}mlp.experts.{e}.{proj}.weight" for proj in EXPERT_PROJS)
+                    m[gate] = (mlp, "w13", 2 * inter * e, inter)  # w13[e] = [gate | up]
+                    m[up] = (mlp, "w13", 2 * inter * e + inter, inter)
+                    m[down] = (mlp, "w2", h * e, h)
+                if mlp.shared_expert is not None:
+                    self._dense_mlp_map(m, f"{pre}mlp.shared_expert.", mlp.shared_expert)
+                    whole(f"{pre}mlp.shared_expert_gate.weight", mlp.shared_expert_gate)
+            else:
+                self._dense_mlp_map(m, f"{pre}mlp.", mlp)
             whole(f"{pre}input_layernorm.weight", layer.input_layernorm)
             whole(f"{pre}post_attention_layernorm.weight", layer.post_attention_layernorm)
         return m
+
+    @staticmethod
+    def _dense_mlp_map(m: dict[str, tuple[nn.Module, str, int, int]], pre: str, mlp: _MLP) -> None:
+        inter = mlp.intermediate_size
+        m[f"{pre}gate_proj.weight"] = (mlp.gate_up_proj, "weight", 0, inter)
+        m[f"{pre}up_proj.weight"] = (mlp.gate_up_proj, "weight", inter, inter)
+        m[f"{pre}down_proj.weight"] = (mlp.down_proj, "weight", 0, mlp.down_proj.weight.shape[0])
 
 
 class _Attention(nn.Module):
@@ -277,11 +302,11 @@ class _Attention(nn.Module):
 
 
 class _MLP(nn.Module):
-    def __init__(self, arch: ModelArch, dtype: torch.dtype) -> None:
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, intermediate_size: int | None = None) -> None:
         super().__init__()
-        self.intermediate_size = arch.intermediate_size
-        self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False, dtype=dtype)
-        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, bias=False, dtype=dtype)
+        self.intermediate_size = inter = intermediate_size or arch.intermediate_size
+        self.gate_up_proj = Linear(arch.hidden_size, 2 * inter, bias=False, dtype=dtype)
+        self.down_proj = Linear(inter, arch.hidden_size, bias=False, dtype=dtype)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(h)  # (T, 2 * intermediate): [gate | up]
@@ -289,12 +314,16 @@ class _MLP(nn.Module):
 
 
 class _DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, dtype: torch.dtype, window: int | None) -> None:
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, window: int | None, is_moe: bool) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype=dtype)
         self.self_attn = _Attention(arch, dtype, window)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype=dtype)
-        self.mlp = _MLP(arch, dtype)
+        if is_moe:
+            shared = arch.shared_expert_intermediate_size
+            self.mlp: nn.Module = SparseMoeBlock(arch, dtype, _MLP(arch, dtype, shared) if shared else None)
+        else:
+            self.mlp = _MLP(arch, dtype)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,3 +334,8 @@ class _DecoderLayer(nn.Module):
         h = self.self_attn(normed, cos_sin, kv_cache, meta)
         normed, residual = self.post_attention_layernorm.add_forward(h, residual)
         return self.mlp(normed), residual
+
+
+def _rows(param: torch.Tensor) -> torch.Tensor:
+    """A parameter as rows: stacked experts (E, rows, cols) as (E * rows, cols), a view; others as they are."""
+    return param.flatten(0, 1) if param.dim() == 3 else param

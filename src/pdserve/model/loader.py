@@ -113,6 +113,7 @@ def load_model(model_config: ModelConfig, max_model_len: int | None = None
     start = time.perf_counter()
     if fmt == "dummy":
         arch = dummy_arch(model_config.model)
+        _check_quantization(arch, quantization)
         model = load_dummy(arch, dtype, device, model_config.seed, max_len)
     elif fmt == "gguf":
         path = checkpoint_path(model_config.model)
@@ -127,6 +128,7 @@ def load_model(model_config: ModelConfig, max_model_len: int | None = None
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path}: no config.json (load_format=hf needs a Hugging Face folder)")
         arch = hf_arch(path)
+        _check_quantization(arch, quantization)
         model = LlamaForCausalLM(arch, dtype, device, max_len)
         model.load_weights(quantize_matrices(iter_safetensors_weights(path, device), quantization))
     else:
@@ -145,6 +147,12 @@ def load_model(model_config: ModelConfig, max_model_len: int | None = None
                 seconds)
     report_stage("weights", seconds=round(seconds, 2), num_params=arch.num_params())
     return model.eval(), arch
+
+
+def _check_quantization(arch: ModelArch, quantization: str) -> None:
+    if arch.num_experts and quantization in QUANTIZE_TYPES:
+        raise ModelLoadError(f"quantization={quantization} is not supported for mixture-of-experts models "
+                             f"({arch.architecture}): the expert weights run unquantized only")
 
 
 def _prepare_cpu_kernels() -> None:

@@ -68,7 +68,12 @@ class BusyMeter:
 
         spec = ModelSpec(arch.architecture, arch.num_layers, arch.hidden_size, arch.num_heads, arch.num_kv_heads,
                          arch.head_dim, arch.intermediate_size, arch.vocab_size,
-                         tie_embeddings=arch.tie_word_embeddings)
+                         tie_embeddings=arch.tie_word_embeddings, num_experts=arch.num_experts,
+                         num_experts_per_token=arch.num_experts_per_tok,
+                         moe_intermediate_size=arch.moe_intermediate_size,
+                         num_shared_experts=round(arch.shared_expert_intermediate_size / arch.moe_intermediate_size)
+                         if arch.shared_expert_intermediate_size else 0,  # Qwen2-MoE's: a multiple of the width
+                         first_k_dense_layers=arch.num_layers - arch.num_moe_layers if arch.num_experts else 0)
         precision = "fp32" if dtype.itemsize == 4 else "bf16"
         return cls(AnalyticPerfModel(spec, get_hardware(hardware), precision=precision, kv_dtype=precision),
                    num_cores)
