@@ -231,9 +231,10 @@ def _sim_report(out: Path, args) -> int:
                 rates = sorted(real[0])
                 att = {r: (statistics.median(_attainment(x[r], o) for x in real),
                            statistics.median(_attainment(x[r], o) for x in sims)) for r in rates}
-                caps = (statistics.median(_capacity(x, o) for x in real), statistics.median(_capacity(x, o) for x in sims))
+                caps = tuple(statistics.median(_capacity(x, o) for x in runs) for runs in (real, sims))
                 rows.append({"workload": w, "objectives": kind, "layout": layout, "attainment": att, "capacity": caps})
-                print(f"{w:<9}{kind:<7}{layout:<11}" + "  ".join(f"{r:g}: {a:.2f} / {b:.2f}" for r, (a, b) in att.items())
+                print(f"{w:<9}{kind:<7}{layout:<11}"
+                      + "  ".join(f"{r:g}: {a:.2f} / {b:.2f}" for r, (a, b) in att.items())
                       + f"   capacity {caps[0]:g} / {caps[1]:g}")
     (out / "simulated.json").write_text(json.dumps({"perf_models": perf_models, "rows": [
         {**r, "attainment": {f"{k:g}": v for k, v in r["attainment"].items()}} for r in rows]}, indent=1))
@@ -261,8 +262,9 @@ def _measured_runs(out: Path, objectives: dict) -> dict:
 
 def _sweeps_of(out: Path, layout: str, w: str, reps: list[dict]) -> list[dict]:
     """The measured sweeps (``_sweep``'s shape) read back from ``out``."""
-    return [{rate: [_latency(r) for r in json.loads((out / f"{layout}-{w}-r{rep}-{rate:g}.json").read_text())["requests"]]
-             for rate in runs} for rep, runs in enumerate(reps)]
+    def read(rep: int, rate: float) -> list:
+        return json.loads((out / f"{layout}-{w}-r{rep}-{rate:g}.json").read_text())["requests"]
+    return [{rate: [_latency(r) for r in read(rep, rate)] for rate in runs} for rep, runs in enumerate(reps)]
 
 
 def _simulate(layout: str, w: str, rate: float, n: int, seed: int, objectives: dict, perf_models: dict) -> list:

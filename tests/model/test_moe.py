@@ -161,7 +161,8 @@ def test_missing_expert_tensor_is_named(tiny_models, tmp_path):
 def test_dummy_weights_at_moe_shapes(tiny_models):
     model, arch = load_model(ModelConfig(model=str(tiny_models["qwen3-moe"].hf_dir), load_format="dummy",
                                          dtype="bfloat16", device="cpu", seed=1))
-    assert arch.num_experts == 8 and model.weight_formats() == "bfloat16 x16"  # 11 Linear, embedding, 2 x 2 expert stacks
+    # 11 Linear, the embedding, 2 x 2 expert stacks
+    assert arch.num_experts == 8 and model.weight_formats() == "bfloat16 x16"
     assert all(p.dtype == torch.bfloat16 and not p.is_meta for p in model.parameters())
     assert torch.isfinite(prefill_logits(model, PROMPT)).all()
     # a real MoE's widths at reduced depth, as the throughput benchmark builds it

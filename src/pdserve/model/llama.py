@@ -2,9 +2,10 @@
 Qwen3-MoE, Mixtral, Qwen2-MoE: ``moe.SparseMoeBlock`` in place of the dense MLP) over the paged KV cache.
 
 Checkpoint layout is fixed at load time (``load_weights``): q/k/v are fused into one projection and
-gate/up into another, so a dense layer runs four GEMMs; an MoE layer's experts are stacked per layer. ``forward`` takes a flat batch of tokens (prefill
-chunks first, then decodes, as ``attention.build_metadata`` lays them out) and returns final-normed
-hidden states; ``compute_logits`` turns the rows the caller picks into float32 logits.
+gate/up into another, so a dense layer runs four GEMMs; an MoE layer's experts are stacked per layer.
+``forward`` takes a flat batch of tokens (prefill chunks first, then decodes, as
+``attention.build_metadata`` lays them out) and returns final-normed hidden states; ``compute_logits``
+turns the rows the caller picks into float32 logits.
 """
 from __future__ import annotations
 
