@@ -61,3 +61,15 @@ def test_hf_config_json(tmp_path):
     assert m.num_params == from_hf_config(tmp_path / "config.json").num_params == CATALOGUE["smollm2-135m"].num_params
     with pytest.raises(ValueError, match="unknown model"):
         get_model(str(tmp_path / "nope"))
+
+
+def test_hf_config_json_qwen2_moe_shared_expert(tmp_path):
+    """Qwen1.5-MoE-A2.7B's config.json: its one shared expert is 4 routed experts wide, so the model has
+    14.3B parameters as published, not 13.3B without it."""
+    cfg = {"architectures": ["Qwen2MoeForCausalLM"], "hidden_size": 2048, "num_attention_heads": 16,
+           "num_key_value_heads": 16, "num_hidden_layers": 24, "intermediate_size": 5632,
+           "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "num_experts": 60,
+           "num_experts_per_tok": 4, "vocab_size": 151936, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    m = from_hf_config(tmp_path / "config.json")
+    assert m.num_shared_experts == 4 and m.num_params == pytest.approx(14.3e9, rel=0.01)

@@ -183,6 +183,11 @@ def from_hf_config(path: str | Path) -> ModelSpec:
         h = int(cfg["hidden_size"])
         heads = int(cfg["num_attention_heads"])
         num_experts = int(cfg.get("n_routed_experts") or cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+        moe_inter = int(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size") or 0) if num_experts else 0
+        # Qwen2-MoE's one shared expert is shared_expert_intermediate_size wide: as many routed experts' worth
+        # of parameters and work (its sigmoid gate, hidden_size weights, left out)
+        shared = int(cfg.get("n_shared_experts") or 0) or \
+            round(int(cfg.get("shared_expert_intermediate_size") or 0) / max(1, moe_inter))
         spec = ModelSpec(
             name=str(Path(path).parent.name or path),
             num_layers=int(cfg["num_hidden_layers"]),
@@ -196,9 +201,8 @@ def from_hf_config(path: str | Path) -> ModelSpec:
             num_experts=num_experts,
             num_experts_per_token=int(cfg.get("num_experts_per_tok") or cfg.get("experts_per_token") or 0)
             if num_experts else 0,
-            num_shared_experts=int(cfg.get("n_shared_experts") or 0),
-            moe_intermediate_size=int(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size") or 0)
-            if num_experts else 0,
+            num_shared_experts=shared,
+            moe_intermediate_size=moe_inter,
             first_k_dense_layers=int(cfg.get("first_k_dense_replace") or 0),
             q_lora_rank=int(cfg.get("q_lora_rank") or 0),
             kv_lora_rank=int(cfg.get("kv_lora_rank") or 0),
