@@ -179,15 +179,10 @@ class ModelArch:
     @classmethod
     def from_gguf(cls, reader: Any) -> ModelArch:
         """From a ``gguf.GGUFReader``: the ``{arch}.*`` fields, the tokenizer's special ids, and which
-        tensors exist (bias, q/k norm, untied output, llama3 ``rope_freqs``)."""
+        tensors exist (bias, q/k norm, untied output, llama3 ``rope_freqs``, routers of sparse layers)."""
         arch = _gguf_field(reader, "general.architecture")
         names = {t.name for t in reader.tensors}
-        if _gguf_field(reader, f"{arch}.expert_count") or any("_exps." in n for n in names):
-            raise ModelLoadError(f"GGUF mixture-of-experts models are not supported (architecture {arch!r}); "
-                                 "load the Hugging Face safetensors checkpoint instead")
-        if arch not in ARCHITECTURES or arch in MOE_ARCHITECTURES:
-            raise ModelLoadError(f"unsupported GGUF architecture {arch!r} (supported: "
-                                 f"{tuple(a for a in ARCHITECTURES if a not in MOE_ARCHITECTURES)})")
+        architecture = _gguf_architecture(reader, arch, names)
 
         def get(key: str, default: Any = None) -> Any:
             value = _gguf_field(reader, f"{arch}.{key}")
@@ -213,12 +208,15 @@ class ModelArch:
         eos = [_gguf_field(reader, "tokenizer.ggml.eos_token_id"),
                _gguf_field(reader, "tokenizer.ggml.eot_token_id"),
                _gguf_field(reader, "tokenizer.ggml.eom_token_id")]
+        num_layers = int(get("block_count"))
+        moe = _gguf_moe(reader, arch, architecture, names, num_layers) \
+            if architecture in MOE_ARCHITECTURES else {}
         return cls(
-            architecture=arch,
+            architecture=architecture,
             vocab_size=int(vocab),
             hidden_size=hidden,
             intermediate_size=int(get("feed_forward_length")),
-            num_layers=int(get("block_count")),
+            num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=int(get("attention.head_count_kv", num_heads)),
             head_dim=head_dim,
@@ -231,6 +229,7 @@ class ModelArch:
             qk_norm="blk.0.attn_q_norm.weight" in names,
             bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
             eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
+            **moe,
         )
 
     def with_rope_freq_factors(self, factors: list[float]) -> ModelArch:
@@ -324,6 +323,84 @@ def _hf_moe(config: dict[str, Any], model_type: str) -> dict[str, Any]:
                 norm_topk_prob=bool(config.get("norm_topk_prob", False)), dense_mlp_layers=dense,
                 shared_expert_intermediate_size=int(config.get("shared_expert_intermediate_size") or 0)
                 if num_experts else 0)
+
+
+def _gguf_architecture(reader: Any, arch: str, names: set[str]) -> str:
+    """Ours for GGUF's ``general.architecture`` ``arch``. llama.cpp writes Mixtral as ``llama`` with experts
+    (``llama.expert_count``, router tensors ``blk.N.ffn_gate_inp``); Qwen2/3-MoE have their own names."""
+    from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TENSOR_NAMES, Keys
+
+    ours = {MODEL_ARCH_NAMES[a]: name for a, name in (
+        (MODEL_ARCH.LLAMA, "llama"), (MODEL_ARCH.QWEN2, "qwen2"), (MODEL_ARCH.QWEN3, "qwen3"),
+        (MODEL_ARCH.QWEN2MOE, "qwen2_moe"), (MODEL_ARCH.QWEN3MOE, "qwen3_moe"))}
+    ours["mistral"] = "mistral"
+    if arch not in ours:
+        raise ModelLoadError(f"unsupported GGUF architecture {arch!r} (supported: {tuple(ours)})")
+    router = TENSOR_NAMES[MODEL_TENSOR.FFN_GATE_INP].removeprefix("blk.{bid}")  # .ffn_gate_inp
+    has_experts = bool(_gguf_field(reader, Keys.LLM.EXPERT_COUNT.format(arch=arch))) or \
+        any(n.endswith(f"{router}.weight") or "_exps." in n for n in names)
+    if ours[arch] == "llama" and has_experts:
+        return "mixtral"
+    if has_experts and ours[arch] not in MOE_ARCHITECTURES:
+        raise ModelLoadError(f"GGUF architecture {arch!r} with experts is not supported (mixtures of "
+                             f"experts: llama with expert_count (Mixtral), "
+                             f"{MODEL_ARCH_NAMES[MODEL_ARCH.QWEN2MOE]}, {MODEL_ARCH_NAMES[MODEL_ARCH.QWEN3MOE]})")
+    return ours[arch]
+
+
+# llama.cpp's renormalization of the top-k weights where a file does not say (``expert_weights_norm``):
+# always for Qwen3-MoE and Mixtral, never for Qwen2-MoE (their published configs' norm_topk_prob)
+_GGUF_NORM_TOPK = {"qwen3_moe": True, "mixtral": True, "qwen2_moe": False}
+
+
+def _gguf_moe(reader: Any, arch: str, architecture: str, names: set[str], num_layers: int) -> dict[str, Any]:
+    """The MoE fields of a GGUF file: ``expert_count``, ``expert_used_count``; a layer is sparse where it
+    has a router (``blk.N.ffn_gate_inp``), else dense; an expert's width from ``expert_feed_forward_length``,
+    else from its stacked tensors (Mixtral's files); the top-k weights renormalized as ``expert_weights_norm``
+    says, else as llama.cpp does; Qwen2-MoE's shared expert from its ``ffn_*_shexp`` tensors. Routing that
+    llama.cpp has and pdserve lacks (sigmoid gating, scaled weights, other shared experts) fails clearly."""
+    from gguf import MODEL_TENSOR, TENSOR_NAMES, ExpertGatingFuncType, Keys
+
+    def field(key: str) -> Any:
+        return _gguf_field(reader, key.format(arch=arch))
+
+    def shape(tensor: MODEL_TENSOR, layer: int) -> tuple[int, ...] | None:
+        name = TENSOR_NAMES[tensor].format(bid=layer) + ".weight"
+        return next((reversed_shape(t) for t in reader.tensors if t.name == name), None)
+
+    num_experts, top_k = int(field(Keys.LLM.EXPERT_COUNT) or 0), int(field(Keys.LLM.EXPERT_USED_COUNT) or 0)
+    if num_experts < 1 or top_k < 1:
+        raise ModelLoadError(f"GGUF mixture of experts {arch!r} lacks "
+                             f"{Keys.LLM.EXPERT_COUNT.format(arch=arch)} or "
+                             f"{Keys.LLM.EXPERT_USED_COUNT.format(arch=arch)}")
+    router = TENSOR_NAMES[MODEL_TENSOR.FFN_GATE_INP] + ".weight"
+    sparse = [i for i in range(num_layers) if router.format(bid=i) in names]
+    if not sparse:
+        raise ModelLoadError(f"GGUF mixture of experts {arch!r} has no router tensors "
+                             f"({router.format(bid='N')})")
+    gating = field(Keys.LLM.EXPERT_GATING_FUNC)
+    if gating is not None and int(gating) != ExpertGatingFuncType.SOFTMAX:
+        raise ModelLoadError(f"GGUF expert gating function {ExpertGatingFuncType(int(gating)).name} is not "
+                             "supported (softmax only)")
+    scale = field(Keys.LLM.EXPERT_WEIGHTS_SCALE)
+    if scale is not None and float(scale) not in (0.0, 1.0):
+        raise ModelLoadError(f"GGUF expert weights scale {scale} is not supported (unscaled routed weights "
+                             "only)")
+    experts = shape(MODEL_TENSOR.FFN_GATE_EXP, sparse[0])  # (num_experts, moe_intermediate, hidden)
+    width = field(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH) or (experts[1] if experts else None)
+    if width is None:
+        name = TENSOR_NAMES[MODEL_TENSOR.FFN_GATE_EXP].format(bid=sparse[0])
+        raise ModelLoadError(f"GGUF file lacks {name}.weight (the experts stacked per layer; per-expert "
+                             "tensors are not supported)")
+    norm = field(Keys.LLM.EXPERT_WEIGHTS_NORM)
+    shared = shape(MODEL_TENSOR.FFN_GATE_SHEXP, sparse[0])  # (shared_intermediate, hidden)
+    if (shared or any("_shexp." in n for n in names)) and architecture != "qwen2_moe":
+        raise ModelLoadError(f"GGUF {arch!r}: shared experts are not supported (Qwen2-MoE's only)")
+    return dict(num_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=int(width),
+                norm_topk_prob=_GGUF_NORM_TOPK[architecture] if norm is None else bool(norm),
+                dense_mlp_layers=tuple(i for i in range(num_layers) if i not in sparse),
+                shared_expert_intermediate_size=int(field(Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH)
+                                                    or (shared[0] if shared else 0)))
 
 
 def _normalize_rope(params: dict[str, Any]) -> dict[str, Any] | None:

@@ -119,6 +119,7 @@ def load_model(model_config: ModelConfig, max_model_len: int | None = None
         path = checkpoint_path(model_config.model)
         reader = open_gguf(path)
         arch = gguf_arch(reader)
+        _check_quantization(arch, quantization)
         model = LlamaForCausalLM(arch, dtype, device, max_len)
         keep = GGUF_KEPT_TYPES if quantization == "auto" else \
             (QUANTIZE_TYPES[quantization],) if quantization in QUANTIZE_TYPES else ()
