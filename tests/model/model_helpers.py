@@ -3,6 +3,7 @@ via transformers, GGUF via gguf.GGUFWriter with llama.cpp's Q/K permutation), an
 pdserve's model and transformers' on a prompt."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,8 @@ _HF_TO_GGUF = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "mlp.gate": "ffn_gate_inp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
 }
 
 
@@ -112,15 +115,22 @@ def llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_tiny_gguf(tiny: Tiny, path: Path, qtype: str = "F32", extra_tensors: dict | None = None,
-                    drop: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    """Write ``tiny`` as GGUF with 2-D weights in ``qtype``; return the weights as a loader should see
-    them (quantized then dequantized, in Hugging Face layout) to build the reference model from."""
+                    drop: tuple[str, ...] = (), add_fields: Callable[[Any], None] | None = None
+                    ) -> dict[str, np.ndarray]:
+    """Write ``tiny`` as GGUF the way llama.cpp's convert_hf_to_gguf does, matrices in ``qtype`` (those whose
+    rows are not whole blocks of it, and MoE routers, in F32); return the weights as a loader should see them
+    (quantized then dequantized, in Hugging Face layout) to build the reference model from.
+
+    Mixtures of experts: Mixtral as architecture ``llama`` with ``expert_count``, Qwen2/3-MoE as
+    ``qwen2moe`` and ``qwen3moe`` with ``expert_feed_forward_length``; a sparse layer's experts stacked,
+    gate, up and down apart (num_experts, rows, cols), the router ``ffn_gate_inp``, Qwen2-MoE's shared
+    expert ``ffn_*_shexp`` and its gate as a vector. ``add_fields(writer)`` adds the caller's metadata."""
     import gguf
     from gguf.quants import dequantize, quantize
 
     cfg = tiny.hf_model.config
     model_type = cfg.model_type
-    arch = model_type
+    arch = _GGUF_ARCHS.get(model_type, model_type)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -138,6 +148,14 @@ def write_tiny_gguf(tiny: Tiny, path: Path, qtype: str = "F32", extra_tensors: d
     w.add_vocab_size(cfg.vocab_size)
     w.add_bos_token_id(cfg.bos_token_id)
     w.add_eos_token_id(cfg.eos_token_id)
+    num_experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    if num_experts:
+        w.add_expert_count(num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        if model_type != "mixtral":
+            w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        if getattr(cfg, "shared_expert_intermediate_size", None):
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     if rope.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rope["factor"]))
@@ -147,24 +165,43 @@ def write_tiny_gguf(tiny: Tiny, path: Path, qtype: str = "F32", extra_tensors: d
         base = rope_inv_freq(head_dim, rope["rope_theta"], None)
         scaled = rope_inv_freq(head_dim, rope["rope_theta"], rope)
         w.add_tensor("rope_freqs.weight", (base / scaled).numpy().astype(np.float32))
-    permute = model_type in ("llama", "mistral")
+    if add_fields is not None:
+        add_fields(w)
+    q = getattr(gguf.GGMLQuantizationType, qtype)
+    block_size = gguf.GGML_QUANT_SIZES[q][0]
+
+    def put(gguf_name: str, stored: np.ndarray, a: np.ndarray, is_router: bool = False) -> np.ndarray:
+        """Write ``stored`` (``a`` as the file lays it out); return ``a`` as a loader sees it."""
+        if qtype == "F32" or stored.ndim < 2 or stored.shape[-1] % block_size or is_router:
+            w.add_tensor(gguf_name, np.ascontiguousarray(stored, dtype=np.float32))
+            return a
+        w.add_tensor(gguf_name, quantize(np.ascontiguousarray(stored), q), raw_dtype=q)
+        return dequantize(quantize(np.ascontiguousarray(a), q), q)  # blocks are row-wise: permuting commutes
+
+    permute = model_type in ("llama", "mistral", "mixtral")
     seen: dict[str, np.ndarray] = {}
     for name, t in tiny.hf_model.state_dict().items():
         if name in drop or (name == "lm_head.weight" and cfg.tie_word_embeddings):
             continue
         a = t.detach().float().numpy()
+        layer = name.split(".")[2] if name.startswith("model.layers.") else None
+        if name.endswith(".mlp.experts.gate_up_proj"):  # (E, 2 * inter, hidden): gate and up stacked apart
+            inter = a.shape[1] // 2
+            gate = put(f"blk.{layer}.ffn_gate_exps.weight", a[:, :inter], a[:, :inter])
+            up = put(f"blk.{layer}.ffn_up_exps.weight", a[:, inter:], a[:, inter:])
+            seen[name] = np.concatenate((gate, up), axis=1)
+            continue
+        if name.endswith(".mlp.experts.down_proj"):  # (E, hidden, inter)
+            seen[name] = put(f"blk.{layer}.ffn_down_exps.weight", a, a)
+            continue
+        if name.endswith(".mlp.shared_expert_gate.weight"):  # (1, hidden), written squeezed
+            seen[name] = put(f"blk.{layer}.ffn_gate_inp_shexp.weight", a.reshape(-1), a)
+            continue
         stored = a
         if permute and ("q_proj" in name or "k_proj" in name):
             n_head = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
             stored = llamacpp_permute(a, n_head)
-        if a.ndim == 2 and qtype != "F32":
-            q = getattr(gguf.GGMLQuantizationType, qtype)
-            data = quantize(stored, q)
-            w.add_tensor(hf_to_gguf_name(name), data, raw_dtype=q)
-            seen[name] = dequantize(quantize(a, q), q)  # row-wise blocks: the row permutation commutes
-        else:
-            w.add_tensor(hf_to_gguf_name(name), stored.astype(np.float32))
-            seen[name] = a
+        seen[name] = put(hf_to_gguf_name(name), stored, a, is_router=name.endswith(".mlp.gate.weight"))
     for name, a in (extra_tensors or {}).items():
         w.add_tensor(name, a)
     w.write_header_to_file()
@@ -172,6 +209,10 @@ def write_tiny_gguf(tiny: Tiny, path: Path, qtype: str = "F32", extra_tensors: d
     w.write_tensors_to_file()
     w.close()
     return seen
+
+
+# transformers' model_type -> llama.cpp's general.architecture (Mixtral is llama with experts)
+_GGUF_ARCHS = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "mixtral": "llama"}
 
 
 # ---- running pdserve's model ------------------------------------------------------------------------

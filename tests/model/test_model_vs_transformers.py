@@ -27,13 +27,16 @@ def test_safetensors_matches_transformers(tiny_models, name):
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["llama", "llama3-rope-untied", "llama-linear-rope", "qwen2", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "llama3-rope-untied", "llama-linear-rope", "qwen2", "qwen3",
+                                  "qwen3-moe", "mixtral", "qwen2-moe"])
 @pytest.mark.parametrize("qtype,quantization", [("F32", "auto"), ("Q8_0", "none"), ("Q8_0", "auto"),
                                                 ("Q4_0", "auto"), ("Q4_1", "auto")])
 def test_gguf_matches_transformers(tiny_models, tmp_path, name, qtype, quantization, monkeypatch):
     """Dequantized at load (``none``) or kept quantized and multiplied by the CPU kernels (``auto``: its
     activations rounded to 15 bits per 32-value block, hence the looser tolerance), against transformers
-    on the dequantized weights; with the Q/K row permutation of llama-arch files undone either way."""
+    on the dequantized weights; with the Q/K row permutation of llama-arch files undone either way. The
+    mixtures of experts' stacked experts are dequantized either way (their attention, dense layers and
+    shared expert stay quantized with ``auto``)."""
     from pdserve.model import quant_weight
 
     monkeypatch.setattr(quant_weight, "ACTIVATION_BITS", "16")  # 8-bit prefill: see test_default_model.py

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from pdserve.model.dummy import load_dummy
 from pdserve.model.loader import load_model
 from pdserve.model.moe import grouped_experts, route
 from pdserve.sampling_params import SamplingParams
-from model_helpers import hf_logits, prefill_logits
+from model_helpers import hf_logits, prefill_logits, write_tiny_gguf
 
 PROMPT = [1, 17, 45, 99, 3, 150, 8, 23, 77, 5, 64, 120, 9, 31, 2, 88, 42, 13, 100, 7]
 
@@ -112,21 +113,65 @@ def test_moe_quantization_is_refused(tiny_models):
                                quantization="int8"))
 
 
-def test_gguf_moe_is_refused(tmp_path):
+@pytest.mark.parametrize("name", ["qwen3-moe", "mixtral", "qwen2-moe"])
+def test_gguf_moe_arch_matches_config(tiny_models, tmp_path, name):
+    """A GGUF written as llama.cpp's converter writes it (its expert tensors at the shapes llama.cpp loads:
+    ne = {hidden, moe_intermediate, num_experts} for gate and up) reads as the same architecture as the
+    config.json: the MoE fields from metadata, the dense layers from where routers are missing."""
     import gguf
-    import numpy as np
 
+    tiny = tiny_models[name]
+    path = tmp_path / f"{name}.gguf"
+    write_tiny_gguf(tiny, path)
+    reader = gguf.GGUFReader(path)
+    hf = ModelArch.from_hf_config(json.loads((tiny.hf_dir / "config.json").read_text()))
+    ours = ModelArch.from_gguf(reader)
+    assert replace(ours, rms_norm_eps=hf.rms_norm_eps) == hf  # GGUF stores eps as float32
+    layer = next(i for i in range(hf.num_layers) if hf.is_moe_layer(i))
+    shapes = {t.name: t.shape.tolist() for t in reader.tensors}
+    inter, hidden = hf.moe_intermediate_size, hf.hidden_size
+    assert shapes[f"blk.{layer}.ffn_gate_exps.weight"] == [hidden, inter, hf.num_experts]
+    assert shapes[f"blk.{layer}.ffn_down_exps.weight"] == [inter, hidden, hf.num_experts]
+
+
+def test_gguf_moe_norm_topk_prob(tiny_models, tmp_path):
+    """Qwen3-MoE GGUFs do not carry norm_topk_prob: llama.cpp renormalizes, so does pdserve, unless the file
+    says otherwise (``expert_weights_norm``). The variant that does not renormalize matches transformers
+    only when its file says so."""
+    tiny = tiny_models["qwen3-moe-step"]
+    assert not tiny.hf_model.config.norm_topk_prob
+    plain, explicit = tmp_path / "plain.gguf", tmp_path / "explicit.gguf"
+    write_tiny_gguf(tiny, plain)
+    write_tiny_gguf(tiny, explicit, add_fields=lambda w: w.add_expert_weights_norm(False))
+    _, arch = load_model(ModelConfig(model=str(plain), dtype="float32", device="cpu"))
+    assert arch.norm_topk_prob
+    model, arch = load_model(ModelConfig(model=str(explicit), dtype="float32", device="cpu"))
+    assert not arch.norm_topk_prob and arch.dense_mlp_layers == (0,)
+    ours, ref = prefill_logits(model, PROMPT), hf_logits(tiny.hf_model, PROMPT)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def _gating_sigmoid(w):
+    import gguf
+
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+
+
+@pytest.mark.parametrize("name, add_fields, extra, quantization, message", [
+    ("qwen3-moe", _gating_sigmoid, {}, "auto", "gating function SIGMOID"),
+    ("mixtral", lambda w: w.add_expert_weights_scale(2.5), {}, "auto", "weights scale"),
+    ("qwen3-moe", None, {"blk.0.ffn_gate_shexp.weight": np.zeros((16, 64), np.float32)}, "auto",
+     "shared experts"),
+    ("qwen3-moe", None, {}, "int8", "mixture-of-experts"),
+])
+def test_gguf_moe_unsupported_fails_clearly(tiny_models, tmp_path, name, add_fields, extra, quantization,
+                                            message):
+    """What GGUF MoE files can ask for that pdserve does not do: routing other than softmax, scaled routed
+    weights, shared experts outside Qwen2-MoE, quantized experts."""
     path = tmp_path / "moe.gguf"
-    w = gguf.GGUFWriter(str(path), "qwen3moe")
-    w.add_block_count(1)
-    w.add_expert_count(4)
-    w.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((4, 8, 8), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    with pytest.raises(ModelLoadError, match="GGUF mixture-of-experts"):
-        load_model(ModelConfig(model=str(path), dtype="float32", device="cpu"))
+    write_tiny_gguf(tiny_models[name], path, add_fields=add_fields, extra_tensors=extra)
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(ModelConfig(model=str(path), dtype="float32", device="cpu", quantization=quantization))
 
 
 @pytest.mark.parametrize("name", ["qwen3-moe", "mixtral", "qwen2-moe"])
@@ -198,12 +243,18 @@ def _run(core: EngineCore, prompts, tag: str):
     return [tokens[f"{tag}{i}"] for i in range(len(prompts))]
 
 
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
 @pytest.mark.parametrize("name", ["qwen3-moe", "mixtral", "qwen2-moe"])
-def test_engine_greedy_matches_transformers_with_chunks_and_prefix_hits(tiny_models, name):
+def test_engine_greedy_matches_transformers_with_chunks_and_prefix_hits(tiny_models, tmp_path, name, fmt):
     """Prompts chunked at 8 tokens and batched with other requests' decodes; then the same prompts again,
-    their full blocks now prefix-cache hits: every token is transformers' greedy choice."""
+    their full blocks now prefix-cache hits: every token is transformers' greedy choice (from the
+    safetensors checkpoint, and from the same weights as an F32 GGUF)."""
     tiny = tiny_models[name]
-    core = EngineCore(EngineConfig(model=ModelConfig(str(tiny.hf_dir), dtype="float32", device="cpu"),
+    model_path = tiny.hf_dir
+    if fmt == "gguf":
+        model_path = tmp_path / f"{name}.gguf"
+        write_tiny_gguf(tiny, model_path)
+    core = EngineCore(EngineConfig(model=ModelConfig(str(model_path), dtype="float32", device="cpu"),
                                    cache=CacheConfig(block_size=4, num_blocks=64),
                                    scheduler=SchedulerConfig(max_num_batched_tokens=8)))
     first = _run(core, PROMPTS, "a")
