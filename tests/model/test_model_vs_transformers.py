@@ -29,8 +29,8 @@ def test_safetensors_matches_transformers(tiny_models, name):
 
 @pytest.mark.parametrize("name", ["llama", "llama3-rope-untied", "llama-linear-rope", "qwen2", "qwen3",
                                   "qwen3-moe", "mixtral", "qwen2-moe"])
-@pytest.mark.parametrize("qtype,quantization", [("F32", "auto"), ("Q8_0", "none"), ("Q8_0", "auto"),
-                                                ("Q4_0", "auto"), ("Q4_1", "auto")])
+@pytest.mark.parametrize("qtype,quantization", [("F32", "auto"), ("BF16", "auto"), ("Q8_0", "none"),
+                                                ("Q8_0", "auto"), ("Q4_0", "auto"), ("Q4_1", "auto")])
 def test_gguf_matches_transformers(tiny_models, tmp_path, name, qtype, quantization, monkeypatch):
     """Dequantized at load (``none``) or kept quantized and multiplied by the CPU kernels (``auto``: its
     activations rounded to 15 bits per 32-value block, hence the looser tolerance), against transformers
@@ -51,7 +51,8 @@ def test_gguf_matches_transformers(tiny_models, tmp_path, name, qtype, quantizat
                                          quantization=quantization))
     assert arch.architecture == tiny.hf_model.config.model_type
     assert arch.tie_word_embeddings == tiny.hf_model.config.tie_word_embeddings
-    is_quantized = qtype != "F32" and quantization == "auto" and kernels.cpu_ops() is not None
+    kept = qtype in quant_weight.GGUF_KEPT_TYPES and quantization == "auto"
+    is_quantized = kept and kernels.cpu_ops() is not None
     assert model.weight_formats().startswith(qtype if is_quantized else "float32")
     ours, ref = prefill_logits(model, PROMPT), hf_logits(ref_model, PROMPT)
     tol = 2e-3 if is_quantized else 1e-4
