@@ -1,8 +1,9 @@
-"""Mixtures of experts (Qwen3-MoE, Mixtral, Qwen2-MoE): the grouped expert computation against a per-token reference,
-the config fields (from config.json and from GGUF metadata), checkpoints in both expert layouts, what is refused,
-and the engine's greedy tokens against transformers with chunked prefill and prefix-cache hits, from safetensors
-and GGUF. (Logits of every tiny variant against transformers are in test_model_vs_transformers.py, which runs the
-MoE variants of ``TINY_VARIANTS`` too, as safetensors and as GGUF of several types.)"""
+"""Mixtures of experts (Qwen3-MoE, Mixtral, Qwen2-MoE): the grouped expert computation against a per-token
+reference, the config fields (from config.json and from GGUF metadata), checkpoints in both expert layouts,
+what is refused, and the engine's greedy tokens against transformers with chunked prefill and prefix-cache
+hits, from safetensors and GGUF. (Logits of every tiny variant against transformers are in
+test_model_vs_transformers.py, which runs the MoE variants of ``TINY_VARIANTS`` too, as safetensors and as
+GGUF of several types.)"""
 from __future__ import annotations
 
 import json

@@ -342,9 +342,9 @@ def _gguf_architecture(reader: Any, arch: str, names: set[str]) -> str:
     if ours[arch] == "llama" and has_experts:
         return "mixtral"
     if has_experts and ours[arch] not in MOE_ARCHITECTURES:
+        moe_names = [MODEL_ARCH_NAMES[a] for a in (MODEL_ARCH.QWEN2MOE, MODEL_ARCH.QWEN3MOE)]
         raise ModelLoadError(f"GGUF architecture {arch!r} with experts is not supported (mixtures of "
-                             f"experts: llama with expert_count (Mixtral), "
-                             f"{MODEL_ARCH_NAMES[MODEL_ARCH.QWEN2MOE]}, {MODEL_ARCH_NAMES[MODEL_ARCH.QWEN3MOE]})")
+                             f"experts: llama with expert_count (Mixtral), {', '.join(moe_names)})")
     return ours[arch]
 
 
