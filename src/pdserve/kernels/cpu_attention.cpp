@@ -2,7 +2,8 @@
 // where they lie in the cache (no gather into a padded copy). A work item is a sequence (or, with few
 // sequences, one of its KV heads): all the query heads that share a KV head are scored together, so each K
 // and V row is read from memory once and converted to float32 once. Softmax is exact (scores for the whole
-// context are kept, then normalized), accumulation is in float32.
+// context are kept, then normalized), accumulation is in float32. A float8_e4m3fn cache (no scale) is
+// read the same way, each K and V row widened to float32 (dispatch.h).
 //
 // Registered as torch.ops.pdserve.paged_decode_attention; built on first use by pdserve.kernels.
 #include <ATen/Parallel.h>
@@ -39,6 +40,9 @@ template <typename T>
 inline void to_float_row(const T* __restrict src, float* __restrict dst, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+inline void to_float_row(const pdserve::Fp8* __restrict src, float* __restrict dst, int64_t n) {
+  pdserve::fp8_to_float_row(src, dst, n);
 }
 
 #if defined(__AVX512BF16__)
@@ -290,7 +294,7 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
               "block_tables (num_seqs, max_blocks) and context_lens (num_seqs,) must be contiguous int64");
   PDSERVE_DISPATCH_FLOAT_TYPES(q.scalar_type(), "paged_decode_attention", [&] {
     using Q = scalar_t;
-    PDSERVE_DISPATCH_FLOAT_TYPES(kv_cache.scalar_type(), "paged_decode_attention (KV cache)", [&] {
+    PDSERVE_DISPATCH_KV_TYPES(kv_cache.scalar_type(), "paged_decode_attention (KV cache)", [&] {
       run_decode<Q, scalar_t>(out, q, kv_cache, block_tables, context_lens, scale, window);
     });
   });

@@ -14,10 +14,13 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "dispatch.h"
+
 #include <cmath>
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -126,12 +129,70 @@ void silu_and_mul(at::Tensor out, const at::Tensor& x) {
   });
 }
 
+// A value rounded to the model's dtype T, stored in the cache's C (float8_e4m3fn: saturated, see dispatch.h).
+template <typename T, typename C>
+inline C to_cache(float x) {
+  if constexpr (std::is_same_v<C, pdserve::Fp8>) {
+    return pdserve::to_fp8(f32(round_to<T>(x)));
+  } else {
+    return round_to<C>(x);
+  }
+}
+
+// rope_and_cache's work for activations of dtype T and a cache of C (T, or float8_e4m3fn).
+template <typename T, typename C>
+void rope_rows(at::Tensor& q_out, const at::Tensor& qk, const at::Tensor& v, const at::Tensor& cos,
+               const at::Tensor& sin, C* k_cache, const int64_t* slot, int64_t slots, int64_t H, int64_t Hkv,
+               int64_t D) {
+  const int64_t half = D / 2, T_rows = qk.size(0);
+  const T* qk_p = qk.data_ptr<T>();
+  const T* v_p = v.data_ptr<T>();
+  const T* cos_p = cos.data_ptr<T>();
+  const T* sin_p = sin.data_ptr<T>();
+  T* q_p = q_out.data_ptr<T>();
+  C* v_cache = k_cache + slots * Hkv * D;
+  const int64_t qk_row = qk.stride(0), v_row = v.stride(0);
+  at::parallel_for(0, T_rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T* __restrict c = cos_p + t * half;
+      const T* __restrict sn = sin_p + t * half;
+      for (int64_t h = 0; h < H + Hkv; ++h) {
+        const T* __restrict x = qk_p + t * qk_row + h * D;
+        if (h < H) {
+          T* __restrict dst = q_p + (t * H + h) * D;
+#pragma omp simd
+          for (int64_t i = 0; i < half; ++i) {
+            const float x1 = f32(x[i]), x2 = f32(x[i + half]), ci = f32(c[i]), si = f32(sn[i]);
+            dst[i] = round_to<T>(f32(round_to<T>(x1 * ci)) - f32(round_to<T>(x2 * si)));
+            dst[i + half] = round_to<T>(f32(round_to<T>(x2 * ci)) + f32(round_to<T>(x1 * si)));
+          }
+        } else {
+          C* __restrict dst = k_cache + (slot[t] * Hkv + h - H) * D;
+#pragma omp simd
+          for (int64_t i = 0; i < half; ++i) {
+            const float x1 = f32(x[i]), x2 = f32(x[i + half]), ci = f32(c[i]), si = f32(sn[i]);
+            dst[i] = to_cache<T, C>(f32(round_to<T>(x1 * ci)) - f32(round_to<T>(x2 * si)));
+            dst[i + half] = to_cache<T, C>(f32(round_to<T>(x2 * ci)) + f32(round_to<T>(x1 * si)));
+          }
+        }
+      }
+      if constexpr (std::is_same_v<C, T>) {
+        std::memcpy(v_cache + slot[t] * Hkv * D, v_p + t * v_row, Hkv * D * sizeof(T));
+      } else {
+        C* __restrict dst = v_cache + slot[t] * Hkv * D;
+        for (int64_t i = 0; i < Hkv * D; ++i) dst[i] = to_cache<T, C>(f32(v_p[t * v_row + i]));
+      }
+    }
+  });
+}
+
 // Rotary embedding of q and k, and the step's K/V written into the paged cache, in one pass over the
 // tokens (where PyTorch takes a chunk, four products, two sums, a concatenation and two index copies):
 // q_out (T, H, D) = rope(qk[:, :H]); at each token's slot, kv_cache[0] = rope(qk[:, H:]) and
 // kv_cache[1] = v. qk (T, H + Hkv, D) and v (T, Hkv, D) may be row-strided views (of the QKV projection's
 // output); cos, sin: (T, D / 2) at the tokens' positions. Rounding as Hugging Face's rotate-half form in
-// the model's dtype: each product is rounded, then their sum.
+// the model's dtype: each product is rounded, then their sum. A float8_e4m3fn cache gets K and V rounded to
+// the model's dtype, then saturated to +-448 and rounded to e4m3 (as the PyTorch path's cast).
 void rope_and_cache(at::Tensor q_out, const at::Tensor& qk, const at::Tensor& v, const at::Tensor& cos,
                     const at::Tensor& sin, at::Tensor kv_cache, const at::Tensor& slot_mapping) {
   TORCH_CHECK(qk.device().is_cpu() && kv_cache.device().is_cpu(), "rope_and_cache runs on CPU tensors");
@@ -148,38 +209,18 @@ void rope_and_cache(at::Tensor q_out, const at::Tensor& qk, const at::Tensor& v,
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() && slot_mapping.numel() == T,
               "rope_and_cache: slot_mapping must be (T,) int64");
   TORCH_CHECK(qk.scalar_type() == q_out.scalar_type() && v.scalar_type() == qk.scalar_type() &&
-              kv_cache.scalar_type() == qk.scalar_type() && cos.scalar_type() == qk.scalar_type() &&
-              sin.scalar_type() == qk.scalar_type(), "rope_and_cache: one dtype for all tensors");
-  const int64_t half = D / 2, slots = kv_cache.size(1) * kv_cache.size(2);
+              cos.scalar_type() == qk.scalar_type() && sin.scalar_type() == qk.scalar_type() &&
+              (kv_cache.scalar_type() == qk.scalar_type() || kv_cache.scalar_type() == at::kFloat8_e4m3fn),
+              "rope_and_cache: one dtype for all tensors (the cache's may be float8_e4m3fn)");
+  const int64_t slots = kv_cache.size(1) * kv_cache.size(2);
   const int64_t* slot = slot_mapping.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) TORCH_CHECK(slot[t] >= 0 && slot[t] < slots, "rope_and_cache: slot out of range");
   dispatch(qk.scalar_type(), "rope_and_cache", [&](auto tag) {
     using T_ = decltype(tag);
-    const T_* qk_p = qk.data_ptr<T_>();
-    const T_* v_p = v.data_ptr<T_>();
-    const T_* cos_p = cos.data_ptr<T_>();
-    const T_* sin_p = sin.data_ptr<T_>();
-    T_* q_p = q_out.data_ptr<T_>();
-    T_* k_cache = kv_cache.data_ptr<T_>();
-    T_* v_cache = k_cache + slots * Hkv * D;
-    const int64_t qk_row = qk.stride(0), v_row = v.stride(0);
-    at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const T_* __restrict c = cos_p + t * half;
-        const T_* __restrict sn = sin_p + t * half;
-        for (int64_t h = 0; h < H + Hkv; ++h) {
-          const T_* __restrict x = qk_p + t * qk_row + h * D;
-          T_* __restrict dst = h < H ? q_p + (t * H + h) * D : k_cache + (slot[t] * Hkv + h - H) * D;
-#pragma omp simd
-          for (int64_t i = 0; i < half; ++i) {
-            const float x1 = f32(x[i]), x2 = f32(x[i + half]), ci = f32(c[i]), si = f32(sn[i]);
-            dst[i] = round_to<T_>(f32(round_to<T_>(x1 * ci)) - f32(round_to<T_>(x2 * si)));
-            dst[i + half] = round_to<T_>(f32(round_to<T_>(x2 * ci)) + f32(round_to<T_>(x1 * si)));
-          }
-        }
-        std::memcpy(v_cache + slot[t] * Hkv * D, v_p + t * v_row, Hkv * D * sizeof(T_));
-      }
-    });
+    if (kv_cache.scalar_type() == at::kFloat8_e4m3fn)
+      rope_rows<T_>(q_out, qk, v, cos, sin, kv_cache.data_ptr<pdserve::Fp8>(), slot, slots, H, Hkv, D);
+    else
+      rope_rows<T_>(q_out, qk, v, cos, sin, kv_cache.data_ptr<T_>(), slot, slots, H, Hkv, D);
   });
 }
 

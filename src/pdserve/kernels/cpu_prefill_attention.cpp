@@ -10,7 +10,9 @@
 // softmax over positions is element-wise (no horizontal reductions). bfloat16 runs scores and the
 // probability-weighted sum of V on the CPU's bfloat16 dot-product instruction (queries packed in pairs of
 // dimensions, V in pairs of positions, probabilities rounded to bfloat16 as flash attention does on GPUs),
-// accumulating in float32. Everything else takes the portable path: float32 arithmetic row by row.
+// accumulating in float32. A float8_e4m3fn cache (no scale) takes the vector path too, each tile's K and V
+// rows widened to the queries' dtype as they are loaded (exact: every e4m3 value is a bfloat16 value).
+// Everything else takes the portable path: float32 arithmetic row by row.
 //
 // Registered as torch.ops.pdserve.paged_prefill_attention; built on first use by pdserve.kernels.
 #include <ATen/Parallel.h>
@@ -43,6 +45,7 @@ constexpr float kNoMax = -1e30f;  // running max before any score (finite: built
 inline float f32(float x) { return x; }
 inline float f32(c10::BFloat16 x) { return static_cast<float>(x); }
 inline float f32(c10::Half x) { return static_cast<float>(x); }
+inline float f32(pdserve::Fp8 x) { return pdserve::fp8_to_float(x); }
 
 // Where things are: the arguments every work item reads.
 template <typename T, typename C>
@@ -162,7 +165,7 @@ void item_portable(const Problem<T, C>& pb, PortableScratch& w, const Item& it) 
 
 #if defined(__AVX512F__)
 template <typename T, typename C, int64_t D>
-constexpr bool kVector = D > 0 && D % 16 == 0 && std::is_same_v<T, C> &&
+constexpr bool kVector = D > 0 && D % 16 == 0 && (std::is_same_v<T, C> || std::is_same_v<C, pdserve::Fp8>) &&
                          (std::is_same_v<T, float>
 #if defined(__AVX512BF16__)
                           || std::is_same_v<T, c10::BFloat16>
@@ -187,6 +190,19 @@ inline __m512 exp512(__m512 x) {
 }
 
 inline __m512 bcast(const float* x) { return _mm512_set1_ps(*x); }
+
+// One cache row of n elements (a multiple of 16) into the tile, in the queries' dtype T.
+template <typename T>
+inline void load_row(T* dst, const T* src, int64_t n) { std::memcpy(dst, src, n * sizeof(T)); }
+inline void load_row(float* dst, const pdserve::Fp8* src, int64_t n) { pdserve::fp8_to_float_row(src, dst, n); }
+inline void load_row(c10::BFloat16* dst, const pdserve::Fp8* src, int64_t n) {
+  alignas(64) float tmp[16];
+  for (int64_t i = 0; i < n; i += 16) {  // float32 -> bfloat16 by truncation: exact for e4m3 values
+    pdserve::fp8_to_float_row(src + i, tmp, 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_load_si512(tmp), 16)));
+  }
+}
 inline __m512i bcast32(const void* x) { return _mm512_set1_epi32(*static_cast<const int32_t*>(x)); }
 
 // Scratch for one item: q holds the queries transposed, (head_dim, lanes) floats or (head_dim / 2, lanes)
@@ -199,8 +215,8 @@ struct VectorScratch {
   std::vector<uint8_t> k, v;
 };
 
-template <typename T, int64_t D>
-void item_vector(const Problem<T, T>& pb, VectorScratch& w, const Item& it) {
+template <typename T, typename C, int64_t D>
+void item_vector(const Problem<T, C>& pb, VectorScratch& w, const Item& it) {
   constexpr bool bf16 = std::is_same_v<T, c10::BFloat16>;
   const int64_t group = pb.group(), rows = it.ntok * group;
   const int64_t nvec = (rows + kLanes - 1) / kLanes, lanes = nvec * kLanes;
@@ -241,8 +257,8 @@ void item_vector(const Problem<T, T>& pb, VectorScratch& w, const Item& it) {
     for (int64_t j = 0; j < kKeys; ++j) {
       if (j < nk) {
         const int64_t off = pb.kv_offset(it.chunk, it.kv_head, k0 + j);
-        std::memcpy(kbuf + j * D, pb.k_cache + off, D * sizeof(T));
-        std::memcpy(vbuf + j * D, pb.v_cache + off, D * sizeof(T));
+        load_row(kbuf + j * D, pb.k_cache + off, D);
+        load_row(vbuf + j * D, pb.v_cache + off, D);
       } else {
         std::memset(kbuf + j * D, 0, D * sizeof(T));
         std::memset(vbuf + j * D, 0, D * sizeof(T));
@@ -340,7 +356,7 @@ void run(const Problem<T, C>& pb) {
   const std::vector<Item> items = work_items(pb);
 #if defined(__AVX512F__)
   if constexpr (kVector<T, C, D>) {
-    for_each_item<VectorScratch>(items, [&](VectorScratch& w, const Item& it) { item_vector<T, D>(pb, w, it); });
+    for_each_item<VectorScratch>(items, [&](VectorScratch& w, const Item& it) { item_vector<T, C, D>(pb, w, it); });
     return;
   }
 #endif
@@ -392,7 +408,7 @@ void paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tens
   TORCH_CHECK(query_starts.data_ptr<int64_t>()[num_chunks] == q.size(0), "query_starts must end at q's rows");
   PDSERVE_DISPATCH_FLOAT_TYPES(q.scalar_type(), "paged_prefill_attention", [&] {
     using T = scalar_t;
-    PDSERVE_DISPATCH_FLOAT_TYPES(kv_cache.scalar_type(), "paged_prefill_attention (KV cache)", [&] {
+    PDSERVE_DISPATCH_KV_TYPES(kv_cache.scalar_type(), "paged_prefill_attention (KV cache)", [&] {
       run_prefill<T, scalar_t>(out, q, kv_cache, block_tables, query_starts, context_starts, scale, window);
     });
   });

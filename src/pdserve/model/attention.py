@@ -9,6 +9,11 @@ each). On CPU, C++ kernels (``pdserve.kernels``) attend all prefill chunks in on
 another, reading K/V blocks where they lie in the cache. Elsewhere (or with the kernels off), prefill
 chunks are attended one by one by SDPA with a causal mask offset by the chunk's start, and decodes all at
 once by SDPA over their gathered, padded contexts.
+
+The cache may be in a narrower dtype than the model's: float8_e4m3fn (``--kv-cache-dtype fp8``) holds K/V
+as they are, saturated to +-448 (no scales), and is read back in the model's dtype (SDPA) or float32 (the
+kernels). A step's own K/V are written rounded, so a prefill chunk's later decodes see what it saw; the SDPA
+path's first chunk of a prompt attends to its unrounded K/V, as vLLM does.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.kernels import cpu_ops_for
+
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value: K/V beyond it are saturated (vLLM's cast)
 
 
 @dataclass
@@ -103,8 +110,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     """
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     k_cache, v_cache = kv_cache[0], kv_cache[1]  # each (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k.to(kv_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v.to(kv_cache.dtype))
+    write_slots(k_cache, meta.slot_mapping, k)
+    write_slots(v_cache, meta.slot_mapping, v)
 
     if cpu_ops_for(q) is not None:
         return cached_attention(q, kv_cache, meta, scale, window)
@@ -171,6 +178,17 @@ def cached_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMet
         ops.paged_decode_attention(out[rows], q[rows], kv_cache, meta.decode_block_tables,
                                    meta.decode_context_lens, scale, window or 0)
     return out
+
+
+def write_slots(cache: torch.Tensor, slot_mapping: torch.Tensor, x: torch.Tensor) -> None:
+    """x (num_tokens, num_kv_heads, head_dim) into one half (keys or values) of a layer's cache,
+    (num_blocks, block_size, num_kv_heads, head_dim), at the tokens' slots, in the cache's dtype."""
+    rows = cache.view(-1, *cache.shape[2:])  # (num_slots, num_kv_heads, head_dim)
+    if cache.dtype == torch.float8_e4m3fn:  # saturated, then rounded; index_copy_ has no float8 kernel: bytes
+        x8 = x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        rows.view(torch.uint8).index_copy_(0, slot_mapping, x8.view(torch.uint8))
+    else:
+        rows.index_copy_(0, slot_mapping, x.to(cache.dtype))
 
 
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
