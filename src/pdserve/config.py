@@ -36,6 +36,9 @@ def format_size(num_bytes: int) -> str:
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOAD_FORMATS = ("auto", "hf", "gguf", "dummy")
 QUANTIZATIONS = ("auto", "none", "int8", "q8_0", "q4_0", "q4_1")
+# auto: the model's dtype; fp8: float8_e4m3fn, stored as is (no scales: a scale of 1.0, as vLLM's
+# uncalibrated fp8 KV cache), half the bytes of bfloat16 per block, in memory and on the wire
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """The paged KV cache: block size, memory budget, prefix caching."""
+    """The paged KV cache: block size, memory budget, prefix caching, the dtype its K/V are stored in."""
 
     block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
     kv_cache_memory_bytes: int = field(default=2**30, metadata={
@@ -77,8 +80,15 @@ class CacheConfig:
     num_blocks: int | None = field(default=None, metadata={
         "name": "num_kv_blocks", "type": int, "help": "KV blocks (overrides --kv-cache-memory)"})
     enable_prefix_caching: bool = field(default=True, metadata={"flag": "--no-prefix-caching"})
+    kv_cache_dtype: str = field(default="auto", metadata={
+        "choices": KV_CACHE_DTYPES, "help": "KV cache dtype: auto (the model's) or fp8 (float8_e4m3fn, no "
+        "scales: twice the blocks in the budget, half the bytes per transfer)"})
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            hint = " (int8 needs per-token scales, which pdserve's KV cache does not keep)" \
+                if self.kv_cache_dtype == "int8" else ""
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}{hint}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_cache_memory_bytes <= 0:

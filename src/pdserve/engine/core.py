@@ -64,19 +64,20 @@ class EngineCore:
     def __init__(self, config: EngineConfig, kv_cache_allocator: KVCacheAllocator | None = None,
                  record_kv_events: bool = False) -> None:
         from pdserve.devices import activate, resolve_backend
-        from pdserve.model.loader import load_model, resolve_dtype
+        from pdserve.model.loader import load_model, resolve_dtype, resolve_kv_dtype
 
         self.config = config
         start = time.perf_counter()
         self.backend, self.device = resolve_backend(config.model.device)  # pdserve.devices
         activate(self.backend)  # the KV data plane asks for it by the cache's device (kv/staging.py)
         self.dtype = resolve_dtype(config.model.dtype, self.backend)
+        self.kv_dtype = resolve_kv_dtype(config.cache.kv_cache_dtype, self.dtype, self.backend)
         self.model, self.arch = load_model(config.model)
         self.max_model_len = min(config.model.max_model_len or self.arch.max_position_embeddings,
                                  self.arch.max_position_embeddings)
         self.block_size = config.cache.block_size
         self.kv_bytes_per_block = (self.block_size * self.arch.num_layers * 2 * self.arch.num_kv_heads
-                                   * self.arch.head_dim * self.dtype.itemsize)
+                                   * self.arch.head_dim * self.kv_dtype.itemsize)
         self.num_blocks = config.cache.num_blocks or config.cache.kv_cache_memory_bytes // self.kv_bytes_per_block
         if self.num_blocks < 1:
             raise ValueError(f"the KV cache budget ({config.cache.kv_cache_memory_bytes} bytes) holds no "
@@ -86,9 +87,9 @@ class EngineCore:
         _warn_if_over_memory(self.backend, self.device, self.num_blocks * self.kv_bytes_per_block)
         if kv_cache_allocator is None or not self.backend.kv_cache_in_host_memory:
             # An allocator places host caches (shared memory); a cache on an accelerator lives there.
-            self.kv_cache = self.backend.allocate_kv_cache(shape, self.dtype, self.device)
+            self.kv_cache = self.backend.allocate_kv_cache(shape, self.kv_dtype, self.device)
         else:
-            self.kv_cache = kv_cache_allocator(shape, self.dtype)
+            self.kv_cache = kv_cache_allocator(shape, self.kv_dtype)
         kv_caches = list(self.kv_cache.unbind(0))
         self.kv = KVCacheManager(self.num_blocks, self.block_size, config.cache.enable_prefix_caching,
                                  max_events=MAX_KV_EVENTS if record_kv_events else 0)
@@ -111,11 +112,10 @@ class EngineCore:
         self._num_steps = 0
         self.last_chunks: list = []  # the chunks of the last step (a worker meters its busy time by them)
         logger.info("engine ready in %.1fs: %s on %s (%s), KV cache %d blocks x %d tokens = %d tokens "
-                    "(%.2f GiB), max_model_len %d", time.perf_counter() - start, self.arch.architecture,
+                    "(%.2f GiB, %s), max_model_len %d", time.perf_counter() - start, self.arch.architecture,
                     self.backend.label(self.device), str(self.dtype).removeprefix("torch."), self.num_blocks,
-                    self.block_size,
-                    self.max_num_kv_tokens, self.kv_cache.numel() * self.dtype.itemsize / 2**30,
-                    self.max_model_len)
+                    self.block_size, self.max_num_kv_tokens, self.kv_cache.numel() * self.kv_dtype.itemsize / 2**30,
+                    str(self.kv_dtype).removeprefix("torch."), self.max_model_len)
 
     @property
     def max_num_kv_tokens(self) -> int:

@@ -49,6 +49,19 @@ def resolve_dtype(name: str, device: DeviceBackend | torch.device | str) -> torc
     return _DTYPES[name]
 
 
+def resolve_kv_dtype(name: str, model_dtype: torch.dtype, backend: DeviceBackend) -> torch.dtype:
+    """The KV cache's dtype for ``--kv-cache-dtype``: ``auto`` the model's, ``fp8`` float8_e4m3fn (stored as
+    is, no scales; read by pdserve's own attention, so not with a backend that brings its own)."""
+    if name == "auto":
+        return model_dtype
+    if name != "fp8":
+        raise ValueError(f"kv_cache_dtype must be auto or fp8, got {name!r}")
+    if backend.attention() is not None:
+        raise ModelLoadError(f"--kv-cache-dtype fp8: device {backend.name} brings its own attention, which "
+                             "may not read a float8 cache; use --kv-cache-dtype auto")
+    return torch.float8_e4m3fn
+
+
 def _return_freed_memory() -> None:
     """Hand the heap memory that loading freed back to the OS (glibc's malloc_trim; a no-op elsewhere).
     Loading allocates and frees one tensor's temporaries after another (dequantization, the quantized
