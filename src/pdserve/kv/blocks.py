@@ -14,7 +14,9 @@ import torch
 
 from pdserve.devices.base import block_runs, copy_block_runs
 
-DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The KV cache's dtypes by name (a peer's cache layout, a store namespace); float8_e4m3fn: --kv-cache-dtype fp8
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+               "float8_e4m3fn": torch.float8_e4m3fn}
 
 
 def dtype_name(dtype: torch.dtype) -> str:

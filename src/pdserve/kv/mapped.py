@@ -30,7 +30,8 @@ class MappedTargetConnector(ZmqConnector):
 
     def _write(self, cache: torch.Tensor, src: list[int], dst: list[int], target: KVTarget,
                layers: slice = ALL_LAYERS, ready=None) -> list:
-        remote = self._map(target)
+        check_layout(cache, list(target.shape), target.dtype)  # before mapping: a peer's float8 cache is
+        remote = self._map(target)  # never read as bfloat16, nor written with a conversion
         check_layout(cache, list(remote.shape), target.dtype)
         self.staging(cache).copy_between(remote, dst, cache, src, layers, ready)
         return []

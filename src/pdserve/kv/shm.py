@@ -88,8 +88,8 @@ def _map_every_page(remote: torch.Tensor) -> None:
     so the mapping is complete from the start: no transfer pays a page fault for a block written the first
     time, and this process's RSS, which counts the mapped pages, is flat from the first transfer on instead of
     growing towards the cache's size as more of its blocks are written (issue 15's soak)."""
-    flat = remote.view(-1)
-    flat[:: max(1, os.sysconf("SC_PAGE_SIZE") // flat.element_size())].sum()
+    flat = remote.view(-1).view(torch.uint8)  # bytes: torch sums no float8
+    flat[:: os.sysconf("SC_PAGE_SIZE")].sum()
 
 
 def remove_stale_files() -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import xxhash
 
-from pdserve.kv.blocks import block_runs
+from pdserve.kv.blocks import DTYPE_NAMES, block_runs
 from pdserve.kv.store.keys import Namespace
 
 logger = logging.getLogger(__name__)
@@ -321,9 +321,9 @@ class HostPool:
         self._state_np = np.frombuffer(self._mm, dtype=np.int64, count=num_slots, offset=offsets["state"])
         self.num_slots, self._table_size, self._mask, self._data_off = num_slots, table_size, table_size - 1, data_off
         shape = (num_slots, *self.ns.block_shape)  # (slots, layers, 2, block_size, kv_heads, head_dim)
-        dtype = {2: torch.bfloat16, 4: torch.float32}.get(self.ns.itemsize, torch.uint8)
-        if self.ns.dtype == "float16":
-            dtype = torch.float16
+        # The cache's own dtype (by name: float16 and bfloat16 have one size), so copies move bytes, never
+        # convert values (a 1-byte float8 cache copied into uint8 slots would be rounded to integers)
+        dtype = DTYPE_NAMES[self.ns.dtype]
         data = torch.frombuffer(self._mm, dtype=torch.uint8, offset=data_off, count=num_slots * self.slot_bytes)
         self._slots = data.view(dtype).view(shape)
         if init:
