@@ -69,6 +69,7 @@ def _loads(conn, timeout_s=30.0):
 
 def _check_blocks(cache, src):
     skip = NUM_CACHED_TOKENS // SHAPE[3]
+    cache, src = cache.view(torch.uint8), src.view(torch.uint8)  # bytes (torch compares no float8)
     for s, d in zip(SRC_BLOCKS[skip:], DST_BLOCKS[skip:]):
         assert torch.equal(cache[:, :, d], src[:, :, s]), (s, d)
     for b in set(range(SHAPE[2])) - set(DST_BLOCKS[skip:]):
@@ -81,7 +82,7 @@ def _reservation(conn, blocks=DST_BLOCKS, deadline_s=60.0, rid="r1"):
     return r
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
 def test_shm_transfer_between_processes(dtype):
     target, cache = _target("shm", dtype)
     try:
@@ -105,17 +106,34 @@ def test_shm_transfer_between_processes(dtype):
     assert not path.exists()
 
 
-def test_tcp_transfer_writes_only_after_validation():
-    target, cache = _target("tcp")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn])
+def test_tcp_transfer_writes_only_after_validation(dtype):
+    target, cache = _target("tcp", dtype)
     try:
-        done = _save("tcp", _reservation(target))
-        assert done.ok and done.seconds > 0 and done.kv_bytes > 0
-        assert not cache.any()  # nothing lands before the worker loop polls (and validates)
+        done = _save("tcp", _reservation(target), dtype)
+        assert done.ok and done.seconds > 0
+        assert done.kv_bytes == 4 * SHAPE[0] * SHAPE[1] * SHAPE[3] * SHAPE[4] * SHAPE[5] * cache.element_size()
+        assert not cache.view(torch.uint8).any()  # nothing lands before the worker loop polls (and validates)
         [load] = _loads(target)
         assert load.ok and load.first_token_id == 42
-        _check_blocks(cache, _source_cache())
+        _check_blocks(cache, _source_cache(dtype))
     finally:
         target.close()
+
+
+@pytest.mark.parametrize("name", ["shm", "tcp"])
+def test_kv_dtypes_that_differ_are_refused_unwritten(name):
+    """A prefill worker with a bfloat16 cache and a decode worker with a float8 one (or the reverse): the
+    transfer fails naming both dtypes; no byte is written, none misread."""
+    for target_dtype, source_dtype in ((torch.float8_e4m3fn, torch.bfloat16), (torch.bfloat16, torch.float8_e4m3fn)):
+        target, cache = _target(name, target_dtype)
+        try:
+            done = _save(name, _reservation(target), source_dtype)
+            assert not done.ok and "KV dtypes differ" in done.error and "float8_e4m3fn" in done.error
+            [load] = _loads(target)
+            assert not load.ok and not cache.view(torch.uint8).any()
+        finally:
+            target.close()
 
 
 def test_cancelled_reservation_drops_the_late_arrival_unwritten():

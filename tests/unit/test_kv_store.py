@@ -188,6 +188,47 @@ def test_save_queue_defaults_to_a_quarter_of_the_cache(tmp_path):
             conn.close()
 
 
+def test_a_float8_cache_has_its_own_namespace_and_its_blocks_come_back_byte_for_byte(tmp_path):
+    """--kv-cache-dtype fp8: the store's namespace names float8_e4m3fn (a bfloat16 worker of the same model never
+    loads its blocks), and every tier returns the bytes saved (the host pool once held 1-byte caches in uint8
+    slots, so a copy rounded the values to integers)."""
+    from pdserve.kv.connector import ConnectorConfig
+    from pdserve.kv.store.connector import StoreConnector
+
+    fp8 = torch.float8_e4m3fn
+    namespaces = {}
+    for dtype in (torch.bfloat16, fp8):
+        conn = StoreConnector(ConnectorConfig("w", store=KVStoreConfig(disk=f"{tmp_path}/{dtype}:1MiB"),
+                                              model="test-model|auto"))
+        try:
+            conn.register_cache(_cache().to(dtype))
+            namespaces[dtype] = conn.store.ns
+        finally:
+            conn.close()
+    assert namespaces[fp8].dtype == "float8_e4m3fn" and namespaces[fp8].itemsize == 1
+    assert namespaces[fp8].digest != namespaces[torch.bfloat16].digest
+    assert namespaces[fp8].block_bytes * 2 == namespaces[torch.bfloat16].block_bytes
+
+    ns = namespaces[fp8]
+    src = (_cache(seed=4) * 100).clamp(-448, 448).to(fp8)
+    dst = torch.zeros_like(src)
+    disk = f"{tmp_path}/tiers:1MiB"
+    store = TieredStore(KVStoreConfig(host_memory_bytes=4 * ns.block_bytes, disk=disk), ns)
+    try:
+        store.save([1, 2, 3], src, [4, 5, 6])
+        assert store.load([1, 2, 3], dst, [0, 1, 2]) == 3  # from the host pool
+        assert {s.tier: s.hits for s in store.tier_stats()}["host"] == 3
+    finally:
+        store.close()
+    store = TieredStore(KVStoreConfig(disk=disk), ns)  # the disk tier alone, as a restarted worker finds it
+    try:
+        assert store.load([1, 2, 3], dst, [10, 11, 12]) == 3
+    finally:
+        store.close()
+    src, dst = src.view(torch.uint8), dst.view(torch.uint8)
+    assert _same(dst, [0, 1, 2, 10, 11, 12], src, [4, 5, 6, 4, 5, 6])
+
+
 def test_store_scheduler_side_composes_with_remote_prefill():
     held = {}
     side = StoreExternal(4, lookup=lambda hashes: sum(1 for _ in hashes[:2]), num_savable=lambda n: min(n, 3))
