@@ -5,7 +5,8 @@ Format (YAML; docs/cluster.md has the reference)::
 
     model: smollm2-135m            # known name, .gguf file, HF folder, or catalogue name for the simulator
     engine:                        # engine settings for every worker: the names of `pdserve worker`'s engine
-      max_num_batched_tokens: 2048 #   flags (settings.py), e.g. kv_cache_memory: 1GiB, max_num_seqs: 128
+      max_num_batched_tokens: 2048 #   flags (settings.py), e.g. kv_cache_memory: 1GiB, max_num_seqs: 128,
+      kv_cache_dtype: fp8          #   the KV cache's dtype: auto (the model's) | fp8; one for every pool
     serving:                       # the layout and the frontend: `pdserve up`, and what the simulator runs
       mode: disaggregated          # auto | colocated | disaggregated
       prefill: 1                   # workers per pool (colocated mode: `colocated: N`)
@@ -39,7 +40,9 @@ Format (YAML; docs/cluster.md has the reference)::
       step_overhead_ms: 1.0        # the engine's time per step outside the kernels (default: the catalogue's)
       step_overhead_per_seq_us: 0  #   and per request in the step
       precision: bf16
-      kv_dtype: bf16
+      kv_dtype: bf16               # the KV cache's bytes as simulated; default: engine.kv_cache_dtype's
+                                   #   (fp8 -> fp8, auto -> bf16); fp8 against kv_cache_dtype auto (or the
+                                   #   reverse) is an error, so a plan is deployed as it was simulated
       decode_routing: least_loaded
       kv_link: auto                # auto | intra | inter (node) for prefill -> decode KV
       kv_store: {host_gbs: 25, remote_gbs: 50, cards_per_host: 8}  # the simulator's KV store links
@@ -135,7 +138,7 @@ class Planning(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, k
     step_overhead_ms: float | dict[str, float | None] | None = None
     step_overhead_per_seq_us: float | dict[str, float | None] | None = None
     precision: str = "bf16"
-    kv_dtype: str = "bf16"
+    kv_dtype: str | None = None  # None: the workers' (ClusterFile.kv_dtype)
     decode_routing: Literal["round_robin", "least_loaded", "prefix_aware"] = "least_loaded"
     kv_link: Literal["auto", "intra", "inter"] = "auto"
     # The simulator's KV store figures (sim/store.py): host_gbs, disk_gbs, remote_gbs, cards_per_host.
@@ -155,11 +158,35 @@ class ClusterFile(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
         engine_settings_from_mapping(self.engine, "engine")  # ValueError naming an unknown setting
         for pool, settings in self.serving.pools.items():
             engine_settings_from_mapping(settings, f"serving.pools.{pool}")
+        self._check_kv_dtype()
         s = self.serving
         if min(s.prefill, s.decode, s.colocated) < 0 or (s.mode == "disaggregated" and s.decode < 1) or \
                 (s.mode == "colocated" and s.colocated < 1):
             raise ValueError(f"serving: a {s.mode} layout needs at least one "
                              f"{'decode' if s.mode == 'disaggregated' else 'colocated'} worker")
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        """The workers' ``kv_cache_dtype`` (one for every pool: KV blocks move between them as they are)."""
+        return self.pool_engine(self.pool_names[0]).get("kv_cache_dtype", "auto")
+
+    @property
+    def kv_dtype(self) -> str:
+        """The KV cache's dtype as the simulator names it: ``planning.kv_dtype``, else the workers' (fp8, or
+        bf16 for the model's own)."""
+        if self.planning.kv_dtype is not None:
+            return self.planning.kv_dtype
+        return "fp8" if self.kv_cache_dtype == "fp8" else "bf16"
+
+    def _check_kv_dtype(self) -> None:
+        by_pool = {pool: self.pool_engine(pool).get("kv_cache_dtype", "auto") for pool in self.pool_names}
+        if len(set(by_pool.values())) > 1:
+            raise ValueError(f"serving.pools: the KV cache dtype differs between pools ({by_pool}); prefill and "
+                             "decode workers move KV blocks as they are, so give one kv_cache_dtype for all")
+        planned, engine = self.planning.kv_dtype, self.kv_cache_dtype
+        if planned is not None and (planned == "fp8") != (engine == "fp8"):
+            raise ValueError(f"planning.kv_dtype {planned} contradicts the workers' kv_cache_dtype {engine}: "
+                             "set engine.kv_cache_dtype (auto or fp8) alone, the simulator follows it")
 
     @property
     def pool_names(self) -> tuple[str, ...]:

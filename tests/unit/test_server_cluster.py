@@ -232,3 +232,46 @@ def test_ray_backend_from_a_cluster_file_and_flags(tmp_path):
     path.write_text("model: smollm2-135m\nserving: {backend: ray, ray: {pools: {decode: {num_cpu: 2}}}}\n")
     with pytest.raises(ValueError, match="num_cpu"):
         _up_args(["--config", str(path)])
+
+
+def test_kv_cache_dtype_reaches_every_worker_and_the_simulator_once(tmp_path):
+    """``engine: {kv_cache_dtype: fp8}`` (or ``pdserve up --kv-cache-dtype fp8``) is passed to every worker, and
+    the simulator reads the same setting (planning.kv_dtype follows it); a file that says two things, or a pool
+    with another KV dtype than its peers, is refused; int8 is refused naming what is supported."""
+    from pdserve.cli import build_parser
+    from pdserve.cluster.local import LocalCluster
+    from pdserve.sim.cluster import ClusterSpec
+
+    engine = add_engine_flags(argparse.ArgumentParser())
+
+    def worker_kv_dtype(argv_up, role):
+        cluster = LocalCluster(_up_args(argv_up))
+        try:
+            known, _ = engine.parse_known_args(cluster.worker_argv(0, role, None, tmp_path / "r.json")[3:])
+        finally:
+            cluster.tmpdir.rmdir()
+        return known.kv_cache_dtype
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text("model: smollm2-135m\nengine: {kv_cache_dtype: fp8}\nplanning: {hardware: h100-sxm}\n")
+    assert worker_kv_dtype(["--config", str(path)], "prefill") == worker_kv_dtype(["--config", str(path)],
+                                                                                  "decode") == "fp8"
+    assert worker_kv_dtype(["--kv-cache-dtype", "fp8"], "decode") == "fp8"
+    assert worker_kv_dtype([], "prefill") == "auto"
+    spec = ClusterSpec.from_file(cluster_file.load(path))
+    assert spec.kv_dtype == "fp8"
+    written = spec.to_file()  # as `pdserve plan` writes it: the engine's setting, no second name
+    assert written.engine["kv_cache_dtype"] == "fp8" and written.planning.kv_dtype is None
+    assert ClusterSpec.from_file(cluster_file.parse(cluster_file.msgspec.to_builtins(written))).kv_dtype == "fp8"
+    assert ClusterSpec.from_file(cluster_file.parse({"model": "m", "planning": {"hardware": "h100-sxm"}})).kv_dtype \
+        == "bf16"
+
+    for text, words in (("engine: {kv_cache_dtype: fp8}\nplanning: {kv_dtype: bf16}\n", "contradicts"),
+                        ("planning: {kv_dtype: fp8}\n", "contradicts"),
+                        ("serving: {pools: {prefill: {kv_cache_dtype: fp8}}}\n", "differs between pools"),
+                        ("engine: {kv_cache_dtype: int8}\n", r"one of \('auto', 'fp8'\).*per-token scales")):
+        path.write_text("model: m\n" + text)
+        with pytest.raises(ValueError, match=words):
+            cluster_file.load(path)
+    with pytest.raises(SystemExit):  # argparse: "invalid choice: 'int8' (choose from auto, fp8)"
+        build_parser().parse_args(["worker", "--kv-cache-dtype", "int8"])

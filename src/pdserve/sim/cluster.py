@@ -119,6 +119,8 @@ class ClusterSpec:
         pools = self.pools
         first = next(iter(pools.values()))
         engine = {**_sched(first), "block_size": self.block_size, "enable_prefix_caching": self.enable_prefix_caching}
+        if self.kv_dtype == "fp8":  # the workers' setting; the simulator reads it back from there
+            engine["kv_cache_dtype"] = "fp8"
         serving = {"mode": self.mode, **{name: pool.instances for name, pool in pools.items()},
                    "routing": self.routing, "min_remote_prefill_tokens": self.min_remote_prefill_tokens,
                    "max_inflight": self.max_inflight}
@@ -130,8 +132,10 @@ class ClusterSpec:
                     "tp": _one_or_per_pool({n: p.tp for n, p in pools.items()}),
                     "parallelism": _one_or_per_pool({n: p.parallelism for n, p in pools.items()}),
                     **_model_settings(pools),
-                    "precision": self.precision, "kv_dtype": self.kv_dtype, "decode_routing": self.decode_routing,
+                    "precision": self.precision, "decode_routing": self.decode_routing,
                     "kv_link": self.kv_link}
+        if self.kv_dtype not in ("bf16", "fp8"):  # a dtype only the simulator runs (bf16, fp8: the engine's)
+            planning["kv_dtype"] = self.kv_dtype
         if self.kv_store_planning:
             planning["kv_store"] = dict(self.kv_store_planning)
         data = {"model": self.model, "engine": engine, "serving": serving, "planning": planning}
@@ -156,7 +160,7 @@ class ClusterSpec:
         return cls(model=f.model, mode=f.serving.mode, **pools, routing=f.serving.routing,
                    block_size=int(f.engine.get("block_size", 16)),
                    enable_prefix_caching=bool(f.engine.get("enable_prefix_caching", True)),
-                   precision=pl.precision, kv_dtype=pl.kv_dtype, decode_routing=pl.decode_routing,
+                   precision=pl.precision, kv_dtype=f.kv_dtype, decode_routing=pl.decode_routing,
                    kv_link=pl.kv_link, min_remote_prefill_tokens=f.serving.min_remote_prefill_tokens,
                    max_inflight=f.serving.max_inflight, extra=dict(f.predicted),
                    kv_store=dict(f.serving.kv_store), kv_store_planning=dict(pl.kv_store))
