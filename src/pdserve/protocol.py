@@ -186,6 +186,7 @@ class WorkerInfo(msgspec.Struct, tag=20, tag_field="t", omit_defaults=True):
     device_name: str = ""  # "NVIDIA H100 80GB HBM3", the CPU's model name
     num_cores: int = 0  # a CPU worker: the cores it may run on unless pinned (``cpus``); 0: an accelerator
     hardware: str = ""  # the hardware catalogue entry the device stands for (its price), "" if none
+    kv_dtype: str = ""  # its KV cache's dtype ("bfloat16", "float8_e4m3fn", ...); "" from older workers
 
 
 class Outputs(msgspec.Struct, tag=21, tag_field="t"):

@@ -34,6 +34,7 @@ FROM_WORKER = [
                  device_name="NVIDIA H100 80GB HBM3", hardware="h100-sxm"),
     p.WorkerInfo("both-1", "both", "smollm2-135m", 123, "host", 16, 1000, 8192, device="cpu",
                  device_name="AMD EPYC 9R14", num_cores=2, hardware="cpu-this-machine"),
+    p.WorkerInfo("decode-2", "decode", "smollm2-135m", 123, "host", 16, 2000, 8192, kv_dtype="float8_e4m3fn"),
     p.Outputs([p.TokenOutput("r1", [5], None, None, 3, 0, _LOGPROBS), p.TokenOutput("r2", [], "abort")]),
     p.Outputs([p.TokenOutput("r3", [9, 10], "stop", 10, 3, 16)]),
     p.ErrorMsg("r1", "invalid_request_error", "prompt too long", "prompt", 400),

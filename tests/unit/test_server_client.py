@@ -69,3 +69,25 @@ def _hashes():
     from pdserve.hashing import hash_block_tokens
 
     return hash_block_tokens(PROMPT, 16)
+
+
+def test_a_worker_whose_kv_dtype_differs_is_refused_at_connect(caplog):
+    """A decode worker with a bfloat16 KV cache joining a prefill worker's float8 one: never admitted (no
+    request is routed to it, so no block is ever misread), with one error naming both; the same dtype joins."""
+    from pdserve import protocol as p
+    from pdserve.server.client import WorkerConn
+
+    def info(worker_id, role, kv_dtype):
+        return p.WorkerInfo(worker_id, role, "m", 1, "h", 16, 100, 2048, kv_dtype=kv_dtype)
+
+    client = FrontendClient(FrontendOptions(("tcp://a", "tcp://b", "tcp://c")))
+    client._dispatch(WorkerConn("tcp://a", None), info("prefill-0", "prefill", "float8_e4m3fn"))
+    late = WorkerConn("tcp://b", None)
+    for _ in range(2):  # the frontend says hello again until it hears back: one error, not one a second
+        client._dispatch(late, info("decode-0", "decode", "bfloat16"))
+    assert set(client.conns) == {"prefill-0"} and late.info is None
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "bfloat16" in errors[0] and "float8_e4m3fn" in errors[0] and \
+        "--kv-cache-dtype" in errors[0]
+    client._dispatch(WorkerConn("tcp://c", None), info("decode-1", "decode", "float8_e4m3fn"))
+    assert set(client.conns) == {"prefill-0", "decode-1"}

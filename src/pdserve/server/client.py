@@ -65,6 +65,7 @@ class FrontendClient:
         self.flow = FrontendFlow(self.router, admission, options.retry_dead_worker, options.migrate)
         self.liveness = Liveness(self)
         self.conns: dict[str, WorkerConn] = {}  # worker id -> connection (after its WorkerInfo)
+        self._refused_kv_dtype: set[str] = set()  # workers whose KV dtype differs from the cluster's
         self._pending: list[WorkerConn] = []
         self._tracked: dict[str, Tracked] = {}
         self._digests: dict[str, asyncio.Future] = {}
@@ -391,6 +392,15 @@ class FrontendClient:
                 fut.set_result(msg.digests if isinstance(msg, p.KVDigestReply) else msg.error)
 
     def _on_info(self, conn: WorkerConn, info: p.WorkerInfo) -> None:
+        clash = self._kv_dtype_clash(info)
+        if clash is not None:  # KV blocks move between workers as they are: one KV dtype for the cluster
+            if info.worker_id not in self._refused_kv_dtype:
+                self._refused_kv_dtype.add(info.worker_id)
+                logger.error("worker %s (pid %d on %s) refused: its KV cache is %s, worker %s's is %s; start "
+                             "every worker with the same --kv-cache-dtype", info.worker_id, info.pid, info.host,
+                             info.kv_dtype, clash.worker_id, clash.kv_dtype)
+            return
+        self._refused_kv_dtype.discard(info.worker_id)
         old = self.conns.get(info.worker_id)
         if old is not None and old is not conn:  # the worker is back on another address (restarted elsewhere)
             if old.is_alive:
@@ -411,6 +421,15 @@ class FrontendClient:
         view.role, view.step_target_s, view.host = info.role, info.step_target_s, info.host
         view.cores = None if info.cpus is None else tuple(info.cpus)
         self.flow.on_worker_alive(info.worker_id)
+
+    def _kv_dtype_clash(self, info: p.WorkerInfo) -> p.WorkerInfo | None:
+        """A connected worker whose KV cache dtype differs from ``info``'s, or None."""
+        for c in self.conns.values():
+            other = c.info
+            if other is not None and other.worker_id != info.worker_id and c.is_alive and other.kv_dtype \
+                    and info.kv_dtype and other.kv_dtype != info.kv_dtype:
+                return other
+        return None
 
     def _on_tokens(self, t: Tracked, n: int) -> None:
         now = time.monotonic()

@@ -147,7 +147,7 @@ class Worker:
                             self.core.max_model_len, self.connector.name if self.is_target else "",
                             list(self.core.arch.eos_token_ids), self.cpus, self.core.prefill_budget.target_step_s,
                             self.device.device_type, self.device.device_name, self.device.num_cores,
-                            self.device.hardware)
+                            self.device.hardware, str(self.core.kv_dtype).removeprefix("torch."))
 
     def ready_record(self) -> dict:
         """What the launcher reads: where to reach this worker."""
