@@ -30,10 +30,10 @@ def tiny_dir(tmp_path_factory):
     return path
 
 
-def _engine(tiny_dir, alloc=None, device="cpu", dtype="auto"):
+def _engine(tiny_dir, alloc=None, device="cpu", dtype="auto", kv_cache_dtype="auto"):
     config = EngineConfig(model=ModelConfig(model=str(tiny_dir), load_format="dummy", device=device, dtype=dtype,
                                             seed=7),
-                          cache=CacheConfig(block_size=16, num_blocks=24),
+                          cache=CacheConfig(block_size=16, num_blocks=24, kv_cache_dtype=kv_cache_dtype),
                           scheduler=SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8))
     return EngineCore(config, alloc, record_kv_events=True)
 
@@ -42,10 +42,11 @@ class Running:
     """A worker running its loop in a thread, and a DEALER connected to it (the test is the frontend)."""
 
     def __init__(self, tiny_dir, role, backend="shm", transfer_timeout_s=30.0, trace_path=None, device="cpu",
-                 dtype="auto"):
+                 dtype="auto", kv_cache_dtype="auto"):
         options = WorkerOptions(role=role, kv_connector=backend, stats_interval_s=0.05,
                                 transfer_timeout_s=transfer_timeout_s, idle_poll_ms=10, trace_path=trace_path)
-        self.worker = Worker(None, options, engine_factory=lambda alloc: _engine(tiny_dir, alloc, device, dtype))
+        self.worker = Worker(None, options, engine_factory=lambda alloc: _engine(tiny_dir, alloc, device, dtype,
+                                                                                 kv_cache_dtype))
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
         self.thread.start()
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -138,6 +139,42 @@ def test_disaggregated_equals_colocated_with_identical_kv(tiny_dir, colocated_to
     finally:
         prefill.close()
         decode.close()
+
+
+@pytest.mark.parametrize("backend", ["shm", "tcp"])
+def test_fp8_kv_disaggregated_equals_colocated_fp8_at_half_the_bytes(tiny_dir, backend):
+    """--kv-cache-dtype fp8 on both workers: the decode worker's tokens are the colocated fp8 engine's, the
+    prompt's blocks arrive byte for byte, and a transfer moves half the bytes of the bfloat16 cache's."""
+    kv_bytes, tokens = {}, {}
+    for kv in ("auto", "fp8"):
+        both = Running(tiny_dir, "both", dtype="bfloat16", kv_cache_dtype=kv)
+        try:
+            both.send(p.AddRequest("c", PROMPT, GREEDY))
+            colocated, _ = both.tokens("c")
+        finally:
+            both.close()
+        prefill = Running(tiny_dir, "prefill", dtype="bfloat16", kv_cache_dtype=kv)
+        decode = Running(tiny_dir, "decode", backend, dtype="bfloat16", kv_cache_dtype=kv)
+        try:
+            assert decode.worker.info().kv_dtype == ("float8_e4m3fn" if kv == "fp8" else "bfloat16")
+            decode.send(p.AddRequest("r", PROMPT, GREEDY, remote_kv=True))
+            prefill.send(p.AddRequest("r", PROMPT, p.WireSamplingParams(temperature=0.0, max_tokens=1,
+                                                                        ignore_eos=True), hold_kv=True))
+            prefill.send(p.ForwardReservation(decode.recv_type(p.KVReservationMsg)))
+            done = prefill.recv_type(p.PrefillDone)
+            assert done.ok, done.error
+            kv_bytes[kv] = done.kv_bytes
+            tokens[kv], _ = decode.tokens("r")
+            assert tokens[kv] == colocated
+            q = p.KVDigestRequest("q", _prompt_hashes())
+            prefill.send(q)
+            decode.send(q)
+            a, b = prefill.recv_type(p.KVDigestReply), decode.recv_type(p.KVDigestReply)
+            assert len(a.digests) == 2 and all(a.digests) and a.digests == b.digests
+        finally:
+            prefill.close()
+            decode.close()
+    assert kv_bytes["fp8"] * 2 == kv_bytes["auto"] > 0
 
 
 def test_disaggregated_on_a_device_plugin(tiny_dir, testchip):
