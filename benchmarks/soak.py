@@ -101,8 +101,10 @@ def _capacity(url: str, rates: tuple[float, ...], rng: random.Random, swept: lis
 
 
 def _counts() -> dict:
-    # refused: 429 (admission); within: served within both objectives; ttft/tpot: the served requests'
-    return {"sent": 0, "ok": 0, "refused": 0, "error": 0, "within": 0, "details": [], "ttft_s": [], "tpot_s": []}
+    # refused: 429 (admission); within: served within both objectives; empty: served, the first token ended
+    # it (sampled EOS: text ""); ttft/tpot: the served requests'
+    return {"sent": 0, "ok": 0, "refused": 0, "error": 0, "within": 0, "empty": 0, "details": [], "ttft_s": [],
+            "tpot_s": []}
 
 
 def _latency_summary(counts: dict) -> dict:
@@ -123,7 +125,7 @@ def _one(url: str, seed: int, counts: dict) -> None:
         counts["sent"] += 1
     body = {"model": MODEL, "prompt": f"Request {seed}: tell me about the number {seed}.", "max_tokens": 24,
             "temperature": 0.8, "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
-    detail, ttft, tpot = None, None, None
+    detail, ttft, tpot, empty = None, None, None, False
     try:
         sent = time.monotonic()
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
@@ -131,7 +133,7 @@ def _one(url: str, seed: int, counts: dict) -> None:
                 outcome = "refused" if r.status_code == 429 else "error"
                 detail = f"{r.status_code}: {r.read()[:200]!r}"
             else:
-                outcome, first, tokens, done = "ok", None, 0, False
+                outcome, first, tokens, done, finish, empty = "ok", None, 0, False, None, False
                 for line in r.iter_lines():
                     if not line.startswith("data: "):
                         continue
@@ -143,17 +145,20 @@ def _one(url: str, seed: int, counts: dict) -> None:
                         outcome, detail = "error", f"error chunk: {chunk['error']}"
                     elif chunk.get("usage"):
                         tokens = chunk["usage"]["completion_tokens"]
-                    elif first is None and chunk["choices"] and chunk["choices"][0]["text"]:
-                        first = time.monotonic()
+                    elif first is None and chunk["choices"]:
+                        first = time.monotonic()  # the first token's chunk (text "" when it ended the output)
+                        finish = chunk["choices"][0]["finish_reason"]
                 if outcome == "ok" and (not done or first is None):
                     outcome, detail = "error", f"stream ended without {'[DONE]' if not done else 'a token'}"
                 if outcome == "ok":
+                    empty = tokens <= 1 and finish is not None  # its first token ended it (EOS sampled)
                     ttft = first - sent
                     tpot = (time.monotonic() - first) / (tokens - 1) if tokens > 1 else None
     except httpx.HTTPError as e:
         outcome, detail = "error", repr(e)
     with _COUNTS:
         counts[outcome] += 1
+        counts["empty"] += empty
         if ttft is not None:
             counts["ttft_s"].append(ttft)
             if tpot is not None:
@@ -227,7 +232,8 @@ def main() -> int:
     s, e, r = report["start"], report["end"], report["requests"]
     lat = _latency_summary(r)
     print(f"soak at {report['rate']:.2f} req/s (objectives TTFT {OBJECTIVES.ttft_s:g} s, TPOT "
-          f"{OBJECTIVES.tpot_s:g} s): sent {r['sent']}, ok {r['ok']}, refused {r['refused']}, error {r['error']}, "
+          f"{OBJECTIVES.tpot_s:g} s): sent {r['sent']}, ok {r['ok']} ({r['empty']} ended by their first token), "
+          f"refused {r['refused']}, error {r['error']}, "
           f"within both {r['within'] / max(1, r['sent']):.1%}; TTFT p50/p90 {lat['ttft_p50_s']:.2f}/"
           f"{lat['ttft_p90_s']:.2f} s, TPOT p50/p90 {lat['tpot_p50_s'] * 1e3:.0f}/{lat['tpot_p90_s'] * 1e3:.0f} ms; "
           f"kills {report['kills']}")
