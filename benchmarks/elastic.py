@@ -19,9 +19,9 @@ request), the last started once per objective set since the objectives steer it.
 
 4. With --sim (or --sim-only OUT_DIR: the runs of an earlier out-dir), the simulator's prediction beside
    them: every measured run again in `pdserve sim`'s simulator (the same workload flags, seed and number of
-   requests, the same layout and KV budget), its step times from `pdserve profile` pinned as `pdserve up`
-   pins each layout's workers (colocated: both cores; split and auto: one core a worker; or --perf-model
-   colocated=F,split=F). What it leaves out: auto in the simulator changes roles and step targets but
+   requests, the same layout and KV budget), its step times from `pdserve profile` of the served weights,
+   pinned as `pdserve up` pins each layout's workers (colocated: both cores; split and auto: one core a
+   worker; or --perf-model colocated=F,split=F). What it leaves out: auto in the simulator changes roles and step targets but
    moves no cores (its instances are cards: the same controller, another lever), so it starts and stays at
    1P+1D unless a role changes; the tight objectives' ITL p99 is not scored (the simulator keeps no
    per-request gaps); the phase-shifting workload is not simulated.
@@ -291,7 +291,8 @@ def _simulate(layout: str, w: str, rate: float, n: int, seed: int, objectives: d
 
 def _perf_models(out: Path, given: str | None) -> dict[str, str]:
     """colocated and split step-time models: ``given`` (colocated=F,split=F), else `pdserve profile` now
-    (into ``out``, reused when there), pinned as `pdserve up` pins each layout's workers."""
+    (into ``out``, reused when there) on the served weights, pinned as `pdserve up` pins each layout's
+    workers."""
     models = dict(kv.split("=", 1) for kv in given.split(",")) if given else {}
     cores = sorted(os.sched_getaffinity(0))
     for mode, pin in (("colocated", [",".join(map(str, cores)), str(len(cores))]), ("split", [str(cores[0]), "1"])):
@@ -300,8 +301,11 @@ def _perf_models(out: Path, given: str | None) -> dict[str, str]:
         models[mode] = str(out / f"perf-model-{mode}.json")
         if not Path(models[mode]).exists():
             print(f"profiling for {mode} (cpus {pin[0]}, {pin[1]} threads)", flush=True)
-            subprocess.run([sys.executable, "-m", "pdserve.cli", "profile", "--out", models[mode], "--cpus", pin[0],
-                            "--threads", pin[1]], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            # the served weights (the default model's GGUF, kept quantized as `pdserve up` keeps them): its
+            # steps, not dummy bfloat16 ones (a lone decode step 1.8x slower here)
+            subprocess.run([sys.executable, "-m", "pdserve.cli", "profile", "--load-format", "auto", "--out",
+                            models[mode], "--cpus", pin[0], "--threads", pin[1]], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return models
 
 
