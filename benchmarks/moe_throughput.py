@@ -33,6 +33,8 @@ from pdserve.model.arch import BUILTIN_ARCHS, ModelArch
 from pdserve.model.dummy import load_dummy
 from pdserve.settings import engine_config
 
+from offline_throughput import time_generate  # benchmarks/: the script's own folder
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,7 +81,7 @@ def main() -> None:
 
     hf_model = transformers_model(arch, dtype)
     print(f"transformers experts implementation: {getattr(hf_model.config, '_experts_implementation_internal', '?')}")
-    hf_s, hf_tokens = run_transformers(hf_model, prompts, args)
+    hf_s, hf_tokens = time_generate(hf_model, prompts, args.hf_batch, args.output_len)
     print(f"transformers generate (batch {args.hf_batch}): {hf_s:.2f} s, {num_out / hf_s:.1f} output tokens/s")
     ratio = hf_s / pd_s
     same = sum(a == b for a, b in zip(pd_tokens, hf_tokens))
@@ -133,21 +135,6 @@ def transformers_model(arch: ModelArch, dtype: torch.dtype):
     model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True, assign=True)
     model.model.rotary_emb = type(model.model.rotary_emb)(model.config)  # its buffers were built on meta
     return model.eval()
-
-
-def run_transformers(model, prompts: list[list[int]], args: argparse.Namespace) -> tuple[float, list[list[int]]]:
-    ids = torch.tensor(prompts, dtype=torch.long)
-    tokens: list[list[int]] = []
-    with torch.inference_mode():
-        model.generate(ids[:1, :8], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
-        t = time.perf_counter()
-        for start in range(0, len(prompts), args.hf_batch):
-            batch = ids[start:start + args.hf_batch]
-            out = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=args.output_len,
-                                 min_new_tokens=args.output_len, do_sample=False, pad_token_id=0)
-            assert out.shape[1] == args.input_len + args.output_len
-            tokens += out[:, args.input_len:].tolist()
-        return time.perf_counter() - t, tokens
 
 
 if __name__ == "__main__":

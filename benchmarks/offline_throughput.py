@@ -158,16 +158,25 @@ def run_transformers(args: argparse.Namespace, prompts: list[list[int]], dtype: 
 
     path = resolve_model_path(args.model)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+    return time_generate(model, prompts, args.hf_batch, args.output_len)[0]
+
+
+def time_generate(model, prompts: list[list[int]], batch_size: int, output_len: int
+                  ) -> tuple[float, list[list[int]]]:
+    """transformers ``generate`` (greedy, exactly ``output_len`` tokens) over equal-length token-id prompts
+    in batches of ``batch_size``, after a warm-up: (seconds, each prompt's output tokens)."""
     ids = torch.tensor(prompts, dtype=torch.long)
+    input_len, tokens = ids.shape[1], []
     with torch.inference_mode():
-        model.generate(ids[:1, :32], max_new_tokens=4, do_sample=False)  # warm-up
+        model.generate(ids[:1, :8], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
         t = time.perf_counter()
-        for start in range(0, len(prompts), args.hf_batch):
-            batch = ids[start:start + args.hf_batch]
-            out = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=args.output_len,
-                                 min_new_tokens=args.output_len, do_sample=False, pad_token_id=0)
-            assert out.shape[1] == args.input_len + args.output_len
-        return time.perf_counter() - t
+        for start in range(0, len(prompts), batch_size):
+            batch = ids[start:start + batch_size]
+            out = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=output_len,
+                                 min_new_tokens=output_len, do_sample=False, pad_token_id=0)
+            assert out.shape[1] == input_len + output_len
+            tokens += out[:, input_len:].tolist()
+        return time.perf_counter() - t, tokens
 
 
 def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:

@@ -56,6 +56,19 @@ def _up_args(argv):
     return apply_up_config(parser.parse_args(argv))
 
 
+def _worker_engine_args(argv_up, role, tmp_path) -> argparse.Namespace:
+    """The engine settings `pdserve up ARGV_UP` gives its first worker of ``role``."""
+    from pdserve.cluster.local import LocalCluster
+
+    cluster = LocalCluster(_up_args(argv_up))
+    try:
+        known, _ = add_engine_flags(argparse.ArgumentParser()).parse_known_args(
+            cluster.worker_argv(0, role, None, tmp_path / "r.json")[3:])
+    finally:
+        cluster.tmpdir.rmdir()
+    return known
+
+
 def test_cluster_file_sets_up_and_flags_win(tmp_path):
     path = tmp_path / "cluster.yaml"
     path.write_text("model: smollm2-135m\nengine: {max_num_batched_tokens: 1024, max_num_seqs: 64, "
@@ -166,19 +179,11 @@ def test_per_pool_engine_settings_reach_their_workers(tmp_path):
 
 def test_quantization_from_a_cluster_file_reaches_the_workers(tmp_path):
     """``engine: {quantization: none}`` is passed to every worker; ``--quantization`` on the command line wins."""
-    from pdserve.cluster.local import LocalCluster
-
     path = tmp_path / "cluster.yaml"
     path.write_text("model: smollm2-135m\nengine: {quantization: none}\nserving: {mode: disaggregated}\n")
-    engine = add_engine_flags(argparse.ArgumentParser())
 
     def worker_quantization(argv_up, role):
-        cluster = LocalCluster(_up_args(argv_up))
-        try:
-            known, _ = engine.parse_known_args(cluster.worker_argv(0, role, None, tmp_path / "r.json")[3:])
-        finally:
-            cluster.tmpdir.rmdir()
-        return known.quantization
+        return _worker_engine_args(argv_up, role, tmp_path).quantization
 
     assert worker_quantization(["--config", str(path)], "prefill") == "none"
     assert worker_quantization(["--config", str(path)], "decode") == "none"
@@ -239,18 +244,10 @@ def test_kv_cache_dtype_reaches_every_worker_and_the_simulator_once(tmp_path):
     the simulator reads the same setting (planning.kv_dtype follows it); a file that says two things, or a pool
     with another KV dtype than its peers, is refused; int8 is refused naming what is supported."""
     from pdserve.cli import build_parser
-    from pdserve.cluster.local import LocalCluster
     from pdserve.sim.cluster import ClusterSpec
 
-    engine = add_engine_flags(argparse.ArgumentParser())
-
     def worker_kv_dtype(argv_up, role):
-        cluster = LocalCluster(_up_args(argv_up))
-        try:
-            known, _ = engine.parse_known_args(cluster.worker_argv(0, role, None, tmp_path / "r.json")[3:])
-        finally:
-            cluster.tmpdir.rmdir()
-        return known.kv_cache_dtype
+        return _worker_engine_args(argv_up, role, tmp_path).kv_cache_dtype
 
     path = tmp_path / "cluster.yaml"
     path.write_text("model: smollm2-135m\nengine: {kv_cache_dtype: fp8}\nplanning: {hardware: h100-sxm}\n")
