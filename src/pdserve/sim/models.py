@@ -174,6 +174,14 @@ def get_model(name_or_path: str) -> ModelSpec:
                      "and not a config.json path")
 
 
+def shared_expert_count(shared_intermediate_size: int, moe_intermediate_size: int) -> int:
+    """Qwen2-MoE's one shared expert, ``shared_intermediate_size`` wide, as routed experts' worth of
+    parameters and work (``num_shared_experts``; its sigmoid gate, hidden_size weights, left out)."""
+    if not (shared_intermediate_size and moe_intermediate_size):
+        return 0
+    return round(shared_intermediate_size / moe_intermediate_size)
+
+
 def from_hf_config(path: str | Path) -> ModelSpec:
     """A ModelSpec from a Hugging Face config.json (Llama, Qwen2/3, Mistral, Mixtral, Qwen3-MoE,
     DeepSeek-V2/V3, gpt-oss field names)."""
@@ -184,10 +192,8 @@ def from_hf_config(path: str | Path) -> ModelSpec:
         heads = int(cfg["num_attention_heads"])
         num_experts = int(cfg.get("n_routed_experts") or cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
         moe_inter = int(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size") or 0) if num_experts else 0
-        # Qwen2-MoE's one shared expert is shared_expert_intermediate_size wide: as many routed experts' worth
-        # of parameters and work (its sigmoid gate, hidden_size weights, left out)
         shared = int(cfg.get("n_shared_experts") or 0) or \
-            round(int(cfg.get("shared_expert_intermediate_size") or 0) / max(1, moe_inter))
+            shared_expert_count(int(cfg.get("shared_expert_intermediate_size") or 0), moe_inter)
         spec = ModelSpec(
             name=str(Path(path).parent.name or path),
             num_layers=int(cfg["num_hidden_layers"]),

@@ -63,7 +63,7 @@ class BusyMeter:
         if not hardware:
             return cls(num_cores=num_cores)
         from pdserve.sim.hardware import get_hardware
-        from pdserve.sim.models import ModelSpec
+        from pdserve.sim.models import ModelSpec, shared_expert_count
         from pdserve.sim.perf_model import AnalyticPerfModel
 
         spec = ModelSpec(arch.architecture, arch.num_layers, arch.hidden_size, arch.num_heads, arch.num_kv_heads,
@@ -71,8 +71,8 @@ class BusyMeter:
                          tie_embeddings=arch.tie_word_embeddings, num_experts=arch.num_experts,
                          num_experts_per_token=arch.num_experts_per_tok,
                          moe_intermediate_size=arch.moe_intermediate_size,
-                         num_shared_experts=round(arch.shared_expert_intermediate_size / arch.moe_intermediate_size)
-                         if arch.shared_expert_intermediate_size else 0,  # Qwen2-MoE's: a multiple of the width
+                         num_shared_experts=shared_expert_count(arch.shared_expert_intermediate_size,
+                                                                arch.moe_intermediate_size),
                          first_k_dense_layers=arch.num_layers - arch.num_moe_layers if arch.num_experts else 0)
         precision = "fp32" if dtype.itemsize == 4 else "bf16"
         return cls(AnalyticPerfModel(spec, get_hardware(hardware), precision=precision, kv_dtype=precision),
