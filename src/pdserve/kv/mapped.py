@@ -30,9 +30,10 @@ class MappedTargetConnector(ZmqConnector):
 
     def _write(self, cache: torch.Tensor, src: list[int], dst: list[int], target: KVTarget,
                layers: slice = ALL_LAYERS, ready=None) -> list:
-        check_layout(cache, list(target.shape), target.dtype)  # before mapping: a peer's float8 cache is
-        remote = self._map(target)  # never read as bfloat16, nor written with a conversion
-        check_layout(cache, list(remote.shape), target.dtype)
+        # before mapping (``_map`` views the peer's cache as target.shape): a peer's float8 cache is never
+        # read as bfloat16, nor written with a conversion
+        check_layout(cache, list(target.shape), target.dtype)
+        remote = self._map(target)
         self.staging(cache).copy_between(remote, dst, cache, src, layers, ready)
         return []
 
