@@ -25,6 +25,7 @@ import time
 import httpx
 import psutil
 
+from pdserve.bench.metrics import summarize
 from pdserve.cluster.local import free_port, wait_healthy
 from pdserve.server.main import DEFAULT_OBJECTIVES
 
@@ -108,11 +109,12 @@ def _counts() -> dict:
 
 
 def _latency_summary(counts: dict) -> dict:
-    def q(xs: list[float], f: float) -> float:
-        xs = sorted(xs)
-        return xs[min(len(xs) - 1, int(f * len(xs)))] if xs else float("nan")
-    return {"ttft_p50_s": q(counts["ttft_s"], 0.5), "ttft_p90_s": q(counts["ttft_s"], 0.9),
-            "tpot_p50_s": q(counts["tpot_s"], 0.5), "tpot_p90_s": q(counts["tpot_s"], 0.9)}
+    """p50 and p90 of the served requests' TTFT and TPOT, as `pdserve bench` computes them (nan: none)."""
+    out = {}
+    for key in ("ttft", "tpot"):
+        stats = summarize(counts[f"{key}_s"])
+        out |= {f"{key}_{p}_s": float("nan") if stats[p] is None else stats[p] for p in ("p50", "p90")}
+    return out
 
 
 _COUNTS = threading.Lock()
