@@ -208,16 +208,16 @@ def _format(report: dict) -> str:
 
 
 def _sim_report(out: Path, args) -> int:
-    """Simulate every measured run in ``out`` (``_simulated``) and print, per workload, objectives and layout,
-    the measured attainment at each rate beside the simulated one, and both capacities (medians)."""
+    """Simulate every measured run in ``out`` (``_measured_runs``) and print, per workload, objectives and
+    layout, the measured attainment at each rate beside the simulated one, and both capacities (medians)."""
     saved = json.loads((out / "objectives.json").read_text())["objectives"]
     perf_models = _perf_models(out, args.perf_model)
-    measured, simulated = _measured_runs(out, saved), {}
-    for layout, by_workload in measured.items():
-        for w, reps in by_workload.items():
-            simulated.setdefault(layout, {})[w] = [
-                {rate: _simulate(layout, w, rate, n, seed, saved, perf_models) for rate, (n, seed) in rep.items()}
-                for rep in reps]
+    measured = _measured_runs(out, saved)
+    real = {layout: {w: [{rate: lat for rate, (_, lat) in rep.items()} for rep in reps]
+                     for w, reps in by_workload.items()} for layout, by_workload in measured.items()}
+    simulated = {layout: {w: [{rate: _simulate(layout, w, rate, len(lat), seed, saved, perf_models)
+                               for rate, (seed, lat) in rep.items()} for rep in reps]
+                          for w, reps in by_workload.items()} for layout, by_workload in measured.items()}
     rows = []
     print(f"simulator beside measured (perf models: {perf_models}); attainment by rate, measured / simulated")
     for w in saved:
@@ -226,12 +226,10 @@ def _sim_report(out: Path, args) -> int:
             for layout in ("colocated", "split", f"auto-{kind}"):
                 if w not in simulated.get(layout, {}):
                     continue
-                real = _sweeps_of(out, layout, w, measured[layout][w])
-                sims = simulated[layout][w]
-                rates = sorted(real[0])
-                att = {r: (statistics.median(_attainment(x[r], o) for x in real),
-                           statistics.median(_attainment(x[r], o) for x in sims)) for r in rates}
-                caps = tuple(statistics.median(_capacity(x, o) for x in runs) for runs in (real, sims))
+                runs, sims = real[layout][w], simulated[layout][w]
+                att = {r: (statistics.median(_attainment(x[r], o) for x in runs),
+                           statistics.median(_attainment(x[r], o) for x in sims)) for r in sorted(runs[0])}
+                caps = tuple(statistics.median(_capacity(x, o) for x in sweeps) for sweeps in (runs, sims))
                 rows.append({"workload": w, "objectives": kind, "layout": layout, "attainment": att, "capacity": caps})
                 print(f"{w:<9}{kind:<7}{layout:<11}"
                       + "  ".join(f"{r:g}: {a:.2f} / {b:.2f}" for r, (a, b) in att.items())
@@ -242,8 +240,9 @@ def _sim_report(out: Path, args) -> int:
 
 
 def _measured_runs(out: Path, objectives: dict) -> dict:
-    """{layout: {workload: [{rate: (requests, seed)} per repeat]}} of the runs in ``out`` (from their bench
-    files: ``_sweep``'s names; the seed as ``_seed`` gave it, rate index by ascending rate)."""
+    """{layout: {workload: [{rate: (seed, per-request latencies) per repeat]}} of the runs in ``out``, read
+    once from their bench files (``_sweep``'s names; the seed as ``_seed`` gave it, rate index by ascending
+    rate)."""
     runs: dict = {}
     for layout in LAYOUTS:
         for w in objectives:
@@ -254,17 +253,10 @@ def _measured_runs(out: Path, objectives: dict) -> dict:
                 if not files:
                     break
                 rates = sorted(float(f.stem.rsplit("-", 1)[1]) for f in files)
-                runs.setdefault(layout, {}).setdefault(w, []).append({
-                    rate: (len(json.loads((out / f"{layout}-{w}-r{rep}-{rate:g}.json").read_text())["requests"]),
-                           _seed(w, rep, i)) for i, rate in enumerate(rates)})
+                runs.setdefault(layout, {}).setdefault(w, []).append({rate: (_seed(w, rep, i), [
+                    _latency(r) for r in json.loads((out / f"{layout}-{w}-r{rep}-{rate:g}.json").read_text())[
+                        "requests"]]) for i, rate in enumerate(rates)})
     return runs
-
-
-def _sweeps_of(out: Path, layout: str, w: str, reps: list[dict]) -> list[dict]:
-    """The measured sweeps (``_sweep``'s shape) read back from ``out``."""
-    def read(rep: int, rate: float) -> list:
-        return json.loads((out / f"{layout}-{w}-r{rep}-{rate:g}.json").read_text())["requests"]
-    return [{rate: [_latency(r) for r in read(rep, rate)] for rate in runs} for rep, runs in enumerate(reps)]
 
 
 def _simulate(layout: str, w: str, rate: float, n: int, seed: int, objectives: dict, perf_models: dict) -> list:
